@@ -1,0 +1,37 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := erofs-utils qemu-system-x86 skopeo docker-registry e2fsprogs
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test deps venv bench clean
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h native/build_native.py)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: deps venv
+	$(PY) -m erofs_image.demo
+
+test: deps venv
+	$(PY) -m pytest -q
+
+bench: deps venv
+	$(PY) bench/build.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
