@@ -1,0 +1,33 @@
+"""The seam between the daemon and wherever blob bytes come from.
+
+A source returns RAW blob-file bytes (compressed chunks stay compressed); mapping the
+kernel's uncompressed offsets to those ranges, decompression and digest checks happen above,
+in the daemon's blob reader, so every source gets verification for free.
+"""
+from __future__ import annotations
+
+import re
+from typing import Protocol, runtime_checkable
+
+_BLOB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+class SourceError(Exception):
+    """A source could not deliver the bytes asked for (missing blob, short read, I/O error)."""
+
+
+def check_blob_id(blob_id: str) -> str:
+    """Blob ids come from bootstraps and the kernel: never let one name a path outside."""
+    if not _BLOB_ID.fullmatch(blob_id):
+        raise SourceError(f"invalid blob id {blob_id[:80]!r}: expected letters, digits, '_', '.', '-'")
+    return blob_id
+
+
+@runtime_checkable
+class BlobSource(Protocol):
+    async def read(self, blob_id: str, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes of blob `blob_id` at `offset`, or raise SourceError."""
+        ...
+
+    async def close(self) -> None:
+        ...

@@ -1,0 +1,93 @@
+"""Where the kernel's uncompressed blob offsets live: a sorted map of one blob's chunks."""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from erofs_image.tree import ChunkRef, Image
+
+BLOCK = 4096
+
+
+def round_up(value: int, align: int = BLOCK) -> int:
+    return (value + align - 1) // align * align
+
+
+def round_down(value: int, align: int = BLOCK) -> int:
+    return value // align * align
+
+
+@dataclass(frozen=True)
+class Span:
+    """A block-aligned piece of a READ: covered by `chunk`, or zeros when chunk is None."""
+
+    offset: int
+    length: int
+    chunk: ChunkRef | None
+
+
+class ChunkMap:
+    """The chunks of one blob, by uncompressed offset."""
+
+    def __init__(self, chunks: list[ChunkRef], size: int) -> None:
+        self.chunks = sorted(chunks, key=lambda c: c.uncompressed_offset)
+        self._starts = [c.uncompressed_offset for c in self.chunks]
+        self.size = size
+        for before, after in zip(self.chunks, self.chunks[1:]):
+            if before.uncompressed_offset + before.uncompressed_size > after.uncompressed_offset:
+                raise ValueError(
+                    f"chunks overlap at uncompressed offset {after.uncompressed_offset}"
+                )
+        if self.chunks:
+            last = self.chunks[-1]
+            if last.uncompressed_offset + last.uncompressed_size > size:
+                raise ValueError(
+                    f"chunk at {last.uncompressed_offset} ends past the blob's size {size}"
+                )
+
+    def spans(self, offset: int, length: int) -> list[Span]:
+        """Cover [offset, offset+length) rounded out to blocks: whole chunks and zero gaps.
+
+        A chunk that overlaps the range is returned whole (it is the unit of verification),
+        so spans may reach outside the asked range; gaps are clipped to it.
+        """
+        start = round_down(offset)
+        end = min(round_up(offset + length), round_up(self.size))
+        spans: list[Span] = []
+        pos = start
+        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        while pos < end:
+            chunk = self.chunks[i] if i < len(self.chunks) else None
+            if chunk is not None and chunk.uncompressed_offset + round_up(chunk.uncompressed_size) <= pos:
+                i += 1
+                continue
+            if chunk is None or chunk.uncompressed_offset >= end:
+                spans.append(Span(pos, end - pos, None))
+                break
+            if chunk.uncompressed_offset > pos:
+                spans.append(Span(pos, chunk.uncompressed_offset - pos, None))
+            chunk_len = round_up(chunk.uncompressed_size)
+            spans.append(Span(chunk.uncompressed_offset, chunk_len, chunk))
+            pos = chunk.uncompressed_offset + chunk_len
+            i += 1
+        return spans
+
+
+def chunks_by_blob(image: Image) -> dict[int, list[ChunkRef]]:
+    """Every distinct chunk the image's files reference, grouped by blob index."""
+    seen: dict[tuple[int, int], ChunkRef] = {}
+    stack = [image.root]
+    visited: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.extend(node.children.values())
+        for ref in node.chunks:
+            if ref is not None:
+                seen.setdefault((ref.blob_index, ref.uncompressed_offset), ref)
+    grouped: dict[int, list[ChunkRef]] = {}
+    for (blob_index, _), ref in seen.items():
+        grouped.setdefault(blob_index, []).append(ref)
+    return grouped

@@ -1,0 +1,76 @@
+"""`fscached`: the on-demand EROFS daemon's command line."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from fscached.config import ConfigError, build_config, load_toml
+
+PROG = "fscached"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve EROFS images to the kernel on demand through /dev/cachefiles.",
+    )
+    parser.add_argument("--config", help="TOML config file (flags override it)")
+    parser.add_argument("--cache-dir", help="cachefiles cache directory (ext4/xfs/btrfs, not tmpfs)")
+    parser.add_argument("--tag", help="cachefiles tag (default: the kernel's)")
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="fsid=F,bootstrap=PATH,blobs=DIR[,domain=D]",
+        help="an image to serve; repeat for more",
+    )
+    parser.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    parser.add_argument("--ready-file", help="written with the pid once the daemon serves")
+    parser.add_argument("--stats-file", help="request counters as JSON, written on SIGUSR1 and at exit")
+    parser.add_argument("--device", help=argparse.SUPPRESS)  # tests: another device node
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        file_values = load_toml(args.config) if args.config else {}
+        config = build_config(
+            file_values, args.cache_dir, args.tag, args.log_level, args.image,
+            args.ready_file, args.stats_file, args.device,
+        )
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Imported late: a missing native extension is reported as a clean error, not at --help.
+    from cachefiles.device import CachefilesError
+    from fscached.catalog import CatalogError
+    from fscached.daemon import Daemon
+
+    try:
+        daemon = Daemon(config)
+        daemon.bind()
+    except (CatalogError, CachefilesError, ImportError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        import uvloop
+
+        uvloop.run(daemon.run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

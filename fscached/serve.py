@@ -1,0 +1,190 @@
+"""OPEN / READ / CLOSE handling: the daemon's side of the cachefiles conversation.
+
+Every OPEN gets a copen (a size, or -errno); every READ gets a READ_COMPLETE, with data or
+without (the reader then sees EIO, never a hang); every CLOSE releases the object's fd once
+its READs are done.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from collections import Counter
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from cachefiles.device import CachefilesDevice
+from cachefiles.messages import CloseRequest, MalformedMessage, OpenRequest, ReadRequest
+from fetcher.source import SourceError
+from fscached.catalog import BlobObject, BootstrapObject, Catalog, Served
+from fscached.fill import Filler, ObjectState, VerifyError
+
+log = logging.getLogger("fscached.serve")
+
+
+@dataclass
+class LiveObject:
+    object_id: int
+    served: Served
+    state: ObjectState
+    name: str
+    pending: set[asyncio.Task[None]] = field(default_factory=set)
+    closing: bool = False
+
+
+class Server:
+    def __init__(self, device: CachefilesDevice, catalog: Catalog, executor: Executor) -> None:
+        self.device = device
+        self.catalog = catalog
+        self.stats: Counter[str] = Counter()
+        self.filler = Filler(executor, self.stats)
+        self.objects: dict[int, LiveObject] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # -- message pump -------------------------------------------------------------------
+    def on_readable(self) -> None:
+        """Drain every queued message (read() returns one message, or nothing)."""
+        while True:
+            try:
+                message = self.device.read_message()
+            except MalformedMessage as bad:
+                self._answer_malformed(bad)
+                continue
+            if message is None:
+                return
+            if isinstance(message, OpenRequest):
+                self.handle_open(message)
+            elif isinstance(message, ReadRequest):
+                self.handle_read(message)
+            elif isinstance(message, CloseRequest):
+                self.handle_close(message)
+
+    def _answer_malformed(self, bad: MalformedMessage) -> None:
+        self.stats["malformed"] += 1
+        log.error("malformed message (msg_id=%s): %s", bad.msg_id, bad.reason)
+        fd = getattr(bad, "fd", None)
+        if fd is not None:
+            _close_quietly(fd)
+        if bad.msg_id is None:
+            return
+        if bad.opcode == 0:  # OPEN: answer it, or the mount hangs
+            self._copen(bad.msg_id, -errno.EINVAL)
+        elif bad.opcode == 2:
+            live = self.objects.get(getattr(bad, "object_id", -1) or -1)
+            if live is not None:
+                self._complete(live, bad.msg_id)
+
+    # -- OPEN -------------------------------------------------------------------------------
+    def handle_open(self, req: OpenRequest) -> None:
+        self.stats["open"] += 1
+        served = self.catalog.lookup(req.volume_key, req.cookie_key)
+        name = f"{req.volume_key}/{req.cookie_key.decode('ascii', 'replace')}"
+        if served is None:
+            self.stats["open_unknown"] += 1
+            log.warning("OPEN msg_id=%d %s: unknown cookie, answering ENOENT", req.msg_id, name)
+            _close_quietly(req.fd)
+            self._copen(req.msg_id, -errno.ENOENT)
+            return
+        old = self.objects.pop(req.object_id, None)
+        if old is not None:  # the kernel reuses an id only after CLOSE; be safe anyway
+            self._release(old)
+        live = LiveObject(req.object_id, served, ObjectState(req.fd), name)
+        self.objects[req.object_id] = live
+        log.info("OPEN msg_id=%d object=%d %s size=%d", req.msg_id, req.object_id, name, served.size)
+        if not self._copen(req.msg_id, served.size):
+            self.objects.pop(req.object_id, None)
+            self._release(live)
+
+    def _copen(self, msg_id: int, size: int) -> bool:
+        try:
+            self.device.copen(msg_id, size)
+            return True
+        except OSError as exc:
+            log.error("copen %d,%d failed: %s", msg_id, size, exc)
+            return False
+
+    # -- READ -------------------------------------------------------------------------------
+    def handle_read(self, req: ReadRequest) -> None:
+        self.stats["read"] += 1
+        live = self.objects.get(req.object_id)
+        if live is None:
+            # No fd to complete on: the kernel fails the read when the object goes away.
+            self.stats["read_unknown_object"] += 1
+            log.error("READ msg_id=%d for unknown object %d", req.msg_id, req.object_id)
+            return
+        task = asyncio.ensure_future(self._serve_read(live, req))
+        live.pending.add(task)
+        self.tasks.add(task)
+        task.add_done_callback(lambda t: self._read_done(live, t))
+
+    async def _serve_read(self, live: LiveObject, req: ReadRequest) -> None:
+        try:
+            if isinstance(live.served, BootstrapObject):
+                await self.filler.fill_bootstrap(live.served, live.state, req.offset, req.length)
+            else:
+                await self.filler.fill_blob(live.served, live.state, req.offset, req.length)
+            self.stats["read_bytes"] += req.length
+        except (SourceError, VerifyError, OSError, ValueError) as exc:
+            self.stats["read_failed"] += 1
+            log.error("READ msg_id=%d %s off=%d len=%d failed: %s", req.msg_id, live.name, req.offset, req.length, exc)
+        except asyncio.CancelledError:
+            self.stats["read_failed"] += 1
+            log.warning("READ msg_id=%d %s cancelled at shutdown", req.msg_id, live.name)
+        except Exception:  # a bug must still not hang the reader
+            self.stats["read_failed"] += 1
+            log.exception("READ msg_id=%d %s: unexpected error", req.msg_id, live.name)
+        finally:
+            self._complete(live, req.msg_id)
+
+    def _complete(self, live: LiveObject, msg_id: int) -> None:
+        try:
+            self.device.complete_read(live.state.anon_fd, msg_id)
+        except OSError as exc:
+            log.error("READ_COMPLETE msg_id=%d %s failed: %s", msg_id, live.name, exc)
+
+    def _read_done(self, live: LiveObject, task: asyncio.Task[None]) -> None:
+        live.pending.discard(task)
+        self.tasks.discard(task)
+        if live.closing and not live.pending:
+            self._release(live)
+
+    # -- CLOSE ------------------------------------------------------------------------------
+    def handle_close(self, req: CloseRequest) -> None:
+        self.stats["close"] += 1
+        live = self.objects.pop(req.object_id, None)
+        if live is None:
+            log.warning("CLOSE for unknown object %d", req.object_id)
+            return
+        log.info("CLOSE object=%d %s", req.object_id, live.name)
+        live.closing = True
+        if not live.pending:
+            self._release(live)
+
+    def _release(self, live: LiveObject) -> None:
+        for job in list(live.state.jobs.values()):
+            job.cancel()
+        _close_quietly(live.state.anon_fd)
+        live.state.anon_fd = -1
+
+    # -- shutdown ---------------------------------------------------------------------------
+    async def drain(self, timeout: float) -> None:
+        """Let in-flight READs finish (they always complete), then cancel the rest."""
+        if self.tasks:
+            done, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for live in list(self.objects.values()):
+            self._release(live)
+        self.objects.clear()
+
+
+def _close_quietly(fd: int) -> None:
+    if fd is None or fd < 0:
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
