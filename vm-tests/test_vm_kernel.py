@@ -1,0 +1,42 @@
+"""The test kernels boot under QEMU and have what the daemon needs (no daemon involved)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+
+def test_kernel_features(vm_kernel, vm_scenario):
+    res = vm_scenario(vm_kernel, "kernel_features", {"cache_subdir": "cache"}, timeout=180)
+    r = res.result
+    print(f"{vm_kernel}: boot-to-result {res.duration:.1f} s, guest script {r['_guest_seconds']} s")
+
+    assert r["release"].startswith(vm_kernel.series + "."), r["release"]
+    assert r["machine"] == "x86_64"
+    assert r["erofs_registered"], r["filesystems"]
+    assert r["device_exists"]
+    # dir + bind ondemand on an ext4 cache directory succeed.
+    assert r["dir"] is None and r["tag"] is None
+    assert r["bind"] is None, f"bind ondemand failed: {r['bind']} (kernel without CACHEFILES_ONDEMAND?)"
+    # Only one holder; an idle device reads 0 bytes and does not poll readable.
+    assert r["second_open"] == "EBUSY"
+    assert r["poll_events_idle"] == []
+    assert r["idle_read_len"] == 0
+    # Both test kernels have failover (6.12, 6.1.95+).
+    assert r["restore"] is None
+    # Binding created the cache layout on the scratch disk.
+    assert "cache" in r["cache_dir_entries"] and "graveyard" in r["cache_dir_entries"]
+    # tmpfs lacks sync_fs: bind is refused with EOPNOTSUPP.
+    assert r["tmpfs_dir"] is None
+    assert r["tmpfs_bind"] == errno.errorcode[errno.EOPNOTSUPP]  # "ENOTSUP": same number (95)
+
+
+def test_scenario_failure_is_reported(vm_kernels, vm_scenario):
+    """A scenario that raises in the guest surfaces as ScenarioError carrying the traceback."""
+    from vmharness import ScenarioError
+
+    with pytest.raises(ScenarioError, match="deliberate failure"):
+        vm_scenario(vm_kernels[0], "selftest_fail", {"message": "deliberate failure"}, timeout=120)
