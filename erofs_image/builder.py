@@ -296,7 +296,10 @@ def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: in
                 store.finish_blob()
         bar.close()
         image.blobs = list(store.blobs)
-        write_bootstrap(image, tmp / "image.boot")
+        try:
+            write_bootstrap(image, tmp / "image.boot")
+        except ValueError as e:  # something the format cannot hold (name length, mtime ...)
+            raise BuildError(f"{source}: cannot write the bootstrap: {e}") from None
         report.blobs = list(store.blobs)
         report.manifest_digest = write_nydus_layout(
             tmp / "oci", tmp / "image.boot", tmp / "blobs", [b.blob_id for b in store.blobs],

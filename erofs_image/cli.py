@@ -124,7 +124,9 @@ def _open_bootstrap(path: Path):
     except OSError as e:
         raise CommandError(f"{path}: {e.strerror or e}") from None
     except Exception as e:  # the reader's format errors
-        raise CommandError(f"{path}: not a valid bootstrap: {e}") from None
+        msg = str(e)
+        raise CommandError(msg if msg.startswith(str(path)) else
+                           f"{path}: not a valid bootstrap: {msg}") from None
 
 
 def _type_char(node) -> str:
@@ -234,15 +236,22 @@ def cmd_cat(args) -> int:
             blob = args.blobs / bs.blobs[ref.blob_index].blob_id
             if not blob.is_file():
                 raise CommandError(f"{blob}: blob file missing (needed by {args.path})")
+    out = sys.stdout.buffer
+    cs = bs.chunk_size
     try:
-        data = bs.read_file(node, args.blobs)
-    except OSError as e:
-        raise CommandError(f"{args.path}: {e.strerror or e}") from None
-    except Exception as e:
-        raise CommandError(f"{args.path}: cannot read data: {e}") from None
-    try:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        for i, ref in enumerate(node.chunks):  # chunk by chunk: no whole file in memory
+            want = min(cs, node.size - i * cs)
+            if ref is None:
+                out.write(bytes(want))
+                continue
+            try:
+                data = bs.read_chunk(ref, args.blobs / bs.blobs[ref.blob_index].blob_id)
+            except OSError as e:
+                raise CommandError(f"{args.path}: {e.strerror or e}") from None
+            except Exception as e:  # verification / decompression failures
+                raise CommandError(f"{args.path}: cannot read data: {e}") from None
+            out.write(data[:want].ljust(want, b"\0"))
+        out.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
