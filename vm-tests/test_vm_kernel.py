@@ -40,3 +40,11 @@ def test_scenario_failure_is_reported(vm_kernels, vm_scenario):
 
     with pytest.raises(ScenarioError, match="deliberate failure"):
         vm_scenario(vm_kernels[0], "selftest_fail", {"message": "deliberate failure"}, timeout=120)
+
+
+def test_timeout_kills_qemu_and_shows_console(vm_kernels, vm_scenario):
+    from vmharness import VmTimeout
+
+    with pytest.raises(VmTimeout) as info:
+        vm_scenario(vm_kernels[0], "selftest_sleep", {"marker": "still-asleep-marker"}, timeout=25)
+    assert "still-asleep-marker" in str(info.value)
