@@ -106,7 +106,3 @@ def get_kernel(series: str, build: bool = True) -> Kernel:
         raise LookupError(f"no bzImage for {series} (see vmharness/kernels.py for where it looks)")
     return build_kernel(series)
 
-
-if __name__ == "__main__":  # python -m vmharness.kernels: show what would be used
-    for s in selected_series():
-        print(s, find_kernel(s) or f"not found: would build into {cached_path(s)}")
