@@ -1,0 +1,277 @@
+"""/dev/cachefiles: open, configure, bind in on-demand mode, read requests, answer them.
+
+Kernel-exact: every command is one write(2) of text; every read(2) returns one message
+or 0 bytes when nothing can be taken.  See docs/kernel-ondemand.md (shared docs).
+
+READ completion goes to an anon fd, not to the device: `complete_read` calls a
+`completer(anon_fd, msg_id)` which is the native ioctl by default; the simulator in
+cachefiles/simulator.py passes its own.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+from collections.abc import Callable
+from pathlib import Path
+
+from cachefiles.messages import (
+    CACHEFILES_MSG_MAX_SIZE,
+    OP_OPEN,
+    MalformedMessage,
+    OpenRequest,
+    Request,
+    parse_message,
+)
+
+TMPFS_MAGIC = 0x01021994
+DEFAULT_PATH = "/dev/cachefiles"
+READ_BUFFER_SIZE = max(4096, CACHEFILES_MSG_MAX_SIZE)
+_NEEDS_ONDEMAND = ("the kernel lacks on-demand cachefiles: it needs CONFIG_CACHEFILES_ONDEMAND=y "
+                   "and CONFIG_EROFS_FS_ONDEMAND=y")
+
+Completer = Callable[[int, int], None]
+
+
+class CachefilesError(Exception):
+    """A cachefiles failure with a one-line message a user can act on (errno if known)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def _native_completer(anon_fd: int, msg_id: int) -> None:
+    import native  # imported here so message/simulator users need no compiled extension
+
+    native.read_complete(anon_fd, msg_id)
+
+
+def _err_name(err: int) -> str:
+    return errno.errorcode.get(err, str(err))
+
+
+def _check_arg(what: str, value: str) -> str:
+    """Arguments go into a one-line text command: refuse what the kernel would cut or split."""
+    if not value or "\n" in value or "\0" in value or value[0].isspace():
+        raise CachefilesError(f"invalid {what} {value!r}: must be non-empty, one line, no NUL, "
+                              "no leading space")
+    return value
+
+
+class CachefilesDevice:
+    def __init__(self, path: str = DEFAULT_PATH, *, completer: Completer | None = None) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._completer: Completer = completer or _native_completer
+
+    @classmethod
+    def from_fd(cls, fd: int, *, path: str = DEFAULT_PATH,
+                completer: Completer | None = None) -> "CachefilesDevice":
+        """Adopt an already open device fd (failover hand-over, or the simulator's end).
+        The device then owns `fd` and closes it in close()."""
+        dev = cls(path, completer=completer)
+        dev._fd = fd
+        return dev
+
+    # -- lifecycle -----------------------------------------------------------------
+    def open(self) -> None:
+        if self._fd is not None:
+            raise CachefilesError(f"{self.path} is already open")
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise CachefilesError(
+                    f"another daemon (fscached, nydusd or cachefilesd) holds {self.path}, or an "
+                    "anon fd of a previous daemon is still open", e.errno) from None
+            if e.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+                raise CachefilesError(
+                    f"no {self.path}: load the cachefiles module (modprobe cachefiles) / kernel "
+                    "lacks CONFIG_CACHEFILES", e.errno) from None
+            if e.errno in (errno.EPERM, errno.EACCES):
+                raise CachefilesError(f"opening {self.path} needs root (CAP_SYS_ADMIN)",
+                                      e.errno) from None
+            raise CachefilesError(f"cannot open {self.path}: {e.strerror}", e.errno) from None
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise CachefilesError(f"{self.path} is not open")
+        return self._fd
+
+    def close(self) -> None:
+        """Close the device fd.  Beware: when the last copy closes, the kernel fails every
+        pending request with EIO and the mounts die."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> "CachefilesDevice":
+        if self._fd is None:
+            self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- commands ------------------------------------------------------------------
+    def _command(self, text: str) -> None:
+        data = text.encode("utf-8", "surrogateescape")
+        fd = self.fileno()
+        while True:
+            try:
+                n = os.write(fd, data)
+                break
+            except BlockingIOError:  # only a non-blocking stand-in does this; the kernel never
+                select.select([], [fd], [], 1.0)
+        if n != len(data):
+            raise CachefilesError(f"short write of command {text!r} ({n} of {len(data)} bytes)")
+
+    def _command_or_raise(self, text: str, explain: Callable[[OSError], str | None]) -> None:
+        try:
+            self._command(text)
+        except OSError as e:
+            msg = explain(e) or f"{e.strerror} ({_err_name(e.errno)})"
+            raise CachefilesError(f"`{text}` failed: {msg}", e.errno) from None
+
+    def bind(self, cache_dir: str | os.PathLike[str], tag: str | None = None) -> None:
+        """Check the cache dir, then send `dir`, `tag` and `bind ondemand`."""
+        path = os.path.abspath(os.fspath(cache_dir))
+        _check_cache_dir(path)
+        _check_arg("cache dir", path)
+        self._command_or_raise(f"dir {path}", lambda e: (
+            "this device fd was already given a cache dir" if e.errno == errno.EEXIST else None))
+        if tag is not None:
+            if any(c.isspace() for c in tag):
+                raise CachefilesError(f"invalid cache tag {tag!r}: no spaces allowed")
+            self._command_or_raise(f"tag {_check_arg('tag', tag)}", lambda e: None)
+
+        def explain_bind(e: OSError) -> str | None:
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return (f"{_NEEDS_ONDEMAND} (or the cache dir's filesystem lacks tmpfile, xattr or "
+                        "sync_fs support: see dmesg)")
+            if e.errno == errno.EBUSY:
+                return "the cache is already bound on this device fd"
+            if e.errno == errno.ENOMEM:
+                return "out of memory"
+            return None
+
+        self._command_or_raise("bind ondemand", explain_bind)
+
+    def copen(self, msg_id: int, size: int) -> None:
+        """Answer an OPEN: size >= 0 is the object's data size, a negative value is -errno."""
+        if size < -4095:
+            raise ValueError(f"copen size {size}: a negative value must be -errno (>= -4095)")
+        self._command_or_raise(f"copen {msg_id},{size}", lambda e: (
+            f"no pending OPEN with msg_id {msg_id}" if e.errno == errno.EINVAL else None))
+
+    def restore(self) -> None:
+        """Re-queue the requests a previous holder of this device fd had taken."""
+        self._command_or_raise("restore", lambda e: (
+            "this kernel has no cachefiles failover (needs 6.8+ or 6.1.95+)"
+            if e.errno == errno.EOPNOTSUPP else None))
+
+    def inuse(self, name: str) -> bool:
+        """Whether cache file `name` (in the CURRENT WORKING DIRECTORY) is in use."""
+        _check_name(name)
+        try:
+            self._command(f"inuse {name}")
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return True
+            raise CachefilesError(f"`inuse {name}` in {os.getcwd()} failed: {e.strerror}",
+                                  e.errno) from None
+        return False
+
+    def cull(self, name: str) -> None:
+        """Remove cache file `name` from the CURRENT WORKING DIRECTORY (chdir there first)."""
+        _check_name(name)
+        self._command_or_raise(f"cull {name}", lambda e: (
+            f"{name} is in use" if e.errno == errno.EBUSY else
+            f"no {name} in {os.getcwd()} (cull works relative to the working directory)"
+            if e.errno == errno.ENOENT else None))
+
+    # -- requests ------------------------------------------------------------------
+    def read_message(self) -> Request | None:
+        """Take one request; None when there is nothing to take (0-byte read or EAGAIN).
+
+        Raises MalformedMessage for a message that breaks the format (see
+        `reject_malformed`).  The anon fd of an OPEN is made close-on-exec here.
+        """
+        try:
+            buf = os.read(self.fileno(), READ_BUFFER_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno == errno.EIO:
+                raise CachefilesError("the cache is dead (unbound or withdrawn): restart the "
+                                      "daemon", e.errno) from None
+            raise CachefilesError(f"reading {self.path} failed: {e.strerror}", e.errno) from None
+        if not buf:
+            return None
+        try:
+            req = parse_message(buf)
+        except MalformedMessage as e:
+            if e.opcode == OP_OPEN and e.fd is not None:
+                _set_cloexec(e.fd)
+            raise
+        if isinstance(req, OpenRequest):
+            _set_cloexec(req.fd)
+        return req
+
+    def reject_malformed(self, exc: MalformedMessage) -> bool:
+        """Answer a malformed OPEN with copen -EINVAL and close its anon fd.  Returns False
+        for anything else (a READ must be completed on an anon fd of its object)."""
+        if exc.opcode != OP_OPEN or exc.msg_id is None:
+            return False
+        if exc.fd is not None and exc.fd > 2 and exc.fd != self._fd:
+            try:
+                os.close(exc.fd)
+            except OSError:
+                pass
+        self.copen(exc.msg_id, -errno.EINVAL)
+        return True
+
+    def complete_read(self, anon_fd: int, msg_id: int) -> None:
+        """READ_COMPLETE for msg_id on an anon fd of the same object (also after a failed
+        fetch: the reader then gets EIO instead of hanging)."""
+        try:
+            self._completer(anon_fd, msg_id)
+        except OSError as e:
+            hint = (" (unknown msg_id, or an anon fd of another object)"
+                    if e.errno == errno.EINVAL else "")
+            raise CachefilesError(f"READ_COMPLETE for msg {msg_id} on fd {anon_fd} failed: "
+                                  f"{os.strerror(e.errno or 0)}{hint}", e.errno) from None
+
+
+def _set_cloexec(fd: int) -> None:
+    try:
+        os.set_inheritable(fd, False)
+    except OSError:
+        pass  # not an fd of ours: the write into it will report the error
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name in (".", "..") or any(c.isspace() or c == "\0" for c in name):
+        raise CachefilesError(f"invalid cache file name {name!r}: one path component, no spaces")
+
+
+def _check_cache_dir(path: str) -> None:
+    p = Path(path)
+    if not p.is_dir():
+        raise CachefilesError(f"cache dir {path} does not exist: create it on an ext4, xfs or "
+                              "btrfs filesystem", errno.ENOENT)
+    st = os.statvfs(path)
+    if st.f_flag & os.ST_RDONLY:
+        raise CachefilesError(f"cache dir {path} is on a read-only filesystem", errno.EROFS)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CachefilesError(f"cache dir {path} is not writable by this user", errno.EACCES)
+    try:
+        import native
+
+        fstype = native.fs_type(path)
+    except ImportError:
+        return  # the kernel will refuse tmpfs itself, with a less helpful EOPNOTSUPP
+    if fstype == TMPFS_MAGIC:
+        raise CachefilesError(f"cache dir {path} is on tmpfs, which cachefiles refuses (no "
+                              "sync_fs): use ext4, xfs or btrfs", errno.EOPNOTSUPP)
