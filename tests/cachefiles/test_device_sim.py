@@ -9,7 +9,7 @@ from cachefiles.device import CachefilesDevice, CachefilesError
 from cachefiles.messages import encode_open, encode_read
 from cachefiles.simulator import KernelSimulator, SimulatorError
 
-from .minidaemon import MiniDaemon
+from minidaemon import MiniDaemon  # tests/cachefiles is on sys.path (rootdir-less test dir)
 
 VOL = "erofs,img"
 
