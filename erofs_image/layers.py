@@ -11,6 +11,7 @@ layers while keeping what this same layer puts in it, whatever the member order.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import os
 import stat
@@ -110,32 +111,43 @@ def _read_exact(raw, n: int) -> bytes:
     return out
 
 
-def open_tar_stream(raw, name: str) -> tarfile.TarFile:
-    """A streaming TarFile over `raw`, decompressing gzip or zstd (detected by magic)."""
+def open_tar_stream(raw, name: str) -> tuple[tarfile.TarFile, object]:
+    """A streaming TarFile over `raw`, decompressing gzip or zstd (detected by magic), and
+    the decompressed stream under it (read it to its end to check the gzip/zstd trailers)."""
     head = _read_exact(raw, 4)
     stream = _Prefixed(head, raw)
     try:
         if head.startswith(ZSTD_MAGIC):
             import zstandard
 
-            reader = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
-            return tarfile.open(fileobj=reader, mode="r|")
-        if head.startswith(GZIP_MAGIC):
-            return tarfile.open(fileobj=stream, mode="r|gz")
-        if not head:
+            plain = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+        elif head.startswith(GZIP_MAGIC):
+            # GzipFile (not tarfile's "r|gz") checks each member's CRC32 and length
+            plain = gzip.GzipFile(fileobj=stream, mode="rb")
+        elif not head:
             raise BuildError(f"{name}: empty layer (not a tar archive)")
-        return tarfile.open(fileobj=stream, mode="r|")
+        else:
+            plain = stream
+        return tarfile.open(fileobj=plain, mode="r|"), plain
     except BuildError:
         raise
     except (tarfile.TarError, zlib.error, EOFError, OSError) as e:
-        raise BuildError(f"{name}: not a readable tar archive: {_reason(e)}") from None
+        reason = _reason(e)
+        if not reason.startswith(("corrupt", "truncated")):
+            reason = f"not a readable tar archive: {reason}"
+        raise BuildError(f"{name}: {reason}") from None
+    except Exception as e:
+        if type(e).__module__.startswith("zstandard"):
+            raise BuildError(f"{name}: {_reason(e)}") from None
+        raise
 
 
 def _reason(e: BaseException) -> str:
     msg = str(e) or type(e).__name__
     if isinstance(e, EOFError) or "unexpected end" in msg:
         return f"truncated archive ({msg})"
-    if isinstance(e, zlib.error) or "invalid compressed data" in msg or "gzip" in msg:
+    if isinstance(e, (zlib.error, gzip.BadGzipFile)) or "invalid compressed data" in msg \
+            or "gzip" in msg or "CRC" in msg or "zlib" in msg:
         return f"corrupt gzip data ({msg})"
     if type(e).__module__.startswith("zstandard") or "zstd" in msg.lower():
         return f"corrupt zstd data ({msg})"
@@ -385,7 +397,7 @@ class _LayerApplier:
             return self.store.add_stream(read, ti.size)
         except BuildError:
             raise
-        except (tarfile.TarError, zlib.error, EOFError) as e:
+        except (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile) as e:
             raise self.fail(member, _reason(e)) from None
         except Exception as e:
             if type(e).__module__.startswith("zstandard"):
@@ -395,22 +407,25 @@ class _LayerApplier:
 
 def apply_layer(image: Image, raw: BinaryIO, store: ChunkSink, name: str) -> LayerStats:
     """Merge the tar layer read from `raw` into `image`; `name` is used in error messages."""
-    tf = open_tar_stream(raw, name)
+    tf, plain = open_tar_stream(raw, name)
     applier = _LayerApplier(image, store, name)
-    last = ["(first member)"]
+    where = "at the first member"
     try:
         for ti in tf:
-            last[0] = ti.name
+            where = f"after member {ti.name!r}"
             applier.stats.members += 1
             applier.member(tf, ti)
         applier.apply_opaque()
+        where = f"at the end of the archive ({where})"
+        while plain.read(1 << 20):  # to the end: checks the gzip CRC / zstd checksum
+            pass
     except BuildError:
         raise
     except (tarfile.TarError, zlib.error, EOFError, OSError) as e:
-        raise BuildError(f"{name}: after member {last[0]!r}: {_reason(e)}") from None
+        raise BuildError(f"{name}: {where}: {_reason(e)}") from None
     except Exception as e:
         if type(e).__module__.startswith("zstandard"):
-            raise BuildError(f"{name}: after member {last[0]!r}: {_reason(e)}") from None
+            raise BuildError(f"{name}: {where}: {_reason(e)}") from None
         raise
     return applier.stats
 
