@@ -15,7 +15,7 @@ from cachefiles.objects import ObjectTable
 class MiniDaemon(threading.Thread):
     """Serves `contents[cookie_key]` for OPEN/READ/CLOSE.
 
-    mode: "aligned" (correct), "bytes" (pwrite a Python bytes object: O_DIRECT refuses),
+    mode: "aligned" (correct), "bytes" (pwrite from memory not 512-aligned: O_DIRECT refuses),
     "skip" (complete without writing), "half" (fill only the first block of each READ),
     "tail512" (pad the tail only to 512 bytes).
     """
@@ -78,8 +78,10 @@ class MiniDaemon(threading.Thread):
     def _write(self, fd: int, offset: int, data: bytes) -> None:
         if self.mode == "skip" or not data:
             return
-        if self.mode == "bytes":
-            native.pwrite_full(fd, b"\1" + data, len(data), offset)  # unaligned memory
+        if self.mode == "bytes":  # memory 1 byte off a page: O_DIRECT must refuse it
+            buf = native.AlignedBuffer(len(data) + 1)
+            buf.write(data, at=1)
+            native.pwrite_full(fd, buf.view()[1:], len(data), offset)
             return
         if self.mode == "half":
             data = data[:4096]
