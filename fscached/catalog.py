@@ -28,6 +28,7 @@ class CatalogError(Exception):
 class BootstrapObject:
     fsid: str
     path: Path
+    file_size: int
     size: int  # reported to the kernel: the file size rounded up to a block
 
 
@@ -81,8 +82,8 @@ class Catalog:
         key = (spec.volume, spec.fsid)
         if key in self._objects:
             raise CatalogError(f"image {spec.fsid}: the fsid collides with a blob id in {spec.volume}")
-        size = round_up(os.stat(spec.bootstrap).st_size)
-        new[key] = BootstrapObject(spec.fsid, spec.bootstrap, size)
+        file_size = os.stat(spec.bootstrap).st_size
+        new[key] = BootstrapObject(spec.fsid, spec.bootstrap, file_size, round_up(file_size))
         self._objects.update(new)
         self.images[key] = spec
 

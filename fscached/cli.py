@@ -63,13 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 1
-    try:
-        import uvloop
+    import uvloop
 
-        uvloop.run(daemon.run())
+    try:
+        return uvloop.run(daemon.run())
     except KeyboardInterrupt:
-        pass
-    return 0
+        return 0
 
 
 if __name__ == "__main__":

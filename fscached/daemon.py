@@ -6,10 +6,11 @@ import json
 import logging
 import os
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cachefiles.device import CachefilesDevice
+from cachefiles.device import CachefilesDevice, CachefilesError
 from fscached.catalog import Catalog
 from fscached.config import Config
 from fscached.serve import Server
@@ -30,22 +31,27 @@ class Daemon:
         self.executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="fscached-io")
         self.server = Server(self.device, self.catalog, self.executor)
         self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.exit_code = 0
 
     def bind(self) -> None:
         """Take the device and bind the cache (errors are CachefilesError, user-worded)."""
         self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.device.open()
+        if self.device._fd is None:  # not handed over already open (simulator, failover)
+            self.device.open()
         self.device.bind(str(self.config.cache_dir), self.config.tag)
 
-    async def run(self) -> None:
+    async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         fd = self.device.fileno()
         os.set_blocking(fd, False)
-        loop.add_reader(fd, self.server.on_readable)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGUSR1, self.write_stats)
-        self.server.on_readable()  # anything queued before the reader was armed
+        loop.add_reader(fd, self._on_readable)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(signal.SIGUSR1, self.write_stats)
+        self._on_readable()  # anything queued before the reader was armed
         images = ", ".join(f"{s.fsid}" + (f" (domain {s.domain})" if s.domain else "") for s in self.config.images)
         log.info("serving %d image(s) from cache %s: %s", len(self.config.images), self.config.cache_dir, images or "none")
         if self.config.ready_file:
@@ -62,9 +68,20 @@ class Daemon:
             self.device.close()
             self.executor.shutdown(wait=True)
             log.info("stopped")
+        return self.exit_code
+
+    def _on_readable(self) -> None:
+        try:
+            self.server.on_readable()
+        except CachefilesError as exc:  # the cache died under us: nothing more can be served
+            log.error("%s", exc)
+            self.exit_code = 1
+            self._stop.set()
 
     def stop(self) -> None:
-        self._stop.set()
+        """Thread-safe: ask the daemon to stop."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
 
     def write_stats(self) -> None:
         if self.config.stats_file:

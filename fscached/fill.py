@@ -55,11 +55,8 @@ def decode_chunk(info: BlobInfo, ref: ChunkRef, raw: bytes) -> bytes:
 
 def write_block_padded(fd: int, offset: int, data: bytes | memoryview, length: int) -> None:
     """Write `data` at `offset` as `length` bytes (a block multiple), zero padded, aligned."""
-    buf = native.AlignedBuffer(length)
-    view = buf.view()
-    view[: len(data)] = data
-    if len(data) < length:
-        view[len(data):length] = bytes(length - len(data))
+    buf = native.AlignedBuffer(length)  # zero-initialised: the padding is already there
+    buf.write(data)
     native.write_aligned(fd, buf, offset, length)
 
 
@@ -79,7 +76,7 @@ class Filler:
 
     async def fill_bootstrap(self, obj: BootstrapObject, state: ObjectState, offset: int, length: int) -> None:
         start = offset // BLOCK * BLOCK
-        end = min(round_up(offset + length), obj.size)
+        end = min(offset + length, obj.file_size)  # copy_range zero-pads the last block
         if end <= start:
             return
         loop = asyncio.get_running_loop()

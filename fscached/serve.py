@@ -14,7 +14,7 @@ from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from cachefiles.device import CachefilesDevice
+from cachefiles.device import CachefilesDevice, CachefilesError
 from cachefiles.messages import CloseRequest, MalformedMessage, OpenRequest, ReadRequest
 from fetcher.source import SourceError
 from fscached.catalog import BlobObject, BootstrapObject, Catalog, Served
@@ -61,19 +61,13 @@ class Server:
                 self.handle_close(message)
 
     def _answer_malformed(self, bad: MalformedMessage) -> None:
+        """An OPEN gets copen -EINVAL (its fd closed); anything else can only be logged."""
         self.stats["malformed"] += 1
-        log.error("malformed message (msg_id=%s): %s", bad.msg_id, bad.reason)
-        fd = getattr(bad, "fd", None)
-        if fd is not None:
-            _close_quietly(fd)
-        if bad.msg_id is None:
-            return
-        if bad.opcode == 0:  # OPEN: answer it, or the mount hangs
-            self._copen(bad.msg_id, -errno.EINVAL)
-        elif bad.opcode == 2:
-            live = self.objects.get(getattr(bad, "object_id", -1) or -1)
-            if live is not None:
-                self._complete(live, bad.msg_id)
+        log.error("malformed message: %s", bad)
+        try:
+            self.device.reject_malformed(bad)
+        except CachefilesError as exc:
+            log.error("could not answer malformed msg_id=%s: %s", bad.msg_id, exc)
 
     # -- OPEN -------------------------------------------------------------------------------
     def handle_open(self, req: OpenRequest) -> None:
@@ -100,7 +94,7 @@ class Server:
         try:
             self.device.copen(msg_id, size)
             return True
-        except OSError as exc:
+        except (CachefilesError, OSError) as exc:
             log.error("copen %d,%d failed: %s", msg_id, size, exc)
             return False
 
@@ -140,7 +134,7 @@ class Server:
     def _complete(self, live: LiveObject, msg_id: int) -> None:
         try:
             self.device.complete_read(live.state.anon_fd, msg_id)
-        except OSError as exc:
+        except (CachefilesError, OSError) as exc:
             log.error("READ_COMPLETE msg_id=%d %s failed: %s", msg_id, live.name, exc)
 
     def _read_done(self, live: LiveObject, task: asyncio.Task[None]) -> None:

@@ -1,0 +1,227 @@
+"""The daemon's request handling against the kernel simulator (same bytes as the kernel).
+
+Images come from the real builder; the expected bytes of each blob's uncompressed address
+space are rebuilt independently from the bootstrap through the reader.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import uvloop
+
+from cachefiles.simulator import KernelSimulator
+from erofs_image.builder import convert
+from erofs_image.reader import Bootstrap
+from fscached.chunkmap import chunks_by_blob, round_up
+from fscached.config import Config, ImageSpec
+from fscached.daemon import Daemon
+
+WORK_ROOT = Path("/var/tmp")  # O_DIRECT cache files need a real filesystem, not tmpfs
+
+
+def make_tree(root: Path) -> Path:
+    root.mkdir()
+    (root / "a.bin").write_bytes(os.urandom(300_000))
+    (root / "same.bin").write_bytes((root / "a.bin").read_bytes())  # deduplicated
+    (root / "text.txt").write_bytes(b"hello fscached\n" * 20_000)
+    (root / "small").write_bytes(b"x" * 100)
+    (root / "sub").mkdir()
+    (root / "sub" / "zeros").write_bytes(bytes(200_000) + b"end")
+    return root
+
+
+def expected_blob_space(boot: Bootstrap, blobs_dir: Path, index: int) -> bytes:
+    info = boot.blobs[index]
+    space = bytearray(info.uncompressed_size)
+    for ref in chunks_by_blob(boot.image).get(index, []):
+        data = boot.read_chunk(ref, blobs_dir / info.blob_id)
+        space[ref.uncompressed_offset:ref.uncompressed_offset + len(data)] = data
+    return bytes(space)
+
+
+class Running:
+    """A Daemon on its own uvloop thread, bound to a simulator."""
+
+    def __init__(self, sim: KernelSimulator, images: list[ImageSpec], cache: Path) -> None:
+        self.daemon = Daemon(Config(cache_dir=cache, images=images), device=sim.device())
+        self.daemon.bind()
+        self.exit_code: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.exit_code = uvloop.run(self.daemon.run())
+
+    def stop(self) -> int | None:
+        while self.daemon._loop is None and self.thread.is_alive():
+            threading.Event().wait(0.01)
+        self.daemon.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "daemon did not stop"
+        return self.exit_code
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.daemon.server.stats
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    import tempfile
+    import shutil
+
+    path = Path(tempfile.mkdtemp(prefix="fscached-sim-", dir=WORK_ROOT))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=["none", "zstd", "lz4_block"])
+def image(request: pytest.FixtureRequest, work: Path) -> tuple[ImageSpec, Bootstrap]:
+    out = work / "built"
+    convert(make_tree(work / "tree"), out, compressor=request.param, chunk_size=64 << 10)
+    spec = ImageSpec("img1", out / "image.boot", out / "blobs")
+    return spec, Bootstrap.open(spec.bootstrap)
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_serves_bootstrap_and_blob_bytes(image: tuple[ImageSpec, Bootstrap], work: Path) -> None:
+    spec, boot = image
+    with KernelSimulator(work / "kernel") as sim:
+        daemon = Running(sim, [spec], work / "cache")
+        try:
+            meta = sim.mount("erofs,img1", b"img1")
+            raw = spec.bootstrap.read_bytes()
+            assert meta.copen_result == round_up(len(raw))
+            assert sim.read(meta, 0, 4096) == raw[:4096]
+            assert sim.read(meta, 0, meta.copen_result)[: len(raw)] == raw
+            assert len(boot.blobs) == 1
+            info = boot.blobs[0]
+            blob = sim.mount("erofs,img1", info.blob_id.encode())
+            assert blob.copen_result == info.uncompressed_size
+            want = expected_blob_space(boot, spec.blobs, 0)
+            # a small read in the middle first, then everything
+            mid = round_up(len(want) // 2) - 4096
+            assert sim.read(blob, mid, 4096) == want[mid:mid + 4096]
+            assert sim.read(blob, 0, len(want)) == want
+            assert daemon.stats["verify_failures"] == 0
+            sim.close(blob)
+            sim.close(meta)
+        finally:
+            assert daemon.stop() == 0
+        sim.check()
+
+
+def test_concurrent_reads_of_one_chunk_are_joined(work: Path) -> None:
+    out = work / "built"
+    convert(make_tree(work / "tree"), out, compressor="zstd", chunk_size=1 << 20)
+    spec = ImageSpec("img1", out / "image.boot", out / "blobs")
+    boot = Bootstrap.open(spec.bootstrap)
+    want = expected_blob_space(boot, spec.blobs, 0)
+    with KernelSimulator(work / "kernel") as sim:
+        daemon = Running(sim, [spec], work / "cache")
+        try:
+            blob = sim.mount("erofs,img1", boot.blobs[0].blob_id.encode())
+            size = len(want)
+            pending = [sim.start_read(blob, off, 4096) for off in range(0, size, 4096)]
+            for p in pending:
+                assert p.result() == want[p.offset:p.offset + 4096]
+            distinct = len(chunks_by_blob(boot.image)[0])
+            # each chunk fetched once, however many READs asked for it
+            assert daemon.stats["fetched_chunks"] == distinct
+            assert daemon.stats["read"] == len(pending)
+        finally:
+            daemon.stop()
+
+
+def test_unknown_cookie_gets_enoent_and_daemon_keeps_serving(image: tuple[ImageSpec, Bootstrap], work: Path) -> None:
+    spec, _ = image
+    before = open_fds()
+    with KernelSimulator(work / "kernel") as sim:
+        daemon = Running(sim, [spec], work / "cache")
+        try:
+            assert sim.mount("erofs,nope", b"nope").copen_result == -errno.ENOENT
+            assert sim.mount("erofs,img1", b"0" * 64).copen_result == -errno.ENOENT
+            meta = sim.mount("erofs,img1", b"img1")
+            assert meta.copen_result > 0
+            assert daemon.stats["open_unknown"] == 2
+            sim.close(meta)
+        finally:
+            daemon.stop()
+    assert open_fds() <= before | set(), "the daemon leaked file descriptors"
+
+
+def test_corrupt_blob_is_never_written_and_read_fails_cleanly(work: Path) -> None:
+    out = work / "built"
+    convert(make_tree(work / "tree"), out, compressor="none", chunk_size=64 << 10)
+    spec = ImageSpec("img1", out / "image.boot", out / "blobs")
+    boot = Bootstrap.open(spec.bootstrap)
+    info = boot.blobs[0]
+    want = expected_blob_space(boot, spec.blobs, 0)
+    blob_file = spec.blobs / info.blob_id
+    data = bytearray(blob_file.read_bytes())
+    data[10] ^= 0xFF  # inside the first chunk
+    blob_file.write_bytes(bytes(data))
+    with KernelSimulator(work / "kernel") as sim:
+        daemon = Running(sim, [spec], work / "cache")
+        try:
+            blob = sim.mount("erofs,img1", info.blob_id.encode())
+            with pytest.raises(OSError) as failed:
+                sim.read(blob, 0, 4096)
+            assert failed.value.errno == errno.EIO
+            assert daemon.stats["verify_failures"] == 1
+            assert (0, 4096) not in [(s, e) for s, e in sim.cached_extents(blob) if s == 0]
+            # the rest of the blob is intact and still served
+            last = round_up(len(want)) - 4096
+            assert sim.read(blob, last, 4096) == want[last:last + 4096]
+        finally:
+            assert daemon.stop() == 0
+
+
+def test_missing_blob_file_fails_reads_not_the_daemon(work: Path) -> None:
+    out = work / "built"
+    convert(make_tree(work / "tree"), out, compressor="zstd", chunk_size=64 << 10)
+    spec = ImageSpec("img1", out / "image.boot", out / "blobs")
+    info = Bootstrap.open(spec.bootstrap).blobs[0]
+    (spec.blobs / info.blob_id).unlink()
+    with KernelSimulator(work / "kernel") as sim:
+        daemon = Running(sim, [spec], work / "cache")
+        try:
+            blob = sim.mount("erofs,img1", info.blob_id.encode())
+            with pytest.raises(OSError) as failed:
+                sim.read(blob, 0, 4096)
+            assert failed.value.errno == errno.EIO
+            assert daemon.stats["read_failed"] == 1
+            meta = sim.mount("erofs,img1", b"img1")
+            assert sim.read(meta, 0, 4096) == spec.bootstrap.read_bytes()[:4096]
+        finally:
+            assert daemon.stop() == 0
+
+
+def test_shared_domain_blob_is_one_object(work: Path) -> None:
+    out = work / "built"
+    convert(make_tree(work / "tree"), out, compressor="zstd")
+    a = ImageSpec("a", out / "image.boot", out / "blobs", domain="dom")
+    b = ImageSpec("b", out / "image.boot", out / "blobs", domain="dom")
+    blob_id = Bootstrap.open(a.bootstrap).blobs[0].blob_id
+    with KernelSimulator(work / "kernel") as sim:
+        daemon = Running(sim, [a, b], work / "cache")
+        try:
+            assert sim.mount("erofs,dom", b"a").copen_result > 0
+            assert sim.mount("erofs,dom", b"b").copen_result > 0
+            assert sim.mount("erofs,dom", blob_id.encode()).copen_result > 0
+            assert sim.mount("erofs,a", b"a").copen_result == -errno.ENOENT  # not outside its domain
+            served = daemon.daemon.catalog.lookup("erofs,dom", blob_id.encode())
+            assert served is not None and served.users == {"a", "b"}
+        finally:
+            daemon.stop()
