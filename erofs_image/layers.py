@@ -415,6 +415,7 @@ def apply_layer(image: Image, raw: BinaryIO, store: ChunkSink, name: str) -> Lay
             where = f"after member {ti.name!r}"
             applier.stats.members += 1
             applier.member(tf, ti)
+            tf.members.clear()  # stream mode keeps every TarInfo otherwise: O(members) memory
         applier.apply_opaque()
         where = f"at the end of the archive ({where})"
         while plain.read(1 << 20):  # to the end: checks the gzip CRC / zstd checksum
