@@ -1,0 +1,43 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: registry_server
+
+from registry_server import RegistryServer, make_self_signed_cert, registry_available  # noqa: E402
+
+PASSWORD = "pa55-Wörd-not-in-logs"
+USER = "alice"
+
+needs_registry = pytest.mark.skipif(not registry_available(), reason="docker-registry not installed")
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    if not registry_available():
+        pytest.skip("docker-registry not installed (Debian package docker-registry)")
+    with RegistryServer(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory):
+    if not registry_available():
+        pytest.skip("docker-registry not installed (Debian package docker-registry)")
+    pytest.importorskip("bcrypt")
+    with RegistryServer(tmp_path_factory.mktemp("auth-registry"), users={USER: PASSWORD}) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def tls_registry(tmp_path_factory):
+    if not registry_available():
+        pytest.skip("docker-registry not installed (Debian package docker-registry)")
+    import shutil
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed")
+    work = tmp_path_factory.mktemp("tls-registry")
+    with RegistryServer(work, tls=make_self_signed_cert(work / "tls")) as reg:
+        yield reg
