@@ -24,6 +24,9 @@ import urllib.request
 from pathlib import Path
 
 REGISTRY_BIN = "docker-registry"
+# credentials for RegistryServer(users={TEST_USER: TEST_PASSWORD}); non-ASCII on purpose
+TEST_USER = "alice"
+TEST_PASSWORD = "pa55-W\u00f6rd-not-in-logs"
 
 
 def registry_available() -> bool:

@@ -5,12 +5,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: registry_server
 
-from registry_server import RegistryServer, make_self_signed_cert, registry_available  # noqa: E402
-
-PASSWORD = "pa55-Wörd-not-in-logs"
-USER = "alice"
-
-needs_registry = pytest.mark.skipif(not registry_available(), reason="docker-registry not installed")
+from registry_server import (TEST_PASSWORD, TEST_USER, RegistryServer,  # noqa: E402
+                             make_self_signed_cert, registry_available)
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +22,7 @@ def auth_registry(tmp_path_factory):
     if not registry_available():
         pytest.skip("docker-registry not installed (Debian package docker-registry)")
     pytest.importorskip("bcrypt")
-    with RegistryServer(tmp_path_factory.mktemp("auth-registry"), users={USER: PASSWORD}) as reg:
+    with RegistryServer(tmp_path_factory.mktemp("auth-registry"), users={TEST_USER: TEST_PASSWORD}) as reg:
         yield reg
 
 

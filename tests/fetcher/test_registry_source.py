@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import PASSWORD, USER
+from registry_server import TEST_PASSWORD as PASSWORD, TEST_USER as USER
 from fetcher.registry import RegistrySource
 from fetcher.source import BlobSource, SourceError
 
