@@ -32,6 +32,7 @@ test: deps venv
 
 bench: deps venv
 	$(PY) bench/build.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
