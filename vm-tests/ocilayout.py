@@ -1,23 +1,16 @@
-"""Make an OCI image layout from directories, one gzip layer each (test input for the builder).
+"""Tar layers of real directory trees (xattrs, devices, hard links) for the builder's input.
 
 Whiteouts are written for `remove` paths of a layer, the way container builders do.
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
 import io
-import json
 import os
 import tarfile
 from pathlib import Path
 from typing import Sequence
 
-
-def _blob(blobs: Path, data: bytes) -> dict[str, object]:
-    digest = hashlib.sha256(data).hexdigest()
-    (blobs / digest).write_bytes(data)
-    return {"digest": f"sha256:{digest}", "size": len(data)}
+from erofs_image.demo import write_oci_layout
 
 
 def layer_tar(root: Path | None, remove: Sequence[str] = (), include: set[str] | None = None) -> bytes:
@@ -50,22 +43,6 @@ def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
 
 
 def write_layout(out: Path, layers: list[bytes]) -> Path:
-    blobs = out / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    diff_ids = [f"sha256:{hashlib.sha256(t).hexdigest()}" for t in layers]
-    layer_descs = [
-        {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **_blob(blobs, gzip.compress(t, mtime=0))}
-        for t in layers
-    ]
-    config = {"architecture": "amd64", "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": diff_ids}}
-    config_desc = {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   **_blob(blobs, json.dumps(config).encode())}
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": config_desc, "layers": layer_descs}
-    manifest_desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                     **_blob(blobs, json.dumps(manifest).encode()),
-                     "annotations": {"org.opencontainers.image.ref.name": "latest"}}
-    (out / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (out / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest_desc]}))
+    """An OCI layout at `out` with each tar as a gzip layer."""
+    write_oci_layout(out, [(tar, "gzip") for tar in layers])
     return out
