@@ -62,11 +62,12 @@ class Daemon:
             log.info("stopping: completing %d READ(s) in flight", len(self.server.tasks))
             loop.remove_reader(fd)
             await self.server.drain(DRAIN_SECONDS)
+            self.executor.shutdown(wait=True)  # no write into an anon fd is left running
+            self.server.release_all()
             self.write_stats()
             for source in self.catalog.sources():
                 await source.close()
             self.device.close()
-            self.executor.shutdown(wait=True)
             log.info("stopped")
         return self.exit_code
 

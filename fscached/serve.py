@@ -12,9 +12,10 @@ import logging
 import os
 from collections import Counter
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cachefiles.device import CachefilesDevice, CachefilesError
+from cachefiles.objects import ObjectTable
 from cachefiles.messages import CloseRequest, MalformedMessage, OpenRequest, ReadRequest
 from fetcher.source import SourceError
 from fscached.catalog import BlobObject, BootstrapObject, Catalog, Served
@@ -25,12 +26,11 @@ log = logging.getLogger("fscached.serve")
 
 @dataclass
 class LiveObject:
-    object_id: int
+    """What the daemon keeps per kernel object, as the ObjectTable entry's payload."""
+
     served: Served
     state: ObjectState
     name: str
-    pending: set[asyncio.Task[None]] = field(default_factory=set)
-    closing: bool = False
 
 
 class Server:
@@ -39,7 +39,8 @@ class Server:
         self.catalog = catalog
         self.stats: Counter[str] = Counter()
         self.filler = Filler(executor, self.stats)
-        self.objects: dict[int, LiveObject] = {}
+        # object_id -> anon fd (owned, closed once its last in-flight READ lets go) + LiveObject
+        self.objects = ObjectTable()
         self.tasks: set[asyncio.Task[None]] = set()
 
     # -- message pump -------------------------------------------------------------------
@@ -80,15 +81,14 @@ class Server:
             _close_quietly(req.fd)
             self._copen(req.msg_id, -errno.ENOENT)
             return
-        old = self.objects.pop(req.object_id, None)
-        if old is not None:  # the kernel reuses an id only after CLOSE; be safe anyway
-            self._release(old)
-        live = LiveObject(req.object_id, served, ObjectState(req.fd), name)
-        self.objects[req.object_id] = live
+        if req.object_id in self.objects:  # the kernel reuses an id only after CLOSE
+            log.warning("OPEN msg_id=%d reuses open object %d: dropping the old one", req.msg_id, req.object_id)
+            self.objects.remove(req.object_id)
+        live = LiveObject(served, ObjectState(req.fd), name)
+        self.objects.add(req.object_id, req.fd, req.volume_key, req.cookie_key, served.size, live)
         log.info("OPEN msg_id=%d object=%d %s size=%d", req.msg_id, req.object_id, name, served.size)
         if not self._copen(req.msg_id, served.size):
-            self.objects.pop(req.object_id, None)
-            self._release(live)
+            self.objects.remove(req.object_id)
 
     def _copen(self, msg_id: int, size: int) -> bool:
         try:
@@ -101,18 +101,24 @@ class Server:
     # -- READ -------------------------------------------------------------------------------
     def handle_read(self, req: ReadRequest) -> None:
         self.stats["read"] += 1
-        live = self.objects.get(req.object_id)
-        if live is None:
+        if req.object_id not in self.objects:
             # No fd to complete on: the kernel fails the read when the object goes away.
             self.stats["read_unknown_object"] += 1
             log.error("READ msg_id=%d for unknown object %d", req.msg_id, req.object_id)
             return
-        task = asyncio.ensure_future(self._serve_read(live, req))
-        live.pending.add(task)
+        task = asyncio.ensure_future(self._serve_read(req))
         self.tasks.add(task)
-        task.add_done_callback(lambda t: self._read_done(live, t))
+        task.add_done_callback(self.tasks.discard)
 
-    async def _serve_read(self, live: LiveObject, req: ReadRequest) -> None:
+    async def _serve_read(self, req: ReadRequest) -> None:
+        # Holding the entry keeps its anon fd open until this READ is completed, even if a
+        # CLOSE removes the object meanwhile.
+        with self.objects.use(req.object_id) as entry:
+            if entry is None:
+                return
+            await self._fill_and_complete(entry.payload, req)
+
+    async def _fill_and_complete(self, live: LiveObject, req: ReadRequest) -> None:
         try:
             if isinstance(live.served, BootstrapObject):
                 await self.filler.fill_bootstrap(live.served, live.state, req.offset, req.length)
@@ -137,42 +143,28 @@ class Server:
         except (CachefilesError, OSError) as exc:
             log.error("READ_COMPLETE msg_id=%d %s failed: %s", msg_id, live.name, exc)
 
-    def _read_done(self, live: LiveObject, task: asyncio.Task[None]) -> None:
-        live.pending.discard(task)
-        self.tasks.discard(task)
-        if live.closing and not live.pending:
-            self._release(live)
-
     # -- CLOSE ------------------------------------------------------------------------------
     def handle_close(self, req: CloseRequest) -> None:
         self.stats["close"] += 1
-        live = self.objects.pop(req.object_id, None)
-        if live is None:
+        entry = self.objects.remove(req.object_id)
+        if entry is None:
             log.warning("CLOSE for unknown object %d", req.object_id)
             return
-        log.info("CLOSE object=%d %s", req.object_id, live.name)
-        live.closing = True
-        if not live.pending:
-            self._release(live)
-
-    def _release(self, live: LiveObject) -> None:
-        for job in list(live.state.jobs.values()):
-            job.cancel()
-        _close_quietly(live.state.anon_fd)
-        live.state.anon_fd = -1
+        log.info("CLOSE object=%d %s", req.object_id, entry.payload.name)
 
     # -- shutdown ---------------------------------------------------------------------------
     async def drain(self, timeout: float) -> None:
-        """Let in-flight READs finish (they always complete), then cancel the rest."""
+        """Let in-flight READs finish; cancel what is left (those complete without data)."""
         if self.tasks:
-            done, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        for live in list(self.objects.values()):
-            self._release(live)
-        self.objects.clear()
+
+    def release_all(self) -> None:
+        """Close every anon fd: only once no worker thread can still write into one."""
+        self.objects.close_all()
 
 
 def _close_quietly(fd: int) -> None:
