@@ -193,6 +193,7 @@ def test_redirect_ttl_expiry(registry, blob):
 
 
 def test_authorization_not_sent_to_storage(registry, blob):
+    """Credentials stay with the registry: the storage URL (another origin) gets none."""
     digest, data = blob
 
     async def behaviour(front, request):
@@ -200,15 +201,40 @@ def test_authorization_not_sent_to_storage(registry, blob):
             return None
         if "Authorization" not in request.headers:
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Basic realm="front"'})
-        raise web.HTTPTemporaryRedirect(registry.blob_url(REPO, digest))
+        raise web.HTTPTemporaryRedirect(f"{storage.url}/v2/{REPO}/blobs/sha256:{digest}")
+
+    async def main():
+        nonlocal storage
+        async with FrontServer(registry.url) as storage, FrontServer(registry.url, behaviour) as front:
+            async with RegistrySource(front.host, REPO, scheme="http", username=USER, password=PASSWORD) as src:
+                assert await src.read(digest, 0, 10) == data[:10]
+                assert await src.read(digest, 10, 10) == data[10:20]
+            assert front.count("/v2/") == 2  # 401, then the authorized request that redirects
+            assert len(storage.requests) == 2
+            assert all("Authorization" not in headers for _, _, headers in storage.requests)
+    storage = None
+    run(main())
+
+
+def test_timeouts_are_retried_and_bounded(registry, blob):
+    async def behaviour(front, request):
+        try:
+            await asyncio.wait_for(front.state["release"].wait(), 5)
+        except asyncio.TimeoutError:
+            pass
+        return web.Response(status=500)
 
     async def main():
         async with FrontServer(registry.url, behaviour) as front:
-            async with RegistrySource(front.host, REPO, scheme="http", username=USER, password=PASSWORD) as src:
-                assert await src.read(digest, 0, 10) == data[:10]
-        # the storage (the real registry, another origin) never saw the credentials
-        log = registry.log_tail(200)
-        assert PASSWORD not in log
+            front.state["release"] = asyncio.Event()
+            async with RegistrySource(front.host, REPO, scheme="http", timeout=0.2, retries=1,
+                                      backoff=0.01) as src:
+                t0 = time.monotonic()
+                with pytest.raises(SourceError, match="giving up after 2 attempts.*Timeout"):
+                    await src.read(blob[0], 0, 10)
+                assert time.monotonic() - t0 < 3
+            assert front.count("/v2/") == 2
+            front.state["release"].set()  # let the hanging handlers finish before shutdown
     run(main())
 
 
@@ -295,6 +321,10 @@ def test_token_auth(registry, blob, caplog):
     async def main():
         async with FrontServer(registry.url, token_behaviour()) as front:
             async with RegistrySource(front.host, REPO, scheme="http", username=USER, password=PASSWORD) as src:
+                # many first reads at once: one token fetch, not one per read
+                got = await asyncio.gather(*(src.read(digest, i * 100, 100) for i in range(20)))
+                assert got == [data[i * 100:(i + 1) * 100] for i in range(20)]
+                assert front.state["issued"] == 1
                 for off in (0, 4096, 300_000):
                     assert await src.read(digest, off, 1000) == data[off:off + 1000]
                 got = await asyncio.gather(*(src.read(digest, i * 1000, 1000) for i in range(20)))
