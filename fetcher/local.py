@@ -13,6 +13,7 @@ class LocalDirectorySource:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        self.name = f"local {self.directory}"
         self._fds: dict[str, int] = {}
 
     def _fd(self, blob_id: str) -> int:
@@ -26,7 +27,7 @@ class LocalDirectorySource:
             self._fds[blob_id] = fd
         return fd
 
-    async def read(self, blob_id: str, offset: int, length: int) -> bytes:
+    async def read(self, blob_id: str, offset: int, length: int, *, prefetch: bool = False) -> bytes:
         fd = self._fd(blob_id)
         data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, length, offset)
         if len(data) != length:
@@ -48,6 +49,7 @@ class LocalFileSource(LocalDirectorySource):
         super().__init__(Path(path).parent)
         self.blob_id = check_blob_id(blob_id)
         self.path = Path(path)
+        self.name = f"local file {self.path}"
 
     def _fd(self, blob_id: str) -> int:
         if blob_id != self.blob_id:

@@ -85,6 +85,7 @@ class RegistrySource:
         self.repo = repo
         self.scheme = scheme
         self.base = f"{scheme}://{host}"
+        self.name = f"registry {host}/{repo}"
         self.ca_file = ca_file
         self.skip_verify = skip_verify
         self.retries = retries
@@ -142,7 +143,7 @@ class RegistrySource:
         return f"{self.base}/v2/{self.repo}/blobs/sha256:{blob_id}"
 
     # -- the BlobSource method ---------------------------------------------------------------
-    async def read(self, blob_id: str, offset: int, length: int) -> bytes:
+    async def read(self, blob_id: str, offset: int, length: int, *, prefetch: bool = False) -> bytes:
         check_blob_id(blob_id)
         if not _SHA256_HEX.fullmatch(blob_id):
             raise SourceError(f"blob {blob_id[:80]}: not a sha256 hex digest, cannot name a registry blob")

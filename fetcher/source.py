@@ -16,6 +16,10 @@ class SourceError(Exception):
     """A source could not deliver the bytes asked for (missing blob, short read, I/O error)."""
 
 
+class IntegrityError(Exception):
+    """Bytes a source delivered failed verification (digest, size, decompression)."""
+
+
 def check_blob_id(blob_id: str) -> str:
     """Blob ids come from bootstraps and the kernel: never let one name a path outside."""
     if not _BLOB_ID.fullmatch(blob_id):
@@ -25,8 +29,13 @@ def check_blob_id(blob_id: str) -> str:
 
 @runtime_checkable
 class BlobSource(Protocol):
-    async def read(self, blob_id: str, offset: int, length: int) -> bytes:
-        """Exactly `length` bytes of blob `blob_id` at `offset`, or raise SourceError."""
+    name: str  # for logs and metrics, without credentials: "registry 127.0.0.1:5000/app"
+
+    async def read(self, blob_id: str, offset: int, length: int, *, prefetch: bool = False) -> bytes:
+        """Exactly `length` bytes of blob `blob_id` at `offset`, or raise SourceError.
+
+        prefetch: a background read (lower priority where the source has priorities).
+        """
         ...
 
     async def close(self) -> None:
