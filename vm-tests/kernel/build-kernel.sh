@@ -42,6 +42,10 @@ done
 
 sha="$(sha256sum "$fragment" | cut -d' ' -f1)"
 out="$cache_root/$series-$sha"
+# One build per series at a time (parallel test runs share the cache and the work tree).
+mkdir -p "$cache_root"
+exec 9>"$cache_root/.lock-$series"
+flock 9
 if [ "$force" = 0 ] && [ "$config_only" = 0 ] && [ -s "$out/bzImage" ]; then
     log "cached: $out/bzImage"
     echo "$out/bzImage"
