@@ -12,8 +12,7 @@ from pathlib import Path
 
 from erofs_image.reader import Bootstrap
 from erofs_image.tree import BlobInfo
-from fetcher.local import LocalDirectorySource
-from fetcher.source import BlobSource
+from fetcher.chain import SourceChain
 from fscached.chunkmap import ChunkMap, chunks_by_blob, round_up
 from fscached.config import ImageSpec
 
@@ -36,8 +35,11 @@ class BootstrapObject:
 class BlobObject:
     info: BlobInfo
     chunk_map: ChunkMap
-    source: BlobSource
+    source: SourceChain
+    bootstrap: Bootstrap
     users: set[str] = field(default_factory=set)  # fsids referencing it
+    prefetch_mode: str = "none"
+    prefetch_bandwidth: int = 0
 
     @property
     def size(self) -> int:
@@ -52,20 +54,19 @@ class Catalog:
         self._objects: dict[tuple[str, str], Served] = {}
         self.images: dict[tuple[str, str], ImageSpec] = {}
 
-    def add_image(self, spec: ImageSpec) -> None:
+    def add_image(self, spec: ImageSpec, bootstrap_path: Path, source: SourceChain) -> None:
         if (spec.volume, spec.fsid) in self.images:
             raise CatalogError(f"image {spec.fsid}: already served in volume {spec.volume}")
         try:
-            bootstrap = Bootstrap.open(spec.bootstrap)
+            bootstrap = Bootstrap.open(bootstrap_path)
         except FileNotFoundError:
-            raise CatalogError(f"image {spec.fsid}: bootstrap {spec.bootstrap} not found") from None
+            raise CatalogError(f"image {spec.fsid}: bootstrap {bootstrap_path} not found") from None
         except (ValueError, OSError) as exc:
-            raise CatalogError(f"image {spec.fsid}: bootstrap {spec.bootstrap}: {exc}") from None
-        if not spec.blobs.is_dir() and bootstrap.blobs:
+            raise CatalogError(f"image {spec.fsid}: bootstrap {bootstrap_path}: {exc}") from None
+        if spec.blobs is not None and not spec.blobs.is_dir() and spec.registry is None and bootstrap.blobs:
             raise CatalogError(f"image {spec.fsid}: blob directory {spec.blobs} does not exist")
         grouped = chunks_by_blob(bootstrap.image)
         new: dict[tuple[str, str], Served] = {}
-        source = LocalDirectorySource(spec.blobs)
         for index, info in enumerate(bootstrap.blobs):
             key = (spec.volume, info.blob_id)
             existing = self._objects.get(key)
@@ -78,12 +79,13 @@ class Catalog:
                 chunk_map = ChunkMap(grouped.get(index, []), info.uncompressed_size)
             except ValueError as exc:
                 raise CatalogError(f"image {spec.fsid}: blob {info.blob_id}: {exc}") from None
-            new[key] = BlobObject(info, chunk_map, source, {spec.fsid})
+            new[key] = BlobObject(info, chunk_map, source, bootstrap, {spec.fsid},
+                                  spec.prefetch.mode, spec.prefetch.bandwidth)
         key = (spec.volume, spec.fsid)
         if key in self._objects:
             raise CatalogError(f"image {spec.fsid}: the fsid collides with a blob id in {spec.volume}")
-        file_size = os.stat(spec.bootstrap).st_size
-        new[key] = BootstrapObject(spec.fsid, spec.bootstrap, file_size, round_up(file_size))
+        file_size = os.stat(bootstrap_path).st_size
+        new[key] = BootstrapObject(spec.fsid, bootstrap_path, file_size, round_up(file_size))
         self._objects.update(new)
         self.images[key] = spec
 
@@ -96,8 +98,8 @@ class Catalog:
             return None
         return self._objects.get((volume_key[len(VOLUME_PREFIX):], cookie))
 
-    def sources(self) -> list[BlobSource]:
-        unique: dict[int, BlobSource] = {}
+    def sources(self) -> list[SourceChain]:
+        unique: dict[int, SourceChain] = {}
         for obj in self._objects.values():
             if isinstance(obj, BlobObject):
                 unique[id(obj.source)] = obj.source

@@ -73,6 +73,35 @@ class ChunkMap:
         return spans
 
 
+    def chunks_in(self, start: int, end: int) -> list[ChunkRef]:
+        """The chunks overlapping [start, end), in address order."""
+        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        found: list[ChunkRef] = []
+        while i < len(self.chunks) and self.chunks[i].uncompressed_offset < end:
+            chunk = self.chunks[i]
+            if chunk.uncompressed_offset + chunk.uncompressed_size > start:
+                found.append(chunk)
+            i += 1
+        return found
+
+
+def contiguous_runs(chunks: list[ChunkRef], max_bytes: int) -> list[list[ChunkRef]]:
+    """Group chunks (address order) whose stored bytes follow each other into runs of at most
+    `max_bytes` stored bytes (a single larger chunk is a run of its own): one fetch each."""
+    runs: list[list[ChunkRef]] = []
+    for chunk in chunks:
+        if runs:
+            run = runs[-1]
+            last = run[-1]
+            size = last.compressed_offset + last.compressed_size - run[0].compressed_offset
+            if (last.compressed_offset + last.compressed_size == chunk.compressed_offset
+                    and size + chunk.compressed_size <= max_bytes):
+                run.append(chunk)
+                continue
+        runs.append([chunk])
+    return runs
+
+
 def chunks_by_blob(image: Image) -> dict[int, list[ChunkRef]]:
     """Every distinct chunk the image's files reference, grouped by blob index."""
     seen: dict[tuple[int, int], ChunkRef] = {}

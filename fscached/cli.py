@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
-from fscached.config import ConfigError, build_config, load_toml
+from fscached.config import Config, ConfigError, build_config, load_toml
 
 PROG = "fscached"
 
@@ -27,6 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="an image to serve; repeat for more",
     )
     parser.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    parser.add_argument("--work-dir", help="where bootstraps pulled from registries are kept (default /var/lib/fscached)")
+    parser.add_argument("--read-window", help="bytes fetched around a small READ (power of two, default 1M)")
     parser.add_argument("--ready-file", help="written with the pid once the daemon serves")
     parser.add_argument("--stats-file", help="request counters as JSON, written on SIGUSR1 and at exit")
     parser.add_argument("--device", help=argparse.SUPPRESS)  # tests: another device node
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         file_values = load_toml(args.config) if args.config else {}
         config = build_config(
             file_values, args.cache_dir, args.tag, args.log_level, args.image,
-            args.ready_file, args.stats_file, args.device,
+            args.ready_file, args.stats_file, args.device, args.work_dir, args.read_window,
         )
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -49,13 +50,24 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # Imported late: a missing native extension is reported as a clean error, not at --help.
-    from cachefiles.device import CachefilesError
-    from fscached.catalog import CatalogError
-    from fscached.daemon import Daemon
+    import uvloop
 
     try:
+        return uvloop.run(start_and_serve(config))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def start_and_serve(config: "Config") -> int:
+    from cachefiles.device import CachefilesError
+    from fscached.catalog import CatalogError
+
+    try:
+        # Imported here: a missing native extension is reported as a clean error.
+        from fscached.daemon import Daemon
+
         daemon = Daemon(config)
+        await daemon.load()  # every image is readable before the kernel is involved
         daemon.bind()
     except (CatalogError, CachefilesError, ImportError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -63,12 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 1
-    import uvloop
-
-    try:
-        return uvloop.run(daemon.run())
-    except KeyboardInterrupt:
-        return 0
+    return await daemon.run()
 
 
 if __name__ == "__main__":

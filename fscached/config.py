@@ -17,11 +17,41 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class RegistrySpec:
+    host: str
+    repo: str
+    scheme: str = "https"
+    auth: str | None = field(default=None, repr=False)  # base64 "user:pass", never logged
+    ca_file: str | None = None
+    skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    url: str
+    ping_url: str | None = None
+    check_interval: float = 5.0
+    fallback: bool = True
+    use_http: bool = False
+
+
+@dataclass(frozen=True)
+class PrefetchSpec:
+    mode: str = "none"  # none | table (the bootstrap's prefetch list) | all (table, then the rest)
+    bandwidth: int = 0  # bytes per second, 0 = unlimited
+
+
+@dataclass(frozen=True)
 class ImageSpec:
     fsid: str
-    bootstrap: Path
-    blobs: Path
+    bootstrap: Path | None
+    blobs: Path | None
     domain: str | None = None
+    ref: str | None = None  # host/repo:tag or @sha256:..: pull the bootstrap, fetch blobs there
+    registry: RegistrySpec | None = None
+    dragonfly_socket: Path | None = None
+    proxy: ProxySpec | None = None
+    prefetch: PrefetchSpec = PrefetchSpec()
 
     @property
     def volume(self) -> str:
@@ -38,6 +68,8 @@ class Config:
     ready_file: Path | None = None
     stats_file: Path | None = None
     device: Path = Path("/dev/cachefiles")
+    work_dir: Path = Path("/var/lib/fscached")  # pulled bootstraps
+    read_window: int = 1 << 20
 
 
 def check_id(kind: str, value: str) -> str:
@@ -59,21 +91,110 @@ def parse_image_spec(text: str) -> ImageSpec:
     return image_from_mapping(fields, f"--image {text!r}")
 
 
+IMAGE_KEYS = {
+    "fsid", "bootstrap", "blobs", "domain", "ref", "registry", "scheme", "auth", "auth_file",
+    "ca_file", "skip_verify", "dragonfly", "proxy", "ping_url", "check_interval", "fallback",
+    "use_http", "prefetch", "prefetch_bandwidth",
+}
+
+
+def parse_bool(where: str, key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{where}: {key} must be true or false, not {value!r}")
+
+
+def parse_size(where: str, key: str, value: Any) -> int:
+    """123, "64K", "1M", "2G" -> bytes."""
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{where}: {key} must be a size like 1048576, 64K or 20M, not {value!r}") from None
+
+
+def split_repository(where: str, value: str) -> tuple[str, str]:
+    host, sep, repo = value.partition("/")
+    if not sep or not host or not repo:
+        raise ConfigError(f"{where}: registry must be host[:port]/repository, not {value!r}")
+    return host, repo
+
+
 def image_from_mapping(fields: dict[str, Any], where: str) -> ImageSpec:
-    unknown = set(fields) - {"fsid", "bootstrap", "blobs", "domain"}
+    unknown = set(fields) - IMAGE_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    for key in ("fsid", "bootstrap"):
-        if not fields.get(key):
-            raise ConfigError(f"{where}: missing {key}")
-    bootstrap = Path(str(fields["bootstrap"])).resolve()
-    blobs = Path(str(fields.get("blobs") or bootstrap.parent / "blobs")).resolve()
+    if not fields.get("fsid"):
+        raise ConfigError(f"{where}: missing fsid")
+    ref = str(fields["ref"]) if fields.get("ref") else None
+    if not fields.get("bootstrap") and not ref:
+        raise ConfigError(f"{where}: missing bootstrap (a path) or ref (an image in a registry)")
+    bootstrap = Path(str(fields["bootstrap"])).resolve() if fields.get("bootstrap") else None
+    if fields.get("blobs"):
+        blobs: Path | None = Path(str(fields["blobs"])).resolve()
+    elif bootstrap is not None and not ref and not fields.get("registry"):
+        blobs = bootstrap.parent / "blobs"
+    else:
+        blobs = None
     domain = fields.get("domain")
+    registry = None
+    repository = fields.get("registry")
+    if ref and not repository:
+        from fetcher.image_ref import parse_reference  # the one parser of image references
+
+        try:
+            host, repo, _ = parse_reference(ref)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: ref {ref!r}: {exc}") from None
+        repository = f"{host}/{repo}"
+    if repository:
+        host, repo = split_repository(where, str(repository))
+        scheme = str(fields.get("scheme", "https"))
+        if scheme not in ("http", "https"):
+            raise ConfigError(f"{where}: scheme must be http or https, not {scheme!r}")
+        auth = fields.get("auth")
+        if fields.get("auth_file"):
+            try:
+                auth = Path(str(fields["auth_file"])).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"{where}: auth_file {fields['auth_file']}: {exc.strerror}") from None
+        registry = RegistrySpec(host, repo, scheme, str(auth) if auth else None,
+                                str(fields["ca_file"]) if fields.get("ca_file") else None,
+                                parse_bool(where, "skip_verify", fields.get("skip_verify", False)))
+    proxy = None
+    if fields.get("proxy"):
+        proxy = ProxySpec(
+            str(fields["proxy"]),
+            str(fields["ping_url"]) if fields.get("ping_url") else None,
+            float(fields.get("check_interval", 5)),
+            parse_bool(where, "fallback", fields.get("fallback", True)),
+            parse_bool(where, "use_http", fields.get("use_http", False)),
+        )
+    if (proxy or fields.get("dragonfly")) and registry is None:
+        raise ConfigError(f"{where}: a Dragonfly peer fetches from a registry: give ref or registry too")
+    if blobs is None and registry is None:
+        raise ConfigError(f"{where}: no blob source: give blobs (a directory) or ref / registry")
+    mode = str(fields.get("prefetch", "none"))
+    if mode not in ("none", "table", "all"):
+        raise ConfigError(f"{where}: prefetch must be none, table or all, not {mode!r}")
     return ImageSpec(
         fsid=check_id("fsid", str(fields["fsid"])),
         bootstrap=bootstrap,
         blobs=blobs,
         domain=check_id("domain", str(domain)) if domain else None,
+        ref=ref,
+        registry=registry,
+        dragonfly_socket=Path(str(fields["dragonfly"])) if fields.get("dragonfly") else None,
+        proxy=proxy,
+        prefetch=PrefetchSpec(mode, parse_size(where, "prefetch_bandwidth", fields.get("prefetch_bandwidth", 0))),
     )
 
 
@@ -96,9 +217,12 @@ def build_config(
     ready_file: str | None,
     stats_file: str | None,
     device: str | None,
+    work_dir: str | None = None,
+    read_window: str | None = None,
 ) -> Config:
     """Merge the file's values with flags (flags win; images from both are served)."""
-    unknown = set(file_values) - {"cache_dir", "tag", "log_level", "image", "ready_file", "stats_file", "device"}
+    unknown = set(file_values) - {"cache_dir", "tag", "log_level", "image", "ready_file", "stats_file",
+                                  "device", "work_dir", "read_window"}
     if unknown:
         raise ConfigError(f"config file: unknown key(s) {', '.join(sorted(unknown))}")
     chosen_cache_dir = cache_dir or file_values.get("cache_dir")
@@ -126,7 +250,15 @@ def build_config(
         ready_file=Path(ready) if ready else None,
         stats_file=Path(stats) if stats else None,
         device=Path(device or file_values.get("device") or "/dev/cachefiles"),
+        work_dir=Path(str(work_dir or file_values.get("work_dir") or "/var/lib/fscached")).resolve(),
+        read_window=check_window(parse_size("read window", "read_window", read_window or file_values.get("read_window") or (1 << 20))),
     )
+
+
+def check_window(size: int) -> int:
+    if size < 4096 or size & (size - 1):
+        raise ConfigError(f"read window {size} must be a power of two of at least 4096 bytes")
+    return size
 
 
 def check_unique(images: list[ImageSpec]) -> None:

@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cachefiles.device import CachefilesDevice, CachefilesError
-from fscached.catalog import Catalog
-from fscached.config import Config
+from fscached.catalog import Catalog, CatalogError
+from fscached.sources import build_chain, registry_source
+from fscached.config import Config, ImageSpec
 from fscached.serve import Server
 
 log = logging.getLogger("fscached")
@@ -25,14 +26,23 @@ class Daemon:
     def __init__(self, config: Config, device: CachefilesDevice | None = None) -> None:
         self.config = config
         self.catalog = Catalog()
-        for spec in config.images:
-            self.catalog.add_image(spec)
+        self.loaded = False
         self.device = device or CachefilesDevice(str(config.device))
         self.executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="fscached-io")
-        self.server = Server(self.device, self.catalog, self.executor)
+        self.server = Server(self.device, self.catalog, self.executor, config.read_window)
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.exit_code = 0
+
+    async def load(self) -> None:
+        """Open every image's bootstrap (pulling it from its registry when needed) and build
+        its sources. Errors are CatalogError / SourceError, worded for the user."""
+        for spec in self.config.images:
+            path = spec.bootstrap
+            if path is None:
+                path = await pull_image_bootstrap(spec, self.config.work_dir)
+            self.catalog.add_image(spec, path, build_chain(spec))
+        self.loaded = True
 
     def bind(self) -> None:
         """Take the device and bind the cache (errors are CachefilesError, user-worded)."""
@@ -44,6 +54,8 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._loop = loop
+        if not self.loaded:
+            await self.load()
         fd = self.device.fileno()
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_readable)
@@ -87,6 +99,24 @@ class Daemon:
     def write_stats(self) -> None:
         if self.config.stats_file:
             _write_atomic(self.config.stats_file, json.dumps(dict(self.server.stats), sort_keys=True) + "\n")
+
+
+async def pull_image_bootstrap(spec: ImageSpec, work_dir: Path) -> Path:
+    """The bootstrap of a registry image, pulled (verified) into work_dir/bootstraps."""
+    from fetcher.pull import pull_bootstrap
+    from fetcher.source import SourceError
+
+    assert spec.ref is not None and spec.registry is not None
+    dest = work_dir / "bootstraps"
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    registry = registry_source(spec.registry)
+    try:
+        pulled = await pull_bootstrap(registry, spec.ref, dest)
+    except (SourceError, ValueError) as exc:
+        raise CatalogError(f"image {spec.fsid}: cannot pull {spec.ref}: {exc}") from None
+    finally:
+        await registry.close()
+    return pulled.bootstrap
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,16 +1,21 @@
 """Turning a READ into verified bytes in the kernel's cache file.
 
-One chunk is the unit of work: it is fetched (raw, maybe compressed), decompressed, checked
-against its blake3 digest from the bootstrap, and written whole (block padded) into the
-object's anon fd. Concurrent READs that need the same chunk of the same object share one
-job; a chunk already written for an object is not written again.
+A READ is widened to the aligned read window around it (never past the blob's end), so the
+next reads find the cache filled. The chunks of that window that are neither written nor in
+flight are grouped into runs whose stored bytes are contiguous, and each run is ONE ranged
+fetch. Every chunk of the run is decompressed and checked against its blake3 digest from the
+bootstrap before anything is written; bytes that fail go back to the source chain, which asks
+the next source. A chunk already being fetched for the object is joined, not fetched again.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from contextlib import nullcontext
+from typing import Any, Awaitable, Callable, ContextManager, TypeVar
 
 import blake3
 import lz4.block
@@ -18,24 +23,28 @@ import zstandard
 
 import native
 from erofs_image.tree import BlobInfo, ChunkRef
+from fetcher.source import IntegrityError
 from fscached.catalog import BlobObject, BootstrapObject
-from fscached.chunkmap import BLOCK, round_up
+from fscached.chunkmap import BLOCK, contiguous_runs, round_down, round_up
 
 log = logging.getLogger("fscached.fill")
+T = TypeVar("T")
+
+DEFAULT_WINDOW = 1 << 20
+ONDEMAND_FETCHES = 16  # ranged fetches in flight for READs: bounds memory to ~16 windows
+PREFETCH_FETCHES = 2
 
 
-class VerifyError(Exception):
-    """Bytes that do not match the digest the bootstrap records: never written."""
+class VerifyError(IntegrityError):
+    """Bytes that do not match what the bootstrap records: never written."""
 
 
-def decode_chunk(info: BlobInfo, ref: ChunkRef, raw: bytes) -> bytes:
+def decode_chunk(info: BlobInfo, ref: ChunkRef, raw: bytes | memoryview) -> bytes:
     """Raw blob bytes of one chunk -> its verified uncompressed bytes."""
     if ref.compressed:
         try:
             if info.compressor == "zstd":
-                data = zstandard.ZstdDecompressor().decompress(
-                    raw, max_output_size=ref.uncompressed_size
-                )
+                data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=ref.uncompressed_size)
             elif info.compressor == "lz4_block":
                 data = lz4.block.decompress(raw, uncompressed_size=ref.uncompressed_size)
             else:
@@ -43,7 +52,7 @@ def decode_chunk(info: BlobInfo, ref: ChunkRef, raw: bytes) -> bytes:
         except (zstandard.ZstdError, lz4.block.LZ4BlockError) as exc:
             raise VerifyError(f"chunk at {ref.uncompressed_offset}: cannot decompress: {exc}") from None
     else:
-        data = raw
+        data = bytes(raw)
     if len(data) != ref.uncompressed_size:
         raise VerifyError(
             f"chunk at {ref.uncompressed_offset}: {len(data)} bytes, bootstrap says {ref.uncompressed_size}"
@@ -53,11 +62,32 @@ def decode_chunk(info: BlobInfo, ref: ChunkRef, raw: bytes) -> bytes:
     return data
 
 
-def write_block_padded(fd: int, offset: int, data: bytes | memoryview, length: int) -> None:
-    """Write `data` at `offset` as `length` bytes (a block multiple), zero padded, aligned."""
-    buf = native.AlignedBuffer(length)  # zero-initialised: the padding is already there
-    buf.write(data)
-    native.write_aligned(fd, buf, offset, length)
+def decode_run(info: BlobInfo, run: list[ChunkRef], raw: bytes) -> list[bytes]:
+    base = run[0].compressed_offset
+    view = memoryview(raw)
+    return [decode_chunk(info, ref, view[ref.compressed_offset - base:ref.compressed_offset - base + ref.compressed_size])
+            for ref in run]
+
+
+def write_run(fd: int, info: BlobInfo, run: list[ChunkRef], datas: list[bytes]) -> None:
+    """Write verified chunks into the anon fd: one aligned pwrite per address-contiguous stretch."""
+    start = 0
+    while start < len(run):
+        end = start + 1
+        while end < len(run) and run[end].uncompressed_offset == run[end - 1].uncompressed_offset + round_up(len(datas[end - 1])):
+            end += 1
+        first = run[start].uncompressed_offset
+        last = run[end - 1]
+        stop = min(last.uncompressed_offset + round_up(last.uncompressed_size), info.uncompressed_size)
+        buf = native.AlignedBuffer(stop - first)  # zero-initialised: padding is already there
+        for ref, data in zip(run[start:end], datas[start:end]):
+            buf.write(data, ref.uncompressed_offset - first)
+        native.write_aligned(fd, buf, first, stop - first)
+        start = end
+
+
+def write_zeros(fd: int, offset: int, length: int) -> None:
+    native.write_aligned(fd, native.AlignedBuffer(length), offset, length)
 
 
 @dataclass
@@ -65,70 +95,211 @@ class ObjectState:
     """Per kernel object (one anon fd): what was written, and jobs in flight."""
 
     anon_fd: int
+    # keeps the anon fd open while held (the object table's `use`); yields None once removed
+    hold: Callable[[], ContextManager[Any]] = nullcontext
     written: set[int] = field(default_factory=set)  # chunk uncompressed offsets
     jobs: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    prefetch: asyncio.Task[None] | None = None
 
 
 class Filler:
-    def __init__(self, executor: Executor, stats: dict[str, int]) -> None:
+    def __init__(self, executor: Executor, stats: Counter[str], window: int = DEFAULT_WINDOW) -> None:
+        if window < BLOCK or window & (window - 1):
+            raise ValueError(f"read window {window} must be a power of two >= {BLOCK}")
         self.executor = executor
         self.stats = stats
+        self.window = window
+        self._ondemand = asyncio.Semaphore(ONDEMAND_FETCHES)
+        self._prefetch = asyncio.Semaphore(PREFETCH_FETCHES)
+        self._ondemand_waiting = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn in the worker pool. If the caller is cancelled, still wait for the thread:
+        it may be writing into an anon fd that must not be closed under it."""
+        fut = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            raise
+
+    # -- the bootstrap: a local file, copied block-wise by the C core ---------------------------
     async def fill_bootstrap(self, obj: BootstrapObject, state: ObjectState, offset: int, length: int) -> None:
-        start = offset // BLOCK * BLOCK
+        start = round_down(offset)
         end = min(offset + length, obj.file_size)  # copy_range zero-pads the last block
-        if end <= start:
-            return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self._copy_bootstrap, obj, state.anon_fd, start, end - start)
+        if end > start:
+            await self.blocking(self._copy_bootstrap, obj, state.anon_fd, start, end - start)
 
     @staticmethod
     def _copy_bootstrap(obj: BootstrapObject, anon_fd: int, offset: int, length: int) -> None:
         with open(obj.path, "rb", buffering=0) as f:
             native.copy_range(f.fileno(), offset, anon_fd, offset, length)
 
+    # -- data blobs -----------------------------------------------------------------------------
     async def fill_blob(self, obj: BlobObject, state: ObjectState, offset: int, length: int) -> None:
-        waits: list[asyncio.Future[None]] = []
+        zeros: list[Awaitable[None]] = []
+        needed: list[ChunkRef] = []
         for span in obj.chunk_map.spans(offset, length):
             if span.chunk is None:
-                waits.append(asyncio.ensure_future(self._write_zeros(state.anon_fd, span.offset, span.length)))
-                continue
-            key = span.chunk.uncompressed_offset
+                zeros.append(self.blocking(write_zeros, state.anon_fd, span.offset, span.length))
+            else:
+                needed.append(span.chunk)
+        await _all(zeros)
+        if not needed:
+            return
+        window_start = round_down(offset, self.window)
+        window_end = min(round_up(offset + length, self.window), obj.size)
+        extra = obj.chunk_map.chunks_in(window_start, window_end)
+        wanted = sorted({c.uncompressed_offset: c for c in extra + needed}.values(), key=lambda c: c.uncompressed_offset)
+        try:
+            await self._await_chunks(state, needed, self._start_jobs(obj, state, wanted, False, self.window))
+        except Exception:
+            # A window run fails whole (one bad chunk, one failed range): fetch just the chunks
+            # this READ needs, one by one, so a good chunk is never held hostage by a bad one.
+            retry = [c for c in needed if c.uncompressed_offset not in state.written]
+            if not retry:
+                return
+            self.stats["chunk_retries"] += len(retry)
+            await self._await_chunks(state, retry, self._start_jobs(obj, state, retry, False, 0))
+
+    async def _await_chunks(self, state: ObjectState, chunks: list[ChunkRef],
+                            jobs: dict[int, asyncio.Future[None]]) -> None:
+        waits = []
+        for chunk in chunks:
+            job = jobs.get(chunk.uncompressed_offset) or state.jobs.get(chunk.uncompressed_offset)
+            if job is not None and chunk.uncompressed_offset not in state.written:
+                waits.append(asyncio.shield(job))
+        await _all(waits)
+
+    def _start_jobs(self, obj: BlobObject, state: ObjectState, chunks: list[ChunkRef], prefetch: bool,
+                    max_run: int) -> dict[int, asyncio.Future[None]]:
+        """Futures for `chunks`: joined where in flight, new runs for the rest."""
+        found: dict[int, asyncio.Future[None]] = {}
+        todo: list[ChunkRef] = []
+        for chunk in chunks:
+            key = chunk.uncompressed_offset
             if key in state.written:
                 continue
             job = state.jobs.get(key)
-            if job is None:
-                job = asyncio.ensure_future(self._fetch_and_write(obj, state, span.chunk))
-                state.jobs[key] = job
-                job.add_done_callback(lambda _f, k=key: state.jobs.pop(k, None))
-            else:
+            if job is not None:
+                found[key] = job
                 self.stats["joined_chunks"] += 1
-            waits.append(job)
-        if waits:
-            results = await asyncio.gather(*waits, return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                raise errors[0]
+            else:
+                todo.append(chunk)
+        for run in contiguous_runs(todo, max_run):
+            job = asyncio.ensure_future(self._fetch_run(obj, state, run, prefetch))
+            for chunk in run:
+                state.jobs[chunk.uncompressed_offset] = job
+                found[chunk.uncompressed_offset] = job
+            job.add_done_callback(lambda _f, keys=[c.uncompressed_offset for c in run]: [state.jobs.pop(k, None) for k in keys])
+            job.add_done_callback(_consume_exception)
+        return found
 
-    async def _write_zeros(self, fd: int, offset: int, length: int) -> None:
-        await asyncio.get_running_loop().run_in_executor(
-            self.executor, write_block_padded, fd, offset, b"", length
-        )
+    async def _fetch_run(self, obj: BlobObject, state: ObjectState, run: list[ChunkRef], prefetch: bool) -> None:
+        with state.hold() as held:  # the fd stays open until this run's write is done
+            if held is None:
+                return  # the object was closed before the fetch began
+            await self._fetch_run_held(obj, state, run, prefetch)
 
-    async def _fetch_and_write(self, obj: BlobObject, state: ObjectState, ref: ChunkRef) -> None:
-        raw = await obj.source.read(obj.info.blob_id, ref.compressed_offset, ref.compressed_size)
-        self.stats["fetched_chunks"] += 1
-        self.stats["fetched_bytes"] += len(raw)
+    async def _fetch_run_held(self, obj: BlobObject, state: ObjectState, run: list[ChunkRef], prefetch: bool) -> None:
+        start = run[0].compressed_offset
+        length = run[-1].compressed_offset + run[-1].compressed_size - start
+        info = obj.info
+
+        async def verify(raw: bytes) -> list[bytes]:
+            try:
+                return await self.blocking(decode_run, info, run, raw)
+            except VerifyError:
+                self.stats["verify_failures"] += 1
+                raise
+
+        if prefetch:
+            await self._wait_for_idle()
+            async with self._prefetch:
+                datas = await obj.source.read_verified(info.blob_id, start, length, verify, prefetch=True)
+            self.stats["prefetched_chunks"] += len(run)
+        else:
+            self._ondemand_waiting += 1
+            self._idle.clear()
+            try:
+                async with self._ondemand:
+                    datas = await obj.source.read_verified(info.blob_id, start, length, verify)
+            finally:
+                self._ondemand_waiting -= 1
+                if not self._ondemand_waiting:
+                    self._idle.set()
+        self.stats["fetches"] += 1
+        self.stats["fetched_chunks"] += len(run)
+        self.stats["fetched_bytes"] += length
+        await self.blocking(write_run, state.anon_fd, info, run, datas)
+        state.written.update(c.uncompressed_offset for c in run)
+
+    async def _wait_for_idle(self) -> None:
+        """Prefetch yields to on-demand reads: wait until none is waiting for a fetch."""
+        while not self._idle.is_set():
+            await self._idle.wait()
+
+    # -- prefetch -------------------------------------------------------------------------------
+    async def prefetch(self, obj: BlobObject, state: ObjectState, order: list[ChunkRef], bandwidth: int) -> None:
+        """Fetch `order` window by window in the background, at most `bandwidth` bytes/s
+        (0 = unlimited), behind every on-demand read."""
         loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self.executor, self._decode_and_write, obj.info, ref, raw, state.anon_fd)
-        except VerifyError:
-            self.stats["verify_failures"] += 1
-            raise
-        state.written.add(ref.uncompressed_offset)
+        started = loop.time()
+        fetched = 0
+        for chunk in order:
+            if chunk.uncompressed_offset in state.written or chunk.uncompressed_offset in state.jobs:
+                continue
+            window_start = round_down(chunk.uncompressed_offset, self.window)
+            batch = obj.chunk_map.chunks_in(window_start, window_start + self.window)
+            jobs = self._start_jobs(obj, state, batch, True, self.window)
+            results = await asyncio.gather(*(asyncio.shield(j) for j in set(jobs.values())), return_exceptions=True)
+            if any(isinstance(r, Exception) for r in results):
+                self.stats["prefetch_failed"] += 1
+            fetched += sum(c.compressed_size for c in batch)
+            if bandwidth:
+                ahead = fetched / bandwidth - (loop.time() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        self.stats["prefetch_done"] += 1
 
-    @staticmethod
-    def _decode_and_write(info: BlobInfo, ref: ChunkRef, raw: bytes, fd: int) -> None:
-        data = decode_chunk(info, ref, raw)
-        end = min(ref.uncompressed_offset + round_up(len(data)), info.uncompressed_size)
-        write_block_padded(fd, ref.uncompressed_offset, data, end - ref.uncompressed_offset)
+
+def prefetch_order(obj: BlobObject, mode: str) -> list[ChunkRef]:
+    """What to prefetch for one blob: the chunks of the files in the bootstrap's prefetch
+    table first, then (mode "all") every other chunk in address order."""
+    index = obj.bootstrap.blobs.index(obj.info)
+    by_nid: dict[int, Any] = {}
+    stack = [obj.bootstrap.image.root]
+    while stack:
+        node = stack.pop()
+        if node.nid in by_nid:
+            continue
+        by_nid[node.nid] = node
+        stack.extend(node.children.values())
+    order: dict[int, ChunkRef] = {}
+    for nid in obj.bootstrap.prefetch_nids:
+        node = by_nid.get(nid)
+        if node is None:
+            continue
+        for ref in node.chunks:
+            if ref is not None and ref.blob_index == index:
+                order.setdefault(ref.uncompressed_offset, ref)
+    if mode == "all":
+        for ref in obj.chunk_map.chunks:
+            order.setdefault(ref.uncompressed_offset, ref)
+    return list(order.values())
+
+
+async def _all(waits: list[Awaitable[None]]) -> None:
+    """Await everything; then raise the first error, if any."""
+    if waits:
+        for result in await asyncio.gather(*waits, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+
+
+def _consume_exception(fut: asyncio.Future[None]) -> None:
+    """A job's error is reported by the READs awaiting it; never 'exception never retrieved'."""
+    if not fut.cancelled():
+        fut.exception()

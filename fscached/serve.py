@@ -19,7 +19,7 @@ from cachefiles.objects import ObjectTable
 from cachefiles.messages import CloseRequest, MalformedMessage, OpenRequest, ReadRequest
 from fetcher.source import SourceError
 from fscached.catalog import BlobObject, BootstrapObject, Catalog, Served
-from fscached.fill import Filler, ObjectState, VerifyError
+from fscached.fill import DEFAULT_WINDOW, Filler, ObjectState, VerifyError, prefetch_order
 
 log = logging.getLogger("fscached.serve")
 
@@ -34,11 +34,12 @@ class LiveObject:
 
 
 class Server:
-    def __init__(self, device: CachefilesDevice, catalog: Catalog, executor: Executor) -> None:
+    def __init__(self, device: CachefilesDevice, catalog: Catalog, executor: Executor,
+                 read_window: int = DEFAULT_WINDOW) -> None:
         self.device = device
         self.catalog = catalog
         self.stats: Counter[str] = Counter()
-        self.filler = Filler(executor, self.stats)
+        self.filler = Filler(executor, self.stats, read_window)
         # object_id -> anon fd (owned, closed once its last in-flight READ lets go) + LiveObject
         self.objects = ObjectTable()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -84,11 +85,29 @@ class Server:
         if req.object_id in self.objects:  # the kernel reuses an id only after CLOSE
             log.warning("OPEN msg_id=%d reuses open object %d: dropping the old one", req.msg_id, req.object_id)
             self.objects.remove(req.object_id)
-        live = LiveObject(served, ObjectState(req.fd), name)
+        object_id = req.object_id
+        live = LiveObject(served, ObjectState(req.fd, lambda: self.objects.use(object_id)), name)
         self.objects.add(req.object_id, req.fd, req.volume_key, req.cookie_key, served.size, live)
         log.info("OPEN msg_id=%d object=%d %s size=%d", req.msg_id, req.object_id, name, served.size)
         if not self._copen(req.msg_id, served.size):
             self.objects.remove(req.object_id)
+            return
+        if isinstance(served, BlobObject) and served.prefetch_mode != "none":
+            order = prefetch_order(served, served.prefetch_mode)
+            if order:
+                task = asyncio.ensure_future(self._prefetch(live, served, order))
+                live.state.prefetch = task
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def _prefetch(self, live: LiveObject, served: BlobObject, order: list) -> None:
+        try:
+            await self.filler.prefetch(served, live.state, order, served.prefetch_bandwidth)
+            log.info("prefetch of %s done (%d chunks)", live.name, len(order))
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("prefetch of %s failed", live.name)
 
     def _copen(self, msg_id: int, size: int) -> bool:
         try:
@@ -151,6 +170,8 @@ class Server:
             log.warning("CLOSE for unknown object %d", req.object_id)
             return
         log.info("CLOSE object=%d %s", req.object_id, entry.payload.name)
+        if entry.payload.state.prefetch is not None:
+            entry.payload.state.prefetch.cancel()
 
     # -- shutdown ---------------------------------------------------------------------------
     async def drain(self, timeout: float) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +20,7 @@ from cachefiles.simulator import KernelSimulator
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from fscached.chunkmap import chunks_by_blob, round_up
-from fscached.config import Config, ImageSpec
+from fscached.config import Config, ImageSpec, PrefetchSpec
 from fscached.daemon import Daemon
 
 WORK_ROOT = Path("/var/tmp")  # O_DIRECT cache files need a real filesystem, not tmpfs
@@ -48,8 +49,8 @@ def expected_blob_space(boot: Bootstrap, blobs_dir: Path, index: int) -> bytes:
 class Running:
     """A Daemon on its own uvloop thread, bound to a simulator."""
 
-    def __init__(self, sim: KernelSimulator, images: list[ImageSpec], cache: Path) -> None:
-        self.daemon = Daemon(Config(cache_dir=cache, images=images), device=sim.device())
+    def __init__(self, sim: KernelSimulator, images: list[ImageSpec], cache: Path, read_window: int = 1 << 20) -> None:
+        self.daemon = Daemon(Config(cache_dir=cache, images=images, read_window=read_window), device=sim.device())
         self.daemon.bind()
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -179,8 +180,12 @@ def test_corrupt_blob_is_never_written_and_read_fails_cleanly(work: Path) -> Non
             with pytest.raises(OSError) as failed:
                 sim.read(blob, 0, 4096)
             assert failed.value.errno == errno.EIO
-            assert daemon.stats["verify_failures"] == 1
-            assert (0, 4096) not in [(s, e) for s, e in sim.cached_extents(blob) if s == 0]
+            # the 1 MiB window failed as a whole, then the needed chunk alone
+            assert daemon.stats["verify_failures"] == 2
+            assert daemon.stats["chunk_retries"] == 1
+            assert not [s for s, _ in sim.cached_extents(blob) if s == 0], "bad bytes reached the cache"
+            # a good chunk in the same window is not held hostage by the bad one
+            assert sim.read(blob, 64 << 10, 4096) == want[64 << 10:(64 << 10) + 4096]
             # the rest of the blob is intact and still served
             last = round_up(len(want)) - 4096
             assert sim.read(blob, last, 4096) == want[last:last + 4096]
@@ -223,5 +228,58 @@ def test_shared_domain_blob_is_one_object(work: Path) -> None:
             assert sim.mount("erofs,a", b"a").copen_result == -errno.ENOENT  # not outside its domain
             served = daemon.daemon.catalog.lookup("erofs,dom", blob_id.encode())
             assert served is not None and served.users == {"a", "b"}
+        finally:
+            daemon.stop()
+
+
+def test_small_read_fills_its_window_with_one_fetch(work: Path) -> None:
+    tree = work / "tree"
+    tree.mkdir()
+    for i in range(64):  # 64 small files: 64 chunks laid out one after the other
+        (tree / f"f{i:02}").write_bytes(os.urandom(5000 + i))
+    out = work / "built"
+    convert(tree, out, compressor="zstd", chunk_size=64 << 10)
+    spec = ImageSpec("img1", out / "image.boot", out / "blobs")
+    boot = Bootstrap.open(spec.bootstrap)
+    want = expected_blob_space(boot, spec.blobs, 0)
+    chunks = sorted(chunks_by_blob(boot.image)[0], key=lambda c: c.uncompressed_offset)
+    window = 128 << 10
+    in_first_window = [c for c in chunks if c.uncompressed_offset < window]
+    with KernelSimulator(work / "kernel") as sim:
+        daemon = Running(sim, [spec], work / "cache", read_window=window)
+        try:
+            blob = sim.mount("erofs,img1", boot.blobs[0].blob_id.encode())
+            assert sim.read(blob, 8192, 4096) == want[8192:12288]
+            assert daemon.stats["fetches"] == 1, "one ranged fetch for the whole window"
+            assert daemon.stats["fetched_chunks"] == len(in_first_window) > 10
+            for c in in_first_window:  # the next reads in the window hit what is there
+                assert sim.read(blob, c.uncompressed_offset, 4096) == want[c.uncompressed_offset:c.uncompressed_offset + 4096]
+            assert daemon.stats["fetches"] == 1
+            last = chunks[-1].uncompressed_offset
+            assert sim.read(blob, last, 4096) == want[last:last + 4096]
+            assert daemon.stats["fetches"] == 2
+        finally:
+            daemon.stop()
+
+
+def test_prefetch_all_fills_the_blob_in_the_background(work: Path) -> None:
+    out = work / "built"
+    convert(make_tree(work / "tree"), out, compressor="lz4_block", chunk_size=64 << 10)
+    spec = ImageSpec("img1", out / "image.boot", out / "blobs", prefetch=PrefetchSpec("all"))
+    boot = Bootstrap.open(spec.bootstrap)
+    want = expected_blob_space(boot, spec.blobs, 0)
+    distinct = len(chunks_by_blob(boot.image)[0])
+    with KernelSimulator(work / "kernel") as sim:
+        daemon = Running(sim, [spec], work / "cache")
+        try:
+            blob = sim.mount("erofs,img1", boot.blobs[0].blob_id.encode())
+            deadline = time.monotonic() + 30
+            while daemon.stats["prefetch_done"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert daemon.stats["prefetch_done"] == 1
+            assert daemon.stats["prefetched_chunks"] == distinct
+            fetches = daemon.stats["fetches"]
+            assert sim.read(blob, 0, len(want)) == want
+            assert daemon.stats["fetches"] == fetches, "everything was already in the cache"
         finally:
             daemon.stop()

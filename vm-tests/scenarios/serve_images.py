@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -86,11 +87,9 @@ class DaemonProcess:
         cmd = [sys.executable, "-m", "fscached.cli", "--cache-dir", str(cache),
                "--ready-file", str(self.ready_file), "--stats-file", str(self.stats_file),
                "--log-level", "info"]
+        cmd += ["--work-dir", str(work / "state")]
         for image in images:
-            spec = f"fsid={image['fsid']},bootstrap={image['bootstrap']},blobs={image['blobs']}"
-            if image.get("domain"):
-                spec += f",domain={image['domain']}"
-            cmd += ["--image", spec]
+            cmd += ["--image", ",".join(f"{k}={v}" for k, v in image.items() if v is not None)]
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -134,13 +133,19 @@ def mount(fsid: str, domain: str | None, at: Path) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=300)
 
 
-def verify(at: Path, manifest_path: str) -> dict[str, Any]:
+def verify(at: Path, manifest_path: str, part: list[int] | None = None) -> dict[str, Any]:
+    """Compare the mount with the manifest; `part` [k, n]: only the k-th of n slices of it."""
     manifest = json.loads(Path(manifest_path).read_text())
     entries: dict[str, dict[str, Any]] = manifest["entries"]
+    if part is not None:
+        k, n = part
+        names = sorted(entries)
+        chosen = names[k * len(names) // n:(k + 1) * len(names) // n]
+        entries = {p: entries[p] for p in chosen}
     found = walk(at)
     mismatches: list[str] = []
     missing = sorted(set(entries) - set(found))
-    extra = sorted(set(found) - set(entries))
+    extra = sorted(set(found) - set(entries)) if part is None else []
     checked = 0
     for path, want in entries.items():
         if path not in found:
@@ -192,10 +197,57 @@ def concurrent(at: Path, manifest_path: str, threads: int) -> dict[str, Any]:
             "seconds": round(time.monotonic() - start, 2)}
 
 
+class Services:
+    """A registry (and a stand-in Dragonfly peer) on the guest's loopback, when asked for."""
+
+    def __init__(self, args: dict[str, Any], work: Path) -> None:
+        self.registry = None
+        self.peer: subprocess.Popen[bytes] | None = None
+        self.peer_socket = work / "dfdaemon.sock"
+        if args.get("registry_storage"):
+            from tests.registry_server import RegistryServer
+
+            shutil.copytree(args["registry_storage"], work / "registry" / "storage")
+            self.registry = RegistryServer(work / "registry").start()
+        if args.get("peer"):
+            self.peer_log = open(work / "dfdaemon.log", "wb")
+            self.peer = subprocess.Popen([sys.executable, "-m", "tests.standins.dfdaemon", "--socket", str(self.peer_socket)],
+                                         stdout=self.peer_log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 60
+            while not self.peer_socket.exists():
+                if self.peer.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"stand-in dfdaemon did not start: {(work / 'dfdaemon.log').read_text()[-2000:]}")
+                time.sleep(0.05)
+
+    def fill(self, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Put the registry's address and the peer's socket into the image specs."""
+        host = self.registry.host if self.registry else ""
+        return [{k: (v.format(registry=host, peer=self.peer_socket) if isinstance(v, str) else v)
+                 for k, v in image.items()} for image in images]
+
+    def kill_peer(self) -> None:
+        if self.peer is not None:
+            self.peer.kill()
+            self.peer.wait()
+
+    def stop(self) -> None:
+        self.kill_peer()
+        if self.registry is not None:
+            self.registry.stop()
+
+
 def run(args: dict[str, Any]) -> dict[str, Any]:
     work = scratch_dir() / "fscached"
     work.mkdir(parents=True, exist_ok=True)
-    daemon = DaemonProcess(args["images"], work)
+    services = Services(args, work)
+    try:
+        return run_steps(args, work, services)
+    finally:
+        services.stop()
+
+
+def run_steps(args: dict[str, Any], work: Path, services: Services) -> dict[str, Any]:
+    daemon = DaemonProcess(services.fill(args["images"]), work)
     results: list[dict[str, Any]] = []
     out: dict[str, Any] = {"steps": results}
     mounted: list[Path] = []
@@ -221,7 +273,9 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
                 if at in mounted:
                     mounted.remove(at)
             elif op == "verify":
-                res.update(verify(at, step["manifest"]))
+                res.update(verify(at, step["manifest"], step.get("part")))
+            elif op == "kill_peer":
+                services.kill_peer()
             elif op == "concurrent":
                 res.update(concurrent(at, step["manifest"], int(step.get("threads", 16))))
             elif op == "read_file":
