@@ -145,6 +145,9 @@ class _Puller:
                 if sent is not None:
                     headers["Authorization"] = sent
             where = f"{url.scheme}://{url.host}:{url.port}{url.path}"
+            stats = getattr(self.src, "stats", None)
+            if isinstance(stats, dict):
+                stats["requests"] = stats.get("requests", 0) + 1
             try:
                 async with session.get(url, headers=headers, allow_redirects=False, timeout=timeout) as resp:
                     status = resp.status

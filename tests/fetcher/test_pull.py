@@ -371,3 +371,61 @@ def test_pull_with_basic_auth(auth_registry, nydus_image, tmp_path):
     assert "wrong" not in str(ei.value) and PASSWORD not in str(ei.value)
     with pytest.raises(PullError, match="401.*anonymous.*none are configured"):
         pull(auth_registry, "nydus/secure", "latest", tmp_path / "anon", username=None, password=None)
+
+
+# ------------------------------------------------------------------------------- transport
+@needs_skopeo
+def test_retries_redirects_and_credentials_only_to_the_registry(pushed, nydus_image, tmp_path):
+    """Through an aiohttp front: it wants Basic auth itself, fails the first manifest and blob
+    GETs with 503, and redirects blob GETs to a second front standing in for object storage."""
+    from frontserver import FrontServer
+
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+
+    def front_behaviour(storage):
+        async def behaviour(front, request):
+            from aiohttp import web
+
+            if not request.headers.get("Authorization", "").startswith("Basic "):
+                return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="front"'})
+            kind = "manifest" if "/manifests/" in request.path else "blob" if "/blobs/" in request.path else "other"
+            seen = front.state.setdefault(kind, 0)
+            front.state[kind] = seen + 1
+            if seen == 0 and kind != "other":
+                return web.Response(status=503, headers={"Retry-After": "0"})
+            if kind == "blob":
+                return web.Response(status=307, headers={"Location": f"{storage.url}{request.path}?X-Sig=secret"})
+            return None
+        return behaviour
+
+    async def main():
+        async with FrontServer(pushed.url, upstream_headers=accept) as storage:
+            async with FrontServer(pushed.url, front_behaviour(storage), upstream_headers=accept) as front:
+                src = RegistrySource(front.host, "nydus/app", scheme="http", username="u", password="p",
+                                     retries=2, backoff=0.01)
+                async with src:
+                    p = await pull_bootstrap(src, "latest", tmp_path)
+                return p, front, storage
+
+    p, front, storage = run(main())
+    check_pulled(p, nydus_image, tmp_path)
+    assert front.state == {"manifest": 2, "blob": 2}
+    assert storage.count("/v2/nydus/app/blobs/") == 1
+    assert all("Authorization" not in headers for _m, _p, headers in storage.requests)
+
+
+def test_always_failing_registry_gives_up(registry, tmp_path):
+    from frontserver import FrontServer
+
+    async def behaviour(front, request):
+        from aiohttp import web
+
+        return web.Response(status=500)
+
+    async def main():
+        async with FrontServer(registry.url, behaviour) as front:
+            async with RegistrySource(front.host, "x/y", scheme="http", retries=2, backoff=0.01) as src:
+                with pytest.raises(PullError, match=r"x/y:latest: manifest: giving up after 3 attempts: .*HTTP 500"):
+                    await pull_bootstrap(src, "latest", tmp_path)
+            return front.count("/v2/x/y/manifests/")
+    assert run(main()) == 3
