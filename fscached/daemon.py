@@ -96,9 +96,17 @@ class Daemon:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
 
+    def counters(self) -> dict[str, int]:
+        """The daemon's counters plus each source's, as "source:<name>:<ok|failed|...>"."""
+        merged = dict(self.server.stats)
+        for chain in self.catalog.sources():
+            for key, value in chain.stats.items():
+                merged[f"source:{key}"] = merged.get(f"source:{key}", 0) + value
+        return merged
+
     def write_stats(self) -> None:
         if self.config.stats_file:
-            _write_atomic(self.config.stats_file, json.dumps(dict(self.server.stats), sort_keys=True) + "\n")
+            _write_atomic(self.config.stats_file, json.dumps(self.counters(), sort_keys=True) + "\n")
 
 
 async def pull_image_bootstrap(spec: ImageSpec, work_dir: Path) -> Path:
