@@ -147,14 +147,14 @@ def image_from_mapping(fields: dict[str, Any], where: str) -> ImageSpec:
     domain = fields.get("domain")
     registry = None
     repository = fields.get("registry")
-    if ref and not repository:
-        from fetcher.image_ref import parse_reference  # the one parser of image references
+    if ref:
+        from fetcher.image_ref import parse_image_ref  # the one parser of image references
 
         try:
-            host, repo, _ = parse_reference(ref)
+            parsed = parse_image_ref(ref)
         except ValueError as exc:
-            raise ConfigError(f"{where}: ref {ref!r}: {exc}") from None
-        repository = f"{host}/{repo}"
+            raise ConfigError(f"{where}: {exc}") from None
+        repository = repository or f"{parsed.host}/{parsed.repo}"
     if repository:
         host, repo = split_repository(where, str(repository))
         scheme = str(fields.get("scheme", "https"))

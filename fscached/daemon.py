@@ -111,6 +111,7 @@ class Daemon:
 
 async def pull_image_bootstrap(spec: ImageSpec, work_dir: Path) -> Path:
     """The bootstrap of a registry image, pulled (verified) into work_dir/bootstraps."""
+    from fetcher.image_ref import parse_image_ref
     from fetcher.pull import pull_bootstrap
     from fetcher.source import SourceError
 
@@ -119,7 +120,7 @@ async def pull_image_bootstrap(spec: ImageSpec, work_dir: Path) -> Path:
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     registry = registry_source(spec.registry)
     try:
-        pulled = await pull_bootstrap(registry, spec.ref, dest)
+        pulled = await pull_bootstrap(registry, parse_image_ref(spec.ref).reference, dest)
     except (SourceError, ValueError) as exc:
         raise CatalogError(f"image {spec.fsid}: cannot pull {spec.ref}: {exc}") from None
     finally:

@@ -59,3 +59,25 @@ def test_cli_reports_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["--cache-dir", str(tmp_path), "--image", f"fsid=x,bootstrap={tmp_path}/none.boot"]) == 1
     err = capsys.readouterr().err.strip()
     assert "bootstrap" in err and "not found" in err and "\n" not in err
+
+
+def test_registry_images_and_their_sources() -> None:
+    spec = parse_image_spec("fsid=app,ref=127.0.0.1:5000/team/app:v1,scheme=http,dragonfly=/run/df.sock,prefetch=all,prefetch_bandwidth=20M")
+    assert spec.bootstrap is None and spec.blobs is None
+    assert spec.registry is not None and (spec.registry.host, spec.registry.repo, spec.registry.scheme) == ("127.0.0.1:5000", "team/app", "http")
+    assert spec.dragonfly_socket == Path("/run/df.sock")
+    assert (spec.prefetch.mode, spec.prefetch.bandwidth) == ("all", 20 << 20)
+    with pytest.raises(ConfigError, match="Dragonfly peer fetches from a registry"):
+        parse_image_spec("fsid=a,bootstrap=/x.boot,blobs=/b,dragonfly=/run/df.sock")
+    with pytest.raises(ConfigError, match="prefetch must be"):
+        parse_image_spec("fsid=a,ref=h:1/r:t,prefetch=some")
+    with pytest.raises(ConfigError, match="invalid"):
+        parse_image_spec("fsid=a,ref=HOST:1/Bad Repo:t")
+
+
+def test_auth_is_never_in_the_spec_repr(tmp_path: Path) -> None:
+    secret = tmp_path / "auth"
+    secret.write_text("dXNlcjpzM2NyZXQ=\n")
+    spec = parse_image_spec(f"fsid=a,ref=reg.example:443/r:t,auth_file={secret}")
+    assert spec.registry is not None and spec.registry.auth == "dXNlcjpzM2NyZXQ="
+    assert "dXNlcjpzM2NyZXQ=" not in repr(spec)
