@@ -139,6 +139,11 @@ class RegistrySource:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    def _open(self, session: aiohttp.ClientSession, url: URL, headers: dict[str, str], blob_id: str):
+        """One blob GET (registry or storage URL), as an async context manager yielding the
+        response. A hook: the Dragonfly proxy source sends it through its proxy."""
+        return session.get(url, headers=headers, allow_redirects=False)
+
     def blob_url(self, blob_id: str) -> str:
         return f"{self.base}/v2/{self.repo}/blobs/sha256:{blob_id}"
 
@@ -210,7 +215,7 @@ class RegistrySource:
             where = f"{url.scheme}://{url.host}:{url.port}{url.path}"
             self.stats["requests"] += 1
             try:
-                async with session.get(url, headers=headers, allow_redirects=False) as resp:
+                async with self._open(session, url, headers, blob_id) as resp:
                     status = resp.status
                     if status in (200, 206):
                         data = await self._body(resp, blob_id, offset, length)

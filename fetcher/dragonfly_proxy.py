@@ -1,0 +1,232 @@
+"""Registry blob ranges through a Dragonfly peer's HTTP proxy (dfdaemon, port 4001), as nydusd does.
+
+The request is the registry's own ranged blob GET (same URL, Range and Authorization: the
+RegistrySource machinery builds it, handles auth challenges, redirects and the 206 checks),
+sent through the forward proxy with:
+
+- `X-Dragonfly-Use-P2P: true` so dfdaemon serves it through a P2P task;
+- `X-Dragonfly-Priority`: 6 for on-demand reads, 3 for prefetch (nydus's values);
+- `X-Dragonfly-Prefetch: true` on the first on-demand read of each blob, so the peer pulls
+  the whole blob in the background (small ranges are otherwise not shared between peers);
+- `X-Dragonfly-Registry: <https origin>` when `use_http` rewrote https to http for the proxy,
+  so the peer still goes back to the real origin over https.
+
+Failure policy (the fallback decision itself belongs to fetcher.chain.SourceChain): HTTP >= 500,
+429 (rate limited), 403 (blocked) and connection failures to the proxy raise SourceError at
+once (no retries by default) and mark the proxy unhealthy. A background task GETs `ping_url`
+every `check_interval` seconds (200..399 = healthy; without a ping_url an unhealthy mark just
+lapses after check_interval). A proxy answering 200 with the whole blob instead of 206 (older
+dfdaemon) still works: the range is cut out of the stream, logged once.
+
+Credentials (registry or proxy userinfo) never reach logs, names or messages.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from typing import Any, Mapping
+
+import aiohttp
+from yarl import URL
+
+from fetcher.registry import RegistrySource
+from fetcher.source import SourceError
+
+log = logging.getLogger("fscached.fetcher.dragonfly_proxy")
+
+PRIORITY_ON_DEMAND = 6
+PRIORITY_PREFETCH = 3
+
+# the prefetch flag of the read in progress (read() -> RegistrySource machinery -> _open)
+_PREFETCH: contextvars.ContextVar[bool] = contextvars.ContextVar("dragonfly_proxy_prefetch", default=False)
+
+
+def redact_url(url: str | URL) -> str:
+    """scheme://host:port/path: no userinfo, no query (signatures)."""
+    u = URL(str(url))
+    if not u.host:
+        return "<invalid url>"
+    port = f":{u.explicit_port}" if u.explicit_port else ""
+    path = u.path if u.path not in ("", "/") else ""
+    return f"{u.scheme}://{u.host}{port}{path}"
+
+
+class DragonflyProxySource(RegistrySource):
+    """BlobSource: a registry's blobs through a Dragonfly HTTP proxy."""
+
+    def __init__(
+        self,
+        registry: RegistrySource | Mapping[str, Any],
+        proxy_url: str,
+        ping_url: str | None = None,
+        check_interval: float = 5.0,
+        use_http: bool = False,
+        *,
+        retries: int = 0,
+        ping_timeout: float | None = None,
+    ) -> None:
+        """registry: a RegistrySource (its host, repo, scheme, TLS settings, timeouts and its
+        auth state, tokens included, are shared) or the keyword arguments of one."""
+        proxy = URL(proxy_url)
+        if proxy.scheme not in ("http", "https") or not proxy.host:
+            raise ValueError(f"proxy url must be http://host:port, not {redact_url(proxy_url)!r}")
+        if ping_url is not None:
+            ping = URL(ping_url)
+            if ping.scheme not in ("http", "https") or not ping.host:
+                raise ValueError(f"ping url must be an http(s) URL, not {redact_url(ping_url)!r}")
+        if check_interval < 0 or (ping_url is not None and check_interval <= 0):
+            raise ValueError("check_interval must be > 0 (>= 0 without a ping url)")
+        if isinstance(registry, RegistrySource):
+            super().__init__(registry.host, registry.repo, scheme=registry.scheme, ca_file=registry.ca_file,
+                             skip_verify=registry.skip_verify, retries=retries, backoff=registry.backoff,
+                             max_backoff=registry.max_backoff, max_retry_after=registry.max_retry_after,
+                             pool_size=registry.pool_size, redirect_ttl=registry.redirect_ttl)
+            self.timeout = registry.timeout
+            self._auth = registry._auth  # one token for direct and proxied requests
+            self._ssl = registry._ssl
+        else:
+            super().__init__(**{**dict(registry), "retries": retries})
+        self.registry_name = self.name
+        self.proxy_url = str(proxy)
+        self.ping_url = ping_url
+        self.check_interval = float(check_interval)
+        self.use_http = use_http
+        self.name = f"dragonfly proxy {redact_url(proxy)}"
+        self.ping_timeout = ping_timeout if ping_timeout is not None else max(0.5, min(5.0, self.check_interval))
+        self._healthy = True
+        self._last_unhealthy = ""
+        self._unhealthy_until = 0.0
+        self._health_task: asyncio.Task | None = None
+        self._prefetch_sent: set[str] = set()
+        self.stats.update({"proxy_errors": 0, "prefetch_hints": 0, "full_body": 0, "pings": 0})
+
+    def __repr__(self) -> str:
+        return (f"DragonflyProxySource({redact_url(self.proxy_url)} -> {self.base}/{self.repo}, "
+                f"auth={self._auth.scheme or 'anonymous'})")
+
+    # -- health ------------------------------------------------------------------------------
+    def healthy(self) -> bool:
+        """False after a proxy failure or a failed ping, until the next good ping (or, without
+        a ping url, until check_interval has passed)."""
+        self.start_health_checks()
+        if not self._healthy and self.ping_url is None and time.monotonic() >= self._unhealthy_until:
+            self._set_health(True, f"trying it again after {self.check_interval:g}s", quiet=True)
+        return self._healthy
+
+    def start_health_checks(self) -> None:
+        """Start the ping task (needs a running loop; read() and healthy() call this)."""
+        if self.ping_url is None or self._health_task is not None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._health_task = loop.create_task(self._health_loop(), name=f"{self.name} health")
+
+    def _set_health(self, ok: bool, why: str, quiet: bool = False) -> None:
+        """Log transitions; the same unhealthy reason again (a proxy that keeps failing after
+        each lapse or good ping) and lapses only at debug level."""
+        if ok == self._healthy:
+            return
+        self._healthy = ok
+        if ok:
+            log.log(logging.DEBUG if quiet else logging.INFO, "%s: healthy again (%s)", self.name, why)
+        else:
+            repeat = why == self._last_unhealthy
+            self._last_unhealthy = why
+            log.log(logging.DEBUG if repeat else logging.WARNING, "%s: unhealthy: %s", self.name, why)
+
+    def _mark_unhealthy(self, why: str) -> None:
+        self.stats["proxy_errors"] += 1
+        self._unhealthy_until = time.monotonic() + self.check_interval
+        self._set_health(False, why)
+
+    async def _health_loop(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.ping_timeout)
+        where = redact_url(self.ping_url)
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+            while True:
+                self.stats["pings"] += 1
+                try:
+                    async with session.get(self.ping_url, allow_redirects=False) as resp:
+                        ok = 200 <= resp.status < 400
+                        why = f"ping {where}: HTTP {resp.status}"
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    ok, why = False, f"ping {where}: {type(exc).__name__}"
+                self._set_health(ok, why)
+                await asyncio.sleep(self.check_interval)
+
+    # -- reads -------------------------------------------------------------------------------
+    async def read(self, blob_id: str, offset: int, length: int, *, prefetch: bool = False) -> bytes:
+        self.start_health_checks()
+        token = _PREFETCH.set(prefetch)
+        try:
+            return await super().read(blob_id, offset, length, prefetch=prefetch)
+        finally:
+            _PREFETCH.reset(token)
+
+    @contextlib.asynccontextmanager
+    async def _open(self, session: aiohttp.ClientSession, url: URL, headers: dict[str, str], blob_id: str):
+        prefetch = _PREFETCH.get()
+        headers = dict(headers)
+        headers["X-Dragonfly-Use-P2P"] = "true"
+        headers["X-Dragonfly-Priority"] = str(PRIORITY_PREFETCH if prefetch else PRIORITY_ON_DEMAND)
+        hint = not prefetch and blob_id not in self._prefetch_sent
+        if hint:
+            headers["X-Dragonfly-Prefetch"] = "true"
+            self._prefetch_sent.add(blob_id)  # concurrent first reads: only one carries the hint
+        target = url
+        if self.use_http and url.scheme == "https":
+            target = url.with_scheme("http")
+            headers["X-Dragonfly-Registry"] = str(url.origin())
+        proxy = redact_url(self.proxy_url)
+        delivered = False
+        try:
+            async with session.get(target, headers=headers, proxy=self.proxy_url,
+                                   allow_redirects=False) as resp:
+                status = resp.status
+                if status >= 500 or status in (429, 403):
+                    kind = resp.headers.get("X-Dragonfly-Error-Type")
+                    why = f"HTTP {status}" + (f" ({kind} error)" if kind else "")
+                    self._mark_unhealthy(why)
+                    raise SourceError(f"{self.name}: blob {blob_id}: {why}")
+                if hint:
+                    self.stats["prefetch_hints"] += 1
+                    if status not in (200, 206) and status not in (301, 302, 303, 307, 308):
+                        self._prefetch_sent.discard(blob_id)
+                delivered = True
+                yield resp
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            if delivered:
+                raise
+            if hint:
+                self._prefetch_sent.discard(blob_id)
+            why = f"cannot reach the proxy {proxy}: {type(exc).__name__}"
+            self._mark_unhealthy(why)
+            raise SourceError(f"{self.name}: blob {blob_id}: {why}") from None
+        except SourceError:
+            if hint and not delivered:
+                self._prefetch_sent.discard(blob_id)
+            raise
+
+    async def _body(self, resp: aiohttp.ClientResponse, blob_id: str, offset: int, length: int) -> bytes:
+        if resp.status == 200:
+            self.stats["full_body"] += 1
+            if not self._warned_full_body:
+                self._warned_full_body = True  # also silences the registry's own message
+                log.warning("%s answers ranged GETs with HTTP 200 and the whole blob instead of 206 "
+                            "(an older dfdaemon?); cutting the range out of the stream (logged once)",
+                            self.name)
+        return await super()._body(resp, blob_id, offset, length)
+
+    async def close(self) -> None:
+        task, self._health_task = self._health_task, None
+        self._closed = True
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await super().close()
