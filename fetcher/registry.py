@@ -106,6 +106,35 @@ class RegistrySource:
     def __repr__(self) -> str:
         return f"RegistrySource({self.base}/{self.repo}, auth={self._auth.scheme or 'anonymous'})"
 
+    # -- credentials for helpers that fetch on our behalf ------------------------------------
+    _auth_probed = False
+
+    async def auth_headers(self) -> dict[str, str]:
+        """The Authorization header for this repository's blobs, for a helper that fetches them
+        on our behalf (a Dragonfly peer going back to source); {} when anonymous access works.
+        The first call learns the registry's scheme with one GET /v2/ (fetching a token for a
+        Bearer registry); expired tokens are renewed. Raises SourceError."""
+        session = self._get_session()
+        try:
+            if self._auth.scheme is None and not self._auth_probed:
+                url = f"{self.base}/v2/"
+                try:
+                    async with session.get(url, allow_redirects=False) as resp:
+                        status, challenge = resp.status, resp.headers.get("WWW-Authenticate")
+                except aiohttp.ClientSSLError as exc:
+                    raise SourceError(f"registry {self.base}: TLS error: {exc}") from None
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    raise SourceError(f"registry {self.base}: cannot reach {url}: {type(exc).__name__}") from None
+                if status == 401:
+                    await self._auth.on_unauthorized(challenge, None, session, self.timeout)
+                self._auth_probed = True
+            elif self._auth.needs_refresh():
+                await self._auth.refresh(session, self.timeout)
+        except TransientAuthError as exc:
+            raise SourceError(f"registry {self.base}: {exc}") from None
+        value = self._auth.header()
+        return {"Authorization": value} if value else {}
+
     # -- plumbing ----------------------------------------------------------------------------
     def _ssl_context(self) -> ssl.SSLContext:
         try:

@@ -1,0 +1,303 @@
+"""Blob bytes through the local Dragonfly v2 peer (dfdaemon) over its gRPC unix socket.
+
+`DownloadTask` with `need_piece_content = true`: dfdaemon answers a range with a started
+message, then WHOLE pieces (4 MiB or larger) in completion order, each carrying its bytes and a
+`crc32:<decimal>` digest. We cut the wanted range out of them by piece.offset, check every
+piece's CRC-32, and insist on full coverage of the range.
+
+Task identity: dfdaemon hashes url + tag + application (+ piece_length) into the task id; the
+range is not part of it. So every range of a blob is asked for with the SAME url
+(`url_for(blob_id)`), and all readers of a blob anywhere in the cluster join one P2P task.
+
+Prefetch: the first on-demand read of each blob sets `prefetch = true`, which makes dfdaemon
+pull the whole task in the background (since dfdaemon 1.4.9 small ranges are otherwise served
+from local pieces or straight from the origin, so cluster sharing comes from that prefetch).
+Later reads send `prefetch = false`. A failed first read leaves the flag for the next one.
+
+Priority (common.v2.Priority): LEVEL1 forbids the download and LEVEL2 forbids going back to
+source for a task the cluster has never seen, so neither is usable here. LEVEL3..LEVEL6 all
+allow back-to-source and differ in which peer the scheduler lets fetch from the origin first
+(normal, weak, strong, super/seed peer). On-demand reads block a process in the kernel, so
+they use LEVEL6 (dfdaemon's own default; the seed peers go back to source, then everyone shares
+from them); background prefetch reads use LEVEL3 (this peer may go to the origin itself).
+These are the values nydus sends in proxy mode (6 on-demand, 3 prefetch).
+
+Errors all become SourceError naming the socket, blob and range: an origin failure comes back
+from dfdaemon as INTERNAL with JSON `{message, header, status_code}` in the
+`grpc-status-details-bin` trailer (tonic's Status::with_details); its status code and message
+are put in the error text. No retries here: the caller decides (e.g. fall back to the registry).
+
+We always read a stream to its end, even once the range is covered: cancelling a DownloadTask
+stream makes dfdaemon's sender fail, which it treats as a failed download.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import zlib
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+import grpc
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
+from google.protobuf import duration_pb2
+
+from fetcher.source import SourceError, check_blob_id
+
+if TYPE_CHECKING:
+    from fetcher.registry import RegistrySource
+
+log = logging.getLogger("fscached.fetcher.dragonfly")
+
+DEFAULT_SOCKET = "/var/run/dragonfly/dfdaemon.sock"
+PRIORITY_ONDEMAND = common_pb2.LEVEL6
+PRIORITY_PREFETCH = common_pb2.LEVEL3
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),  # pieces are >= 4 MiB: the 4 MiB default fails
+    ("grpc.max_send_message_length", -1),
+]
+_HEADER_NAMES_NOT_SENT = {"range", "host", "content-length"}
+
+
+class DragonflyGrpcSource:
+    """BlobSource reading through the local dfdaemon's DfdaemonDownload.DownloadTask."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        url_for: Callable[[str], str],
+        headers: Callable[[], Awaitable[dict[str, str]]] | None = None,
+        *,
+        tag: str = "",
+        application: str = "fscached",
+        piece_length: int | None = None,
+        timeout: float = 60.0,
+        priority_ondemand: int = PRIORITY_ONDEMAND,
+        priority_prefetch: int = PRIORITY_PREFETCH,
+        filtered_query_params: list[str] | None = None,
+    ) -> None:
+        if socket_path.startswith("unix:"):
+            socket_path = socket_path[len("unix:"):]
+        if not socket_path:
+            raise ValueError("socket_path is empty")
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        if piece_length is not None and piece_length <= 0:
+            raise ValueError("piece_length must be > 0")
+        for p in (priority_ondemand, priority_prefetch):
+            if p not in common_pb2.Priority.values():
+                raise ValueError(f"priority must be a common.v2.Priority level 0..6, not {p!r}")
+        self.socket_path = socket_path
+        self.name = f"dragonfly {socket_path}"
+        self.url_for = url_for
+        self.headers = headers
+        self.tag = tag
+        self.application = application
+        self.piece_length = piece_length
+        self.timeout = timeout
+        self.priority_ondemand = priority_ondemand
+        self.priority_prefetch = priority_prefetch
+        self.filtered_query_params = list(filtered_query_params or [])
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: dfdaemon_pb2_grpc.DfdaemonDownloadStub | None = None
+        self._prefetch_asked: set[str] = set()
+        self._closed = False
+        self.stats = {"requests": 0, "pieces": 0, "bytes_received": 0, "errors": 0}
+
+    def __repr__(self) -> str:
+        return f"DragonflyGrpcSource(unix:{self.socket_path}, application={self.application!r})"
+
+    def _get_stub(self) -> dfdaemon_pb2_grpc.DfdaemonDownloadStub:
+        if self._closed:
+            raise SourceError(f"{self.name}: source is closed")
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}", options=_CHANNEL_OPTIONS)
+            self._stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    async def __aenter__(self) -> "DragonflyGrpcSource":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- the BlobSource method ---------------------------------------------------------------
+    async def read(self, blob_id: str, offset: int, length: int, *, prefetch: bool = False) -> bytes:
+        check_blob_id(blob_id)
+        if offset < 0 or length < 0:
+            raise SourceError(f"{self.name}: blob {blob_id}: invalid range offset={offset} length={length}")
+        if length == 0:
+            return b""
+        what = f"{self.name}: blob {blob_id} [{offset}+{length}]"
+        stub = self._get_stub()
+        url = self.url_for(blob_id)
+        request_header: dict[str, str] = {}
+        if self.headers is not None:
+            try:
+                got = await self.headers()
+            except SourceError as exc:
+                raise SourceError(f"{what}: cannot get origin credentials: {exc}") from None
+            request_header = {k: v for k, v in got.items() if k.lower() not in _HEADER_NAMES_NOT_SENT}
+        ask_prefetch = not prefetch and blob_id not in self._prefetch_asked
+        if ask_prefetch:
+            self._prefetch_asked.add(blob_id)  # concurrent first reads: only one asks
+        download = common_pb2.Download(
+            url=url,
+            type=common_pb2.STANDARD,
+            application=self.application,
+            priority=self.priority_prefetch if prefetch else self.priority_ondemand,
+            range=common_pb2.Range(start=offset, length=length),
+            request_header=request_header,
+            need_piece_content=True,
+            prefetch=ask_prefetch,
+            filtered_query_params=self.filtered_query_params,
+            timeout=duration_pb2.Duration(seconds=int(self.timeout), nanos=int((self.timeout % 1) * 1e9)),
+        )
+        if self.tag:
+            download.tag = self.tag
+        if self.piece_length is not None:
+            download.piece_length = self.piece_length
+        self.stats["requests"] += 1
+        started = time.monotonic()
+        try:
+            data = await self._download(stub, download, what, offset, length)
+        except BaseException:
+            self.stats["errors"] += 1
+            if ask_prefetch:
+                self._prefetch_asked.discard(blob_id)
+            raise
+        log.debug("%s: %d bytes in %.3fs%s", what, length, time.monotonic() - started,
+                  " (asked dfdaemon to prefetch the blob)" if ask_prefetch else "")
+        return data
+
+    async def _download(self, stub, download, what: str, offset: int, length: int) -> bytes:
+        end = offset + length
+        buf = bytearray(length)
+        covered: list[tuple[int, int]] = []
+        seen: set[int] = set()
+        got_started = False
+        call = stub.DownloadTask(dfdaemon_pb2.DownloadTaskRequest(download=download), timeout=self.timeout)
+        try:
+            async for resp in call:
+                kind = resp.WhichOneof("response")
+                if kind == "download_task_started_response":
+                    got_started = True
+                    total = resp.download_task_started_response.content_length
+                    if end > total:
+                        raise SourceError(f"{what}: read past end: the blob has {total} bytes")
+                    continue
+                if kind != "download_piece_finished_response":
+                    continue
+                piece = resp.download_piece_finished_response.piece
+                self._take_piece(piece, what, offset, end, buf, covered, seen)
+        except grpc.aio.AioRpcError as exc:
+            raise self._rpc_error(exc, what) from None
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        except SourceError:
+            call.cancel()
+            raise
+        if not got_started:
+            raise SourceError(f"{what}: dfdaemon ended the stream without a started message")
+        missing = _gaps(covered, offset, end)
+        if missing:
+            holes = ", ".join(f"{a}-{b}" for a, b in missing[:4])
+            raise SourceError(f"{what}: dfdaemon's pieces do not cover the range (missing bytes {holes}"
+                              f"{', ...' if len(missing) > 4 else ''})")
+        return bytes(buf)
+
+    def _take_piece(self, piece, what: str, offset: int, end: int, buf: bytearray,
+                    covered: list[tuple[int, int]], seen: set[int]) -> None:
+        name = f"piece {piece.number} (bytes {piece.offset}+{piece.length})"
+        if not piece.HasField("content"):
+            raise SourceError(f"{what}: {name} came without content (need_piece_content ignored?)")
+        content = piece.content
+        if len(content) != piece.length:
+            raise SourceError(f"{what}: {name} carries {len(content)} bytes, not {piece.length}")
+        algo, _, value = piece.digest.partition(":")
+        if algo.lower() != "crc32" or not value:
+            raise SourceError(f"{what}: {name} has a digest {piece.digest[:80]!r} that is not crc32:<decimal>")
+        try:
+            expected = int(value)
+        except ValueError:
+            raise SourceError(f"{what}: {name} has a malformed digest {piece.digest[:80]!r}") from None
+        actual = zlib.crc32(content)
+        if actual != expected:
+            raise SourceError(f"{what}: {name} failed its digest: crc32 {actual}, dfdaemon said {expected}")
+        self.stats["pieces"] += 1
+        self.stats["bytes_received"] += len(content)
+        if piece.number in seen:
+            return
+        seen.add(piece.number)
+        lo, hi = max(offset, piece.offset), min(end, piece.offset + piece.length)
+        if lo >= hi:
+            return  # a piece outside the range: harmless
+        buf[lo - offset:hi - offset] = content[lo - piece.offset:hi - piece.offset]
+        covered.append((lo, hi))
+
+    def _rpc_error(self, exc: grpc.aio.AioRpcError, what: str) -> SourceError:
+        code = exc.code()
+        details = (exc.details() or "").strip()
+        origin = _origin_details(exc)
+        if origin is not None:
+            status = origin.get("status_code")
+            message = str(origin.get("message") or details)[:500]
+            if status:
+                return SourceError(f"{what}: origin answered HTTP {status} (via dfdaemon): {message}")
+            return SourceError(f"{what}: dfdaemon could not fetch from the origin: {message}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return SourceError(f"{what}: dfdaemon timed out after {self.timeout:g}s")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return SourceError(f"{what}: dfdaemon is overloaded / rate limiting (RESOURCE_EXHAUSTED): {details}")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return SourceError(f"{what}: dfdaemon unavailable (UNAVAILABLE): {details}")
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return SourceError(f"{what}: dfdaemon refused the download (PERMISSION_DENIED): {details}")
+        return SourceError(f"{what}: dfdaemon answered {code.name}: {details[:500]}")
+
+
+def _origin_details(exc: grpc.aio.AioRpcError) -> dict | None:
+    """dfdaemon's backend error: JSON {message, header, status_code} in grpc-status-details-bin."""
+    try:
+        trailers = exc.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001
+        return None
+    for key, value in trailers:
+        if key != "grpc-status-details-bin":
+            continue
+        if isinstance(value, str):
+            value = value.encode("latin-1", "replace")
+        try:
+            parsed = json.loads(value)
+        except (ValueError, UnicodeDecodeError):
+            return None  # some other encoding (e.g. a google.rpc.Status): keep the plain message
+        return parsed if isinstance(parsed, dict) else None
+    return None
+
+
+def _gaps(covered: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    gaps, pos = [], start
+    for lo, hi in sorted(covered):
+        if lo > pos:
+            gaps.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < end:
+        gaps.append((pos, end))
+    return gaps
+
+
+def dragonfly_for_registry(registry: "RegistrySource", socket_path: str = DEFAULT_SOCKET,
+                           **kw) -> DragonflyGrpcSource:
+    """A DragonflyGrpcSource for the blobs of `registry`: the registry's own blob URLs (so the
+    task id is the one every peer pulling that blob uses) and its Authorization, which dfdaemon
+    sends to the registry when it goes back to source."""
+    return DragonflyGrpcSource(socket_path, registry.blob_url, registry.auth_headers, **kw)
