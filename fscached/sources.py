@@ -21,10 +21,9 @@ def build_chain(spec: ImageSpec) -> SourceChain:
     if spec.registry is not None:
         registry = registry_source(spec.registry)
         if spec.dragonfly_socket is not None:
-            from fetcher.dragonfly_grpc import DragonflyGrpcSource, registry_headers
+            from fetcher.dragonfly_grpc import dragonfly_for_registry
 
-            sources.append(DragonflyGrpcSource(str(spec.dragonfly_socket), registry.blob_url,
-                                               registry_headers(registry)))
+            sources.append(dragonfly_for_registry(registry, str(spec.dragonfly_socket)))
         if spec.proxy is not None:
             from fetcher.dragonfly_proxy import DragonflyProxySource
 

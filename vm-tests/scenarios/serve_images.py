@@ -80,6 +80,7 @@ def walk(root: Path) -> dict[str, Path]:
 
 class DaemonProcess:
     def __init__(self, images: list[dict[str, Any]], work: Path) -> None:
+        work.mkdir(parents=True, exist_ok=True)
         self.stats_file = work / "stats.json"
         self.ready_file = work / "ready"
         self.log_path = work / "daemon.log"
