@@ -207,6 +207,14 @@ class DragonflyProxySource(RegistrySource):
             why = f"cannot reach the proxy {proxy}: {type(exc).__name__}"
             self._mark_unhealthy(why)
             raise SourceError(f"{self.name}: blob {blob_id}: {why}") from None
+        except aiohttp.ClientHttpProxyError as exc:  # https origin: the proxy refused the CONNECT
+            if delivered:
+                raise
+            if hint:
+                self._prefetch_sent.discard(blob_id)
+            why = f"the proxy {proxy} refused the CONNECT tunnel: HTTP {exc.status}"
+            self._mark_unhealthy(why)
+            raise SourceError(f"{self.name}: blob {blob_id}: {why}") from None
         except SourceError:
             if hint and not delivered:
                 self._prefetch_sent.discard(blob_id)

@@ -202,6 +202,24 @@ def test_use_http_rewrites_https_and_names_the_registry(tls_registry):
     run(main())
 
 
+def test_https_without_use_http_needs_connect(tls_registry):
+    """An https registry without use_http tunnels through CONNECT; a proxy refusing it is a
+    proxy failure (unhealthy, no retries), not a registry error."""
+    digest = tls_registry.push_blob(REPO, b"tunnelled" * 100)
+    ca = str(tls_registry.tls[0])
+
+    async def main():
+        async with ProxyStandIn() as proxy:
+            reg = RegistrySource(tls_registry.host, REPO, scheme="https", ca_file=ca)
+            async with DragonflyProxySource(reg, proxy.url, retries=2) as src:
+                with pytest.raises(SourceError, match=r"refused the CONNECT tunnel: HTTP 4\d\d"):
+                    await src.read(digest, 0, 10)
+                assert not src.healthy()
+            await reg.close()
+            assert proxy.blob_requests() == []  # the stand-in answers CONNECT with a 4xx
+    run(main())
+
+
 def test_bad_config_is_refused(registry):
     cfg = {"host": registry.host, "repo": REPO, "scheme": "http"}
     with pytest.raises(ValueError):

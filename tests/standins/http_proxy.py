@@ -4,7 +4,7 @@
         ... DragonflyProxySource(reg, proxy.url, ping_url=proxy.ping_url) ...
         proxy.requests[-1].dragonfly              # the X-Dragonfly-* headers it got
 
-A forward proxy: absolute-URI GETs are forwarded to the origin (the real registry in tests)
+A forward proxy (no CONNECT: tunnels get a 4xx): absolute-URI GETs are forwarded to the origin (the real registry in tests)
 keeping Range and Authorization, without following redirects; the answer comes back as the
 origin gave it (206 with Content-Range for ranges) plus an X-Dragonfly-Task-ID. With
 X-Dragonfly-Registry the request goes to that origin (what use_http needs: the client sent
