@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: registry_server
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: registry_server, standins
 
 from registry_server import (TEST_PASSWORD, TEST_USER, RegistryServer,  # noqa: E402
                              make_self_signed_cert, registry_available)
