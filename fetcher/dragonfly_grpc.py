@@ -29,14 +29,25 @@ are put in the error text. No retries here: the caller decides (e.g. fall back t
 
 We always read a stream to its end, even once the range is covered: cancelling a DownloadTask
 stream makes dfdaemon's sender fail, which it treats as a failed download.
+
+Piece cache: dfdaemon answers any range with the WHOLE pieces around it (4 MiB or more), so a
+reader going through a blob in 1 MiB windows would otherwise receive every piece four times
+over. The verified pieces a response delivers are kept in a small per-source LRU cache
+(`piece_cache_bytes`, 32 MiB by default, 0 turns it off; bounded by the bytes held, a piece
+larger than the whole limit is not kept), keyed by the blob's task url, piece offset and length.
+A range covered entirely by cached pieces is served without an RPC; a range covered in part asks
+dfdaemon only for the span from its first to its last missing byte. A read served from the cache
+is not an RPC: it neither uses up nor triggers the first-read prefetch flag.
 """
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import time
 import zlib
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 import grpc
@@ -58,6 +69,76 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
 ]
 _HEADER_NAMES_NOT_SENT = {"range", "host", "content-length"}
+DEFAULT_PIECE_CACHE_BYTES = 32 << 20
+
+
+class PieceCache:
+    """Whole, crc32-verified pieces of a few tasks; LRU, bounded by the bytes held.
+
+    Keys are (url, piece offset, piece length); per url a sorted list of piece offsets finds the
+    pieces around a range. Pieces of one url do not overlap (a task has one piece length), so a
+    piece replacing one at the same offset drops the old one."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError("piece cache size must be >= 0")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._lru: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._offsets: dict[str, list[int]] = {}       # url -> sorted piece offsets
+        self._lengths: dict[str, dict[int, int]] = {}  # url -> piece offset -> length
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def put(self, url: str, offset: int, data: bytes) -> None:
+        length = len(data)
+        if length == 0 or length > self.max_bytes:
+            return
+        old = self._lengths.get(url, {}).get(offset)
+        if old == length:
+            self._lru.move_to_end((url, offset, length))
+            return
+        if old is not None:
+            self._drop(url, offset, old)
+        while self.bytes + length > self.max_bytes:
+            (u, o, n) = next(iter(self._lru))
+            self._drop(u, o, n)
+        self._lengths.setdefault(url, {})[offset] = length
+        bisect.insort(self._offsets.setdefault(url, []), offset)
+        self._lru[(url, offset, length)] = data
+        self.bytes += length
+
+    def _drop(self, url: str, offset: int, length: int) -> None:
+        data = self._lru.pop((url, offset, length))
+        self.bytes -= len(data)
+        offsets = self._offsets[url]
+        del offsets[bisect.bisect_left(offsets, offset)]
+        del self._lengths[url][offset]
+        if not offsets:
+            del self._offsets[url]
+            del self._lengths[url]
+
+    def copy_into(self, url: str, start: int, end: int, buf: bytearray) -> list[tuple[int, int]]:
+        """Copy the cached bytes of [start, end) of `url` into buf (buf[0] is byte `start`);
+        returns the spans copied. The pieces used become the most recently used."""
+        offsets = self._offsets.get(url)
+        if not offsets:
+            return []
+        lengths = self._lengths[url]
+        covered: list[tuple[int, int]] = []
+        i = max(bisect.bisect_right(offsets, start) - 1, 0)
+        while i < len(offsets) and offsets[i] < end:
+            off = offsets[i]
+            n = lengths[off]
+            lo, hi = max(start, off), min(end, off + n)
+            if lo < hi:
+                data = self._lru[(url, off, n)]
+                self._lru.move_to_end((url, off, n))
+                buf[lo - start:hi - start] = memoryview(data)[lo - off:hi - off]
+                covered.append((lo, hi))
+            i += 1
+        return covered
 
 
 class DragonflyGrpcSource:
@@ -76,6 +157,7 @@ class DragonflyGrpcSource:
         priority_ondemand: int = PRIORITY_ONDEMAND,
         priority_prefetch: int = PRIORITY_PREFETCH,
         filtered_query_params: list[str] | None = None,
+        piece_cache_bytes: int = DEFAULT_PIECE_CACHE_BYTES,
     ) -> None:
         if socket_path.startswith("unix:"):
             socket_path = socket_path[len("unix:"):]
@@ -85,6 +167,8 @@ class DragonflyGrpcSource:
             raise ValueError("timeout must be > 0")
         if piece_length is not None and piece_length <= 0:
             raise ValueError("piece_length must be > 0")
+        if piece_cache_bytes < 0:
+            raise ValueError("piece_cache_bytes must be >= 0")
         for p in (priority_ondemand, priority_prefetch):
             if p not in common_pb2.Priority.values():
                 raise ValueError(f"priority must be a common.v2.Priority level 0..6, not {p!r}")
@@ -103,7 +187,9 @@ class DragonflyGrpcSource:
         self._stub: dfdaemon_pb2_grpc.DfdaemonDownloadStub | None = None
         self._prefetch_asked: set[str] = set()
         self._closed = False
-        self.stats = {"requests": 0, "pieces": 0, "bytes_received": 0, "errors": 0}
+        self.piece_cache = PieceCache(piece_cache_bytes)
+        self.stats = {"requests": 0, "pieces": 0, "bytes_received": 0, "errors": 0,
+                      "piece_cache_hits": 0, "piece_cache_misses": 0}
 
     def __repr__(self) -> str:
         return f"DragonflyGrpcSource(unix:{self.socket_path}, application={self.application!r})"
@@ -139,6 +225,15 @@ class DragonflyGrpcSource:
         what = f"{self.name}: blob {blob_id} [{offset}+{length}]"
         stub = self._get_stub()
         url = self.url_for(blob_id)
+        end = offset + length
+        buf = bytearray(length)
+        covered = self.piece_cache.copy_into(url, offset, end, buf)
+        missing = _gaps(covered, offset, end)
+        if not missing:
+            self.stats["piece_cache_hits"] += 1
+            log.debug("%s: from cached pieces", what)
+            return bytes(buf)
+        self.stats["piece_cache_misses"] += 1
         request_header: dict[str, str] = {}
         if self.headers is not None:
             try:
@@ -146,6 +241,9 @@ class DragonflyGrpcSource:
             except SourceError as exc:
                 raise SourceError(f"{what}: cannot get origin credentials: {exc}") from None
             request_header = {k: v for k, v in got.items() if k.lower() not in _HEADER_NAMES_NOT_SENT}
+        # ask only for the span from the first to the last missing byte; dfdaemon answers with
+        # the whole pieces around it, which fill the cache for the next reads
+        ask_start, ask_end = missing[0][0], missing[-1][1]
         ask_prefetch = not prefetch and blob_id not in self._prefetch_asked
         if ask_prefetch:
             self._prefetch_asked.add(blob_id)  # concurrent first reads: only one asks
@@ -154,7 +252,7 @@ class DragonflyGrpcSource:
             type=common_pb2.STANDARD,
             application=self.application,
             priority=self.priority_prefetch if prefetch else self.priority_ondemand,
-            range=common_pb2.Range(start=offset, length=length),
+            range=common_pb2.Range(start=ask_start, length=ask_end - ask_start),
             request_header=request_header,
             need_piece_content=True,
             prefetch=ask_prefetch,
@@ -168,20 +266,22 @@ class DragonflyGrpcSource:
         self.stats["requests"] += 1
         started = time.monotonic()
         try:
-            data = await self._download(stub, download, what, offset, length)
+            await self._download(stub, download, what, url, offset, buf, covered)
         except BaseException:
             self.stats["errors"] += 1
             if ask_prefetch:
                 self._prefetch_asked.discard(blob_id)
             raise
-        log.debug("%s: %d bytes in %.3fs%s", what, length, time.monotonic() - started,
-                  " (asked dfdaemon to prefetch the blob)" if ask_prefetch else "")
-        return data
+        log.debug("%s: %d bytes (%d asked for) in %.3fs%s", what, length, ask_end - ask_start,
+                  time.monotonic() - started, " (asked dfdaemon to prefetch the blob)" if ask_prefetch else "")
+        return bytes(buf)
 
-    async def _download(self, stub, download, what: str, offset: int, length: int) -> bytes:
-        end = offset + length
-        buf = bytearray(length)
-        covered: list[tuple[int, int]] = []
+    async def _download(self, stub, download, what: str, url: str, offset: int, buf: bytearray,
+                        covered: list[tuple[int, int]]) -> None:
+        """Fill buf (the range [offset, offset + len(buf))) from one DownloadTask stream; `covered`
+        lists the spans already filled (from the cache) and grows with every piece."""
+        end = offset + len(buf)
+        ask_end = download.range.start + download.range.length
         seen: set[int] = set()
         got_started = False
         call = stub.DownloadTask(dfdaemon_pb2.DownloadTaskRequest(download=download), timeout=self.timeout)
@@ -191,13 +291,13 @@ class DragonflyGrpcSource:
                 if kind == "download_task_started_response":
                     got_started = True
                     total = resp.download_task_started_response.content_length
-                    if end > total:
+                    if ask_end > total:
                         raise SourceError(f"{what}: read past end: the blob has {total} bytes")
                     continue
                 if kind != "download_piece_finished_response":
                     continue
                 piece = resp.download_piece_finished_response.piece
-                self._take_piece(piece, what, offset, end, buf, covered, seen)
+                self._take_piece(piece, what, url, offset, end, buf, covered, seen)
         except grpc.aio.AioRpcError as exc:
             raise self._rpc_error(exc, what) from None
         except asyncio.CancelledError:
@@ -213,9 +313,8 @@ class DragonflyGrpcSource:
             holes = ", ".join(f"{a}-{b}" for a, b in missing[:4])
             raise SourceError(f"{what}: dfdaemon's pieces do not cover the range (missing bytes {holes}"
                               f"{', ...' if len(missing) > 4 else ''})")
-        return bytes(buf)
 
-    def _take_piece(self, piece, what: str, offset: int, end: int, buf: bytearray,
+    def _take_piece(self, piece, what: str, url: str, offset: int, end: int, buf: bytearray,
                     covered: list[tuple[int, int]], seen: set[int]) -> None:
         name = f"piece {piece.number} (bytes {piece.offset}+{piece.length})"
         if not piece.HasField("content"):
@@ -238,10 +337,11 @@ class DragonflyGrpcSource:
         if piece.number in seen:
             return
         seen.add(piece.number)
+        self.piece_cache.put(url, piece.offset, content)  # verified: kept for the next ranges
         lo, hi = max(offset, piece.offset), min(end, piece.offset + piece.length)
         if lo >= hi:
             return  # a piece outside the range: harmless
-        buf[lo - offset:hi - offset] = content[lo - piece.offset:hi - piece.offset]
+        buf[lo - offset:hi - offset] = memoryview(content)[lo - piece.offset:hi - piece.offset]
         covered.append((lo, hi))
 
     def _rpc_error(self, exc: grpc.aio.AioRpcError, what: str) -> SourceError:

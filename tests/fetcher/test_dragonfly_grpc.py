@@ -3,6 +3,7 @@ from a real docker-registry on 127.0.0.1."""
 import asyncio
 import hashlib
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from dragonfly_api import common_pb2  # noqa: E402
 from registry_server import TEST_PASSWORD as PASSWORD, TEST_USER as USER  # noqa: E402
 from standins.dfdaemon import Faults, start_standin, task_id_for  # noqa: E402
 
-from fetcher.dragonfly_grpc import DragonflyGrpcSource, dragonfly_for_registry  # noqa: E402
+from fetcher.dragonfly_grpc import DragonflyGrpcSource, PieceCache, dragonfly_for_registry  # noqa: E402
 from fetcher.registry import RegistrySource  # noqa: E402
 from fetcher.source import BlobSource, SourceError  # noqa: E402
 
@@ -90,11 +91,12 @@ def test_ranged_reads_return_exact_bytes(standin, registry, blob):
 
 
 def test_one_url_one_task_prefetch_first_only_and_priorities(standin, registry, blob, blob2):
+    """What each RPC carries; the piece cache is off so that every read is an RPC."""
     digest, data = blob
     digest2, data2 = blob2
 
     async def main():
-        async with source(standin, registry) as src:
+        async with source(standin, registry, piece_cache_bytes=0) as src:
             assert await src.read(digest, 100, 1000) == data[100:1100]
             assert await src.read(digest, 5 * MiB, 4 * MiB) == data[5 * MiB:9 * MiB]
             assert await src.read(digest, 9 * MiB, 100, prefetch=True) == data[9 * MiB:9 * MiB + 100]
@@ -138,7 +140,7 @@ def test_failed_first_read_asks_for_prefetch_again(standin, registry, blob):
     standin.faults = Faults(resource_exhausted=1)
 
     async def main():
-        async with source(standin, registry) as src:
+        async with source(standin, registry, piece_cache_bytes=0) as src:
             with pytest.raises(SourceError):
                 await src.read(digest, 0, 10)
             assert await src.read(digest, 0, 10) == data[:10]
@@ -162,6 +164,142 @@ def test_second_range_is_served_from_the_peers_pieces(sockdir, registry, blob):
                 assert standin.origin_fetch_count(tid) == 3
                 assert set(standin.origin_fetches.values()) == {1}
         run(main())
+
+
+def test_range_inside_a_delivered_piece_makes_no_rpc(standin, registry, blob):
+    digest, data = blob
+
+    async def main():
+        async with source(standin, registry) as src:
+            assert await src.read(digest, 100, 1000) == data[100:1100]  # piece 0 arrives whole
+            assert len(standin.requests) == 1
+            for off, n in [(0, 1), (1 * MiB, MiB), (2 * MiB, MiB), (PIECE - 7, 7), (0, PIECE), (12345, 678)]:
+                assert await src.read(digest, off, n) == data[off:off + n], (off, n)
+            assert len(standin.requests) == 1  # the stand-in saw no new request
+            assert src.stats["piece_cache_hits"] == 6 and src.stats["piece_cache_misses"] == 1
+            assert src.stats["requests"] == 1
+            # sequential 1 MiB windows over the whole blob: one RPC per piece, not per window
+            got = b"".join([await src.read(digest, off, min(MiB, len(data) - off))
+                            for off in range(0, len(data), MiB)])
+            assert got == data
+            assert len(standin.requests) == 3
+            assert [r["range"][0] for r in standin.requests[1:]] == [PIECE, 2 * PIECE]
+    run(main())
+
+
+def test_partly_cached_range_asks_only_for_the_missing_span(standin, registry, blob):
+    digest, data = blob
+
+    async def main():
+        async with source(standin, registry) as src:
+            assert await src.read(digest, 10, 10) == data[10:20]  # piece 0
+            assert await src.read(digest, PIECE - 100, 200) == data[PIECE - 100:PIECE + 100]
+            assert standin.requests[-1]["range"] == (PIECE, 100)  # piece 0's part came from the cache
+            assert await src.read(digest, PIECE - 100, len(data) - PIECE + 100) == data[PIECE - 100:]
+            assert standin.requests[-1]["range"] == (2 * PIECE, len(data) - 2 * PIECE)
+            assert await src.read(digest, 0, len(data)) == data
+            assert len(standin.requests) == 3
+    run(main())
+
+
+def test_cached_reads_keep_the_first_rpc_read_prefetch_rule(standin, registry, blob, blob2):
+    digest, data = blob
+    digest2, data2 = blob2
+
+    async def main():
+        async with source(standin, registry) as src:
+            # a background read first: piece 0 cached, no prefetch asked
+            assert await src.read(digest, 0, 10, prefetch=True) == data[:10]
+            # an on-demand read from the cache is no RPC: it does not use up the flag...
+            assert await src.read(digest, 100, 10) == data[100:110]
+            # ...so the first on-demand RPC still asks for the prefetch, and only that one
+            assert await src.read(digest, PIECE, 10) == data[PIECE:PIECE + 10]
+            assert await src.read(digest, 2 * PIECE, 10) == data[2 * PIECE:2 * PIECE + 10]
+            # on-demand first: the flag goes with it, cached reads change nothing
+            assert await src.read(digest2, 0, 10) == data2[:10]
+            assert await src.read(digest2, 20, 10) == data2[20:30]
+            assert await src.read(digest2, PIECE, 10) == data2[PIECE:PIECE + 10]
+    run(main())
+    url, url2 = registry.blob_url(REPO, digest), registry.blob_url(REPO, digest2)
+    assert [(r["range"], r["prefetch"]) for r in standin.requests if r["url"] == url] == [
+        ((0, 10), False), ((PIECE, 10), True), ((2 * PIECE, 10), False)]
+    assert [(r["range"], r["prefetch"]) for r in standin.requests if r["url"] == url2] == [
+        ((0, 10), True), ((PIECE, 10), False)]
+
+
+def test_a_cached_piece_is_never_served_for_another_blob(standin, registry, blob, blob2):
+    digest, data = blob
+    digest2, data2 = blob2
+
+    async def main():
+        async with source(standin, registry) as src:
+            assert await src.read(digest, 0, MiB) == data[:MiB]
+            assert await src.read(digest2, 0, MiB) == data2[:MiB]  # same offsets, other blob
+            assert await src.read(digest, 5, 5) == data[5:10]
+            assert await src.read(digest2, 5, 5) == data2[5:10]
+            assert src.stats["piece_cache_hits"] == 2 and src.stats["piece_cache_misses"] == 2
+    run(main())
+    assert [r["url"] for r in standin.requests] == [registry.blob_url(REPO, digest),
+                                                    registry.blob_url(REPO, digest2)]
+
+
+def test_piece_cache_stays_within_its_bound_over_many_blobs(standin, registry):
+    piece, limit = 256 << 10, 1 * MiB + 1000  # room for four 256 KiB pieces
+    blobs = [os.urandom(700 << 10 | i) for i in range(8)]  # three pieces each, the last short
+    digests = [registry.push_blob(REPO, b) for b in blobs]
+    rng = random.Random(7)
+
+    async def main():
+        async with source(standin, registry, piece_length=piece, piece_cache_bytes=limit) as src:
+            cache = src.piece_cache
+            for _ in range(150):
+                i = rng.randrange(len(blobs))
+                off = rng.randrange(len(blobs[i]))
+                n = rng.randint(1, min(300 << 10, len(blobs[i]) - off))
+                assert await src.read(digests[i], off, n) == blobs[i][off:off + n]
+                assert cache.bytes <= limit
+                assert cache.bytes == sum(len(v) for v in cache._lru.values())
+            assert src.stats["piece_cache_hits"] > 0 and src.stats["piece_cache_misses"] > 0
+            # least recently used goes first: touch blob 0's piece 0, then pull 3 pieces of blob 1
+            await src.read(digests[0], 0, 10)
+            await src.read(digests[1], 0, len(blobs[1]))
+            before = len(standin.requests)
+            assert await src.read(digests[0], 5, 5) == blobs[0][5:10]
+            assert len(standin.requests) == before  # still cached
+    run(main())
+
+
+def test_piece_cache_unit():
+    c = PieceCache(10)
+    c.put("a", 0, b"01234")
+    c.put("b", 0, b"abcde")
+    buf = bytearray(5)
+    assert c.copy_into("a", 0, 5, buf) == [(0, 5)] and buf == b"01234"
+    c.put("a", 5, b"56789")  # evicts b (least recently used), not a's first piece
+    assert c.bytes == 10 and c.copy_into("b", 0, 5, bytearray(5)) == []
+    buf = bytearray(6)
+    assert c.copy_into("a", 2, 8, buf) == [(2, 5), (5, 8)] and buf == b"234567"
+    c.put("a", 20, b"x" * 11)  # larger than the whole cache: not kept, nothing evicted
+    assert c.bytes == 10 and len(c) == 2
+    c.put("a", 0, b"0123")  # another length at the same offset replaces the piece
+    assert c.bytes == 9 and len(c) == 2
+    off = PieceCache(0)
+    off.put("a", 0, b"x")
+    assert off.bytes == 0 and len(off) == 0
+    with pytest.raises(ValueError):
+        PieceCache(-1)
+
+
+def test_piece_cache_off(standin, registry, blob):
+    digest, data = blob
+
+    async def main():
+        async with source(standin, registry, piece_cache_bytes=0) as src:
+            for _ in range(3):
+                assert await src.read(digest, 0, 10) == data[:10]
+            assert src.piece_cache.bytes == 0 and src.stats["piece_cache_hits"] == 0
+    run(main())
+    assert len(standin.requests) == 3
 
 
 def test_prefetch_pulls_the_whole_blob_in_the_background(standin, registry, blob):
