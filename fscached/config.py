@@ -24,6 +24,7 @@ class RegistrySpec:
     auth: str | None = field(default=None, repr=False)  # base64 "user:pass", never logged
     ca_file: str | None = None
     skip_verify: bool = False
+    timeout: float = 60.0  # seconds for one request (a stalled registry fails over after it)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def parse_image_spec(text: str) -> ImageSpec:
 IMAGE_KEYS = {
     "fsid", "bootstrap", "blobs", "domain", "ref", "registry", "scheme", "auth", "auth_file",
     "ca_file", "skip_verify", "dragonfly", "proxy", "ping_url", "check_interval", "fallback",
-    "use_http", "prefetch", "prefetch_bandwidth",
+    "use_http", "prefetch", "prefetch_bandwidth", "timeout",
 }
 
 
@@ -119,6 +120,16 @@ def parse_size(where: str, key: str, value: Any) -> int:
         return int(text)
     except ValueError:
         raise ConfigError(f"{where}: {key} must be a size like 1048576, 64K or 20M, not {value!r}") from None
+
+
+def parse_seconds(where: str, key: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if seconds <= 0:
+        raise ConfigError(f"{where}: {key} must be a positive number of seconds, not {value!r}")
+    return seconds
 
 
 def split_repository(where: str, value: str) -> tuple[str, str]:
@@ -168,7 +179,8 @@ def image_from_mapping(fields: dict[str, Any], where: str) -> ImageSpec:
                 raise ConfigError(f"{where}: auth_file {fields['auth_file']}: {exc.strerror}") from None
         registry = RegistrySpec(host, repo, scheme, str(auth) if auth else None,
                                 str(fields["ca_file"]) if fields.get("ca_file") else None,
-                                parse_bool(where, "skip_verify", fields.get("skip_verify", False)))
+                                parse_bool(where, "skip_verify", fields.get("skip_verify", False)),
+                                parse_seconds(where, "timeout", fields.get("timeout", 60)))
     proxy = None
     if fields.get("proxy"):
         proxy = ProxySpec(

@@ -11,7 +11,7 @@ from fscached.config import ImageSpec, RegistrySpec
 
 def registry_source(spec: RegistrySpec) -> RegistrySource:
     return RegistrySource(spec.host, spec.repo, scheme=spec.scheme, auth=spec.auth,
-                          ca_file=spec.ca_file, skip_verify=spec.skip_verify)
+                          ca_file=spec.ca_file, skip_verify=spec.skip_verify, timeout=spec.timeout)
 
 
 def build_chain(spec: ImageSpec) -> SourceChain:
