@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     c.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    c.add_argument("--prefetch-list", type=Path, metavar="FILE",
+                   help="files (one absolute path a line) the daemon fetches first when the image is opened")
     i = sub.add_parser("inspect", help="show a bootstrap's tree, blobs and chunk statistics")
     i.add_argument("bootstrap", type=Path)
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -94,9 +96,15 @@ def cmd_convert(args) -> int:
     from .builder import convert
     from .layers import BuildError
 
+    prefetch = None
+    if args.prefetch_list is not None:
+        try:
+            prefetch = [line for line in args.prefetch_list.read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise CommandError(f"{args.prefetch_list}: {e.strerror}") from None
     try:
         report = convert(args.source, args.outdir, compressor=args.compressor,
-                         chunk_size=args.chunk_size, progress=args.progress)
+                         chunk_size=args.chunk_size, progress=args.progress, prefetch=prefetch)
     except BuildError as e:
         raise CommandError(str(e)) from None
     if not args.quiet:

@@ -93,9 +93,10 @@ class Bootstrap:
         if ext.chunk_table_size:
             chunk_table = R.unpack_chunk_table(region(ext.chunk_table_offset, ext.chunk_table_size, "chunk table"))
         prefetch: list[int] = []
-        if ext.prefetch_table_size:
-            pt = region(ext.prefetch_table_offset, 4 * ext.prefetch_table_size, "prefetch table")
-            prefetch = list(struct.unpack(f"<{ext.prefetch_table_size}I", pt))
+        if ext.prefetch_table_size:  # in bytes (nydus-image writes 4 * entries)
+            entries = ext.prefetch_table_size // 4
+            pt = region(ext.prefetch_table_offset, 4 * entries, "prefetch table")
+            prefetch = list(struct.unpack(f"<{entries}I", pt))
         chunk_size = ext.chunk_size or (blobs[0].chunk_size if blobs else 1 << 20)
         parser = _TreeParser(data, sb, chunk_table, blobs, path)
         root = parser.parse_root()

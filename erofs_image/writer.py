@@ -315,7 +315,7 @@ def build_bootstrap(image: Image) -> bytes:
         flags |= R.FLAG_COMPRESSION_NONE
     ext = R.RafsSuperExt(flags, blob_table_off, R.BLOB_ENTRY_SIZE * nblobs, image.chunk_size,
                          chunk_table_off, R.CHUNK_INFO_SIZE * len(chunk_keys),
-                         prefetch_off if prefetch_nodes else 0, len(prefetch_nodes))
+                         prefetch_off if prefetch_nodes else 0, 4 * len(prefetch_nodes))  # bytes, as nydus
     buf[R.EXT_SUPER_OFFSET:R.EXT_SUPER_OFFSET + R.EXT_SUPER_SIZE] = ext.pack()
     sb = L.Superblock(
         feature_compat=L.FEATURE_COMPAT_RAFS_V6 | L.FEATURE_COMPAT_SB_CHKSUM,

@@ -41,7 +41,12 @@ class Daemon:
             path = spec.bootstrap
             if path is None:
                 path = await pull_image_bootstrap(spec, self.config.work_dir)
-            self.catalog.add_image(spec, path, build_chain(spec))
+            chain = build_chain(spec)
+            for source in chain.sources:  # e.g. the Dragonfly proxy's ping_url health checks
+                start = getattr(source, "start_health_checks", None)
+                if start is not None:
+                    start()
+            self.catalog.add_image(spec, path, chain)
         self.loaded = True
 
     def bind(self) -> None:

@@ -82,3 +82,31 @@ def test_console_script_declared():
 
     py = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert py["project"]["scripts"]["fscached-image"] == "erofs_image.cli:main"
+
+
+def test_convert_prefetch_list(tmp_path):
+    import subprocess
+    import sys
+
+    from erofs_image.reader import Bootstrap
+    from erofs_image.tree import lookup
+
+    src = tmp_path / "src"
+    (src / "bin").mkdir(parents=True)
+    (src / "bin" / "app").write_bytes(b"#!/bin/sh\n" * 100)
+    (src / "data").write_bytes(b"d" * 5000)
+    good = tmp_path / "list"
+    good.write_text("/bin/app\n\n data\n")
+    r = subprocess.run([sys.executable, "-m", "erofs_image.cli", "convert", str(src), str(tmp_path / "out"),
+                        "--prefetch-list", str(good), "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    boot = Bootstrap.open(tmp_path / "out" / "image.boot")
+    assert boot.image.prefetch == [b"/bin/app", b"/data"]
+    assert boot.prefetch_nids == [lookup(boot.image.root, b"/bin/app").nid, lookup(boot.image.root, b"/data").nid]
+    bad = tmp_path / "bad"
+    bad.write_text("/bin\n")
+    r = subprocess.run([sys.executable, "-m", "erofs_image.cli", "convert", str(src), str(tmp_path / "out2"),
+                        "--prefetch-list", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "fscached-image: error: prefetch list: /bin: not a regular file"
+    assert not (tmp_path / "out2").exists()

@@ -15,6 +15,7 @@ import pytest
 from cachefiles.simulator import KernelSimulator
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
+from erofs_image.tree import lookup
 from fscached.chunkmap import chunks_by_blob, round_up
 from fscached.config import ImageSpec, PrefetchSpec
 from simdaemon import Running, expected_blob_space, make_tree
@@ -216,5 +217,27 @@ def test_prefetch_all_fills_the_blob_in_the_background(work: Path) -> None:
             fetches = daemon.stats["fetches"]
             assert sim.read(blob, 0, len(want)) == want
             assert daemon.stats["fetches"] == fetches, "everything was already in the cache"
+        finally:
+            daemon.stop()
+
+
+def test_prefetch_table_fetches_the_listed_files_only(work: Path) -> None:
+    out = work / "built"
+    convert(make_tree(work / "tree"), out, compressor="zstd", chunk_size=64 << 10, prefetch=["/text.txt"])
+    spec = ImageSpec("img1", out / "image.boot", out / "blobs", prefetch=PrefetchSpec("table"))
+    boot = Bootstrap.open(spec.bootstrap)
+    listed = {c.uncompressed_offset for c in lookup(boot.image.root, b"/text.txt").chunks if c is not None}
+    assert boot.prefetch_nids == [lookup(boot.image.root, b"/text.txt").nid]
+    with KernelSimulator(work / "kernel") as sim:
+        daemon = Running(sim, [spec], work / "cache", read_window=64 << 10)  # one chunk per window
+        try:
+            sim.mount("erofs,img1", boot.blobs[0].blob_id.encode())
+            deadline = time.monotonic() + 30
+            while daemon.stats["prefetch_done"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert daemon.stats["prefetch_done"] == 1
+            written = daemon.daemon.server.objects.entries()[0].payload.state.written
+            assert listed <= written, "every chunk of the listed file was prefetched"
+            assert daemon.stats["prefetched_chunks"] < len(chunks_by_blob(boot.image)[0]), "and not the whole blob"
         finally:
             daemon.stop()
