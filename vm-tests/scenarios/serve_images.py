@@ -31,6 +31,7 @@ from typing import Any
 from vmharness.guest import scratch_dir
 
 MOUNT_ROOT = Path("/tmp/mnt")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_MISMATCHES = 20
 
 
@@ -213,7 +214,7 @@ class Services:
         if args.get("peer"):
             self.peer_log = open(work / "dfdaemon.log", "wb")
             self.peer = subprocess.Popen([sys.executable, "-m", "tests.standins.dfdaemon", "--socket", str(self.peer_socket)],
-                                         stdout=self.peer_log, stderr=subprocess.STDOUT)
+                                         stdout=self.peer_log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
             deadline = time.monotonic() + 60
             while not self.peer_socket.exists():
                 if self.peer.poll() is not None or time.monotonic() > deadline:
