@@ -137,7 +137,7 @@ class CachefilesDevice:
     def bind(self, cache_dir: str | os.PathLike[str], tag: str | None = None) -> None:
         """Check the cache dir, then send `dir`, `tag` and `bind ondemand`."""
         path = os.path.abspath(os.fspath(cache_dir))
-        _check_cache_dir(path)
+        check_cache_dir(path)
         _check_arg("cache dir", path)
         self._command_or_raise(f"dir {path}", lambda e: (
             "this device fd was already given a cache dir" if e.errno == errno.EEXIST else None))
@@ -256,7 +256,9 @@ def _check_name(name: str) -> None:
         raise CachefilesError(f"invalid cache file name {name!r}: one path component, no spaces")
 
 
-def _check_cache_dir(path: str) -> None:
+def check_cache_dir(path: str) -> None:
+    """Refuse, with a clear message, a cache dir cachefiles cannot use (missing, read-only,
+    not writable, tmpfs). `bind` calls it; a daemon may call it before taking the device."""
     p = Path(path)
     if not p.is_dir():
         raise CachefilesError(f"cache dir {path} does not exist: create it on an ext4, xfs or "

@@ -10,7 +10,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cachefiles.device import CachefilesDevice, CachefilesError
+from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
 from fscached.catalog import Catalog, CatalogError
 from fscached.sources import build_chain, registry_source
 from fscached.config import Config, ImageSpec
@@ -52,6 +52,7 @@ class Daemon:
     def bind(self) -> None:
         """Take the device and bind the cache (errors are CachefilesError, user-worded)."""
         self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_cache_dir(str(self.config.cache_dir))  # the most specific error first
         if self.device._fd is None:  # not handed over already open (simulator, failover)
             self.device.open()
         self.device.bind(str(self.config.cache_dir), self.config.tag)

@@ -36,12 +36,22 @@ def test_bootstrap_only_image(vm_kernel: Any, work: Path) -> None:
     os.setxattr(tree / "dir", "user.note", b"bootstrap only")
     built = convert(tree, work / "built")
     assert not any((built / "blobs").iterdir()), "a tree without data must need no blob"
+    spec = f"fsid=x,bootstrap={built / 'image.boot'}"
     result = run(vm_kernel, work, [image_arg("metaonly", built)], [
         {"op": "mount", "fsid": "metaonly", "at": "m"},
         {"op": "verify", "at": "m", "manifest": manifest(tree, work / "m.json")},
+        # start-up errors a user meets, each one line and exit status 1
+        {"op": "cli_error", "args": ["--cache-dir", "/mnt/second", "--image", spec]},
+        {"op": "cli_error", "args": ["--cache-dir", "/tmp/on-tmpfs", "--image", spec]},
     ])
-    assert result["steps"][0]["ok"], result["steps"][0]
-    assert_verified(result["steps"][1], at_least=5)
+    steps = result["steps"]
+    assert steps[0]["ok"], steps[0]
+    assert_verified(steps[1], at_least=5)
+    busy, tmpfs = steps[2], steps[3]
+    assert busy["returncode"] == 1 and "\n" not in busy["stderr"], busy
+    assert "holds /dev/cachefiles" in busy["stderr"], busy
+    assert tmpfs["returncode"] == 1 and "\n" not in tmpfs["stderr"], tmpfs
+    assert "tmpfs" in tmpfs["stderr"], tmpfs
 
 
 def split_layers(tree: Path, work: Path) -> Path:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,22 @@ def test_auth_is_never_in_the_spec_repr(tmp_path: Path) -> None:
     spec = parse_image_spec(f"fsid=a,ref=reg.example:443/r:t,auth_file={secret}")
     assert spec.registry is not None and spec.registry.auth == "dXNlcjpzM2NyZXQ="
     assert "dXNlcjpzM2NyZXQ=" not in repr(spec)
+
+
+def test_cli_names_a_missing_device_and_a_tmpfs_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from erofs_image.builder import convert
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    convert(src, tmp_path / "img")
+    image = f"fsid=x,bootstrap={tmp_path / 'img' / 'image.boot'}"
+    assert main(["--cache-dir", str(tmp_path / "cache"), "--image", image, "--device", str(tmp_path / "nodev")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fscached: error:") and "\n" not in err and "nodev" in err
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        assert main(["--cache-dir", str(shm / f"fscached-test-{os.getpid()}"), "--image", image]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "tmpfs" in err and "\n" not in err
+        (shm / f"fscached-test-{os.getpid()}").rmdir()

@@ -276,6 +276,10 @@ def run_steps(args: dict[str, Any], work: Path, services: Services) -> dict[str,
                     mounted.remove(at)
             elif op == "verify":
                 res.update(verify(at, step["manifest"], step.get("part")))
+            elif op == "cli_error":  # a second fscached with these flags must refuse to start
+                proc = subprocess.run([sys.executable, "-m", "fscached.cli", *step["args"]],
+                                      capture_output=True, text=True, timeout=120)
+                res.update(returncode=proc.returncode, stderr=proc.stderr.strip())
             elif op == "kill_peer":
                 services.kill_peer()
             elif op == "concurrent":
