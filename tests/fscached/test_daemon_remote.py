@@ -17,7 +17,7 @@ from cachefiles.simulator import KernelSimulator
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from fscached.chunkmap import chunks_by_blob
-from fscached.config import ImageSpec, RegistrySpec
+from fscached.config import ImageSpec, ProxySpec, RegistrySpec
 from registry_server import RegistryServer
 from simdaemon import Running, expected_blob_space, make_tree
 from standins.dfdaemon import Faults, start_standin
@@ -237,3 +237,53 @@ def test_wrong_blob_in_the_registry_never_reaches_the_cache(pushed: dict[str, An
                 assert daemon.stop() == 0
     finally:
         evil.close()
+
+
+class LoopThread:
+    """An event loop on its own thread, for async test servers next to the daemon's loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_dragonfly_http_proxy_then_registry_fallback(pushed: dict[str, Any], registry: RegistryServer,
+                                                     work: Path) -> None:
+    from standins.http_proxy import ProxyStandIn
+
+    loop = LoopThread()
+    proxy = ProxyStandIn()
+    loop.run(proxy.__aenter__())
+    try:
+        spec = ImageSpec("img", pushed["out"] / "image.boot", None,
+                         registry=RegistrySpec(registry.host, pushed["repo"], "http"),
+                         proxy=ProxySpec(proxy.url, proxy.ping_url, check_interval=0.2))
+        with KernelSimulator(work / "kernel") as sim:
+            daemon = Running(sim, [spec], work / "cache", read_window=CHUNK)
+            try:
+                blob = sim.mount("erofs,img", pushed["blob_id"].encode())
+                want = pushed["want"]
+                half = len(want) // 2 // 4096 * 4096
+                assert sim.read(blob, 0, half) == want[:half]
+                via_proxy = [r for r in proxy.blob_requests()]
+                assert via_proxy, "on-demand ranges went through the proxy"
+                assert any(r.dragonfly.get("X-Dragonfly-Prefetch") == "true" for r in via_proxy)
+                proxy.fail(500)  # the proxy breaks: the registry serves the rest
+                assert sim.read(blob, half, len(want) - half) == want[half:]
+                counters = daemon.counters()
+                assert counters[f"source:dragonfly proxy {proxy.url}:ok"] >= 1
+                assert counters[f"source:registry {registry.host}/{pushed['repo']}:ok"] >= 1
+                assert counters.get("read_failed", 0) == 0
+            finally:
+                assert daemon.stop() == 0
+    finally:
+        loop.run(proxy.__aexit__(None, None, None))
+        loop.close()
