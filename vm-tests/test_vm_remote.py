@@ -8,6 +8,7 @@ on loopback, and fscached is given nothing but the image references.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from ocilayout import layer_tar, write_layout
-from trees import REPO, assert_verified, convert, make_real_tree, manifest, run
+from trees import REPO, assert_verified, convert, make_real_tree, manifest, run, whole_second_mtimes
 
 sys.path.insert(0, str(REPO))
 from tests.registry_server import RegistryServer  # noqa: E402
@@ -42,12 +43,19 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     oci = write_layout(work / "oci-src", [layer_tar(tree, include=lower),
                                           layer_tar(tree, include={p.name for p in tree.iterdir()} - lower)])
     app = convert(oci, work / "app", "zstd")
-    small = convert(tree / "pygments", work / "small", "lz4")
+    # 40 MiB of incompressible files: ten 4 MiB Dragonfly pieces, so reading half of it
+    # leaves pieces the peer has not delivered yet
+    big_tree = work / "big-tree"
+    big_tree.mkdir()
+    for i in range(40):
+        (big_tree / f"part{i:02}.bin").write_bytes(os.urandom(1 << 20))
+    whole_second_mtimes(big_tree)
+    big = convert(big_tree, work / "big", "lz4")
     with RegistryServer(work / "registry") as registry:
         push(app / "oci", registry, "fscached/app:v1")
-        push(small / "oci", registry, "fscached/small:v1")
+        push(big / "oci", registry, "fscached/big:v1")
     return {"work": work, "storage": str(work / "registry" / "storage"),
-            "app": manifest(tree, work / "app.json"), "small": manifest(tree / "pygments", work / "small.json")}
+            "app": manifest(tree, work / "app.json"), "big": manifest(big_tree, work / "big.json")}
 
 
 def image(fsid: str, repo: str) -> dict[str, Any]:
@@ -55,14 +63,14 @@ def image(fsid: str, repo: str) -> dict[str, Any]:
 
 
 def test_registry_image_through_the_peer_then_peer_killed_halfway(vm_kernel: Any, pushed: dict[str, Any]) -> None:
-    result = run(vm_kernel, pushed["work"], [image("app", "fscached/app:v1"), image("small", "fscached/small:v1")], [
+    result = run(vm_kernel, pushed["work"], [image("app", "fscached/app:v1"), image("big", "fscached/big:v1")], [
         {"op": "mount", "fsid": "app", "at": "app"},
         {"op": "verify", "at": "app", "manifest": pushed["app"]},
         {"op": "stats"},
-        {"op": "mount", "fsid": "small", "at": "small"},
-        {"op": "verify", "at": "small", "manifest": pushed["small"], "part": [0, 2]},
+        {"op": "mount", "fsid": "big", "at": "big"},
+        {"op": "verify", "at": "big", "manifest": pushed["big"], "part": [0, 2]},
         {"op": "kill_peer"},
-        {"op": "verify", "at": "small", "manifest": pushed["small"], "part": [1, 2]},
+        {"op": "verify", "at": "big", "manifest": pushed["big"], "part": [1, 2]},
         {"op": "stats"},
     ], timeout=1200, registry_storage=pushed["storage"], peer=True)
     steps = result["steps"]
@@ -73,8 +81,8 @@ def test_registry_image_through_the_peer_then_peer_killed_halfway(vm_kernel: Any
     assert not any(k.startswith("source:registry") and k.endswith(":ok") for k in peer_served), \
         "with a healthy peer every range comes through it"
     assert steps[3]["ok"], steps[3]
-    assert_verified(steps[4], at_least=50)
-    assert_verified(steps[6], at_least=50)
+    assert_verified(steps[4], at_least=20)
+    assert_verified(steps[6], at_least=20)
     final = steps[7]["stats"]
     assert any(k.startswith("source:registry") and k.endswith(":ok") for k in final), \
         f"after the peer died the registry served the rest: {final}"
