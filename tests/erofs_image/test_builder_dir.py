@@ -129,15 +129,56 @@ def test_directory_mounts_and_diffs(tree, tmp_path):
 
 
 def test_unreadable_file_names_it(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root reads everything")
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "secret").write_text("x")
-    os.chmod(src / "secret", 0)
-    with pytest.raises(BuildError, match="secret"):
-        convert(src, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
+    if os.geteuid() != 0:
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "secret").write_text("x")
+        os.chmod(src / "secret", 0)
+        with pytest.raises(BuildError, match="secret"):
+            convert(src, tmp_path / "out", progress=False)
+        assert not (tmp_path / "out").exists()
+        return
+    # root reads everything: convert in a forked child that gave up root
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="fscached-unreadable-", dir="/var/tmp"))
+    try:
+        os.chmod(work, 0o1777)
+        src = work / "src"
+        src.mkdir()
+        os.chmod(src, 0o755)
+        (src / "ok").write_text("fine")
+        (src / "secret").write_text("x")
+        os.chmod(src / "ok", 0o644)
+        os.chmod(src / "secret", 0)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: no exceptions may escape into pytest's machinery
+            code = 3
+            try:
+                os.close(read_end)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    convert(src, work / "out", progress=False)
+                    code = 2
+                except BuildError as e:
+                    os.write(write_end, str(e).encode())
+                    code = 1
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            message = f.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 1, message
+        assert "secret" in message and "\n" not in message, message
+        assert not (work / "out").exists()
+        assert [p.name for p in work.iterdir()] == ["src"], "no temp output left behind"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_missing_source(tmp_path):
