@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ T = TypeVar("T")
 DEFAULT_WINDOW = 1 << 20
 ONDEMAND_FETCHES = 16  # ranged fetches in flight for READs: bounds memory to ~16 windows
 PREFETCH_FETCHES = 2
+READAHEAD_WINDOWS = 1  # windows fetched ahead of a sequential reader
 
 
 class VerifyError(IntegrityError):
@@ -69,6 +71,19 @@ def decode_run(info: BlobInfo, run: list[ChunkRef], raw: bytes) -> list[bytes]:
             for ref in run]
 
 
+_buffers = threading.local()
+
+
+def thread_buffer(size: int) -> "native.AlignedBuffer":
+    """This worker thread's reusable aligned buffer, at least `size` bytes. Reuse matters: a
+    fresh buffer costs more in page faults than the copy into it."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or buf.capacity < size:
+        buf = native.AlignedBuffer(round_up(size))
+        _buffers.buf = buf
+    return buf
+
+
 def write_run(fd: int, info: BlobInfo, run: list[ChunkRef], datas: list[bytes]) -> None:
     """Write verified chunks into the anon fd: one aligned pwrite per address-contiguous stretch."""
     start = 0
@@ -79,15 +94,21 @@ def write_run(fd: int, info: BlobInfo, run: list[ChunkRef], datas: list[bytes]) 
         first = run[start].uncompressed_offset
         last = run[end - 1]
         stop = min(last.uncompressed_offset + round_up(last.uncompressed_size), info.uncompressed_size)
-        buf = native.AlignedBuffer(stop - first)  # zero-initialised: padding is already there
+        buf = thread_buffer(stop - first)
         for ref, data in zip(run[start:end], datas[start:end]):
-            buf.write(data, ref.uncompressed_offset - first)
+            at = ref.uncompressed_offset - first
+            buf.write(data, at)
+            pad_end = min(at + round_up(len(data)), stop - first)
+            if pad_end > at + len(data):
+                buf.zero(at + len(data), pad_end)  # the block tail: zeros, not a previous run
         native.write_aligned(fd, buf, first, stop - first)
         start = end
 
 
 def write_zeros(fd: int, offset: int, length: int) -> None:
-    native.write_aligned(fd, native.AlignedBuffer(length), offset, length)
+    buf = thread_buffer(length)
+    buf.zero(0, length)
+    native.write_aligned(fd, buf, offset, length)
 
 
 @dataclass
@@ -100,6 +121,7 @@ class ObjectState:
     written: set[int] = field(default_factory=set)  # chunk uncompressed offsets
     jobs: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     prefetch: asyncio.Task[None] | None = None
+    sequential_end: int = -1  # where the last READ's window ended: the next one there is sequential
 
 
 class Filler:
@@ -153,8 +175,15 @@ class Filler:
         window_end = min(round_up(offset + length, self.window), obj.size)
         extra = obj.chunk_map.chunks_in(window_start, window_end)
         wanted = sorted({c.uncompressed_offset: c for c in extra + needed}.values(), key=lambda c: c.uncompressed_offset)
+        jobs = self._start_jobs(obj, state, wanted, False, self.window)
+        if window_start == state.sequential_end and window_end < obj.size:
+            # a sequential reader: start the next window now, so fetching overlaps reading
+            ahead = obj.chunk_map.chunks_in(window_end, min(window_end + READAHEAD_WINDOWS * self.window, obj.size))
+            self._start_jobs(obj, state, ahead, False, self.window)
+            self.stats["readahead_windows"] += 1
+        state.sequential_end = window_end
         try:
-            await self._await_chunks(state, needed, self._start_jobs(obj, state, wanted, False, self.window))
+            await self._await_chunks(state, needed, jobs)
         except Exception:
             # A window run fails whole (one bad chunk, one failed range): fetch just the chunks
             # this READ needs, one by one, so a good chunk is never held hostage by a bad one.

@@ -241,3 +241,30 @@ def test_prefetch_table_fetches_the_listed_files_only(work: Path) -> None:
             assert daemon.stats["prefetched_chunks"] < len(chunks_by_blob(boot.image)[0]), "and not the whole blob"
         finally:
             daemon.stop()
+
+
+def test_sequential_reader_gets_the_next_window_fetched_ahead(work: Path) -> None:
+    tree = work / "tree"
+    tree.mkdir()
+    (tree / "big").write_bytes(os.urandom(1 << 20))
+    out = work / "built"
+    convert(tree, out, compressor="none", chunk_size=64 << 10)
+    spec = ImageSpec("img1", out / "image.boot", out / "blobs")
+    boot = Bootstrap.open(spec.bootstrap)
+    want = expected_blob_space(boot, spec.blobs, 0)
+    window = 64 << 10
+    with KernelSimulator(work / "kernel") as sim:
+        daemon = Running(sim, [spec], work / "cache", read_window=window)
+        try:
+            blob = sim.mount("erofs,img1", boot.blobs[0].blob_id.encode())
+            # jumping around: no read-ahead
+            for off in (5 * window, 2 * window, 9 * window):
+                assert sim.read(blob, off, 4096) == want[off:off + 4096]
+            assert daemon.stats["readahead_windows"] == 0
+            # then sequential (window 10 follows 9): each new window starts the fetch of the next
+            for off in range(10 * window, 14 * window, 16 << 10):
+                assert sim.read(blob, off, 16 << 10) == want[off:off + (16 << 10)]
+            assert daemon.stats["readahead_windows"] == 4
+            assert daemon.stats["fetches"] == 3 + 5  # windows 10..13 read, 11..14 fetched ahead
+        finally:
+            daemon.stop()
