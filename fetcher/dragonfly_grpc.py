@@ -188,8 +188,13 @@ class DragonflyGrpcSource:
         self._prefetch_asked: set[str] = set()
         self._closed = False
         self.piece_cache = PieceCache(piece_cache_bytes)
+        # url -> [(start, end, done)]: spans an RPC in flight will bring (whole pieces once the
+        # piece length is known), so a concurrent read of the same pieces waits instead of
+        # asking dfdaemon for them again
+        self._inflight: dict[str, list[tuple[int, int, asyncio.Future[None]]]] = {}
+        self._piece_length: dict[str, int] = {}
         self.stats = {"requests": 0, "pieces": 0, "bytes_received": 0, "errors": 0,
-                      "piece_cache_hits": 0, "piece_cache_misses": 0}
+                      "piece_cache_hits": 0, "piece_cache_joined": 0, "piece_cache_misses": 0}
 
     def __repr__(self) -> str:
         return f"DragonflyGrpcSource(unix:{self.socket_path}, application={self.application!r})"
@@ -227,12 +232,20 @@ class DragonflyGrpcSource:
         url = self.url_for(blob_id)
         end = offset + length
         buf = bytearray(length)
-        covered = self.piece_cache.copy_into(url, offset, end, buf)
-        missing = _gaps(covered, offset, end)
-        if not missing:
-            self.stats["piece_cache_hits"] += 1
-            log.debug("%s: from cached pieces", what)
-            return bytes(buf)
+        joined = False
+        while True:
+            covered = self.piece_cache.copy_into(url, offset, end, buf)
+            missing = _gaps(covered, offset, end)
+            if not missing:
+                self.stats["piece_cache_joined" if joined else "piece_cache_hits"] += 1
+                log.debug("%s: from cached pieces", what)
+                return bytes(buf)
+            pending = [done for start, stop, done in self._inflight.get(url, ())
+                       if start < missing[-1][1] and stop > missing[0][0]]
+            if not pending:
+                break
+            joined = True
+            await asyncio.wait(pending)  # their pieces land in the cache (or they failed)
         self.stats["piece_cache_misses"] += 1
         request_header: dict[str, str] = {}
         if self.headers is not None:
@@ -265,6 +278,11 @@ class DragonflyGrpcSource:
             download.piece_length = self.piece_length
         self.stats["requests"] += 1
         started = time.monotonic()
+        piece = self._piece_length.get(url)
+        span = ((ask_start // piece * piece, -(-ask_end // piece) * piece) if piece else (ask_start, ask_end))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (span[0], span[1], done)
+        self._inflight.setdefault(url, []).append(entry)
         try:
             await self._download(stub, download, what, url, offset, buf, covered)
         except BaseException:
@@ -272,6 +290,12 @@ class DragonflyGrpcSource:
             if ask_prefetch:
                 self._prefetch_asked.discard(blob_id)
             raise
+        finally:
+            done.set_result(None)
+            spans = self._inflight.get(url, [])
+            spans.remove(entry)
+            if not spans:
+                self._inflight.pop(url, None)
         log.debug("%s: %d bytes (%d asked for) in %.3fs%s", what, length, ask_end - ask_start,
                   time.monotonic() - started, " (asked dfdaemon to prefetch the blob)" if ask_prefetch else "")
         return bytes(buf)
@@ -338,6 +362,9 @@ class DragonflyGrpcSource:
             return
         seen.add(piece.number)
         self.piece_cache.put(url, piece.offset, content)  # verified: kept for the next ranges
+        # the task's piece length: piece n starts at n * length (piece 0 alone: at least its size)
+        self._piece_length[url] = piece.offset // piece.number if piece.number else max(
+            piece.length, self._piece_length.get(url, 0))
         lo, hi = max(offset, piece.offset), min(end, piece.offset + piece.length)
         if lo >= hi:
             return  # a piece outside the range: harmless

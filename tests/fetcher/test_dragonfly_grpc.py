@@ -511,3 +511,20 @@ def test_standin_speaks_like_dfdaemon(standin, registry, blob):
             body = json.loads(details)
             assert body["status_code"] == 404 and body["message"] and isinstance(body["header"], dict)
     run(main())
+
+
+def test_concurrent_reads_of_pieces_in_flight_are_joined(standin, registry, blob):
+    digest, data = blob
+
+    async def main():
+        async with source(standin, registry) as src:
+            assert await src.read(digest, 0, 10) == data[:10]  # learn the piece length (piece 0)
+            first = len(standin.requests)
+            # six 1 MiB reads inside pieces 1 and 2, all at once: each piece is asked for once
+            offs = [PIECE + i * MiB for i in range(6)]
+            got = await asyncio.gather(*(src.read(digest, off, MiB) for off in offs))
+            assert got == [data[off:off + MiB] for off in offs]
+            asked = standin.requests[first:]
+            assert len(asked) <= 2, [r["range"] for r in asked]
+            assert src.stats["piece_cache_joined"] >= 4
+    run(main())
