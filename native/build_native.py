@@ -12,26 +12,10 @@ _ROOT = os.path.dirname(_HERE)
 
 ffibuilder = FFI()
 
-# Keep in step with fscached_native.h.  API-mode calls release the GIL (cffi's default).
-ffibuilder.cdef(
-    """
-    struct fsc_range {
-        uint64_t src_off;
-        uint64_t dst_off;
-        uint64_t len;
-    };
-    void *fsc_aligned_alloc(size_t size);
-    void fsc_aligned_free(void *p);
-    int64_t fsc_pwrite_full(int fd, const void *buf, uint64_t len, uint64_t off);
-    int64_t fsc_pread_full(int fd, void *buf, uint64_t len, uint64_t off);
-    int fsc_read_complete(int anon_fd, uint32_t msg_id);
-    int64_t fsc_fs_type(const char *path);
-    int64_t fsc_copy_range(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off,
-                           uint64_t len);
-    int64_t fsc_copy_ranges(int src_fd, int dst_fd, const struct fsc_range *ranges, size_t n,
-                            size_t *n_done);
-    """
-)
+# The declarations come from the header itself (one source of truth for C and cffi); cdef
+# takes no preprocessor lines. API-mode calls release the GIL (cffi's default).
+with open(os.path.join(_HERE, "fscached_native.h")) as header:
+    ffibuilder.cdef("".join(line for line in header if not line.lstrip().startswith("#")))
 
 # setuptools wants source paths relative to the project root (its working directory).
 ffibuilder.set_source(
