@@ -105,6 +105,11 @@ def write_run(fd: int, info: BlobInfo, run: list[ChunkRef], datas: list[bytes]) 
         start = end
 
 
+def decode_and_write_run(fd: int, info: BlobInfo, run: list[ChunkRef], raw: bytes) -> None:
+    """Verify every chunk of the run (VerifyError: nothing written), then write them all."""
+    write_run(fd, info, run, decode_run(info, run, raw))
+
+
 def write_zeros(fd: int, offset: int, length: int) -> None:
     buf = thread_buffer(length)
     buf.zero(0, length)
@@ -237,9 +242,10 @@ class Filler:
         length = run[-1].compressed_offset + run[-1].compressed_size - start
         info = obj.info
 
-        async def verify(raw: bytes) -> list[bytes]:
+        async def verify_and_write(raw: bytes) -> None:
+            # one worker-thread hop: every chunk is checked before the first byte is written
             try:
-                return await self.blocking(decode_run, info, run, raw)
+                await self.blocking(decode_and_write_run, state.anon_fd, info, run, raw)
             except VerifyError:
                 self.stats["verify_failures"] += 1
                 raise
@@ -247,14 +253,14 @@ class Filler:
         if prefetch:
             await self._wait_for_idle()
             async with self._prefetch:
-                datas = await obj.source.read_verified(info.blob_id, start, length, verify, prefetch=True)
+                await obj.source.read_verified(info.blob_id, start, length, verify_and_write, prefetch=True)
             self.stats["prefetched_chunks"] += len(run)
         else:
             self._ondemand_waiting += 1
             self._idle.clear()
             try:
                 async with self._ondemand:
-                    datas = await obj.source.read_verified(info.blob_id, start, length, verify)
+                    await obj.source.read_verified(info.blob_id, start, length, verify_and_write)
             finally:
                 self._ondemand_waiting -= 1
                 if not self._ondemand_waiting:
@@ -262,7 +268,6 @@ class Filler:
         self.stats["fetches"] += 1
         self.stats["fetched_chunks"] += len(run)
         self.stats["fetched_bytes"] += length
-        await self.blocking(write_run, state.anon_fd, info, run, datas)
         state.written.update(c.uncompressed_offset for c in run)
 
     async def _wait_for_idle(self) -> None:
