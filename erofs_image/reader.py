@@ -115,20 +115,7 @@ class Bootstrap:
             raw = f.read(ref.compressed_size)
         if len(raw) != ref.compressed_size:
             raise ChunkVerifyError(f"blob {blob_file}: chunk at {ref.compressed_offset} truncated")
-        if ref.compressed:
-            try:
-                data = decompress(blob.compressor, raw, ref.uncompressed_size)
-            except Exception as e:  # zstd / lz4 errors
-                raise ChunkVerifyError(f"blob {blob_file}: chunk {ref.index} does not decompress: {e}") from e
-        else:
-            data = raw
-        if len(data) != ref.uncompressed_size:
-            raise ChunkVerifyError(f"blob {blob_file}: chunk {ref.index} is {len(data)} bytes, "
-                                   f"expected {ref.uncompressed_size}")
-        if ref.digest and blake3.blake3(data).digest() != ref.digest:
-            raise ChunkVerifyError(f"blob {blob_file}: chunk {ref.index} at {ref.compressed_offset} "
-                                   "fails its blake3 digest check")
-        return data
+        return verify_chunk(ref, blob.compressor, raw, f"blob {blob_file}: ")
 
     def read_file(self, inode: Inode, blobs_dir: Path) -> bytes:
         """A regular file's content: chunks concatenated, holes zero-filled, cut to size."""
@@ -144,6 +131,26 @@ class Bootstrap:
             data = self.read_chunk(ref, Path(blobs_dir) / self.blobs[ref.blob_index].blob_id)
             parts.append(data[:want].ljust(want, b"\0"))
         return b"".join(parts)
+
+
+def verify_chunk(ref: ChunkRef, compressor: str, raw: bytes | memoryview, where: str = "") -> bytes:
+    """A chunk's stored bytes -> its uncompressed bytes, checked against the size and blake3
+    digest the bootstrap records (ChunkVerifyError otherwise). The one check for every reader:
+    the image tools and the daemon's cache fills."""
+    if ref.compressed:
+        try:
+            data = decompress(compressor, raw, ref.uncompressed_size)
+        except Exception as e:  # zstd / lz4 errors
+            raise ChunkVerifyError(f"{where}chunk {ref.index} does not decompress: {e}") from e
+    else:
+        data = bytes(raw)
+    if len(data) != ref.uncompressed_size:
+        raise ChunkVerifyError(f"{where}chunk {ref.index} is {len(data)} bytes, "
+                               f"expected {ref.uncompressed_size}")
+    if ref.digest and blake3.blake3(data).digest() != ref.digest:
+        raise ChunkVerifyError(f"{where}chunk {ref.index} at {ref.compressed_offset} "
+                               "fails its blake3 digest check")
+    return data
 
 
 def read_blob_ci_table(blob_file: Path, blob: BlobInfo | None = None) -> tuple[R.BlobMetaHeader, list[R.BlobChunkEntry]]:

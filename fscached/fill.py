@@ -18,11 +18,8 @@ from dataclasses import dataclass, field
 from contextlib import nullcontext
 from typing import Any, Awaitable, Callable, ContextManager, TypeVar
 
-import blake3
-import lz4.block
-import zstandard
-
 import native
+from erofs_image.reader import ChunkVerifyError, verify_chunk
 from erofs_image.tree import BlobInfo, ChunkRef
 from fetcher.source import IntegrityError
 from fscached.catalog import BlobObject, BootstrapObject
@@ -42,26 +39,13 @@ class VerifyError(IntegrityError):
 
 
 def decode_chunk(info: BlobInfo, ref: ChunkRef, raw: bytes | memoryview) -> bytes:
-    """Raw blob bytes of one chunk -> its verified uncompressed bytes."""
-    if ref.compressed:
-        try:
-            if info.compressor == "zstd":
-                data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=ref.uncompressed_size)
-            elif info.compressor == "lz4_block":
-                data = lz4.block.decompress(raw, uncompressed_size=ref.uncompressed_size)
-            else:
-                raise VerifyError(f"chunk marked compressed in a blob with compressor {info.compressor}")
-        except (zstandard.ZstdError, lz4.block.LZ4BlockError) as exc:
-            raise VerifyError(f"chunk at {ref.uncompressed_offset}: cannot decompress: {exc}") from None
-    else:
-        data = bytes(raw)
-    if len(data) != ref.uncompressed_size:
-        raise VerifyError(
-            f"chunk at {ref.uncompressed_offset}: {len(data)} bytes, bootstrap says {ref.uncompressed_size}"
-        )
-    if blake3.blake3(data).digest() != ref.digest:
-        raise VerifyError(f"chunk at {ref.uncompressed_offset}: blake3 digest mismatch")
-    return data
+    """Raw blob bytes of one chunk -> its verified uncompressed bytes (VerifyError otherwise)."""
+    if not ref.digest:  # the daemon never writes bytes it cannot check
+        raise VerifyError(f"chunk at {ref.uncompressed_offset}: the bootstrap records no digest")
+    try:
+        return verify_chunk(ref, info.compressor, raw, f"blob {info.blob_id}: ")
+    except ChunkVerifyError as exc:
+        raise VerifyError(str(exc)) from None
 
 
 def decode_run(info: BlobInfo, run: list[ChunkRef], raw: bytes) -> list[bytes]:
@@ -178,9 +162,9 @@ class Filler:
             return
         window_start = round_down(offset, self.window)
         window_end = min(round_up(offset + length, self.window), obj.size)
-        extra = obj.chunk_map.chunks_in(window_start, window_end)
-        wanted = sorted({c.uncompressed_offset: c for c in extra + needed}.values(), key=lambda c: c.uncompressed_offset)
-        jobs = self._start_jobs(obj, state, wanted, False, self.window)
+        # the window holds the READ's own chunks too (both block aligned, within the blob)
+        window = obj.chunk_map.chunks_in(window_start, window_end)
+        jobs = self._start_jobs(obj, state, window, False, self.window)
         if window_start == state.sequential_end and window_end < obj.size:
             # a sequential reader: start the next window now, so fetching overlaps reading
             ahead = obj.chunk_map.chunks_in(window_end, min(window_end + READAHEAD_WINDOWS * self.window, obj.size))
