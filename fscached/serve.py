@@ -15,7 +15,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from cachefiles.device import CachefilesDevice, CachefilesError
-from cachefiles.objects import ObjectTable
+from cachefiles.objects import ObjectEntry, ObjectTable
 from cachefiles.messages import CloseRequest, MalformedMessage, OpenRequest, ReadRequest
 from fetcher.source import SourceError
 from fscached.catalog import BlobObject, BootstrapObject, Catalog, Served
@@ -84,13 +84,13 @@ class Server:
             return
         if req.object_id in self.objects:  # the kernel reuses an id only after CLOSE
             log.warning("OPEN msg_id=%d reuses open object %d: dropping the old one", req.msg_id, req.object_id)
-            self.objects.remove(req.object_id)
+            self._forget(req.object_id)
         object_id = req.object_id
         live = LiveObject(served, ObjectState(req.fd, lambda: self.objects.use(object_id)), name)
         self.objects.add(req.object_id, req.fd, req.volume_key, req.cookie_key, served.size, live)
         log.info("OPEN msg_id=%d object=%d %s size=%d", req.msg_id, req.object_id, name, served.size)
         if not self._copen(req.msg_id, served.size):
-            self.objects.remove(req.object_id)
+            self._forget(req.object_id)
             return
         if isinstance(served, BlobObject) and served.prefetch_mode != "none":
             order = prefetch_order(served, served.prefetch_mode)
@@ -165,17 +165,26 @@ class Server:
     # -- CLOSE ------------------------------------------------------------------------------
     def handle_close(self, req: CloseRequest) -> None:
         self.stats["close"] += 1
-        entry = self.objects.remove(req.object_id)
+        entry = self._forget(req.object_id)
         if entry is None:
             log.warning("CLOSE for unknown object %d", req.object_id)
             return
         log.info("CLOSE object=%d %s", req.object_id, entry.payload.name)
-        if entry.payload.state.prefetch is not None:
+
+    def _forget(self, object_id: int) -> ObjectEntry | None:
+        """Drop an object: its prefetch stops, its fd closes once the last READ lets go."""
+        entry = self.objects.remove(object_id)
+        if entry is not None and entry.payload.state.prefetch is not None:
             entry.payload.state.prefetch.cancel()
+        return entry
 
     # -- shutdown ---------------------------------------------------------------------------
     async def drain(self, timeout: float) -> None:
-        """Let in-flight READs finish; cancel what is left (those complete without data)."""
+        """Let in-flight READs finish; cancel what is left (those complete without data).
+        Background prefetches are not waited for."""
+        for entry in self.objects.entries():
+            if entry.payload.state.prefetch is not None:
+                entry.payload.state.prefetch.cancel()
         if self.tasks:
             _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
             for task in pending:
@@ -189,7 +198,7 @@ class Server:
 
 
 def _close_quietly(fd: int) -> None:
-    if fd is None or fd < 0:
+    if fd < 0:
         return
     try:
         os.close(fd)
