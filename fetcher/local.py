@@ -16,10 +16,13 @@ class LocalDirectorySource:
         self.name = f"local {self.directory}"
         self._fds: dict[str, int] = {}
 
+    def _path(self, blob_id: str) -> Path:
+        return self.directory / check_blob_id(blob_id)
+
     def _fd(self, blob_id: str) -> int:
         fd = self._fds.get(blob_id)
         if fd is None:
-            path = self.directory / check_blob_id(blob_id)
+            path = self._path(blob_id)
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
@@ -51,14 +54,7 @@ class LocalFileSource(LocalDirectorySource):
         self.path = Path(path)
         self.name = f"local file {self.path}"
 
-    def _fd(self, blob_id: str) -> int:
+    def _path(self, blob_id: str) -> Path:
         if blob_id != self.blob_id:
             raise SourceError(f"blob {blob_id}: this source only holds {self.blob_id} ({self.path})")
-        fd = self._fds.get(blob_id)
-        if fd is None:
-            try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise SourceError(f"blob {blob_id}: cannot open {self.path}: {exc.strerror}") from exc
-            self._fds[blob_id] = fd
-        return fd
+        return self.path
