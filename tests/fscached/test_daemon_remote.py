@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import random
 import threading
 from pathlib import Path
@@ -30,7 +31,8 @@ def pushed(registry: RegistryServer, work: Path) -> dict[str, Any]:
     """A zstd image whose blob is in the registry (a fresh repo per test); the bootstrap is local."""
     out = work / "built"
     convert(make_tree(work / "tree"), out, compressor="zstd", chunk_size=CHUNK)
-    repo = f"faults/{work.name.lower().replace('_', '-')}"
+    # a fresh repo per test; the temp dir's name may end in '_', which a repo name may not
+    repo = f"faults/t{hashlib.sha256(work.name.encode()).hexdigest()[:12]}"
     boot = Bootstrap.open(out / "image.boot")
     for blob in (out / "blobs").iterdir():
         registry.push_blob(repo, blob.read_bytes())
