@@ -21,21 +21,18 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "vm-tests")]
-
-import uvloop  # noqa: E402
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "fscached"), str(REPO / "vm-tests")]
 
 from cachefiles.simulator import KernelSimulator  # noqa: E402
 from erofs_image.builder import convert  # noqa: E402
 from erofs_image.reader import Bootstrap  # noqa: E402
-from fscached.config import Config, ImageSpec, RegistrySpec  # noqa: E402
-from fscached.daemon import Daemon  # noqa: E402
+from fscached.config import ImageSpec, RegistrySpec  # noqa: E402
 from registry_server import RegistryServer  # noqa: E402
+from simdaemon import Running  # noqa: E402  (fscached on a thread, answering the simulator)
 
 
 def make_image(work: Path, mib: int, compressor: str) -> Path:
@@ -52,24 +49,6 @@ def make_image(work: Path, mib: int, compressor: str) -> Path:
     return out
 
 
-class SimDaemon:
-    """fscached on its own loop thread, answering a kernel simulator."""
-
-    def __init__(self, sim: KernelSimulator, spec: ImageSpec, cache: Path) -> None:
-        self.daemon = Daemon(Config(cache_dir=cache, images=[spec]), device=sim.device())
-        self.daemon.bind()
-        self.thread = threading.Thread(target=lambda: uvloop.run(self.daemon.run()), daemon=True)
-        self.thread.start()
-
-    def stop(self) -> dict[str, int]:
-        while self.daemon._loop is None:
-            time.sleep(0.01)
-        counters = self.daemon.counters()
-        self.daemon.stop()
-        self.thread.join(60)
-        return counters
-
-
 def push_blobs(registry: RegistryServer, image: Path, repo: str) -> None:
     for blob in (image / "blobs").iterdir():
         registry.push_blob(repo, blob.read_bytes())
@@ -83,7 +62,7 @@ def random_reads(work: Path, registry: RegistryServer, mib: int, reads: int) -> 
                      registry=RegistrySpec(registry.host, "bench/random", "http"))
     rng = random.Random(1)
     with KernelSimulator(work / "kernel-rnd") as sim:
-        daemon = SimDaemon(sim, spec, work / "cache-rnd")
+        daemon = Running(sim, [spec], work / "cache-rnd")
         objects = [sim.mount("erofs,rnd", b.blob_id.encode()) for b in boot.blobs]
         start = time.monotonic()
         # a start-up-like pattern: reads cluster in a few hot regions, with some scattered ones
@@ -97,7 +76,8 @@ def random_reads(work: Path, registry: RegistryServer, mib: int, reads: int) -> 
                 block = rng.randrange(0, size // 4096)
             sim.read(obj, block * 4096, 4096)
         elapsed = time.monotonic() - start
-        counters = daemon.stop()
+        counters = daemon.counters()
+        daemon.stop()
     requests = sum(v for k, v in counters.items() if k.startswith("source:registry") and k.endswith(":ok"))
     print(f"random 4 KiB reads over a {mib} MiB zstd image from the registry ({reads} READs, {elapsed:.1f}s):")
     print(f"  registry requests per READ: {requests / reads:.3f} (goal: well below 1)")
@@ -107,7 +87,7 @@ def random_reads(work: Path, registry: RegistryServer, mib: int, reads: int) -> 
 
 def whole_blob_seconds(work: Path, spec: ImageSpec, blob_id: str, name: str) -> float:
     with KernelSimulator(work / f"kernel-{name}") as sim:
-        daemon = SimDaemon(sim, spec, work / f"cache-{name}")
+        daemon = Running(sim, [spec], work / f"cache-{name}")
         obj = sim.mount(f"erofs,{spec.fsid}", blob_id.encode())
         start = time.monotonic()
         step = 1 << 20

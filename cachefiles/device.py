@@ -94,6 +94,10 @@ class CachefilesDevice:
                                       e.errno) from None
             raise CachefilesError(f"cannot open {self.path}: {e.strerror}", e.errno) from None
 
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
     def fileno(self) -> int:
         if self._fd is None:
             raise CachefilesError(f"{self.path} is not open")

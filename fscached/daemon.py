@@ -32,6 +32,8 @@ class Daemon:
         self.server = Server(self.device, self.catalog, self.executor, config.read_window)
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._stop_before_start = False
         self.exit_code = 0
 
     async def load(self) -> None:
@@ -53,13 +55,16 @@ class Daemon:
         """Take the device and bind the cache (errors are CachefilesError, user-worded)."""
         self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_cache_dir(str(self.config.cache_dir))  # the most specific error first
-        if self.device._fd is None:  # not handed over already open (simulator, failover)
+        if not self.device.is_open:  # not handed over already open (simulator, failover)
             self.device.open()
         self.device.bind(str(self.config.cache_dir), self.config.tag)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self._loop = loop
+        with self._loop_lock:
+            self._loop = loop
+            if self._stop_before_start:
+                self._stop.set()
         if not self.loaded:
             await self.load()
         fd = self.device.fileno()
@@ -98,9 +103,12 @@ class Daemon:
             self._stop.set()
 
     def stop(self) -> None:
-        """Thread-safe: ask the daemon to stop."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+        """Thread-safe: ask the daemon to stop (also before run() has started)."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._stop_before_start = True
+            else:
+                self._loop.call_soon_threadsafe(self._stop.set)
 
     def counters(self) -> dict[str, int]:
         """The daemon's counters plus each source's, as "source:<name>:<ok|failed|...>"."""

@@ -50,8 +50,6 @@ class Running:
         self.exit_code = uvloop.run(self.daemon.run())
 
     def stop(self) -> int | None:
-        while self.daemon._loop is None and self.thread.is_alive():
-            threading.Event().wait(0.01)
         self.daemon.stop()
         self.thread.join(30)
         assert not self.thread.is_alive(), "daemon did not stop"
