@@ -80,6 +80,24 @@ class ObjectTable:
                 if close_now:
                     self._close_fd(entry)
 
+    @contextmanager
+    def hold(self, entry: ObjectEntry) -> Iterator[bool]:
+        """Hold a known entry (not an id: the kernel reuses ids) so its fd stays open for the
+        block; yields False when the entry was already removed."""
+        with self._lock:
+            alive = not entry.removed
+            if alive:
+                entry._users += 1
+        try:
+            yield alive
+        finally:
+            if alive:
+                with self._lock:
+                    entry._users -= 1
+                    close_now = entry.removed and entry._users == 0
+                if close_now:
+                    self._close_fd(entry)
+
     def remove(self, object_id: int) -> ObjectEntry | None:
         """Forget the object; its fd is closed now, or when the last `use` ends."""
         with self._lock:

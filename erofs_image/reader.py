@@ -133,6 +133,12 @@ class Bootstrap:
         return b"".join(parts)
 
 
+def digest_matches(ref: ChunkRef, data: bytes | memoryview) -> bool:
+    """True when `data` is the chunk's uncompressed bytes: right size and blake3 digest (a chunk
+    whose bootstrap records no digest never matches: nothing unverifiable is trusted)."""
+    return bool(ref.digest) and len(data) == ref.uncompressed_size and blake3.blake3(data).digest() == ref.digest
+
+
 def verify_chunk(ref: ChunkRef, compressor: str, raw: bytes | memoryview, where: str = "") -> bytes:
     """A chunk's stored bytes -> its uncompressed bytes, checked against the size and blake3
     digest the bootstrap records (ChunkVerifyError otherwise). The one check for every reader:
@@ -147,7 +153,7 @@ def verify_chunk(ref: ChunkRef, compressor: str, raw: bytes | memoryview, where:
     if len(data) != ref.uncompressed_size:
         raise ChunkVerifyError(f"{where}chunk {ref.index} is {len(data)} bytes, "
                                f"expected {ref.uncompressed_size}")
-    if ref.digest and blake3.blake3(data).digest() != ref.digest:
+    if ref.digest and not digest_matches(ref, data):
         raise ChunkVerifyError(f"{where}chunk {ref.index} at {ref.compressed_offset} "
                                "fails its blake3 digest check")
     return data

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from erofs_image.reader import Bootstrap
-from erofs_image.tree import BlobInfo
+from erofs_image.tree import BlobInfo, ChunkRef, Inode
 from fetcher.chain import SourceChain
 from fscached.chunkmap import ChunkMap, chunks_by_blob, round_up
 from fscached.config import ImageSpec
@@ -40,6 +40,7 @@ class BlobObject:
     users: set[str] = field(default_factory=set)  # fsids referencing it
     prefetch_mode: str = "none"
     prefetch_bandwidth: int = 0
+    prefetch_order: list[ChunkRef] = field(default_factory=list)  # computed once, at load
 
     @property
     def size(self) -> int:
@@ -53,6 +54,9 @@ class Catalog:
     def __init__(self) -> None:
         self._objects: dict[tuple[str, str], Served] = {}
         self.images: dict[tuple[str, str], ImageSpec] = {}
+        # (volume, fsid) -> the image's blobs in device-table order (a file-backed mount
+        # names one device per slot, in that order)
+        self.devices: dict[tuple[str, str], list[BlobObject]] = {}
 
     def add_image(self, spec: ImageSpec, bootstrap_path: Path, source: SourceChain) -> None:
         if (spec.volume, spec.fsid) in self.images:
@@ -65,13 +69,16 @@ class Catalog:
             raise CatalogError(f"image {spec.fsid}: bootstrap {bootstrap_path}: {exc}") from None
         if spec.blobs is not None and not spec.blobs.is_dir() and spec.registry is None and bootstrap.blobs:
             raise CatalogError(f"image {spec.fsid}: blob directory {spec.blobs} does not exist")
+        devices: list[BlobObject] = []
         grouped = chunks_by_blob(bootstrap.image)
+        prefetch_nodes = prefetch_table_nodes(bootstrap) if spec.prefetch.mode != "none" else []
         new: dict[tuple[str, str], Served] = {}
         for index, info in enumerate(bootstrap.blobs):
             key = (spec.volume, info.blob_id)
             existing = self._objects.get(key)
             if isinstance(existing, BlobObject):
                 existing.users.add(spec.fsid)
+                devices.append(existing)
                 continue
             if existing is not None or info.blob_id == spec.fsid:
                 raise CatalogError(f"image {spec.fsid}: blob id {info.blob_id} collides with an fsid")
@@ -80,7 +87,9 @@ class Catalog:
             except ValueError as exc:
                 raise CatalogError(f"image {spec.fsid}: blob {info.blob_id}: {exc}") from None
             new[key] = BlobObject(info, chunk_map, source, bootstrap, {spec.fsid},
-                                  spec.prefetch.mode, spec.prefetch.bandwidth)
+                                  spec.prefetch.mode, spec.prefetch.bandwidth,
+                                  prefetch_order(prefetch_nodes, index, chunk_map, spec.prefetch.mode))
+            devices.append(new[key])  # type: ignore[arg-type]
         key = (spec.volume, spec.fsid)
         if key in self._objects:
             raise CatalogError(f"image {spec.fsid}: the fsid collides with a blob id in {spec.volume}")
@@ -88,6 +97,16 @@ class Catalog:
         new[key] = BootstrapObject(spec.fsid, bootstrap_path, file_size, round_up(file_size))
         self._objects.update(new)
         self.images[key] = spec
+        self.devices[key] = devices
+
+    def bootstrap_of(self, spec: ImageSpec) -> BootstrapObject:
+        obj = self._objects[(spec.volume, spec.fsid)]
+        assert isinstance(obj, BootstrapObject)
+        return obj
+
+    def blobs(self) -> list[tuple[str, BlobObject]]:
+        """Every distinct data blob with its volume (a domain's blob once)."""
+        return [(volume, obj) for (volume, _), obj in self._objects.items() if isinstance(obj, BlobObject)]
 
     def lookup(self, volume_key: str, cookie_key: bytes) -> Served | None:
         if not volume_key.startswith(VOLUME_PREFIX):
@@ -104,3 +123,32 @@ class Catalog:
             if isinstance(obj, BlobObject):
                 unique[id(obj.source)] = obj.source
         return list(unique.values())
+
+
+def prefetch_table_nodes(bootstrap: Bootstrap) -> list[Inode]:
+    """The inodes the bootstrap's prefetch table lists, in table order (one tree walk)."""
+    by_nid: dict[int, Inode] = {}
+    stack = [bootstrap.image.root]
+    while stack:
+        node = stack.pop()
+        if node.nid in by_nid:
+            continue
+        by_nid[node.nid] = node
+        stack.extend(node.children.values())
+    return [by_nid[nid] for nid in bootstrap.prefetch_nids if nid in by_nid]
+
+
+def prefetch_order(nodes: list[Inode], blob_index: int, chunk_map: ChunkMap, mode: str) -> list[ChunkRef]:
+    """What to prefetch for one blob: the chunks of the prefetch table's files first, then
+    (mode "all") every other chunk in address order; nothing for mode "none"."""
+    if mode == "none":
+        return []
+    order: dict[int, ChunkRef] = {}
+    for node in nodes:
+        for ref in node.chunks:
+            if ref is not None and ref.blob_index == blob_index:
+                order.setdefault(ref.uncompressed_offset, ref)
+    if mode == "all":
+        for ref in chunk_map.chunks:
+            order.setdefault(ref.uncompressed_offset, ref)
+    return list(order.values())

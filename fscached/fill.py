@@ -1,4 +1,9 @@
-"""Turning a READ into verified bytes in the kernel's cache file.
+"""The backend-neutral fill core: turning a kernel request into verified bytes in a cache file.
+
+Both frontends (cachefiles READs, fanotify pre-access events) hand the core a `FillTarget`:
+an fd that accepts verified bytes plus what it already holds. The core never knows which
+kernel asked. `fill_blob` raises when it could not write every chunk the range needs: it
+never returns without the bytes in place.
 
 A READ is widened to the aligned read window around it (never past the blob's end), so the
 next reads find the cache filled. The chunks of that window that are neither written nor in
@@ -10,16 +15,17 @@ the next source. A chunk already being fetched for the object is joined, not fet
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import threading
 from collections import Counter
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from contextlib import nullcontext
-from typing import Any, Awaitable, Callable, ContextManager, TypeVar
+from contextlib import contextmanager
+from typing import Any, Awaitable, Callable, ContextManager, Iterator, TypeVar
 
 import native
-from erofs_image.reader import ChunkVerifyError, verify_chunk
+from erofs_image.reader import ChunkVerifyError, digest_matches, verify_chunk
 from erofs_image.tree import BlobInfo, ChunkRef
 from fetcher.source import IntegrityError
 from fscached.catalog import BlobObject, BootstrapObject
@@ -36,6 +42,10 @@ READAHEAD_WINDOWS = 1  # windows fetched ahead of a sequential reader
 
 class VerifyError(IntegrityError):
     """Bytes that do not match what the bootstrap records: never written."""
+
+
+class TargetClosed(OSError):
+    """The object was closed (CLOSE, unmount, shutdown) before its bytes were written."""
 
 
 def decode_chunk(info: BlobInfo, ref: ChunkRef, raw: bytes | memoryview) -> bytes:
@@ -100,17 +110,95 @@ def write_zeros(fd: int, offset: int, length: int) -> None:
     native.write_aligned(fd, buf, offset, length)
 
 
-@dataclass
-class ObjectState:
-    """Per kernel object (one anon fd): what was written, and jobs in flight."""
+def chunks_in_cache(fd: int, run: list[ChunkRef]) -> list[ChunkRef]:
+    """The chunks of `run` whose bytes are already in the cache file behind `fd` and match
+    their digest. Holes are found with SEEK_DATA without reading; anything else is read back
+    and hashed, so a torn or zeroed range (a crash, a power cut) never counts as filled."""
+    good: list[ChunkRef] = []
+    for ref in run:
+        start = ref.uncompressed_offset
+        try:
+            data_at = os.lseek(fd, start, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only holes from here to the end of the file
+                break
+            raise
+        if data_at >= start + ref.uncompressed_size:
+            continue
+        data = os.pread(fd, ref.uncompressed_size, start)
+        if digest_matches(ref, data):
+            good.append(ref)
+    return good
 
-    anon_fd: int
-    # keeps the anon fd open while held (the object table's `use`); yields None once removed
-    hold: Callable[[], ContextManager[Any]] = nullcontext
-    written: set[int] = field(default_factory=set)  # chunk uncompressed offsets
-    jobs: dict[int, asyncio.Future[None]] = field(default_factory=dict)
-    prefetch: asyncio.Task[None] | None = None
-    sequential_end: int = -1  # where the last READ's window ended: the next one there is sequential
+
+class SharedFd:
+    """An fd written by worker threads: close() closes it only after the last holder lets go,
+    so its number can never be reused under a running pwrite."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._users = 0
+        self._closing = False
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self) -> Iterator[bool]:
+        """Keep the fd open for the block; yields False when it is already closing."""
+        with self._lock:
+            alive = not self._closing
+            if alive:
+                self._users += 1
+        try:
+            yield alive
+        finally:
+            if alive:
+                with self._lock:
+                    self._users -= 1
+                    close_now = self._closing and self._users == 0
+                if close_now:
+                    os.close(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            close_now = self._users == 0
+        if close_now:
+            os.close(self.fd)
+
+
+class FillTarget:
+    """One blob object as the fill core sees it: an fd that accepts verified bytes (a cachefiles
+    anon fd, or a non-notifying fd of a fanotify cache file), what it holds, the jobs filling it.
+
+    `hold()` keeps the fd open across a write and yields False once the owner has released it
+    (the owner's object, not an id the kernel may reuse). `close()` cancels every fetch job and
+    the prefetch: nothing keeps a closed object's fd or source busy.
+    """
+
+    def __init__(self, fd: int, hold: Callable[[], ContextManager[bool]], *,
+                 holes_read_as_zeros: bool = False, reverify: bool = False) -> None:
+        self.fd = fd
+        self.hold = hold
+        # fanotify: a hole in the cache file reads as zeros, so ranges without a chunk need no
+        # write; cachefiles answers EIO for holes, so they are written as zeros.
+        self.holes_read_as_zeros = holes_read_as_zeros
+        # fanotify after a restart or a crash: bytes already in the file are checked against
+        # their digests before anything is fetched (and only then count as filled)
+        self.reverify = reverify
+        self.written: set[int] = set()  # uncompressed offsets of chunks holding verified bytes
+        self.jobs: dict[int, asyncio.Future[None]] = {}
+        self.prefetch: asyncio.Task[None] | None = None
+        self.sequential_end = -1  # where the last READ's window ended: the next one there is sequential
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        if self.prefetch is not None:
+            self.prefetch.cancel()
+        for job in set(self.jobs.values()):
+            job.cancel()
 
 
 class Filler:
@@ -125,10 +213,11 @@ class Filler:
         self._ondemand_waiting = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._jobs: set[asyncio.Future[None]] = set()  # every fetch job, owned here until done
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn in the worker pool. If the caller is cancelled, still wait for the thread:
-        it may be writing into an anon fd that must not be closed under it."""
+        it may be writing into an fd that must not be closed under it."""
         fut = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
         try:
             return await asyncio.shield(fut)
@@ -136,27 +225,52 @@ class Filler:
             await asyncio.wait([fut])
             raise
 
+    async def drain(self, timeout: float) -> None:
+        """Shutdown: give fetch jobs `timeout` seconds, then cancel the rest and wait for them
+        (a cancelled job still waits for its worker thread's write to finish)."""
+        if self._jobs:
+            _, pending = await asyncio.wait(set(self._jobs), timeout=timeout)
+            for job in pending:
+                job.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
     # -- the bootstrap: a local file, copied block-wise by the C core ---------------------------
-    async def fill_bootstrap(self, obj: BootstrapObject, state: ObjectState, offset: int, length: int) -> None:
+    async def fill_bootstrap(self, obj: BootstrapObject, target: FillTarget, offset: int, length: int) -> None:
         start = round_down(offset)
         end = min(offset + length, obj.file_size)  # copy_range zero-pads the last block
         if end > start:
-            await self.blocking(self._copy_bootstrap, obj, state.anon_fd, start, end - start)
+            with target.hold() as alive:
+                if not alive:
+                    raise TargetClosed(f"bootstrap {obj.fsid} was closed")
+                await self.blocking(self._copy_bootstrap, obj, target.fd, start, end - start)
 
     @staticmethod
-    def _copy_bootstrap(obj: BootstrapObject, anon_fd: int, offset: int, length: int) -> None:
+    def _copy_bootstrap(obj: BootstrapObject, fd: int, offset: int, length: int) -> None:
         with open(obj.path, "rb", buffering=0) as f:
-            native.copy_range(f.fileno(), offset, anon_fd, offset, length)
+            native.copy_range(f.fileno(), offset, fd, offset, length)
 
     # -- data blobs -----------------------------------------------------------------------------
-    async def fill_blob(self, obj: BlobObject, state: ObjectState, offset: int, length: int) -> None:
+    def is_filled(self, obj: BlobObject, target: FillTarget, offset: int, length: int) -> bool:
+        """True when every chunk under the range holds verified bytes (no I/O: the fast path
+        of a frontend whose kernel asks again for ranges already filled)."""
+        written = target.written
+        for chunk in obj.chunk_map.chunks_in(round_down(offset), offset + length):
+            if chunk.uncompressed_offset not in written:
+                return False
+        return True
+
+    async def fill_blob(self, obj: BlobObject, target: FillTarget, offset: int, length: int) -> None:
+        """Make [offset, offset+length) of the blob hold verified bytes, or raise."""
+        if target.closed:
+            raise TargetClosed(f"blob {obj.info.blob_id} was closed")
         zeros: list[Awaitable[None]] = []
         needed: list[ChunkRef] = []
         for span in obj.chunk_map.spans(offset, length):
-            if span.chunk is None:
-                zeros.append(self.blocking(write_zeros, state.anon_fd, span.offset, span.length))
-            else:
+            if span.chunk is not None:
                 needed.append(span.chunk)
+            elif not target.holes_read_as_zeros:
+                zeros.append(self._write_zeros(target, span.offset, span.length))
         await _all(zeros)
         if not needed:
             return
@@ -164,64 +278,84 @@ class Filler:
         window_end = min(round_up(offset + length, self.window), obj.size)
         # the window holds the READ's own chunks too (both block aligned, within the blob)
         window = obj.chunk_map.chunks_in(window_start, window_end)
-        jobs = self._start_jobs(obj, state, window, False, self.window)
-        if window_start == state.sequential_end and window_end < obj.size:
+        jobs = self._start_jobs(obj, target, window, False, self.window)
+        if window_start == target.sequential_end and window_end < obj.size:
             # a sequential reader: start the next window now, so fetching overlaps reading
             ahead = obj.chunk_map.chunks_in(window_end, min(window_end + READAHEAD_WINDOWS * self.window, obj.size))
-            self._start_jobs(obj, state, ahead, False, self.window)
+            self._start_jobs(obj, target, ahead, False, self.window)
             self.stats["readahead_windows"] += 1
-        state.sequential_end = window_end
+        target.sequential_end = window_end
         try:
-            await self._await_chunks(state, needed, jobs)
+            await self._await_chunks(target, needed, jobs)
         except Exception:
             # A window run fails whole (one bad chunk, one failed range): fetch just the chunks
             # this READ needs, one by one, so a good chunk is never held hostage by a bad one.
-            retry = [c for c in needed if c.uncompressed_offset not in state.written]
-            if not retry:
-                return
-            self.stats["chunk_retries"] += len(retry)
-            await self._await_chunks(state, retry, self._start_jobs(obj, state, retry, False, 0))
+            retry = [c for c in needed if c.uncompressed_offset not in target.written]
+            if retry:
+                if target.closed:
+                    raise
+                self.stats["chunk_retries"] += len(retry)
+                await self._await_chunks(target, retry, self._start_jobs(obj, target, retry, False, 0))
+        missing = [c for c in needed if c.uncompressed_offset not in target.written]
+        if missing:  # e.g. a job that ended because its object closed: never report success
+            raise TargetClosed(f"blob {obj.info.blob_id}: chunk at {missing[0].uncompressed_offset} was not written")
 
-    async def _await_chunks(self, state: ObjectState, chunks: list[ChunkRef],
+    async def _write_zeros(self, target: FillTarget, offset: int, length: int) -> None:
+        with target.hold() as alive:
+            if not alive:
+                raise TargetClosed("object closed before its zeros were written")
+            await self.blocking(write_zeros, target.fd, offset, length)
+
+    async def _await_chunks(self, target: FillTarget, chunks: list[ChunkRef],
                             jobs: dict[int, asyncio.Future[None]]) -> None:
         waits = []
         for chunk in chunks:
-            job = jobs.get(chunk.uncompressed_offset) or state.jobs.get(chunk.uncompressed_offset)
-            if job is not None and chunk.uncompressed_offset not in state.written:
+            job = jobs.get(chunk.uncompressed_offset) or target.jobs.get(chunk.uncompressed_offset)
+            if job is not None and chunk.uncompressed_offset not in target.written:
                 waits.append(asyncio.shield(job))
         await _all(waits)
 
-    def _start_jobs(self, obj: BlobObject, state: ObjectState, chunks: list[ChunkRef], prefetch: bool,
+    def _start_jobs(self, obj: BlobObject, target: FillTarget, chunks: list[ChunkRef], prefetch: bool,
                     max_run: int) -> dict[int, asyncio.Future[None]]:
         """Futures for `chunks`: joined where in flight, new runs for the rest."""
         found: dict[int, asyncio.Future[None]] = {}
         todo: list[ChunkRef] = []
         for chunk in chunks:
             key = chunk.uncompressed_offset
-            if key in state.written:
+            if key in target.written:
                 continue
-            job = state.jobs.get(key)
+            job = target.jobs.get(key)
             if job is not None:
                 found[key] = job
                 self.stats["joined_chunks"] += 1
             else:
                 todo.append(chunk)
         for run in contiguous_runs(todo, max_run):
-            job = asyncio.ensure_future(self._fetch_run(obj, state, run, prefetch))
-            for chunk in run:
-                state.jobs[chunk.uncompressed_offset] = job
-                found[chunk.uncompressed_offset] = job
-            job.add_done_callback(lambda _f, keys=[c.uncompressed_offset for c in run]: [state.jobs.pop(k, None) for k in keys])
+            job = asyncio.ensure_future(self._fetch_run(obj, target, run, prefetch))
+            keys = [c.uncompressed_offset for c in run]
+            for key in keys:
+                target.jobs[key] = job
+                found[key] = job
+            self._jobs.add(job)
+            job.add_done_callback(self._jobs.discard)
+            job.add_done_callback(lambda f, keys=keys: _forget_job(target, keys, f))
             job.add_done_callback(_consume_exception)
         return found
 
-    async def _fetch_run(self, obj: BlobObject, state: ObjectState, run: list[ChunkRef], prefetch: bool) -> None:
-        with state.hold() as held:  # the fd stays open until this run's write is done
-            if held is None:
-                return  # the object was closed before the fetch began
-            await self._fetch_run_held(obj, state, run, prefetch)
+    async def _fetch_run(self, obj: BlobObject, target: FillTarget, run: list[ChunkRef], prefetch: bool) -> None:
+        with target.hold() as alive:  # the fd stays open until this run's write is done
+            if not alive or target.closed:
+                raise TargetClosed(f"blob {obj.info.blob_id} was closed before its fetch began")
+            if target.reverify:
+                present = await self.blocking(chunks_in_cache, target.fd, run)
+                target.written.update(c.uncompressed_offset for c in present)
+                self.stats["reverified_chunks"] += len(present)
+                run = [c for c in run if c.uncompressed_offset not in target.written]
+                if not run:
+                    return
+            await self._fetch_run_held(obj, target, run, prefetch)
 
-    async def _fetch_run_held(self, obj: BlobObject, state: ObjectState, run: list[ChunkRef], prefetch: bool) -> None:
+    async def _fetch_run_held(self, obj: BlobObject, target: FillTarget, run: list[ChunkRef], prefetch: bool) -> None:
         start = run[0].compressed_offset
         length = run[-1].compressed_offset + run[-1].compressed_size - start
         info = obj.info
@@ -229,7 +363,7 @@ class Filler:
         async def verify_and_write(raw: bytes) -> None:
             # one worker-thread hop: every chunk is checked before the first byte is written
             try:
-                await self.blocking(decode_and_write_run, state.anon_fd, info, run, raw)
+                await self.blocking(decode_and_write_run, target.fd, info, run, raw)
             except VerifyError:
                 self.stats["verify_failures"] += 1
                 raise
@@ -252,7 +386,7 @@ class Filler:
         self.stats["fetches"] += 1
         self.stats["fetched_chunks"] += len(run)
         self.stats["fetched_bytes"] += length
-        state.written.update(c.uncompressed_offset for c in run)
+        target.written.update(c.uncompressed_offset for c in run)
 
     async def _wait_for_idle(self) -> None:
         """Prefetch yields to on-demand reads: wait until none is waiting for a fetch."""
@@ -260,18 +394,20 @@ class Filler:
             await self._idle.wait()
 
     # -- prefetch -------------------------------------------------------------------------------
-    async def prefetch(self, obj: BlobObject, state: ObjectState, order: list[ChunkRef], bandwidth: int) -> None:
+    async def prefetch(self, obj: BlobObject, target: FillTarget, order: list[ChunkRef], bandwidth: int) -> None:
         """Fetch `order` window by window in the background, at most `bandwidth` bytes/s
-        (0 = unlimited), behind every on-demand read."""
+        (0 = unlimited), behind every on-demand read. Only bytes this prefetch asked a source
+        for count against the bandwidth, not chunks already written or being fetched."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         fetched = 0
         for chunk in order:
-            if chunk.uncompressed_offset in state.written or chunk.uncompressed_offset in state.jobs:
+            if chunk.uncompressed_offset in target.written or chunk.uncompressed_offset in target.jobs:
                 continue
             window_start = round_down(chunk.uncompressed_offset, self.window)
-            batch = obj.chunk_map.chunks_in(window_start, window_start + self.window)
-            jobs = self._start_jobs(obj, state, batch, True, self.window)
+            batch = [c for c in obj.chunk_map.chunks_in(window_start, window_start + self.window)
+                     if c.uncompressed_offset not in target.written and c.uncompressed_offset not in target.jobs]
+            jobs = self._start_jobs(obj, target, batch, True, self.window)
             results = await asyncio.gather(*(asyncio.shield(j) for j in set(jobs.values())), return_exceptions=True)
             if any(isinstance(r, Exception) for r in results):
                 self.stats["prefetch_failed"] += 1
@@ -283,38 +419,18 @@ class Filler:
         self.stats["prefetch_done"] += 1
 
 
-def prefetch_order(obj: BlobObject, mode: str) -> list[ChunkRef]:
-    """What to prefetch for one blob: the chunks of the files in the bootstrap's prefetch
-    table first, then (mode "all") every other chunk in address order."""
-    index = obj.bootstrap.blobs.index(obj.info)
-    by_nid: dict[int, Any] = {}
-    stack = [obj.bootstrap.image.root]
-    while stack:
-        node = stack.pop()
-        if node.nid in by_nid:
-            continue
-        by_nid[node.nid] = node
-        stack.extend(node.children.values())
-    order: dict[int, ChunkRef] = {}
-    for nid in obj.bootstrap.prefetch_nids:
-        node = by_nid.get(nid)
-        if node is None:
-            continue
-        for ref in node.chunks:
-            if ref is not None and ref.blob_index == index:
-                order.setdefault(ref.uncompressed_offset, ref)
-    if mode == "all":
-        for ref in obj.chunk_map.chunks:
-            order.setdefault(ref.uncompressed_offset, ref)
-    return list(order.values())
-
-
 async def _all(waits: list[Awaitable[None]]) -> None:
     """Await everything; then raise the first error, if any."""
     if waits:
         for result in await asyncio.gather(*waits, return_exceptions=True):
             if isinstance(result, BaseException):
                 raise result
+
+
+def _forget_job(target: FillTarget, keys: list[int], job: asyncio.Future[None]) -> None:
+    for key in keys:
+        if target.jobs.get(key) is job:
+            del target.jobs[key]
 
 
 def _consume_exception(fut: asyncio.Future[None]) -> None:

@@ -19,7 +19,8 @@ from cachefiles.objects import ObjectEntry, ObjectTable
 from cachefiles.messages import CloseRequest, MalformedMessage, OpenRequest, ReadRequest
 from fetcher.source import SourceError
 from fscached.catalog import BlobObject, BootstrapObject, Catalog, Served
-from fscached.fill import DEFAULT_WINDOW, Filler, ObjectState, VerifyError, prefetch_order
+from fscached.config import ImageSpec
+from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, VerifyError
 
 log = logging.getLogger("fscached.serve")
 
@@ -29,7 +30,7 @@ class LiveObject:
     """What the daemon keeps per kernel object, as the ObjectTable entry's payload."""
 
     served: Served
-    state: ObjectState
+    target: FillTarget
     name: str
 
 
@@ -43,6 +44,18 @@ class Server:
         # object_id -> anon fd (owned, closed once its last in-flight READ lets go) + LiveObject
         self.objects = ObjectTable()
         self.tasks: set[asyncio.Task[None]] = set()
+
+    def fileno(self) -> int:
+        return self.device.fileno()
+
+    @staticmethod
+    def mount_args(spec: ImageSpec) -> tuple[str, str]:
+        """mount(2) source and options: the kernel asks the daemon for everything else."""
+        options = f"domain_id={spec.domain},fsid={spec.fsid}" if spec.domain else f"fsid={spec.fsid}"
+        return "none", options
+
+    def start_background(self) -> None:
+        """Nothing to start: prefetch begins at each blob's OPEN."""
 
     # -- message pump -------------------------------------------------------------------
     def on_readable(self) -> None:
@@ -85,25 +98,24 @@ class Server:
         if req.object_id in self.objects:  # the kernel reuses an id only after CLOSE
             log.warning("OPEN msg_id=%d reuses open object %d: dropping the old one", req.msg_id, req.object_id)
             self._forget(req.object_id)
-        object_id = req.object_id
-        live = LiveObject(served, ObjectState(req.fd, lambda: self.objects.use(object_id)), name)
-        self.objects.add(req.object_id, req.fd, req.volume_key, req.cookie_key, served.size, live)
+        entry = self.objects.add(req.object_id, req.fd, req.volume_key, req.cookie_key, served.size)
+        # a fetch holds this entry, never the id: a reused id must not keep it (or its fd) alive
+        live = LiveObject(served, FillTarget(req.fd, lambda: self.objects.hold(entry)), name)
+        entry.payload = live
         log.info("OPEN msg_id=%d object=%d %s size=%d", req.msg_id, req.object_id, name, served.size)
         if not self._copen(req.msg_id, served.size):
             self._forget(req.object_id)
             return
-        if isinstance(served, BlobObject) and served.prefetch_mode != "none":
-            order = prefetch_order(served, served.prefetch_mode)
-            if order:
-                task = asyncio.ensure_future(self._prefetch(live, served, order))
-                live.state.prefetch = task
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+        if isinstance(served, BlobObject) and served.prefetch_order:
+            task = asyncio.ensure_future(self._prefetch(live, served))
+            live.target.prefetch = task
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
-    async def _prefetch(self, live: LiveObject, served: BlobObject, order: list) -> None:
+    async def _prefetch(self, live: LiveObject, served: BlobObject) -> None:
         try:
-            await self.filler.prefetch(served, live.state, order, served.prefetch_bandwidth)
-            log.info("prefetch of %s done (%d chunks)", live.name, len(order))
+            await self.filler.prefetch(served, live.target, served.prefetch_order, served.prefetch_bandwidth)
+            log.info("prefetch of %s done (%d chunks)", live.name, len(served.prefetch_order))
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -140,16 +152,16 @@ class Server:
     async def _fill_and_complete(self, live: LiveObject, req: ReadRequest) -> None:
         try:
             if isinstance(live.served, BootstrapObject):
-                await self.filler.fill_bootstrap(live.served, live.state, req.offset, req.length)
+                await self.filler.fill_bootstrap(live.served, live.target, req.offset, req.length)
             else:
-                await self.filler.fill_blob(live.served, live.state, req.offset, req.length)
+                await self.filler.fill_blob(live.served, live.target, req.offset, req.length)
             self.stats["read_bytes"] += req.length
         except (SourceError, VerifyError, OSError, ValueError) as exc:
             self.stats["read_failed"] += 1
             log.error("READ msg_id=%d %s off=%d len=%d failed: %s", req.msg_id, live.name, req.offset, req.length, exc)
         except asyncio.CancelledError:
             self.stats["read_failed"] += 1
-            log.warning("READ msg_id=%d %s cancelled at shutdown", req.msg_id, live.name)
+            log.warning("READ msg_id=%d %s cancelled (object closed, or shutdown)", req.msg_id, live.name)
         except Exception:  # a bug must still not hang the reader
             self.stats["read_failed"] += 1
             log.exception("READ msg_id=%d %s: unexpected error", req.msg_id, live.name)
@@ -158,7 +170,7 @@ class Server:
 
     def _complete(self, live: LiveObject, msg_id: int) -> None:
         try:
-            self.device.complete_read(live.state.anon_fd, msg_id)
+            self.device.complete_read(live.target.fd, msg_id)
         except (CachefilesError, OSError) as exc:
             log.error("READ_COMPLETE msg_id=%d %s failed: %s", msg_id, live.name, exc)
 
@@ -172,10 +184,11 @@ class Server:
         log.info("CLOSE object=%d %s", req.object_id, entry.payload.name)
 
     def _forget(self, object_id: int) -> ObjectEntry | None:
-        """Drop an object: its prefetch stops, its fd closes once the last READ lets go."""
+        """Drop an object: its prefetch and fetch jobs stop, its fd closes once the last READ
+        or write lets go."""
         entry = self.objects.remove(object_id)
-        if entry is not None and entry.payload.state.prefetch is not None:
-            entry.payload.state.prefetch.cancel()
+        if entry is not None and entry.payload is not None:
+            entry.payload.target.close()
         return entry
 
     # -- shutdown ---------------------------------------------------------------------------
@@ -183,14 +196,15 @@ class Server:
         """Let in-flight READs finish; cancel what is left (those complete without data).
         Background prefetches are not waited for."""
         for entry in self.objects.entries():
-            if entry.payload.state.prefetch is not None:
-                entry.payload.state.prefetch.cancel()
+            if entry.payload is not None and entry.payload.target.prefetch is not None:
+                entry.payload.target.prefetch.cancel()
         if self.tasks:
             _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
             for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.wait(pending, timeout=5)
+                await asyncio.wait(pending)
+        await self.filler.drain(0)
 
     def release_all(self) -> None:
         """Close every anon fd: only once no worker thread can still write into one."""

@@ -236,7 +236,7 @@ def test_prefetch_table_fetches_the_listed_files_only(work: Path) -> None:
             while daemon.stats["prefetch_done"] < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert daemon.stats["prefetch_done"] == 1
-            written = daemon.daemon.server.objects.entries()[0].payload.state.written
+            written = daemon.daemon.server.objects.entries()[0].payload.target.written
             assert listed <= written, "every chunk of the listed file was prefetched"
             assert daemon.stats["prefetched_chunks"] < len(chunks_by_blob(boot.image)[0]), "and not the whole blob"
         finally:
