@@ -158,6 +158,7 @@ class DragonflyGrpcSource:
         priority_prefetch: int = PRIORITY_PREFETCH,
         filtered_query_params: list[str] | None = None,
         piece_cache_bytes: int = DEFAULT_PIECE_CACHE_BYTES,
+        piece_cache: "PieceCache | None" = None,
     ) -> None:
         if socket_path.startswith("unix:"):
             socket_path = socket_path[len("unix:"):]
@@ -187,7 +188,8 @@ class DragonflyGrpcSource:
         self._stub: dfdaemon_pb2_grpc.DfdaemonDownloadStub | None = None
         self._prefetch_asked: set[str] = set()
         self._closed = False
-        self.piece_cache = PieceCache(piece_cache_bytes)
+        # one cache may serve every source of the same dfdaemon (keys carry the task url)
+        self.piece_cache = piece_cache if piece_cache is not None else PieceCache(piece_cache_bytes)
         # url -> [(start, end, done)]: spans an RPC in flight will bring (whole pieces once the
         # piece length is known), so a concurrent read of the same pieces waits instead of
         # asking dfdaemon for them again
