@@ -13,10 +13,13 @@ PROG = "fscached"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Serve EROFS images to the kernel on demand through /dev/cachefiles.",
+        description="Serve EROFS images to the kernel on demand, through fanotify pre-content "
+                    "events (Linux 6.14+) or cachefiles on-demand (/dev/cachefiles).",
     )
     parser.add_argument("--config", help="TOML config file (flags override it)")
-    parser.add_argument("--cache-dir", help="cachefiles cache directory (ext4/xfs/btrfs, not tmpfs)")
+    parser.add_argument("--cache-dir", help="cache directory (ext4/xfs/btrfs, not tmpfs)")
+    parser.add_argument("--backend", help="kernel path: auto (default: fanotify when the kernel has "
+                        "pre-content events, else cachefiles), cachefiles or fanotify")
     parser.add_argument("--tag", help="cachefiles tag (default: the kernel's)")
     parser.add_argument(
         "--image",
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(
             file_values, args.cache_dir, args.tag, args.log_level, args.image,
             args.ready_file, args.stats_file, args.device, args.work_dir, args.read_window,
+            args.backend,
         )
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -59,17 +63,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def start_and_serve(config: "Config") -> int:
-    from cachefiles.device import CachefilesError
-    from fscached.catalog import CatalogError
-
     try:
         # Imported here: a missing native extension is reported as a clean error.
+        from cachefiles.device import CachefilesError
+        from fanotify.group import FanotifyError
+        from fscached.backend import BackendError
+        from fscached.catalog import CatalogError
         from fscached.daemon import Daemon
-
+        from fscached.keeper import KeeperError
+    except ImportError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    try:
         daemon = Daemon(config)
         await daemon.load()  # every image is readable before the kernel is involved
         daemon.bind()
-    except (CatalogError, CachefilesError, ImportError) as exc:
+    except (CatalogError, CachefilesError, FanotifyError, BackendError, KeeperError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -53,6 +53,7 @@ class ImageSpec:
     dragonfly_socket: Path | None = None
     proxy: ProxySpec | None = None
     prefetch: PrefetchSpec = PrefetchSpec()
+    mountpoint: Path | None = None  # the daemon mounts the image there once it can serve it
 
     @property
     def volume(self) -> str:
@@ -71,6 +72,7 @@ class Config:
     device: Path = Path("/dev/cachefiles")
     work_dir: Path = Path("/var/lib/fscached")  # pulled bootstraps
     read_window: int = 1 << 20
+    backend: str = "auto"  # auto | cachefiles | fanotify
 
 
 def check_id(kind: str, value: str) -> str:
@@ -95,7 +97,7 @@ def parse_image_spec(text: str) -> ImageSpec:
 IMAGE_KEYS = {
     "fsid", "bootstrap", "blobs", "domain", "ref", "registry", "scheme", "auth", "auth_file",
     "ca_file", "skip_verify", "dragonfly", "proxy", "ping_url", "check_interval", "fallback",
-    "use_http", "prefetch", "prefetch_bandwidth", "timeout",
+    "use_http", "prefetch", "prefetch_bandwidth", "timeout", "mountpoint",
 }
 
 
@@ -207,7 +209,19 @@ def image_from_mapping(fields: dict[str, Any], where: str) -> ImageSpec:
         dragonfly_socket=Path(str(fields["dragonfly"])) if fields.get("dragonfly") else None,
         proxy=proxy,
         prefetch=PrefetchSpec(mode, parse_size(where, "prefetch_bandwidth", fields.get("prefetch_bandwidth", 0))),
+        mountpoint=parse_mountpoint(where, fields.get("mountpoint")),
     )
+
+
+def parse_mountpoint(where: str, value: Any) -> Path | None:
+    if not value:
+        return None
+    path = Path(str(value)).resolve()
+    if "," in str(path) or "\n" in str(path):
+        raise ConfigError(f"{where}: mountpoint {value!r} cannot contain ',' or a newline")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{where}: mountpoint {value!r} is not a directory")
+    return path
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -231,10 +245,11 @@ def build_config(
     device: str | None,
     work_dir: str | None = None,
     read_window: str | None = None,
+    backend: str | None = None,
 ) -> Config:
     """Merge the file's values with flags (flags win; images from both are served)."""
     unknown = set(file_values) - {"cache_dir", "tag", "log_level", "image", "ready_file", "stats_file",
-                                  "device", "work_dir", "read_window"}
+                                  "device", "work_dir", "read_window", "backend"}
     if unknown:
         raise ConfigError(f"config file: unknown key(s) {', '.join(sorted(unknown))}")
     chosen_cache_dir = cache_dir or file_values.get("cache_dir")
@@ -252,6 +267,9 @@ def build_config(
     ]
     images += [parse_image_spec(spec) for spec in image_specs]
     check_unique(images)
+    chosen_backend = str(backend or file_values.get("backend") or "auto")
+    if chosen_backend not in ("auto", "cachefiles", "fanotify"):
+        raise ConfigError(f"invalid backend {chosen_backend!r}: use auto, cachefiles or fanotify")
     ready = ready_file or file_values.get("ready_file")
     stats = stats_file or file_values.get("stats_file")
     return Config(
@@ -263,6 +281,7 @@ def build_config(
         stats_file=Path(stats) if stats else None,
         device=Path(device or file_values.get("device") or "/dev/cachefiles"),
         work_dir=Path(str(work_dir or file_values.get("work_dir") or "/var/lib/fscached")).resolve(),
+        backend=chosen_backend,
         read_window=check_window(parse_size("read window", "read_window", read_window or file_values.get("read_window") or (1 << 20))),
     )
 

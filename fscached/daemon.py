@@ -1,4 +1,5 @@
-"""The daemon: load the images, take /dev/cachefiles, serve until told to stop."""
+"""The daemon: load the images, take a kernel path (fanotify or cachefiles), mount what it was
+asked to, serve until told to stop."""
 from __future__ import annotations
 
 import asyncio
@@ -9,27 +10,36 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Union
 
 from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
+from fscached import mounts
+from fscached.backend import choose_backend
 from fscached.catalog import Catalog, CatalogError
-from fscached.sources import build_chain, registry_source
 from fscached.config import Config, ImageSpec
+from fscached.fanotify_frontend import FanotifyServer
 from fscached.serve import Server
+from fscached.sources import SourcePool
 
 log = logging.getLogger("fscached")
 
 WORKER_THREADS = 4
 DRAIN_SECONDS = 10.0
 
+Frontend = Union[Server, FanotifyServer]
+
 
 class Daemon:
     def __init__(self, config: Config, device: CachefilesDevice | None = None) -> None:
         self.config = config
         self.catalog = Catalog()
+        self.pool = SourcePool()
         self.loaded = False
-        self.device = device or CachefilesDevice(str(config.device))
+        self._given_device = device  # tests and failover: an already open device (cachefiles)
+        self.backend = "cachefiles" if device is not None else config.backend
         self.executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="fscached-io")
-        self.server = Server(self.device, self.catalog, self.executor, config.read_window)
+        self.server: Frontend | None = None
+        self.mounted: list[Path] = []
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
@@ -42,22 +52,29 @@ class Daemon:
         for spec in self.config.images:
             path = spec.bootstrap
             if path is None:
-                path = await pull_image_bootstrap(spec, self.config.work_dir)
-            chain = build_chain(spec)
-            for source in chain.sources:  # e.g. the Dragonfly proxy's ping_url health checks
-                start = getattr(source, "start_health_checks", None)
-                if start is not None:
-                    start()
-            self.catalog.add_image(spec, path, chain)
+                path = await self.pull_image_bootstrap(spec)
+            self.catalog.add_image(spec, path, self.pool.chain(spec))
         self.loaded = True
 
     def bind(self) -> None:
-        """Take the device and bind the cache (errors are CachefilesError, user-worded)."""
+        """Choose the kernel path and take it: the device bound (cachefiles), or the group made
+        or taken back and every cache file marked (fanotify). Errors are user-worded
+        (CachefilesError, FanotifyError, BackendError, KeeperError)."""
         self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.backend == "auto" or self.backend == "fanotify":
+            self.backend, why = choose_backend(self.backend, self.config.cache_dir, self.config.device)
+            log.info("kernel path: %s (%s)", self.backend, why)
+        if self.backend == "fanotify":
+            server = FanotifyServer(self.catalog, self.executor, self.config.cache_dir, self.config.read_window)
+            self.server = server
+            server.open()
+            return
         check_cache_dir(str(self.config.cache_dir))  # the most specific error first
-        if not self.device.is_open:  # not handed over already open (simulator, failover)
-            self.device.open()
-        self.device.bind(str(self.config.cache_dir), self.config.tag)
+        device = self._given_device or CachefilesDevice(str(self.config.device))
+        if not device.is_open:  # not handed over already open (simulator, failover)
+            device.open()
+        device.bind(str(self.config.cache_dir), self.config.tag)
+        self.server = Server(device, self.catalog, self.executor, self.config.read_window)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -67,7 +84,11 @@ class Daemon:
                 self._stop.set()
         if not self.loaded:
             await self.load()
-        fd = self.device.fileno()
+        if self.server is None:
+            self.bind()
+        server = self.server
+        assert server is not None
+        fd = server.fileno()
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_readable)
         if threading.current_thread() is threading.main_thread():
@@ -75,26 +96,82 @@ class Daemon:
                 loop.add_signal_handler(sig, self._stop.set)
             loop.add_signal_handler(signal.SIGUSR1, self.write_stats)
         self._on_readable()  # anything queued before the reader was armed
-        images = ", ".join(f"{s.fsid}" + (f" (domain {s.domain})" if s.domain else "") for s in self.config.images)
-        log.info("serving %d image(s) from cache %s: %s", len(self.config.images), self.config.cache_dir, images or "none")
-        if self.config.ready_file:
-            _write_atomic(self.config.ready_file, f"{os.getpid()}\n")
+        server.start_background()
+        let_go = True
         try:
-            await self._stop.wait()
+            try:
+                await self._mount_all(server)
+            except (OSError, ValueError) as exc:
+                log.error("%s", exc)
+                self.exit_code = 1
+                self._stop.set()
+            images = ", ".join(f"{s.fsid}" + (f" (domain {s.domain})" if s.domain else "") for s in self.config.images)
+            log.info("serving %d image(s) from cache %s through %s: %s", len(self.config.images),
+                     self.config.cache_dir, self.backend, images or "none")
+            if self.config.ready_file and not self._stop.is_set():
+                _write_atomic(self.config.ready_file, f"{os.getpid()}\n")
+            let_go = await self._serve_until_unmounted(server)
         finally:
-            log.info("stopping: completing %d READ(s) in flight", len(self.server.tasks))
+            log.info("stopping: completing %d request(s) in flight", len(server.tasks))
             loop.remove_reader(fd)
-            await self.server.drain(DRAIN_SECONDS)
-            self.executor.shutdown(wait=True)  # no write into an anon fd is left running
-            self.server.release_all()
+            await server.drain(DRAIN_SECONDS)
+            # no write into a cache fd is left running; waited for off the event loop
+            await asyncio.to_thread(self.executor.shutdown, True)
+            if isinstance(server, FanotifyServer):
+                server.release_all(let_go=let_go)
+            else:
+                server.release_all()
+                server.device.close()
             self.write_stats()
-            for source in self.catalog.sources():
-                await source.close()
-            self.device.close()
+            await self.pool.close()
             log.info("stopped")
         return self.exit_code
 
+    async def _mount_all(self, server: Frontend) -> None:
+        """Mount every image with a mountpoint, once the kernel's questions can be answered."""
+        present = mounts.erofs_mounts()
+        for spec in self.config.images:
+            if spec.mountpoint is None:
+                continue
+            source, options = server.mount_args(spec)
+            if str(spec.mountpoint) in present:
+                if isinstance(server, FanotifyServer) and server.takeover and present[str(spec.mountpoint)] == source:
+                    log.info("image %s: still mounted on %s, served again", spec.fsid, spec.mountpoint)
+                    self.mounted.append(spec.mountpoint)
+                    continue
+                raise OSError(f"image {spec.fsid}: {spec.mountpoint} is already mounted (from "
+                              f"{present[str(spec.mountpoint)]}); unmount it first (umount {spec.mountpoint})")
+            await asyncio.to_thread(mounts.mount_erofs, source, spec.mountpoint, options)
+            self.mounted.append(spec.mountpoint)
+            log.info("image %s mounted on %s", spec.fsid, spec.mountpoint)
+
+    async def _serve_until_unmounted(self, server: Frontend) -> bool:
+        """Serve until told to stop and what we mounted is unmounted. A busy mount keeps the
+        daemon serving it (it never leaves a mount unwatched). Returns whether nothing of ours
+        is mounted any more (fanotify: the keeper may then let the group go)."""
+        while True:
+            await self._stop.wait()
+            busy = []
+            for mountpoint in list(self.mounted):
+                if await asyncio.to_thread(mounts.unmount, mountpoint):
+                    self.mounted.remove(mountpoint)
+                    log.info("unmounted %s", mountpoint)
+                else:
+                    busy.append(str(mountpoint))
+            if busy:
+                log.error("still serving: %s busy (stop what uses it, then signal again)", ", ".join(busy))
+                self._stop.clear()
+                continue
+            if isinstance(server, FanotifyServer):
+                others = server.still_mounted()
+                if others:
+                    log.warning("%s still mounted: the keeper keeps the fanotify group, so its readers "
+                                "wait for the next fscached instead of reading holes", ", ".join(others))
+                    return False
+            return True
+
     def _on_readable(self) -> None:
+        assert self.server is not None
         try:
             self.server.on_readable()
         except CachefilesError as exc:  # the cache died under us: nothing more can be served
@@ -112,7 +189,7 @@ class Daemon:
 
     def counters(self) -> dict[str, int]:
         """The daemon's counters plus each source's, as "source:<name>:<ok|failed|...>"."""
-        merged = dict(self.server.stats)
+        merged = dict(self.server.stats) if self.server is not None else {}
         for chain in self.catalog.sources():
             for key, value in chain.stats.items():
                 merged[f"source:{key}"] = merged.get(f"source:{key}", 0) + value
@@ -122,24 +199,20 @@ class Daemon:
         if self.config.stats_file:
             _write_atomic(self.config.stats_file, json.dumps(self.counters(), sort_keys=True) + "\n")
 
+    async def pull_image_bootstrap(self, spec: ImageSpec) -> Path:
+        """The bootstrap of a registry image, pulled (verified) into work_dir/bootstraps."""
+        from fetcher.image_ref import parse_image_ref
+        from fetcher.pull import pull_bootstrap
+        from fetcher.source import SourceError
 
-async def pull_image_bootstrap(spec: ImageSpec, work_dir: Path) -> Path:
-    """The bootstrap of a registry image, pulled (verified) into work_dir/bootstraps."""
-    from fetcher.image_ref import parse_image_ref
-    from fetcher.pull import pull_bootstrap
-    from fetcher.source import SourceError
-
-    assert spec.ref is not None and spec.registry is not None
-    dest = work_dir / "bootstraps"
-    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
-    registry = registry_source(spec.registry)
-    try:
-        pulled = await pull_bootstrap(registry, parse_image_ref(spec.ref).reference, dest)
-    except (SourceError, ValueError) as exc:
-        raise CatalogError(f"image {spec.fsid}: cannot pull {spec.ref}: {exc}") from None
-    finally:
-        await registry.close()
-    return pulled.bootstrap
+        assert spec.ref is not None and spec.registry is not None
+        dest = self.config.work_dir / "bootstraps"
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            pulled = await pull_bootstrap(self.pool.registry(spec.registry), parse_image_ref(spec.ref).reference, dest)
+        except (SourceError, ValueError) as exc:
+            raise CatalogError(f"image {spec.fsid}: cannot pull {spec.ref}: {exc}") from None
+        return pulled.bootstrap
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -32,6 +32,10 @@ __all__ = [
     "copy_range",
     "copy_ranges",
     "fs_type",
+    "fanotify_init",
+    "fanotify_mark",
+    "mount",
+    "umount",
 ]
 
 
@@ -183,3 +187,32 @@ def fs_type(path: str | os.PathLike[str]) -> int:
     if r < 0:
         _raise(r, f"statfs {os.fspath(path)}")
     return int(r)
+
+
+def fanotify_init(flags: int, event_f_flags: int) -> int:
+    """fanotify_init(2): the new group's fd."""
+    r = lib.fsc_fanotify_init(flags, event_f_flags)
+    if r < 0:
+        _raise(r, "fanotify_init")
+    return int(r)
+
+
+def fanotify_mark(group_fd: int, flags: int, mask: int, path: str | os.PathLike[str]) -> None:
+    """fanotify_mark(2) on `path` (relative paths are taken from the working directory)."""
+    r = lib.fsc_fanotify_mark(group_fd, flags, mask, -100, os.fsencode(path))  # AT_FDCWD
+    if r < 0:
+        _raise(r, f"fanotify_mark {os.fspath(path)}")
+
+
+def mount(source: str | os.PathLike[str], target: str | os.PathLike[str], fstype: str, flags: int,
+          data: str) -> None:
+    """mount(2), the GIL released (an on-demand mount waits for the daemon's own answers)."""
+    r = lib.fsc_mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode())
+    if r < 0:
+        _raise(r, f"mount {os.fspath(source)} on {os.fspath(target)}")
+
+
+def umount(target: str | os.PathLike[str], flags: int = 0) -> None:
+    r = lib.fsc_umount(os.fsencode(target), flags)
+    if r < 0:
+        _raise(r, f"umount {os.fspath(target)}")

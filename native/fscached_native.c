@@ -8,7 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/fanotify.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/types.h>
 #include <sys/vfs.h>
 
@@ -147,4 +149,26 @@ int64_t fsc_copy_range(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_of
 {
     struct fsc_range r = { src_off, dst_off, len };
     return fsc_copy_ranges(src_fd, dst_fd, &r, 1, NULL);
+}
+
+int fsc_fanotify_init(uint32_t flags, uint32_t event_f_flags)
+{
+    int fd = fanotify_init(flags, event_f_flags);
+    return fd < 0 ? -errno : fd;
+}
+
+int fsc_fanotify_mark(int group_fd, uint32_t flags, uint64_t mask, int dirfd, const char *path)
+{
+    return fanotify_mark(group_fd, flags, mask, dirfd, path) < 0 ? -errno : 0;
+}
+
+int fsc_mount(const char *source, const char *target, const char *fstype, unsigned long flags,
+              const char *data)
+{
+    return mount(source, target, fstype, flags, data) < 0 ? -errno : 0;
+}
+
+int fsc_umount(const char *target, int flags)
+{
+    return umount2(target, flags) < 0 ? -errno : 0;
 }

@@ -1,0 +1,374 @@
+"""The fanotify frontend: serve file-backed EROFS mounts whose blobs are sparse cache files.
+
+Per data blob (a domain's blob once) one sparse file of the blob's uncompressed size lives in
+`<cache_dir>/blobs/<volume>/<blob id>`, marked FAN_PRE_ACCESS before anything can mount it. A
+read of the mount that misses EROFS's page cache raises an event for a range of that file; the
+fill core makes the range hold verified bytes (or fails), and the event is answered FAN_ALLOW,
+or FAN_DENY_ERRNO(EIO): a reader never sees a hole as data.
+
+Writes go through a non-notifying fd of the cache file: one opened before the file was marked
+(checked on 6.18: such an fd raises no events, even with other files of the filesystem marked),
+or a duplicate of an event's fd. The group fd and those write fds also live in the keeper
+(fscached.keeper), and every event being worked on is journaled (fscached.event_journal), so a
+daemon killed with -9 leaves readers waiting, never reading zeros, and its successor answers
+what it left.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import re
+from collections import Counter
+from concurrent.futures import Executor
+from pathlib import Path
+
+from fanotify.group import FAN_ALLOW, FAN_Q_OVERFLOW, Event, FanotifyError, Group, deny_errno
+from fetcher.source import SourceError
+from fscached import keeper, mounts
+from fscached.catalog import BlobObject, Catalog
+from fscached.config import ImageSpec
+from fscached.event_journal import EventJournal, Orphan
+from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, SharedFd, VerifyError
+
+log = logging.getLogger("fscached.fanotify")
+
+_BLOB_ID = re.compile(r"[0-9a-f]{64}")
+ORPHAN_SECONDS = 10.0  # an orphan not filled by then is answered EIO: no reader waits longer
+
+
+class CacheFile:
+    """One blob's sparse cache file and its fill state."""
+
+    def __init__(self, volume: str, blob: BlobObject, path: Path) -> None:
+        self.volume = volume
+        self.blob = blob
+        self.path = path
+        self.name = f"{volume}/{blob.info.blob_id}"
+        self.write_fd: SharedFd | None = None
+        self.target: FillTarget | None = None
+        self.marked = False
+        self.reverify = False  # the file held bytes before this process: check before trusting
+
+    def adopt(self, fd: int) -> FillTarget:
+        """Take `fd` (non-notifying, read-write) as the file's write fd."""
+        self.write_fd = SharedFd(fd)
+        self.target = FillTarget(fd, self.write_fd.hold, holes_read_as_zeros=True, reverify=self.reverify)
+        return self.target
+
+    @property
+    def complete(self) -> bool:
+        return self.target is not None and len(self.target.written) >= len(self.blob.chunk_map.chunks)
+
+
+class FanotifyServer:
+    def __init__(self, catalog: Catalog, executor: Executor, cache_dir: Path,
+                 read_window: int = DEFAULT_WINDOW) -> None:
+        self.catalog = catalog
+        self.cache_dir = cache_dir
+        self.state_dir = cache_dir / ".fscached"
+        self.keeper_socket = self.state_dir / "keeper.sock"
+        self.stats: Counter[str] = Counter()
+        self.filler = Filler(executor, self.stats, read_window)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.files: dict[str, CacheFile] = {}
+        self.by_inode: dict[tuple[int, int], CacheFile] = {}
+        self.group: Group | None = None
+        self.journal: EventJournal | None = None
+        self.takeover = False
+        self.orphans: list[Orphan] = []
+        self.mounted: list[Path] = []
+        self._placeholders: set[int] = set()
+
+    # -- start ------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Take the group back from a keeper (a successor) or make a new one; create and mark
+        every blob's cache file; hand the fds to the keeper. Errors: FanotifyError, KeeperError."""
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        handed = keeper.take(self.keeper_socket) or {}
+        group_fd = handed.pop("group", None)
+        if group_fd is not None:
+            self.group = Group.adopt(group_fd)
+            self.takeover = True
+            log.info("took the fanotify group back from the keeper (%d write fds)", len(handed))
+        else:
+            self.group = Group.create()
+        self.journal = EventJournal(self.state_dir / "events.journal")
+        if self.takeover:
+            self.orphans = self.journal.pending()
+        else:
+            self.journal.reset()  # a fresh group: no event of an older one can be answered
+        for volume, blob in self.catalog.blobs():
+            self._open_cache_file(volume, blob, handed)
+        for fd in handed.values():  # blobs no image of this configuration uses
+            os.close(fd)
+        if not self.takeover:
+            keeper.start(self.keeper_socket)
+        self._give_to_keeper()
+
+    def _open_cache_file(self, volume: str, blob: BlobObject, handed: dict[str, int]) -> None:
+        assert self.group is not None
+        blob_id = blob.info.blob_id
+        if not _BLOB_ID.fullmatch(blob_id):
+            raise FanotifyError(f"blob id {blob_id!r} is not 64 hex digits: refusing to name a cache file after it")
+        directory = self.cache_dir / "blobs" / volume
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = directory / blob_id
+        mounts.check_mount_path(path)
+        cf = CacheFile(volume, blob, path)
+        handed_fd = handed.pop(f"blob:{cf.name}", None)
+        try:
+            existing = os.stat(path).st_size
+        except FileNotFoundError:
+            existing = -1
+        if existing not in (-1, blob.size):
+            log.warning("cache file %s has %d bytes, not %d: starting it afresh", path, existing, blob.size)
+            path.unlink()
+            existing = -1
+        cf.reverify = existing >= 0
+        if existing < 0:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, blob.size)  # sparse: every byte a hole
+            if handed_fd is not None:
+                os.close(handed_fd)
+            cf.adopt(fd)  # opened before its mark: raises no events
+        elif handed_fd is not None:
+            cf.adopt(handed_fd)
+        elif not self.takeover:
+            # a fresh group: no mark of ours can be on the file yet
+            cf.adopt(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        # else: marked by the group we took over, its write fd lost: the first event brings one
+        self.group.mark(path)
+        cf.marked = True
+        st = os.stat(path)
+        self.files[cf.name] = cf
+        self.by_inode[(st.st_dev, st.st_ino)] = cf
+
+    def _give_to_keeper(self) -> None:
+        assert self.group is not None
+        fds = {"group": self.group.fd}
+        for cf in self.files.values():
+            if cf.write_fd is not None:
+                fds[f"blob:{cf.name}"] = cf.write_fd.fd
+        keeper.give(self.keeper_socket, fds)
+
+    def fileno(self) -> int:
+        assert self.group is not None
+        return self.group.fd
+
+    def cache_file(self, volume: str, blob: BlobObject) -> CacheFile:
+        return self.files[f"{volume}/{blob.info.blob_id}"]
+
+    def start_background(self) -> None:
+        """After the reader is armed: resolve a dead predecessor's orphans, start prefetches."""
+        if self.orphans:
+            self._reserve_orphan_numbers()
+            log.warning("answering %d event(s) a previous daemon took and left unanswered", len(self.orphans))
+            for orphan in self.orphans:
+                self._spawn(self._resolve_orphan(orphan))
+            self.orphans = []
+        for cf in self.files.values():
+            if cf.blob.prefetch_order:
+                self._spawn(self._prefetch(cf))
+
+    def _spawn(self, coro: "asyncio.Future[None] | object") -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- mounts -----------------------------------------------------------------------------
+    def mount_args(self, spec: ImageSpec) -> tuple[str, str]:
+        devices = [self.cache_file(spec.volume, blob).path for blob in self.catalog.devices[(spec.volume, spec.fsid)]]
+        boot = self.catalog.bootstrap_of(spec).path
+        mounts.check_mount_path(boot)
+        return str(boot), ",".join(f"device={path}" for path in devices)
+
+    def bootstraps(self) -> set[str]:
+        return {str(self.catalog.bootstrap_of(spec).path) for spec in self.catalog.images.values()}
+
+    # -- events -----------------------------------------------------------------------------
+    def on_readable(self) -> None:
+        assert self.group is not None
+        while True:
+            events = self.group.read_events()
+            if not events:
+                return
+            for event in events:
+                self._handle(event)
+
+    def _handle(self, event: Event) -> None:
+        assert self.group is not None and self.journal is not None
+        self.stats["read"] += 1
+        if event.fd < 0 or event.mask & FAN_Q_OVERFLOW:
+            self.stats["event_overflow"] += 1
+            log.error("fanotify queue overflow (mask %#x): events were lost", event.mask)
+            return
+        try:
+            st = os.fstat(event.fd)
+        except OSError:
+            self._answer(event.fd, deny_errno(errno.EIO))
+            return
+        cf = self.by_inode.get((st.st_dev, st.st_ino))
+        if cf is None:  # marked by an older configuration: nothing here can fill it
+            self.stats["read_unknown_object"] += 1
+            log.error("event for a file this daemon does not serve (inode %d): EIO", st.st_ino)
+            self._answer(event.fd, deny_errno(errno.EIO))
+            return
+        if cf.target is None:
+            cf.adopt(os.dup(event.fd))  # the kernel opened it without notification
+            self._give_to_keeper()
+        assert cf.target is not None
+        count = event.count if event.count >= 0 else cf.blob.size - event.offset
+        if count <= 0 or self.filler.is_filled(cf.blob, cf.target, event.offset, count):
+            self.stats["read_cached"] += 1
+            self._answer(event.fd, FAN_ALLOW)
+            return
+        self.journal.record(event.fd, st.st_dev, st.st_ino, event.offset, count)
+        self._spawn(self._fill_and_answer(cf, event.fd, event.offset, count))
+
+    async def _fill(self, cf: CacheFile, offset: int, length: int, what: str) -> int:
+        """Fill the range; the answer for its event (ALLOW, or EIO)."""
+        assert cf.target is not None
+        try:
+            await self.filler.fill_blob(cf.blob, cf.target, offset, length)
+            self.stats["read_bytes"] += length
+            if cf.complete and cf.marked:
+                self._unmark(cf)
+            return FAN_ALLOW
+        except (SourceError, VerifyError, OSError, ValueError) as exc:
+            self.stats["read_failed"] += 1
+            log.error("%s blob %s off=%d len=%d failed: %s", what, cf.name, offset, length, exc)
+        except asyncio.CancelledError:
+            self.stats["read_failed"] += 1
+            log.warning("%s blob %s off=%d len=%d cancelled at shutdown", what, cf.name, offset, length)
+        except Exception:  # a bug must still not hang the reader
+            self.stats["read_failed"] += 1
+            log.exception("%s blob %s off=%d len=%d: unexpected error", what, cf.name, offset, length)
+        return deny_errno(errno.EIO)
+
+    async def _fill_and_answer(self, cf: CacheFile, event_fd: int, offset: int, length: int) -> None:
+        response = deny_errno(errno.EIO)
+        try:
+            response = await self._fill(cf, offset, length, f"event fd={event_fd}")
+        finally:
+            self._answer(event_fd, response)
+
+    def _answer(self, event_fd: int, response: int, close: bool = True) -> None:
+        assert self.group is not None and self.journal is not None
+        try:
+            self.group.answer(event_fd, response)
+        except OSError as exc:
+            log.error("answering event fd=%d failed: %s", event_fd, exc)
+        self.journal.clear(event_fd)
+        if close:
+            os.close(event_fd)
+
+    def _unmark(self, cf: CacheFile) -> None:
+        assert self.group is not None
+        try:
+            self.group.unmark(cf.path)
+            cf.marked = False
+            self.stats["blobs_complete"] += 1
+            log.info("blob %s is complete: its mark is removed, reads go straight to the file", cf.name)
+        except OSError as exc:
+            log.warning("removing the mark of %s: %s", cf.name, exc)
+
+    # -- a predecessor's orphans ------------------------------------------------------------
+    def _reserve_orphan_numbers(self) -> None:
+        """Keep each orphan's fd number busy here until it is answered: a new event must not
+        get the same number (answers are matched by number)."""
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for orphan in self.orphans:
+                try:
+                    os.fstat(orphan.fd)
+                except OSError:
+                    os.dup2(null, orphan.fd, inheritable=False)
+                    self._placeholders.add(orphan.fd)
+        finally:
+            os.close(null)
+
+    async def _resolve_orphan(self, orphan: Orphan) -> None:
+        response = deny_errno(errno.EIO)
+        cf = self.by_inode.get((orphan.dev, orphan.ino))
+        try:
+            if cf is not None and cf.target is not None:
+                try:
+                    response = await asyncio.wait_for(
+                        self._fill(cf, orphan.offset, orphan.count, f"orphan fd={orphan.fd}"), ORPHAN_SECONDS)
+                except asyncio.TimeoutError:
+                    log.error("orphan fd=%d not filled within %.0f s: EIO", orphan.fd, ORPHAN_SECONDS)
+        finally:
+            assert self.group is not None and self.journal is not None
+            answered = self.group.answer(orphan.fd, response)
+            self.journal.clear(orphan.fd)
+            if orphan.fd in self._placeholders:
+                self._placeholders.discard(orphan.fd)
+                os.close(orphan.fd)
+            self.stats["orphans_answered" if answered else "orphans_gone"] += 1
+            if answered and response != FAN_ALLOW:
+                self.stats["orphans_eio"] += 1
+
+    # -- prefetch ---------------------------------------------------------------------------
+    async def _prefetch(self, cf: CacheFile) -> None:
+        try:
+            if cf.target is None:
+                # no write fd yet (taken over without one): one read raises the event that brings it
+                await asyncio.to_thread(_read_one_byte, cf.path)
+            assert cf.target is not None
+            cf.target.prefetch = asyncio.current_task()  # type: ignore[assignment]
+            await self.filler.prefetch(cf.blob, cf.target, cf.blob.prefetch_order, cf.blob.prefetch_bandwidth)
+            if cf.complete and cf.marked:
+                self._unmark(cf)
+            log.info("prefetch of %s done (%d chunks)", cf.name, len(cf.blob.prefetch_order))
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("prefetch of %s failed", cf.name)
+
+    # -- stop -------------------------------------------------------------------------------
+    async def drain(self, timeout: float) -> None:
+        for cf in self.files.values():
+            if cf.target is not None and cf.target.prefetch is not None:
+                cf.target.prefetch.cancel()
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        await self.filler.drain(0)
+
+    def still_mounted(self) -> list[str]:
+        """Mount points of EROFS mounts made from our bootstraps (by us or by hand)."""
+        ours = self.bootstraps()
+        return sorted(mp for mp, source in mounts.erofs_mounts().items() if source in ours)
+
+    def release_all(self, *, let_go: bool) -> None:
+        """Close our fds. With `let_go` (nothing marked is mounted) the keeper lets go too and
+        the marks vanish with the group; otherwise the keeper keeps the group: readers wait for
+        the next daemon instead of reading holes."""
+        for cf in self.files.values():
+            if cf.target is not None:
+                cf.target.close()
+            if cf.write_fd is not None:
+                cf.write_fd.close()
+        if self.journal is not None:
+            if let_go:
+                self.journal.reset()
+            self.journal.close()
+        if let_go:
+            keeper.dismiss(self.keeper_socket)
+        if self.group is not None:
+            self.group.close()
+
+
+def _read_one_byte(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.pread(fd, 1, 0)
+    finally:
+        os.close(fd)
