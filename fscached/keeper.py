@@ -28,11 +28,11 @@ class KeeperError(Exception):
     """Talking to the keeper failed, worded for the user."""
 
 
-def _request(path: Path, request: dict[str, object], fds: list[int] = [], timeout: float = 10) -> tuple[dict[str, object], list[int]]:
+def _request(path: Path, request: dict[str, object], fds: tuple[int, ...] = (), timeout: float = 10) -> tuple[dict[str, object], list[int]]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
-        socket.send_fds(sock, [json.dumps(request).encode() + b"\n"], fds)
+        socket.send_fds(sock, [json.dumps(request).encode() + b"\n"], list(fds))
         data, received, _, _ = socket.recv_fds(sock, 1 << 16, MAX_FDS)
         for fd in received:
             os.set_inheritable(fd, False)
@@ -51,8 +51,8 @@ def take(path: Path) -> dict[str, int] | None:
         return None
     try:
         answer, fds = _request(path, {"op": "get"})
-    except (ConnectionRefusedError, FileNotFoundError):
-        return None  # a socket file left by a keeper that is gone
+    except (ConnectionRefusedError, ConnectionResetError, FileNotFoundError):
+        return None  # a socket file left by a keeper that is gone, or leaving
     except OSError as exc:
         raise KeeperError(f"keeper at {path}: {exc.strerror or exc}") from None
     names = answer.get("names", [])
@@ -67,7 +67,7 @@ def give(path: Path, fds: dict[str, int]) -> None:
     """Hand `fds` (copies; the caller keeps its own) to the keeper, replacing what it held."""
     if len(fds) > MAX_FDS:
         raise KeeperError(f"the keeper holds at most {MAX_FDS} fds, not {len(fds)}")
-    answer, _ = _request(path, {"op": "put", "names": list(fds)}, list(fds.values()))
+    answer, _ = _request(path, {"op": "put", "names": list(fds)}, tuple(fds.values()))
     if answer.get("ok") is not True:
         raise KeeperError(f"keeper at {path} refused the fds: {answer!r}")
 
@@ -137,8 +137,8 @@ def serve(path: Path) -> None:
                     for fd in held.values():
                         os.close(fd)
                     held = {}
+                    path.unlink(missing_ok=True)  # before answering: nobody connects to a keeper that is leaving
                     conn.sendall(b'{"ok": true}\n')
-                    path.unlink(missing_ok=True)
                     return
                 else:
                     for fd in fds:

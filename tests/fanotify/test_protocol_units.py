@@ -1,0 +1,141 @@
+"""fanotify wire format, the event journal and the keeper, without a mount."""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from fanotify.group import (FAN_ALLOW, FAN_DENY, FAN_PRE_ACCESS, FanotifyError, Group, deny_errno,
+                            parse_events, probe)
+from fscached import keeper
+from fscached.event_journal import EventJournal
+
+WORK_ROOT = Path("/var/tmp")
+
+
+def event_bytes(fd: int, offset: int | None, count: int = 0, pid: int = 42) -> bytes:
+    info = b"" if offset is None else struct.pack("<BBH4xQQ", 6, 0, 24, offset, count)
+    return struct.pack("<IBBHQii", 24 + len(info), 3, 0, 24, FAN_PRE_ACCESS, fd, pid) + info
+
+
+def test_parse_events_with_and_without_range() -> None:
+    events = parse_events(event_bytes(7, 4096, 131072) + event_bytes(9, None))
+    assert [(e.fd, e.offset, e.count, e.pid) for e in events] == [(7, 4096, 131072, 42), (9, 0, -1, 42)]
+    assert events[0].mask == FAN_PRE_ACCESS
+
+
+def test_parse_events_refuses_a_bad_version_and_a_cut_event() -> None:
+    bad = bytearray(event_bytes(7, 0, 1))
+    bad[4] = 2
+    with pytest.raises(FanotifyError, match="version 2"):
+        parse_events(bytes(bad))
+    with pytest.raises(FanotifyError, match="length"):
+        parse_events(event_bytes(7, 0, 1)[:30] + struct.pack("<I", 0))
+
+
+def test_deny_errno_encoding() -> None:
+    assert deny_errno() == FAN_DENY | (errno.EIO << 24)
+    assert deny_errno(errno.ENOENT) == FAN_DENY | (errno.ENOENT << 24)
+
+
+def test_probe_accepts_ext4_and_refuses_tmpfs() -> None:
+    assert probe(WORK_ROOT) is None
+    reason = probe(Path("/dev/shm"))
+    assert reason is not None and "tmpfs" in reason
+
+
+def test_real_group_allows_and_denies_by_fd_number(tmp_path: Path) -> None:
+    """The kernel path end to end on a plain file: an unanswered read waits; ALLOW lets it read,
+    FAN_DENY_ERRNO(EIO) fails it with EIO; an answer for an unknown number is refused."""
+    work = Path(tempfile.mkdtemp(dir=WORK_ROOT))
+    blob = work / "blob"
+    blob.write_bytes(b"x" * 8192)
+    group = Group.create()
+    try:
+        group.mark(blob)
+        results: list[object] = []
+
+        def read() -> None:
+            try:
+                with open(blob, "rb") as f:
+                    results.append(f.read(10))
+            except OSError as exc:
+                results.append(exc.errno)
+
+        for response in (FAN_ALLOW, deny_errno()):
+            t = threading.Thread(target=read)
+            t.start()
+            events = []
+            while not events:
+                os.set_blocking(group.fd, True)
+                events = group.read_events()
+            t.join(0.3)
+            assert t.is_alive(), "the reader did not wait for the answer"
+            assert events[0].offset == 0 and events[0].count > 0
+            assert group.answer(events[0].fd, response)
+            os.close(events[0].fd)
+            t.join(5)
+        assert results == [b"x" * 10, errno.EIO]
+        assert group.answer(1000, FAN_ALLOW) is False  # ENOENT: no such event
+    finally:
+        group.close()
+        for p in work.iterdir():
+            p.unlink()
+        work.rmdir()
+
+
+def test_journal_keeps_pending_events_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "events.journal"
+    journal = EventJournal(path)
+    journal.record(7, 1, 2, 4096, 8192)
+    journal.record(9, 1, 3, 0, 4096)
+    journal.clear(9)
+    journal.record(70000, 1, 2, 0, 1)  # past the table: not journaled, not an error
+    journal.close()
+    again = EventJournal(path)
+    pending = again.pending()
+    assert [(o.fd, o.dev, o.ino, o.offset, o.count) for o in pending] == [(7, 1, 2, 4096, 8192)]
+    again.reset()
+    assert again.pending() == []
+    again.close()
+
+
+def test_journal_survives_kill_9_of_its_writer(tmp_path: Path) -> None:
+    path = tmp_path / "events.journal"
+    code = (f"from fscached.event_journal import EventJournal; import os, signal\n"
+            f"j = EventJournal(__import__('pathlib').Path({str(path)!r})); j.record(11, 5, 6, 1 << 20, 65536)\n"
+            f"os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code])
+    assert proc.returncode == -9
+    pending = EventJournal(path).pending()
+    assert [(o.fd, o.offset, o.count) for o in pending] == [(11, 1 << 20, 65536)]
+
+
+def test_keeper_holds_fds_across_its_clients_and_lets_go(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    sock = state / "keeper.sock"
+    assert keeper.take(sock) is None  # nobody there
+    keeper.start(sock)
+    try:
+        assert (sock.stat().st_mode & 0o777) == 0o600
+        r, w = os.pipe()
+        keeper.give(sock, {"group": w})
+        os.close(w)  # only the keeper holds the write end now
+        held = keeper.take(sock)
+        assert held is not None and list(held) == ["group"]
+        os.write(held["group"], b"alive")
+        os.close(held["group"])
+        assert os.read(r, 5) == b"alive"
+    finally:
+        keeper.dismiss(sock)
+    assert keeper.take(sock) is None and not sock.exists()
+    assert os.read(r, 5) == b""  # every write end is closed: the keeper let go
+    os.close(r)
