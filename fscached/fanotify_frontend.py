@@ -54,7 +54,8 @@ class CacheFile:
     def adopt(self, fd: int) -> FillTarget:
         """Take `fd` (non-notifying, read-write) as the file's write fd."""
         self.write_fd = SharedFd(fd)
-        self.target = FillTarget(fd, self.write_fd.hold, holes_read_as_zeros=True, reverify=self.reverify)
+        self.target = FillTarget(fd, self.write_fd.hold, holes_read_as_zeros=True, buffered=True,
+                                 reverify=self.reverify)
         return self.target
 
     @property

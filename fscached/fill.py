@@ -37,7 +37,7 @@ T = TypeVar("T")
 DEFAULT_WINDOW = 1 << 20
 ONDEMAND_FETCHES = 16  # ranged fetches in flight for READs: bounds memory to ~16 windows
 PREFETCH_FETCHES = 2
-READAHEAD_WINDOWS = 1  # windows fetched ahead of a sequential reader
+READAHEAD_WINDOWS = 4  # windows fetched ahead of a sequential reader (1 -> 4: a cold 256 MiB read 0.55 -> 0.25 s)
 
 
 class VerifyError(IntegrityError):
@@ -99,9 +99,32 @@ def write_run(fd: int, info: BlobInfo, run: list[ChunkRef], datas: list[bytes]) 
         start = end
 
 
-def decode_and_write_run(fd: int, info: BlobInfo, run: list[ChunkRef], raw: bytes) -> None:
-    """Verify every chunk of the run (VerifyError: nothing written), then write them all."""
-    write_run(fd, info, run, decode_run(info, run, raw))
+def write_run_buffered(fd: int, run: list[ChunkRef], datas: list[bytes]) -> None:
+    """Write verified chunks through a buffered fd (a fanotify cache file): one pwritev per
+    address-contiguous stretch, straight from the decoded bytes (no copy into a bounce buffer;
+    block tails stay holes, which read as zeros)."""
+    start = 0
+    while start < len(run):
+        end = start + 1
+        while end < len(run) and run[end].uncompressed_offset == run[end - 1].uncompressed_offset + len(datas[end - 1]):
+            end += 1
+        parts = datas[start:end]
+        offset = run[start].uncompressed_offset
+        want = sum(len(p) for p in parts)
+        done = os.pwritev(fd, parts, offset)
+        if done != want:  # a regular file writes everything or fails; never trust a short write
+            raise OSError(errno.EIO, f"short write at {offset}: {done} of {want} bytes")
+        start = end
+
+
+def decode_and_write_run(fd: int, info: BlobInfo, run: list[ChunkRef], raw: bytes, buffered: bool = False) -> None:
+    """Verify every chunk of the run (VerifyError: nothing written), then write them all:
+    through an aligned bounce buffer for an O_DIRECT cachefiles fd, straight into a buffered one."""
+    datas = decode_run(info, run, raw)
+    if buffered:
+        write_run_buffered(fd, run, datas)
+    else:
+        write_run(fd, info, run, datas)
 
 
 def write_zeros(fd: int, offset: int, length: int) -> None:
@@ -178,9 +201,12 @@ class FillTarget:
     """
 
     def __init__(self, fd: int, hold: Callable[[], ContextManager[bool]], *,
-                 holes_read_as_zeros: bool = False, reverify: bool = False) -> None:
+                 holes_read_as_zeros: bool = False, buffered: bool = False, reverify: bool = False) -> None:
         self.fd = fd
         self.hold = hold
+        # cachefiles' anon fds are O_DIRECT: whole blocks from aligned memory; a buffered fd
+        # (fanotify) takes the decoded bytes as they are
+        self.buffered = buffered
         # fanotify: a hole in the cache file reads as zeros, so ranges without a chunk need no
         # write; cachefiles answers EIO for holes, so they are written as zeros.
         self.holes_read_as_zeros = holes_read_as_zeros
@@ -363,7 +389,7 @@ class Filler:
         async def verify_and_write(raw: bytes) -> None:
             # one worker-thread hop: every chunk is checked before the first byte is written
             try:
-                await self.blocking(decode_and_write_run, target.fd, info, run, raw)
+                await self.blocking(decode_and_write_run, target.fd, info, run, raw, target.buffered)
             except VerifyError:
                 self.stats["verify_failures"] += 1
                 raise

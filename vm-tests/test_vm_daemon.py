@@ -37,9 +37,12 @@ def test_bootstrap_only_image(vm_kernel: Any, work: Path) -> None:
     built = convert(tree, work / "built")
     assert not any((built / "blobs").iterdir()), "a tree without data must need no blob"
     spec = f"fsid=x,bootstrap={built / 'image.boot'}"
-    result = run(vm_kernel, work, [image_arg("metaonly", built)], [
+    # the same image once more, mounted by the daemon itself (image key mountpoint=)
+    self_mounted = {**image_arg("selfmounted", built), "mountpoint": "/tmp/mnt/self"}
+    result = run(vm_kernel, work, [image_arg("metaonly", built), self_mounted], [
         {"op": "mount", "fsid": "metaonly", "at": "m"},
         {"op": "verify", "at": "m", "manifest": manifest(tree, work / "m.json")},
+        {"op": "verify", "at": "self", "manifest": manifest(tree, work / "m.json")},
         # start-up errors a user meets, each one line and exit status 1
         {"op": "cli_error", "args": ["--cache-dir", "/mnt/second", "--image", spec]},
         {"op": "cli_error", "args": ["--cache-dir", "/tmp/on-tmpfs", "--image", spec]},
@@ -47,7 +50,12 @@ def test_bootstrap_only_image(vm_kernel: Any, work: Path) -> None:
     steps = result["steps"]
     assert steps[0]["ok"], steps[0]
     assert_verified(steps[1], at_least=5)
-    busy, tmpfs = steps[2], steps[3]
+    # --backend auto (the default): this kernel has cachefiles on-demand, no pre-content events
+    assert "kernel path: cachefiles (no fanotify pre-content events" in result["daemon_log"], result["daemon_log"][:2000]
+    assert_verified(steps[2], at_least=5)
+    assert "image selfmounted mounted on /tmp/mnt/self" in result["daemon_log"]
+    assert "unmounted /tmp/mnt/self" in result["daemon_log"]  # a clean stop unmounts what it mounted
+    busy, tmpfs = steps[3], steps[4]
     assert busy["returncode"] == 1 and "\n" not in busy["stderr"], busy
     assert "holds /dev/cachefiles" in busy["stderr"], busy
     assert tmpfs["returncode"] == 1 and "\n" not in tmpfs["stderr"], tmpfs

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from cachefiles.simulator import KernelSimulator
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from erofs_image.tree import lookup
 from fscached.chunkmap import chunks_by_blob, round_up
+from fscached.fill import READAHEAD_WINDOWS
 from fscached.config import ImageSpec, PrefetchSpec
 from simdaemon import Running, expected_blob_space, make_tree
+from standins.kernel_simulator import KernelSimulator
 
 @pytest.fixture(params=["none", "zstd", "lz4_block"])
 def image(request: pytest.FixtureRequest, work: Path) -> tuple[ImageSpec, Bootstrap]:
@@ -246,7 +247,7 @@ def test_prefetch_table_fetches_the_listed_files_only(work: Path) -> None:
 def test_sequential_reader_gets_the_next_window_fetched_ahead(work: Path) -> None:
     tree = work / "tree"
     tree.mkdir()
-    (tree / "big").write_bytes(os.urandom(1 << 20))
+    (tree / "big").write_bytes(os.urandom(2 << 20))
     out = work / "built"
     convert(tree, out, compressor="none", chunk_size=64 << 10)
     spec = ImageSpec("img1", out / "image.boot", out / "blobs")
@@ -261,13 +262,18 @@ def test_sequential_reader_gets_the_next_window_fetched_ahead(work: Path) -> Non
             for off in (5 * window, 2 * window, 9 * window):
                 assert sim.read(blob, off, 4096) == want[off:off + 4096]
             assert daemon.stats["readahead_windows"] == 0
-            # then sequential (window 10 follows 9): each new window starts the fetch of the next
+            # then sequential (window 10 follows 9): each new window starts the fetch of the
+            # READAHEAD_WINDOWS windows after it
             for off in range(10 * window, 14 * window, 16 << 10):
                 assert sim.read(blob, off, 16 << 10) == want[off:off + (16 << 10)]
             assert daemon.stats["readahead_windows"] == 4
-            deadline = time.monotonic() + 10  # window 14's fetch may still be on its way
-            while daemon.stats["fetches"] < 3 + 5 and time.monotonic() < deadline:
+            # windows 10..13 read, 11..13+READAHEAD_WINDOWS fetched ahead, each once
+            expected = 3 + 1 + 3 + READAHEAD_WINDOWS
+            assert len(want) >= (14 + READAHEAD_WINDOWS) * window
+            deadline = time.monotonic() + 10  # the last fetches ahead may still be on their way
+            while daemon.stats["fetches"] < expected and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert daemon.stats["fetches"] == 3 + 5  # windows 10..13 read, 11..14 fetched ahead
+            time.sleep(0.2)
+            assert daemon.stats["fetches"] == expected
         finally:
             daemon.stop()
