@@ -258,9 +258,10 @@ def cold(bench: Bench, name: str, image_arg: Callable[[Path], str], baseline: Ca
         proc = bench.daemon(run, [image_arg(mnt)], [mnt])
         try:
             fs_times.append(timed_read(bench, mnt / "big.bin", proc, f"{name} run {i + 1}"))
+            counters.append(proc.counters())  # the timed read's, before the check reads again
             ok &= check_bytes(bench, mnt / "big.bin", expected, f"{name} run {i + 1}")
         finally:
-            counters.append(bench.stop(proc, f"{name} run {i + 1}"))
+            bench.stop(proc, f"{name} run {i + 1}")
             bench.remove_run(run)
     best = min(range(runs), key=lambda k: fs_times[k])
     return {"baseline_seconds": base_times, "fscached_seconds": fs_times,
@@ -281,8 +282,8 @@ def warm(bench: Bench, image: Path, blob: Path, expected: str, runs: int) -> dic
     plain_times, same_times, restart_times, restart_counters, ok = [], [], [], [], True
     try:
         timed_read(bench, mnt / "big.bin", proc, "warm fill")  # fills the cache
-        ok &= check_bytes(bench, mnt / "big.bin", expected, "warm fill")
         filled = proc.counters()
+        ok &= check_bytes(bench, mnt / "big.bin", expected, "warm fill")
         # plain mount: the bootstrap file as source, the original blob file as its device
         native.mount(image / "image.boot", plain_mnt, "erofs", MS_RDONLY, f"device={blob}")
         bench.plain_mounts.append(plain_mnt)
@@ -298,8 +299,9 @@ def warm(bench: Bench, image: Path, blob: Path, expected: str, runs: int) -> dic
         for i in range(runs):  # a restarted daemon on the filled cache dir
             proc = bench.daemon(run, [image_arg], [mnt])
             restart_times.append(timed_read(bench, mnt / "big.bin", proc, f"warm restart {i + 1}"))
+            restart_counters.append(proc.counters())
             ok &= check_bytes(bench, mnt / "big.bin", expected, f"warm restart {i + 1}")
-            restart_counters.append(bench.stop(proc, f"warm restart {i + 1}"))
+            bench.stop(proc, f"warm restart {i + 1}")
     finally:
         if proc.proc is not None and proc.proc.poll() is None:
             bench.stop(proc, "warm")
@@ -560,7 +562,7 @@ def print_report(r: dict[str, Any], size_mib: int, problems: list[str]) -> None:
     for row in rows(r, size_mib):
         table.add_row(*row)
     console.print(table)
-    counters = Table(title="daemon counters")
+    counters = Table(title="daemon counters of the timed read (SIGUSR1 right after it)")
     for h in ["run"] + COUNTER_KEYS:
         counters.add_column(h, justify="left" if h == "run" else "right")
     for row in counter_rows(r):
