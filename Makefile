@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h native/build_
 
 venv: $(STAMP)
 
+# Build a sample image, serve it lazily from a local registry, run a command from inside it
+# (offline part only where the kernel lacks fanotify pre-content events): fscached/demo.py.
 demo: deps venv
-	$(PY) -m erofs_image.demo
+	$(PY) -m fscached.demo
 
 test: deps venv
 	$(PY) -m pytest -q

@@ -1,4 +1,6 @@
-"""`python -m erofs_image.demo` (make demo): build a small image end to end, offline.
+"""`python -m erofs_image.demo`: the image format's own demo (whiteouts, an opaque directory,
+deduplication), offline. `make demo` runs `fscached.demo`, which serves a sample image lazily
+and builds its layers with the OCI layout writers below.
 
 1. Make an OCI image layout from a slice of this Python's site-packages (layer 1, plain tar),
    a gzip layer 2 that whites out a file and adds a duplicate (deduplicated) file, and a zstd
