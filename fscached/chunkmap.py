@@ -85,17 +85,22 @@ class ChunkMap:
         return found
 
 
-def contiguous_runs(chunks: list[ChunkRef], max_bytes: int) -> list[list[ChunkRef]]:
-    """Group chunks (address order) whose stored bytes follow each other into runs of at most
+MAX_GAP = BLOCK  # stored bytes skipped inside one fetch: an uncompressed blob pads each chunk to 4 KiB
+
+
+def contiguous_runs(chunks: list[ChunkRef], max_bytes: int, max_gap: int = MAX_GAP) -> list[list[ChunkRef]]:
+    """Group chunks (address order) whose stored bytes follow each other, or have at most
+    `max_gap` bytes between them (block padding: fetched and dropped), into runs of at most
     `max_bytes` stored bytes (a single larger chunk is a run of its own): one fetch each."""
     runs: list[list[ChunkRef]] = []
     for chunk in chunks:
         if runs:
             run = runs[-1]
             last = run[-1]
-            size = last.compressed_offset + last.compressed_size - run[0].compressed_offset
-            if (last.compressed_offset + last.compressed_size == chunk.compressed_offset
-                    and size + chunk.compressed_size <= max_bytes):
+            end = last.compressed_offset + last.compressed_size
+            gap = chunk.compressed_offset - end
+            size = chunk.compressed_offset + chunk.compressed_size - run[0].compressed_offset
+            if 0 <= gap <= max_gap and size <= max_bytes:
                 run.append(chunk)
                 continue
         runs.append([chunk])
