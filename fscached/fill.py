@@ -218,6 +218,15 @@ class FillTarget:
         self.prefetch: asyncio.Task[None] | None = None
         self.sequential_end = -1  # where the last READ's window ended: the next one there is sequential
         self.closed = False
+        # called once, when `written` first holds `chunk_count` chunks (the whole blob)
+        self.chunk_count = 0
+        self.on_complete: Callable[[], None] | None = None
+
+    def mark_written(self, chunks: list[ChunkRef]) -> None:
+        self.written.update(c.uncompressed_offset for c in chunks)
+        if self.on_complete is not None and len(self.written) >= self.chunk_count:
+            done, self.on_complete = self.on_complete, None
+            done()
 
     def close(self) -> None:
         self.closed = True
@@ -374,7 +383,7 @@ class Filler:
                 raise TargetClosed(f"blob {obj.info.blob_id} was closed before its fetch began")
             if target.reverify:
                 present = await self.blocking(chunks_in_cache, target.fd, run)
-                target.written.update(c.uncompressed_offset for c in present)
+                target.mark_written(present)
                 self.stats["reverified_chunks"] += len(present)
                 run = [c for c in run if c.uncompressed_offset not in target.written]
                 if not run:
@@ -412,7 +421,7 @@ class Filler:
         self.stats["fetches"] += 1
         self.stats["fetched_chunks"] += len(run)
         self.stats["fetched_bytes"] += length
-        target.written.update(c.uncompressed_offset for c in run)
+        target.mark_written(run)
 
     async def _wait_for_idle(self) -> None:
         """Prefetch yields to on-demand reads: wait until none is waiting for a fetch."""
