@@ -61,20 +61,22 @@ class Daemon:
         or taken back and every cache file marked (fanotify). Errors are user-worded
         (CachefilesError, FanotifyError, BackendError, KeeperError)."""
         self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        why = "asked for"
         if self.backend == "auto" or self.backend == "fanotify":
             self.backend, why = choose_backend(self.backend, self.config.cache_dir, self.config.device)
-            log.info("kernel path: %s (%s)", self.backend, why)
         if self.backend == "fanotify":
             server = FanotifyServer(self.catalog, self.executor, self.config.cache_dir, self.config.read_window)
-            self.server = server
             server.open()
-            return
-        check_cache_dir(str(self.config.cache_dir))  # the most specific error first
-        device = self._given_device or CachefilesDevice(str(self.config.device))
-        if not device.is_open:  # not handed over already open (simulator, failover)
-            device.open()
-        device.bind(str(self.config.cache_dir), self.config.tag)
-        self.server = Server(device, self.catalog, self.executor, self.config.read_window)
+            self.server = server
+        else:
+            check_cache_dir(str(self.config.cache_dir))  # the most specific error first
+            device = self._given_device or CachefilesDevice(str(self.config.device))
+            if not device.is_open:  # not handed over already open (simulator, failover)
+                device.open()
+            device.bind(str(self.config.cache_dir), self.config.tag)
+            self.server = Server(device, self.catalog, self.executor, self.config.read_window)
+        # logged once it worked: a start-up error stays the one line on stderr
+        log.info("kernel path: %s (%s)", self.backend, why)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -129,18 +131,20 @@ class Daemon:
 
     async def _mount_all(self, server: Frontend) -> None:
         """Mount every image with a mountpoint, once the kernel's questions can be answered."""
-        present = mounts.erofs_mounts()
+        present = mounts.erofs_mount_table()
         for spec in self.config.images:
             if spec.mountpoint is None:
                 continue
             source, options = server.mount_args(spec)
             if str(spec.mountpoint) in present:
-                if isinstance(server, FanotifyServer) and server.takeover and present[str(spec.mountpoint)] == source:
+                there, mount_id = present[str(spec.mountpoint)]
+                if (isinstance(server, FanotifyServer) and server.takeover and there == source
+                        and server.is_watched(str(spec.mountpoint), mount_id)):
                     log.info("image %s: still mounted on %s, served again", spec.fsid, spec.mountpoint)
                     self.mounted.append(spec.mountpoint)
                     continue
-                raise OSError(f"image {spec.fsid}: {spec.mountpoint} is already mounted (from "
-                              f"{present[str(spec.mountpoint)]}); unmount it first (umount {spec.mountpoint})")
+                raise OSError(f"image {spec.fsid}: {spec.mountpoint} is already mounted (from {there}), "
+                              f"not by a daemon whose watch is still alive; unmount it first (umount {spec.mountpoint})")
             await asyncio.to_thread(mounts.mount_erofs, source, spec.mountpoint, options)
             self.mounted.append(spec.mountpoint)
             log.info("image %s mounted on %s", spec.fsid, spec.mountpoint)

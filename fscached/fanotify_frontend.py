@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import re
 from collections import Counter
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Callable
 
 from fanotify.group import FAN_ALLOW, FAN_Q_OVERFLOW, Event, FanotifyError, Group, deny_errno
 from fetcher.source import SourceError
@@ -51,16 +53,15 @@ class CacheFile:
         self.marked = False
         self.reverify = False  # the file held bytes before this process: check before trusting
 
-    def adopt(self, fd: int) -> FillTarget:
-        """Take `fd` (non-notifying, read-write) as the file's write fd."""
+    def adopt(self, fd: int, on_complete: Callable[["CacheFile"], None]) -> FillTarget:
+        """Take `fd` (non-notifying, read-write) as the file's write fd. `on_complete` runs
+        once every chunk of the blob holds verified bytes, whichever job wrote the last one."""
         self.write_fd = SharedFd(fd)
         self.target = FillTarget(fd, self.write_fd.hold, holes_read_as_zeros=True, buffered=True,
                                  reverify=self.reverify)
+        self.target.chunk_count = len(self.blob.chunk_map.chunks)
+        self.target.on_complete = lambda: on_complete(self)
         return self.target
-
-    @property
-    def complete(self) -> bool:
-        return self.target is not None and len(self.target.written) >= len(self.blob.chunk_map.chunks)
 
 
 class FanotifyServer:
@@ -79,8 +80,11 @@ class FanotifyServer:
         self.journal: EventJournal | None = None
         self.takeover = False
         self.orphans: list[Orphan] = []
-        self.mounted: list[Path] = []
         self._placeholders: set[int] = set()
+        # mount ids of EROFS mounts of our images that were there before this group existed:
+        # nothing watched their blobs, their page cache may hold holes read as zeros; never
+        # served, whoever holds the group later (kept in the state dir beside the journal)
+        self.unwatched: dict[str, int] = {}
 
     # -- start ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -97,10 +101,21 @@ class FanotifyServer:
         else:
             self.group = Group.create()
         self.journal = EventJournal(self.state_dir / "events.journal")
+        unwatched_file = self.state_dir / "unwatched-mounts.json"
         if self.takeover:
             self.orphans = self.journal.pending()
+            try:
+                self.unwatched = {str(k): int(v) for k, v in json.loads(unwatched_file.read_text()).items()}
+            except (OSError, ValueError, AttributeError):
+                self.unwatched = {}
         else:
             self.journal.reset()  # a fresh group: no event of an older one can be answered
+            ours = self.bootstraps()
+            self.unwatched = {mp: mount_id for mp, (source, mount_id) in mounts.erofs_mount_table().items()
+                              if source in ours}
+            tmp = unwatched_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.unwatched))
+            os.replace(tmp, unwatched_file)
         for volume, blob in self.catalog.blobs():
             self._open_cache_file(volume, blob, handed)
         for fd in handed.values():  # blobs no image of this configuration uses
@@ -134,12 +149,12 @@ class FanotifyServer:
             os.ftruncate(fd, blob.size)  # sparse: every byte a hole
             if handed_fd is not None:
                 os.close(handed_fd)
-            cf.adopt(fd)  # opened before its mark: raises no events
+            cf.adopt(fd, self._unmark)  # opened before its mark: raises no events
         elif handed_fd is not None:
-            cf.adopt(handed_fd)
+            cf.adopt(handed_fd, self._unmark)
         elif not self.takeover:
             # a fresh group: no mark of ours can be on the file yet
-            cf.adopt(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+            cf.adopt(os.open(path, os.O_RDWR | os.O_CLOEXEC), self._unmark)
         # else: marked by the group we took over, its write fd lost: the first event brings one
         self.group.mark(path)
         cf.marked = True
@@ -219,7 +234,7 @@ class FanotifyServer:
             self._answer(event.fd, deny_errno(errno.EIO))
             return
         if cf.target is None:
-            cf.adopt(os.dup(event.fd))  # the kernel opened it without notification
+            cf.adopt(os.dup(event.fd), self._unmark)  # the kernel opened it without notification
             self._give_to_keeper()
         assert cf.target is not None
         count = event.count if event.count >= 0 else cf.blob.size - event.offset
@@ -236,8 +251,6 @@ class FanotifyServer:
         try:
             await self.filler.fill_blob(cf.blob, cf.target, offset, length)
             self.stats["read_bytes"] += length
-            if cf.complete and cf.marked:
-                self._unmark(cf)
             return FAN_ALLOW
         except (SourceError, VerifyError, OSError, ValueError) as exc:
             self.stats["read_failed"] += 1
@@ -268,7 +281,9 @@ class FanotifyServer:
             os.close(event_fd)
 
     def _unmark(self, cf: CacheFile) -> None:
-        assert self.group is not None
+        """The blob is complete: reads go straight to the file from now on."""
+        if self.group is None or not cf.marked:
+            return
         try:
             self.group.unmark(cf.path)
             cf.marked = False
@@ -322,8 +337,6 @@ class FanotifyServer:
             assert cf.target is not None
             cf.target.prefetch = asyncio.current_task()  # type: ignore[assignment]
             await self.filler.prefetch(cf.blob, cf.target, cf.blob.prefetch_order, cf.blob.prefetch_bandwidth)
-            if cf.complete and cf.marked:
-                self._unmark(cf)
             log.info("prefetch of %s done (%d chunks)", cf.name, len(cf.blob.prefetch_order))
         except asyncio.CancelledError:
             pass
@@ -343,10 +356,15 @@ class FanotifyServer:
                 await asyncio.wait(pending)
         await self.filler.drain(0)
 
+    def is_watched(self, mountpoint: str, mount_id: int) -> bool:
+        """False for a mount that predates the group: its reads may already have seen holes."""
+        return self.unwatched.get(mountpoint) != mount_id
+
     def still_mounted(self) -> list[str]:
-        """Mount points of EROFS mounts made from our bootstraps (by us or by hand)."""
+        """Mount points of EROFS mounts of our bootstraps this group watches (by us or by hand)."""
         ours = self.bootstraps()
-        return sorted(mp for mp, source in mounts.erofs_mounts().items() if source in ours)
+        return sorted(mp for mp, (source, mount_id) in mounts.erofs_mount_table().items()
+                      if source in ours and self.is_watched(mp, mount_id))
 
     def release_all(self, *, let_go: bool) -> None:
         """Close our fds. With `let_go` (nothing marked is mounted) the keeper lets go too and

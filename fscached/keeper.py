@@ -85,7 +85,8 @@ def start(path: Path, timeout: float = 10) -> None:
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise KeeperError(f"keeper socket path {path} is longer than {_SUN_PATH_MAX} bytes: use a shorter cache dir")
     subprocess.Popen([sys.executable, "-m", "fscached.keeper", str(path)], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True)
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     close_fds=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

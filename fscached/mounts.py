@@ -16,16 +16,21 @@ def _unescape(field: str) -> str:
     return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
-def erofs_mounts() -> dict[str, str]:
-    """Mount point -> source of every EROFS mount this process can see."""
-    found: dict[str, str] = {}
+def erofs_mount_table() -> dict[str, tuple[str, int]]:
+    """Mount point -> (source, mount id) of every EROFS mount this process can see."""
+    found: dict[str, tuple[str, int]] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, tail = left.split(), right.split()
             if len(fields) >= 5 and len(tail) >= 2 and tail[0] == "erofs":
-                found[_unescape(fields[4])] = _unescape(tail[1])
+                found[_unescape(fields[4])] = (_unescape(tail[1]), int(fields[0]))
     return found
+
+
+def erofs_mounts() -> dict[str, str]:
+    """Mount point -> source of every EROFS mount this process can see."""
+    return {mountpoint: source for mountpoint, (source, _) in erofs_mount_table().items()}
 
 
 def mount_erofs(source: str | Path, target: Path, options: str) -> None:
