@@ -27,12 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "fscached"), str(REPO / "vm-tests")]
 
-from cachefiles.simulator import KernelSimulator  # noqa: E402
 from erofs_image.builder import convert  # noqa: E402
 from erofs_image.reader import Bootstrap  # noqa: E402
 from fscached.config import ImageSpec, RegistrySpec  # noqa: E402
 from registry_server import RegistryServer  # noqa: E402
 from simdaemon import Running  # noqa: E402  (fscached on a thread, answering the simulator)
+from standins.kernel_simulator import KernelSimulator  # noqa: E402
 
 
 def make_image(work: Path, mib: int, compressor: str) -> Path:

@@ -4,8 +4,8 @@ Kernel-exact: every command is one write(2) of text; every read(2) returns one m
 or 0 bytes when nothing can be taken.  See docs/kernel-ondemand.md (shared docs).
 
 READ completion goes to an anon fd, not to the device: `complete_read` calls a
-`completer(anon_fd, msg_id)` which is the native ioctl by default; the simulator in
-cachefiles/simulator.py passes its own.
+`completer(anon_fd, msg_id)` which is the native ioctl by default; the tests' kernel simulator
+(tests/standins/kernel_simulator.py, not shipped) passes its own.
 """
 from __future__ import annotations
 

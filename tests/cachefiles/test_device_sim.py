@@ -7,7 +7,7 @@ import pytest
 
 from cachefiles.device import CachefilesDevice, CachefilesError
 from cachefiles.messages import encode_open, encode_read
-from cachefiles.simulator import KernelSimulator, SimulatorError
+from standins.kernel_simulator import KernelSimulator, SimulatorError
 
 from minidaemon import MiniDaemon  # tests/cachefiles is on sys.path (rootdir-less test dir)
 

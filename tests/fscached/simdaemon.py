@@ -7,11 +7,11 @@ from pathlib import Path
 
 import uvloop
 
-from cachefiles.simulator import KernelSimulator
 from erofs_image.reader import Bootstrap
 from fscached.chunkmap import chunks_by_blob
 from fscached.config import Config, ImageSpec
 from fscached.daemon import Daemon
+from standins.kernel_simulator import KernelSimulator
 
 WORK_ROOT = Path("/var/tmp")  # O_DIRECT cache files need a real filesystem, not tmpfs
 

@@ -14,7 +14,6 @@ from typing import Any, Iterator
 import pytest
 from aiohttp import web
 
-from cachefiles.simulator import KernelSimulator
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from fscached.chunkmap import chunks_by_blob
@@ -22,6 +21,7 @@ from fscached.config import ImageSpec, ProxySpec, RegistrySpec
 from registry_server import RegistryServer
 from simdaemon import Running, expected_blob_space, make_tree
 from standins.dfdaemon import Faults, start_standin
+from standins.kernel_simulator import KernelSimulator
 
 CHUNK = 64 << 10
 

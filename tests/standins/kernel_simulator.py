@@ -1,5 +1,8 @@
 """A stand-in for the kernel side of cachefiles on-demand mode, for fast unit tests.
 
+A test helper, not part of the shipped `cachefiles` package (the daemon never imports it):
+tests and bench/fetch.py import it as `standins.kernel_simulator` with tests/ on sys.path.
+
 It speaks the same bytes as the kernel: the daemon gets a device fd (one end of an
 AF_UNIX SOCK_SEQPACKET pair, so each read(2) returns one whole message and each write(2)
 is one command), reads OPEN/READ/CLOSE messages from it and writes text commands
@@ -31,6 +34,15 @@ Usage:
     data = sim.read(obj, 0, 4096)          # READ; waits for READ_COMPLETE; reads back
     sim.close(obj)                          # CLOSE; waits until the daemon closed the fd
     sim.shutdown()
+
+Knobs for lifetime tests:
+- `mount(..., object_id=N)` reuses an object id, as the kernel does once the id's previous
+  anon fd was released (SimulatorError while that fd is still open: the kernel never would);
+- `fail_copen(err, count=1)`: the daemon's next `count` copen writes fail with `err`, and
+  their OPENs fail with -err (the kernel gave up on the OPEN, e.g. its mount was
+  interrupted, before the copen came: the daemon still owns the anon fd and must close it);
+- `completed`: the msg_ids the daemon completed with READ_COMPLETE, in order (a READ failed
+  because the device died is not in it).
 """
 from __future__ import annotations
 
@@ -100,6 +112,19 @@ class PendingRead:
         return self._sim._finish_read(self, timeout)
 
 
+class _SimDevice(CachefilesDevice):
+    """The daemon's end of the simulator: a CachefilesDevice whose command writes can be made to
+    fail like the kernel's (see KernelSimulator.fail_copen)."""
+
+    sim: "KernelSimulator"
+
+    def _command(self, text: str) -> None:
+        err = self.sim._injected_failure(text)
+        if err:
+            raise OSError(err, os.strerror(err))
+        super()._command(text)
+
+
 class KernelSimulator:
     def __init__(self, work_dir: str | os.PathLike[str], *, failover: bool = True) -> None:
         self.work_dir = Path(work_dir)
@@ -116,6 +141,9 @@ class KernelSimulator:
         self.commands: list[str] = []
         self.errors: list[str] = []
         self.discarded: list[SimObject] = []  # objects whose cache was dropped (size changed)
+        self.completed: list[int] = []  # msg_ids of READs the daemon completed
+        self._copen_failures: list[int] = []  # errnos for the next copen writes
+        self._id_owner: dict[int, SimObject] = {}  # object_id -> the object it was last given to
         self.cache_dir: str | None = None
         self.tag: str | None = None
         self.bound = False
@@ -146,7 +174,34 @@ class KernelSimulator:
     def device(self) -> CachefilesDevice:
         """A CachefilesDevice on the daemon's end; it owns the fd from now on."""
         self._daemon_fd_given = True
-        return CachefilesDevice.from_fd(self.daemon_fd, path="<simulator>", completer=self.complete)
+        dev = _SimDevice.from_fd(self.daemon_fd, path="<simulator>", completer=self.complete)
+        dev.sim = self
+        return dev
+
+    def fail_copen(self, err: int, count: int = 1) -> None:
+        """Make the daemon's next `count` copen writes fail with `err`; their OPENs fail with
+        -err (as when the kernel dropped the OPEN before the copen came)."""
+        with self._lock:
+            self._copen_failures.extend([err] * count)
+
+    def _injected_failure(self, text: str) -> int:
+        """The errno a command write fails with (0: none); fails the copen's OPEN too."""
+        if not text.startswith("copen "):
+            return 0
+        with self._cond:
+            if not self._copen_failures:
+                return 0
+            err = self._copen_failures.pop(0)
+            self.commands.append(text)
+            try:
+                req = self._pending.get(int(text[len("copen "):].partition(",")[0], 0))
+            except ValueError:
+                req = None
+            if req is not None and req.opcode == "OPEN":
+                del self._pending[req.msg_id]
+                req.result = -err
+                req.done.set()
+        return err
 
     def complete(self, anon_fd: int, msg_id: int) -> None:
         """The READ_COMPLETE 'ioctl' (pass as CachefilesDevice's completer)."""
@@ -159,14 +214,15 @@ class KernelSimulator:
             if req is None or req.opcode != "READ" or (st.st_dev, st.st_ino) != req.obj.ino:
                 raise OSError(errno.EINVAL, f"READ_COMPLETE: no READ {msg_id} for this object")
             del self._pending[msg_id]
+            self.completed.append(msg_id)
             req.result = 0
             req.done.set()
 
     # -- the kernel's side: requests -------------------------------------------------
     def mount(self, volume_key: str, cookie_key: bytes,
-              timeout: float = DEFAULT_TIMEOUT) -> SimObject:
+              timeout: float = DEFAULT_TIMEOUT, object_id: int | None = None) -> SimObject:
         """Send an OPEN and wait for its copen; the object's `copen_result` is the size or
-        -errno the daemon answered."""
+        -errno the daemon answered. `object_id` reuses an id whose anon fd was released."""
         with self._cond:  # commands are handled by another thread: let a bind land first
             if not self._cond.wait_for(lambda: self.bound or self.dead, timeout):
                 raise SimulatorError("mount before `bind ondemand`")
@@ -177,10 +233,15 @@ class KernelSimulator:
                 self._next_file += 1
             path = self._files[key][0]
         obj = SimObject(volume_key, bytes(cookie_key), path)
-        self._open(obj, timeout)
+        self._open(obj, timeout, object_id)
         return obj
 
-    def _open(self, obj: SimObject, timeout: float) -> None:
+    def _open(self, obj: SimObject, timeout: float, object_id: int | None = None) -> None:
+        if object_id is not None:
+            owner = self._id_owner.get(object_id)
+            if object_id <= 0 or (owner is not None and self.anon_fd_open(owner)):
+                raise SimulatorError(f"object_id {object_id} is in use (its anon fd is still open): "
+                                     "the kernel reuses an id only once its anon fd was released")
         fd = os.open(obj.path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
         os.set_inheritable(fd, True)  # the kernel's anon fd is not close-on-exec
         st = os.fstat(fd)
@@ -189,8 +250,12 @@ class KernelSimulator:
         with self._lock:
             if obj.object_id:
                 self._objects.pop(obj.object_id, None)
-            obj.object_id = self._next_object_id
-            self._next_object_id += 1
+            if object_id is None:
+                obj.object_id = self._next_object_id
+                self._next_object_id += 1
+            else:
+                obj.object_id = object_id
+            self._id_owner[obj.object_id] = obj
             obj.anon_fd, obj.ino = fd, (st.st_dev, st.st_ino)
             obj.copen_result = None
             self._objects[obj.object_id] = obj
