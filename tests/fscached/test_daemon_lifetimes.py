@@ -424,3 +424,24 @@ def test_prefetch_bandwidth_counts_only_what_it_fetches(work: Path) -> None:
             sim.check()
     finally:
         front.close()
+
+
+def test_a_failed_prefetch_window_is_not_asked_again_for_each_chunk(work: Path) -> None:
+    a = build(work, "a", 1 << 20)  # 16 chunks of 64 KiB, stored uncompressed
+    window = 8 * CHUNK  # two windows of 8 chunks
+    front = BlobFront({a.blob_id: (a.blobs / a.blob_id).read_bytes()})
+    front.max_range = CHUNK  # every multi-chunk range is refused (416, not retried)
+    spec = ImageSpec("a", a.boot_path, None, registry=front.registry(), prefetch=PrefetchSpec("all"))
+    try:
+        with KernelSimulator(work / "kernel") as sim:
+            daemon = Running(sim, [spec], work / "cache", read_window=window)
+            try:
+                sim.mount("erofs,a", a.blob_id.encode())
+                assert wait_for(lambda: daemon.stats["prefetch_done"] == 1, 20), "the prefetch never finished"
+                # one try per window, not one per chunk of it
+                assert daemon.stats["prefetch_failed"] == 2, daemon.stats
+                assert len(front.requests) == 2, front.requests
+            finally:
+                daemon.stop()
+    finally:
+        front.close()
