@@ -34,6 +34,7 @@ test: deps venv
 
 bench: deps venv
 	$(PY) bench/build.py
+	$(PY) bench/fanotify.py --json bench-fanotify.json --markdown bench-fanotify.md
 	$(PY) bench/serve.py
 
 clean:
