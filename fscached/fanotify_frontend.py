@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Coroutine
 
 from fanotify.group import FAN_ALLOW, FAN_Q_OVERFLOW, Event, FanotifyError, Group, deny_errno
 from fetcher.source import SourceError
@@ -189,8 +189,8 @@ class FanotifyServer:
             if cf.blob.prefetch_order:
                 self._spawn(self._prefetch(cf))
 
-    def _spawn(self, coro: "asyncio.Future[None] | object") -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task

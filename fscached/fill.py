@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import threading
 from collections import Counter
 from concurrent.futures import Executor
 from contextlib import contextmanager
-from typing import Any, Awaitable, Callable, ContextManager, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, ContextManager, Iterator, Sequence, TypeVar
 
 import native
 from erofs_image.reader import ChunkVerifyError, digest_matches, verify_chunk
@@ -382,7 +383,7 @@ class Filler:
                 found[key] = job
             self._jobs.add(job)
             job.add_done_callback(self._jobs.discard)
-            job.add_done_callback(lambda f, keys=keys: _forget_job(target, keys, f))
+            job.add_done_callback(functools.partial(_forget_job, target, keys))
             job.add_done_callback(_consume_exception)
         return found
 
@@ -467,7 +468,7 @@ class Filler:
         self.stats["prefetch_done"] += 1
 
 
-async def _all(waits: list[Awaitable[None]]) -> None:
+async def _all(waits: Sequence[Awaitable[None]]) -> None:
     """Await everything; then raise the first error, if any."""
     if waits:
         for result in await asyncio.gather(*waits, return_exceptions=True):

@@ -145,9 +145,10 @@ class Server:
         # Holding the entry keeps its anon fd open until this READ is completed, even if a
         # CLOSE removes the object meanwhile.
         with self.objects.use(req.object_id) as entry:
-            if entry is None:
+            live = _live(entry)
+            if live is None:
                 return
-            await self._fill_and_complete(entry.payload, req)
+            await self._fill_and_complete(live, req)
 
     async def _fill_and_complete(self, live: LiveObject, req: ReadRequest) -> None:
         try:
@@ -177,18 +178,19 @@ class Server:
     # -- CLOSE ------------------------------------------------------------------------------
     def handle_close(self, req: CloseRequest) -> None:
         self.stats["close"] += 1
-        entry = self._forget(req.object_id)
-        if entry is None:
+        live = _live(self._forget(req.object_id))
+        if live is None:
             log.warning("CLOSE for unknown object %d", req.object_id)
             return
-        log.info("CLOSE object=%d %s", req.object_id, entry.payload.name)
+        log.info("CLOSE object=%d %s", req.object_id, live.name)
 
     def _forget(self, object_id: int) -> ObjectEntry | None:
         """Drop an object: its prefetch and fetch jobs stop, its fd closes once the last READ
         or write lets go."""
         entry = self.objects.remove(object_id)
-        if entry is not None and entry.payload is not None:
-            entry.payload.target.close()
+        live = _live(entry)
+        if live is not None:
+            live.target.close()
         return entry
 
     # -- shutdown ---------------------------------------------------------------------------
@@ -196,8 +198,9 @@ class Server:
         """Let in-flight READs finish; cancel what is left (those complete without data).
         Background prefetches are not waited for."""
         for entry in self.objects.entries():
-            if entry.payload is not None and entry.payload.target.prefetch is not None:
-                entry.payload.target.prefetch.cancel()
+            live = _live(entry)
+            if live is not None and live.target.prefetch is not None:
+                live.target.prefetch.cancel()
         if self.tasks:
             _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
             for task in pending:
@@ -209,6 +212,11 @@ class Server:
     def release_all(self) -> None:
         """Close every anon fd: only once no worker thread can still write into one."""
         self.objects.close_all()
+
+
+def _live(entry: ObjectEntry | None) -> LiveObject | None:
+    """The daemon's object behind a table entry (None until OPEN has set it up)."""
+    return entry.payload if entry is not None and isinstance(entry.payload, LiveObject) else None
 
 
 def _close_quietly(fd: int) -> None:
