@@ -163,10 +163,12 @@ class FanotifyServer:
         self.by_inode[(st.st_dev, st.st_ino)] = cf
 
     def _give_to_keeper(self) -> None:
+        """The group, and as many write fds as one message carries (a write fd the keeper does
+        not hold is taken from the blob's first event by a successor instead)."""
         assert self.group is not None
         fds = {"group": self.group.fd}
         for cf in self.files.values():
-            if cf.write_fd is not None:
+            if cf.write_fd is not None and len(fds) < keeper.MAX_FDS:
                 fds[f"blob:{cf.name}"] = cf.write_fd.fd
         keeper.give(self.keeper_socket, fds)
 
@@ -213,7 +215,13 @@ class FanotifyServer:
             if not events:
                 return
             for event in events:
-                self._handle(event)
+                try:
+                    self._handle(event)
+                except Exception:  # a bug must still not leave the reader waiting
+                    log.exception("event fd=%d off=%d: unexpected error: answering EIO", event.fd, event.offset)
+                    self.stats["read_failed"] += 1
+                    if event.fd >= 0:
+                        self._answer(event.fd, deny_errno(errno.EIO))
 
     def _handle(self, event: Event) -> None:
         assert self.group is not None and self.journal is not None
@@ -270,15 +278,14 @@ class FanotifyServer:
         finally:
             self._answer(event_fd, response)
 
-    def _answer(self, event_fd: int, response: int, close: bool = True) -> None:
+    def _answer(self, event_fd: int, response: int) -> None:
         assert self.group is not None and self.journal is not None
         try:
             self.group.answer(event_fd, response)
         except OSError as exc:
             log.error("answering event fd=%d failed: %s", event_fd, exc)
         self.journal.clear(event_fd)
-        if close:
-            os.close(event_fd)
+        os.close(event_fd)
 
     def _unmark(self, cf: CacheFile) -> None:
         """The blob is complete: reads go straight to the file from now on."""
