@@ -5,6 +5,7 @@ and compares what the kernel shows with the source tree, byte for byte and field
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,19 @@ from ocilayout import layer_tar, write_layout
 from trees import assert_verified, convert, image_arg, make_real_tree, manifest, run, whole_second_mtimes
 
 pytestmark = pytest.mark.vm
+NYDUS_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nydus-rafs-v6"
+NYDUS_BLOB = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
+
+
+def nydus_fixture_files() -> dict[str, bytes]:
+    """The fixture's two files, decoded straight from its blob at the offsets erofs-format.md
+    documents (zstd chunks), without the project's reader."""
+    import zstandard
+
+    raw = (NYDUS_FIXTURE / NYDUS_BLOB).read_bytes()
+    dec = zstandard.ZstdDecompressor()
+    return {"lib.rs": dec.decompress(raw[0:4828], max_output_size=16931),
+            "sync_io.rs": dec.decompress(raw[4828:7802], max_output_size=13400)}
 
 
 @pytest.fixture
@@ -39,10 +53,17 @@ def test_bootstrap_only_image(vm_kernel: Any, work: Path) -> None:
     spec = f"fsid=x,bootstrap={built / 'image.boot'}"
     # the same image once more, mounted by the daemon itself (image key mountpoint=)
     self_mounted = {**image_arg("selfmounted", built), "mountpoint": "/tmp/mnt/self"}
-    result = run(vm_kernel, work, [image_arg("metaonly", built), self_mounted], [
+    # and the image nydus-image built (shared/fixtures): both of its files byte-exact
+    nydus = work / "nydus"
+    shutil.copytree(NYDUS_FIXTURE, nydus)
+    nydus_image = {"fsid": "nydus", "bootstrap": str(nydus / "rafs-v6-2.2.boot"), "blobs": str(nydus)}
+    result = run(vm_kernel, work, [image_arg("metaonly", built), self_mounted, nydus_image], [
         {"op": "mount", "fsid": "metaonly", "at": "m"},
         {"op": "verify", "at": "m", "manifest": manifest(tree, work / "m.json")},
         {"op": "verify", "at": "self", "manifest": manifest(tree, work / "m.json")},
+        {"op": "mount", "fsid": "nydus", "at": "n"},
+        {"op": "read_file", "at": "n", "path": "lib.rs"},
+        {"op": "read_file", "at": "n", "path": "sync_io.rs"},
         # start-up errors a user meets, each one line and exit status 1
         {"op": "cli_error", "args": ["--cache-dir", "/mnt/second", "--image", spec]},
         {"op": "cli_error", "args": ["--cache-dir", "/tmp/on-tmpfs", "--image", spec]},
@@ -55,7 +76,10 @@ def test_bootstrap_only_image(vm_kernel: Any, work: Path) -> None:
     assert_verified(steps[2], at_least=5)
     assert "image selfmounted mounted on /tmp/mnt/self" in result["daemon_log"]
     assert "unmounted /tmp/mnt/self" in result["daemon_log"]  # a clean stop unmounts what it mounted
-    busy, tmpfs = steps[3], steps[4]
+    assert steps[3]["ok"], steps[3]
+    for step, (name, data) in zip(steps[4:6], nydus_fixture_files().items()):
+        assert (step["sha256"], step["size"]) == (hashlib.sha256(data).hexdigest(), len(data)), (name, step)
+    busy, tmpfs = steps[6], steps[7]
     assert busy["returncode"] == 1 and "\n" not in busy["stderr"], busy
     assert "holds /dev/cachefiles" in busy["stderr"], busy
     assert tmpfs["returncode"] == 1 and "\n" not in tmpfs["stderr"], tmpfs
