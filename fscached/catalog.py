@@ -77,8 +77,7 @@ class Catalog:
             key = (spec.volume, info.blob_id)
             existing = self._objects.get(key)
             if isinstance(existing, BlobObject):
-                existing.users.add(spec.fsid)
-                devices.append(existing)
+                devices.append(existing)  # shared within the domain: one more user, below
                 continue
             if existing is not None or info.blob_id == spec.fsid:
                 raise CatalogError(f"image {spec.fsid}: blob id {info.blob_id} collides with an fsid")
@@ -96,8 +95,27 @@ class Catalog:
         file_size = os.stat(bootstrap_path).st_size
         new[key] = BootstrapObject(spec.fsid, bootstrap_path, file_size, round_up(file_size))
         self._objects.update(new)
+        for blob in devices:  # only now: a refused image leaves no reference behind
+            blob.users.add(spec.fsid)
         self.images[key] = spec
         self.devices[key] = devices
+
+    def remove_image(self, volume: str, fsid: str) -> tuple[BootstrapObject, list[BlobObject]]:
+        """Forget an image: its bootstrap object, and the blobs no other image of the volume
+        uses (returned, for the frontend to close). CatalogError when there is no such image."""
+        key = (volume, fsid)
+        if key not in self.images:
+            raise CatalogError(f"blob_cache: cache entry not found: image {fsid} in {volume}")
+        del self.images[key]
+        boot = self._objects.pop(key)
+        assert isinstance(boot, BootstrapObject)
+        dropped: list[BlobObject] = []
+        for blob in self.devices.pop(key):
+            blob.users.discard(fsid)
+            if not blob.users and self._objects.get((volume, blob.info.blob_id)) is blob:
+                del self._objects[(volume, blob.info.blob_id)]
+                dropped.append(blob)
+        return boot, dropped
 
     def bootstrap_of(self, spec: ImageSpec) -> BootstrapObject:
         obj = self._objects[(spec.volume, spec.fsid)]

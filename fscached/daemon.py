@@ -3,6 +3,7 @@ asked to, serve until told to stop."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Union
+from typing import Any, Coroutine, TypeVar, Union
 
 from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
 from fscached import mounts
@@ -27,6 +28,11 @@ WORKER_THREADS = 4
 DRAIN_SECONDS = 10.0
 
 Frontend = Union[Server, FanotifyServer]
+T = TypeVar("T")
+
+
+class BusyError(Exception):
+    """An image cannot be dropped now: it is mounted and in use."""
 
 
 class Daemon:
@@ -131,23 +137,65 @@ class Daemon:
 
     async def _mount_all(self, server: Frontend) -> None:
         """Mount every image with a mountpoint, once the kernel's questions can be answered."""
-        present = mounts.erofs_mount_table()
         for spec in self.config.images:
-            if spec.mountpoint is None:
-                continue
-            source, options = server.mount_args(spec)
-            if str(spec.mountpoint) in present:
-                there, mount_id = present[str(spec.mountpoint)]
-                if (isinstance(server, FanotifyServer) and server.takeover and there == source
-                        and server.is_watched(str(spec.mountpoint), mount_id)):
-                    log.info("image %s: still mounted on %s, served again", spec.fsid, spec.mountpoint)
-                    self.mounted.append(spec.mountpoint)
-                    continue
-                raise OSError(f"image {spec.fsid}: {spec.mountpoint} is already mounted (from {there}), "
-                              f"not by a daemon whose watch is still alive; unmount it first (umount {spec.mountpoint})")
-            await asyncio.to_thread(mounts.mount_erofs, source, spec.mountpoint, options)
-            self.mounted.append(spec.mountpoint)
-            log.info("image %s mounted on %s", spec.fsid, spec.mountpoint)
+            await self._mount(server, spec)
+
+    async def _mount(self, server: Frontend, spec: ImageSpec) -> None:
+        if spec.mountpoint is None:
+            return
+        source, options = server.mount_args(spec)
+        present = mounts.erofs_mount_table()
+        if str(spec.mountpoint) in present:
+            there, mount_id = present[str(spec.mountpoint)]
+            if (isinstance(server, FanotifyServer) and server.takeover and there == source
+                    and server.is_watched(str(spec.mountpoint), mount_id)):
+                log.info("image %s: still mounted on %s, served again", spec.fsid, spec.mountpoint)
+                self.mounted.append(spec.mountpoint)
+                return
+            raise OSError(f"image {spec.fsid}: {spec.mountpoint} is already mounted (from {there}), "
+                          f"not by a daemon whose watch is still alive; unmount it first (umount {spec.mountpoint})")
+        await asyncio.to_thread(mounts.mount_erofs, source, spec.mountpoint, options)
+        self.mounted.append(spec.mountpoint)
+        log.info("image %s mounted on %s", spec.fsid, spec.mountpoint)
+
+    # -- images at run time (the control API) ------------------------------------------------
+    async def add_image(self, spec: ImageSpec) -> None:
+        """Serve one more image while the others are mounted and read (CatalogError, SourceError,
+        OSError for a failed mount: then the image is not served)."""
+        server = self.server
+        assert server is not None
+        path = spec.bootstrap if spec.bootstrap is not None else await self.pull_image_bootstrap(spec)
+        self.catalog.add_image(spec, path, self.pool.chain(spec))
+        try:
+            server.image_added(spec)
+            await self._mount(server, spec)
+        except BaseException:
+            boot, dropped = self.catalog.remove_image(spec.volume, spec.fsid)
+            server.image_removed(boot, dropped)
+            raise
+        log.info("image %s bound%s", spec.fsid, f" (domain {spec.domain})" if spec.domain else "")
+
+    async def remove_image(self, volume: str, fsid: str) -> ImageSpec:
+        """Stop serving an image: unmount it if the daemon mounted it, close its objects, drop
+        its blobs' references (a blob shared in a domain stays while another image uses it).
+        CatalogError when unknown (its message holds "blob_cache: cache entry not found");
+        BusyError while it is mounted and in use."""
+        server = self.server
+        assert server is not None
+        spec = self.catalog.images.get((volume, fsid))
+        if spec is None:
+            raise CatalogError(f"blob_cache: cache entry not found: image {fsid} in {volume}")
+        if spec.mountpoint is not None and spec.mountpoint in self.mounted:
+            if not await asyncio.to_thread(mounts.unmount, spec.mountpoint):
+                raise BusyError(f"image {fsid}: {spec.mountpoint} is busy")
+            self.mounted.remove(spec.mountpoint)
+        if isinstance(server, FanotifyServer) and server.serving_mounts_of(spec):
+            # its blobs' marks are all that stands between those readers and holes
+            raise BusyError(f"image {fsid}: still mounted on {', '.join(server.serving_mounts_of(spec))}")
+        boot, dropped = self.catalog.remove_image(volume, fsid)
+        server.image_removed(boot, dropped)
+        log.info("image %s unbound (%d blob(s) no longer used)", fsid, len(dropped))
+        return spec
 
     async def _serve_until_unmounted(self, server: Frontend) -> bool:
         """Serve until told to stop and what we mounted is unmounted. A busy mount keeps the
@@ -190,6 +238,12 @@ class Daemon:
                 self._stop_before_start = True
             else:
                 self._loop.call_soon_threadsafe(self._stop.set)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> "concurrent.futures.Future[T]":
+        """Thread-safe: run a coroutine on the daemon's loop once run() has started (tests,
+        embedding)."""
+        assert self._loop is not None, "the daemon is not running"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def counters(self) -> dict[str, int]:
         """The daemon's counters plus each source's, as "source:<name>:<ok|failed|...>"."""

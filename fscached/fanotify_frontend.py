@@ -29,7 +29,7 @@ from typing import Any, Callable, Coroutine
 from fanotify.group import FAN_ALLOW, FAN_Q_OVERFLOW, Event, FanotifyError, Group, deny_errno
 from fetcher.source import SourceError
 from fscached import keeper, mounts
-from fscached.catalog import BlobObject, Catalog
+from fscached.catalog import BlobObject, BootstrapObject, Catalog
 from fscached.config import ImageSpec
 from fscached.event_journal import EventJournal, Orphan
 from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, SharedFd, VerifyError
@@ -175,6 +175,41 @@ class FanotifyServer:
     def fileno(self) -> int:
         assert self.group is not None
         return self.group.fd
+
+    def image_added(self, spec: ImageSpec) -> None:
+        """A bind at run time: cache files (marked) for the blobs the image brings."""
+        for blob in self.catalog.devices[(spec.volume, spec.fsid)]:
+            cf = self.files.get(f"{spec.volume}/{blob.info.blob_id}")
+            if cf is None:
+                self._open_cache_file(spec.volume, blob, {})
+                cf = self.files[f"{spec.volume}/{blob.info.blob_id}"]
+                if blob.prefetch_order:
+                    self._spawn(self._prefetch(cf))
+        self._give_to_keeper()
+
+    def image_removed(self, boot: BootstrapObject, dropped: list[BlobObject]) -> None:
+        """An unbind: the blobs no image uses any more lose their mark and their fetches. The
+        cache files stay (a later bind finds them filled); culling removes them."""
+        for blob in dropped:
+            cf = next((f for f in self.files.values() if f.blob is blob), None)
+            if cf is None:
+                continue
+            del self.files[cf.name]
+            self.by_inode = {k: v for k, v in self.by_inode.items() if v is not cf}
+            if cf.target is not None:
+                cf.target.close()
+            if cf.marked and self.group is not None:
+                self.group.unmark(cf.path)
+                cf.marked = False
+            if cf.write_fd is not None:
+                cf.write_fd.close()
+        self._give_to_keeper()
+
+    def serving_mounts_of(self, spec: ImageSpec) -> list[str]:
+        """Watched mounts of this image's bootstrap (by us or by hand)."""
+        source = str(self.catalog.bootstrap_of(spec).path)
+        return sorted(mp for mp, (there, mount_id) in mounts.erofs_mount_table().items()
+                      if there == source and self.is_watched(mp, mount_id))
 
     def cache_file(self, volume: str, blob: BlobObject) -> CacheFile:
         return self.files[f"{volume}/{blob.info.blob_id}"]

@@ -57,6 +57,19 @@ class Server:
     def start_background(self) -> None:
         """Nothing to start: prefetch begins at each blob's OPEN."""
 
+    def image_added(self, spec: ImageSpec) -> None:
+        """Nothing to prepare: the kernel OPENs the objects when the image is mounted."""
+
+    def image_removed(self, boot: BootstrapObject, dropped: list[BlobObject]) -> None:
+        """Close the kernel objects of an image that was unbound: its bootstrap's and those
+        of the blobs no other image uses (their fetches and prefetch stop)."""
+        gone: list[Served] = [boot, *dropped]
+        for entry in self.objects.entries():
+            live = _live(entry)
+            if live is not None and any(live.served is obj for obj in gone):
+                log.info("object=%d %s: its image was unbound, closing it", entry.object_id, live.name)
+                self._forget(entry.object_id)
+
     # -- message pump -------------------------------------------------------------------
     def on_readable(self) -> None:
         """Drain every queued message (read() returns one message, or nothing)."""

@@ -280,3 +280,38 @@ def test_sequential_reader_gets_the_next_window_fetched_ahead(work: Path) -> Non
             assert sum(e - s for s, e in sim.cached_extents(blob)) == chunks * window
         finally:
             daemon.stop()
+
+
+def test_bind_and_unbind_at_run_time_on_the_cachefiles_path(work: Path) -> None:
+    """An image added while another is served gets its OPENs answered; unbinding it closes its
+    objects (their fds), and an unknown unbind says what the snapshotter matches on."""
+    from fscached.catalog import CatalogError
+
+    convert(make_tree(work / "tree1"), work / "built1", compressor="zstd")
+    second_tree = work / "tree2"
+    second_tree.mkdir()
+    (second_tree / "only.bin").write_bytes(os.urandom(200_000))
+    convert(second_tree, work / "built2", compressor="none")
+    spec1 = ImageSpec("img1", work / "built1" / "image.boot", work / "built1" / "blobs")
+    spec2 = ImageSpec("img2", work / "built2" / "image.boot", work / "built2" / "blobs")
+    boot2 = Bootstrap.open(spec2.bootstrap)
+    with KernelSimulator(work / "kernel") as sim:
+        daemon = Running(sim, [spec1], work / "cache")
+        try:
+            assert sim.mount("erofs,img2", b"img2").copen_result == -errno.ENOENT  # not bound yet
+            daemon.daemon.submit(daemon.daemon.add_image(spec2)).result(30)
+            meta = sim.mount("erofs,img2", b"img2")
+            blob = sim.mount("erofs,img2", boot2.blobs[0].blob_id.encode())
+            want = expected_blob_space(boot2, spec2.blobs, 0)
+            assert sim.read(blob, 0, 65536) == want[:65536]
+            assert sim.anon_fd_open(blob) and sim.anon_fd_open(meta)
+            daemon.daemon.submit(daemon.daemon.remove_image("img2", "img2")).result(30)
+            assert not sim.anon_fd_open(blob) and not sim.anon_fd_open(meta), "unbind closes the objects"
+            with pytest.raises(CatalogError, match="blob_cache: cache entry not found"):
+                daemon.daemon.submit(daemon.daemon.remove_image("img2", "img2")).result(30)
+            # the first image is untouched
+            boot1 = Bootstrap.open(spec1.bootstrap)
+            blob1 = sim.mount("erofs,img1", boot1.blobs[0].blob_id.encode())
+            assert sim.read(blob1, 0, 4096) == expected_blob_space(boot1, spec1.blobs, 0)[:4096]
+        finally:
+            daemon.stop()
