@@ -43,6 +43,9 @@ class SourceChain:
         self.fallback = fallback
         self.name = " -> ".join(s.name for s in self.sources) if fallback else self.sources[0].name
         self.stats: collections.Counter[str] = collections.Counter()
+        # metrics: bytes each source delivered (verified or not), ranged reads outstanding per source
+        self.bytes: collections.Counter[str] = collections.Counter()
+        self.in_flight: collections.Counter[str] = collections.Counter()
         self._seen: set[tuple[str, str, str]] = set()
 
     def __repr__(self) -> str:
@@ -74,7 +77,12 @@ class SourceChain:
                                 blob_id, source.name, sources[i + 1].name)
                 continue
             try:
-                raw = await source.read(blob_id, offset, length, prefetch=prefetch)
+                self.in_flight[source.name] += 1
+                try:
+                    raw = await source.read(blob_id, offset, length, prefetch=prefetch)
+                finally:
+                    self.in_flight[source.name] -= 1
+                self.bytes[source.name] += len(raw)
                 result = verify(raw)
                 if inspect.isawaitable(result):  # verification may run in a worker thread
                     result = await result

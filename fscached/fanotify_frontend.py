@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections import Counter
 from concurrent.futures import Executor
 from pathlib import Path
@@ -33,6 +34,7 @@ from fscached.catalog import BlobObject, BootstrapObject, Catalog
 from fscached.config import ImageSpec
 from fscached.event_journal import EventJournal, Orphan
 from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, SharedFd, VerifyError
+from fscached.metrics import RequestStats
 
 log = logging.getLogger("fscached.fanotify")
 
@@ -73,6 +75,7 @@ class FanotifyServer:
         self.keeper_socket = self.state_dir / "keeper.sock"
         self.stats: Counter[str] = Counter()
         self.filler = Filler(executor, self.stats, read_window)
+        self.requests = RequestStats()  # outcome, latency and bytes of every event answered
         self.tasks: set[asyncio.Task[None]] = set()
         self.files: dict[str, CacheFile] = {}
         self.by_inode: dict[tuple[int, int], CacheFile] = {}
@@ -255,11 +258,13 @@ class FanotifyServer:
                 except Exception:  # a bug must still not leave the reader waiting
                     log.exception("event fd=%d off=%d: unexpected error: answering EIO", event.fd, event.offset)
                     self.stats["read_failed"] += 1
+                    self.requests.observe("failed", 0.0)
                     if event.fd >= 0:
                         self._answer(event.fd, deny_errno(errno.EIO))
 
     def _handle(self, event: Event) -> None:
         assert self.group is not None and self.journal is not None
+        started = time.monotonic()
         self.stats["read"] += 1
         if event.fd < 0 or event.mask & FAN_Q_OVERFLOW:
             self.stats["event_overflow"] += 1
@@ -269,12 +274,14 @@ class FanotifyServer:
             st = os.fstat(event.fd)
         except OSError:
             self._answer(event.fd, deny_errno(errno.EIO))
+            self.requests.observe("failed", time.monotonic() - started)
             return
         cf = self.by_inode.get((st.st_dev, st.st_ino))
         if cf is None:  # marked by an older configuration: nothing here can fill it
             self.stats["read_unknown_object"] += 1
             log.error("event for a file this daemon does not serve (inode %d): EIO", st.st_ino)
             self._answer(event.fd, deny_errno(errno.EIO))
+            self.requests.observe("failed", time.monotonic() - started)
             return
         if cf.target is None:
             cf.adopt(os.dup(event.fd), self._unmark)  # the kernel opened it without notification
@@ -284,9 +291,10 @@ class FanotifyServer:
         if count <= 0 or self.filler.is_filled(cf.blob, cf.target, event.offset, count):
             self.stats["read_cached"] += 1
             self._answer(event.fd, FAN_ALLOW)
+            self.requests.observe("cached", time.monotonic() - started, max(count, 0))
             return
         self.journal.record(event.fd, st.st_dev, st.st_ino, event.offset, count)
-        self._spawn(self._fill_and_answer(cf, event.fd, event.offset, count))
+        self._spawn(self._fill_and_answer(cf, event.fd, event.offset, count, started))
 
     async def _fill(self, cf: CacheFile, offset: int, length: int, what: str) -> int:
         """Fill the range; the answer for its event (ALLOW, or EIO)."""
@@ -306,12 +314,16 @@ class FanotifyServer:
             log.exception("%s blob %s off=%d len=%d: unexpected error", what, cf.name, offset, length)
         return deny_errno(errno.EIO)
 
-    async def _fill_and_answer(self, cf: CacheFile, event_fd: int, offset: int, length: int) -> None:
+    async def _fill_and_answer(self, cf: CacheFile, event_fd: int, offset: int, length: int,
+                               started: float) -> None:
         response = deny_errno(errno.EIO)
         try:
             response = await self._fill(cf, offset, length, f"event fd={event_fd}")
         finally:
             self._answer(event_fd, response)
+            allowed = response == FAN_ALLOW
+            self.requests.observe("filled" if allowed else "failed", time.monotonic() - started,
+                                  length if allowed else 0)
 
     def _answer(self, event_fd: int, response: int) -> None:
         assert self.group is not None and self.journal is not None

@@ -10,6 +10,7 @@ import asyncio
 import errno
 import logging
 import os
+import time
 from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from fetcher.source import SourceError
 from fscached.catalog import BlobObject, BootstrapObject, Catalog, Served
 from fscached.config import ImageSpec
 from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, VerifyError
+from fscached.metrics import RequestStats
 
 log = logging.getLogger("fscached.serve")
 
@@ -41,6 +43,7 @@ class Server:
         self.catalog = catalog
         self.stats: Counter[str] = Counter()
         self.filler = Filler(executor, self.stats, read_window)
+        self.requests = RequestStats()  # outcome, latency and bytes of every READ answered
         # object_id -> anon fd (owned, closed once its last in-flight READ lets go) + LiveObject
         self.objects = ObjectTable()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -149,26 +152,31 @@ class Server:
             # No fd to complete on: the kernel fails the read when the object goes away.
             self.stats["read_unknown_object"] += 1
             log.error("READ msg_id=%d for unknown object %d", req.msg_id, req.object_id)
+            self.requests.observe("failed", 0.0)
             return
-        task = asyncio.ensure_future(self._serve_read(req))
+        task = asyncio.ensure_future(self._serve_read(req, time.monotonic()))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _serve_read(self, req: ReadRequest) -> None:
+    async def _serve_read(self, req: ReadRequest, started: float) -> None:
         # Holding the entry keeps its anon fd open until this READ is completed, even if a
         # CLOSE removes the object meanwhile.
         with self.objects.use(req.object_id) as entry:
             live = _live(entry)
             if live is None:
                 return
-            await self._fill_and_complete(live, req)
+            await self._fill_and_complete(live, req, started)
 
-    async def _fill_and_complete(self, live: LiveObject, req: ReadRequest) -> None:
+    async def _fill_and_complete(self, live: LiveObject, req: ReadRequest, started: float) -> None:
+        outcome = "failed"
         try:
             if isinstance(live.served, BootstrapObject):
                 await self.filler.fill_bootstrap(live.served, live.target, req.offset, req.length)
+                outcome = "filled"
             else:
+                cached = self.filler.is_filled(live.served, live.target, req.offset, req.length)
                 await self.filler.fill_blob(live.served, live.target, req.offset, req.length)
+                outcome = "cached" if cached else "filled"
             self.stats["read_bytes"] += req.length
         except (SourceError, VerifyError, OSError, ValueError) as exc:
             self.stats["read_failed"] += 1
@@ -181,6 +189,7 @@ class Server:
             log.exception("READ msg_id=%d %s: unexpected error", req.msg_id, live.name)
         finally:
             self._complete(live, req.msg_id)
+            self.requests.observe(outcome, time.monotonic() - started, req.length if outcome != "failed" else 0)
 
     def _complete(self, live: LiveObject, msg_id: int) -> None:
         try:

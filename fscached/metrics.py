@@ -1,0 +1,283 @@
+"""Prometheus metrics of a running daemon: `render(daemon)` is the body of `GET /metrics`.
+
+Every value is read from the daemon's live state when scraped (a custom collector on a
+registry of the daemon's own, never the process-global one: tests run several daemons in one
+process): the frontend's counters (`server.stats`), its answered requests (`server.requests`,
+a `RequestStats` the frontends feed: outcome, latency, bytes), the source chains' counters,
+the open objects, the prefetch progress of each blob and the cache directory's allocated
+bytes. Nothing is counted twice and nothing is kept here that the daemon does not already
+know, except the fill-latency histogram.
+
+Labels stay few and bounded: `outcome` (cached / filled / failed), `source` (one per
+configured source: a directory, a registry repository, a peer), `result`; blob ids appear
+only on the per-blob prefetch gauges.
+
+The exposition is the classic text format, `CONTENT_TYPE` (`text/plain; version=0.0.4`).
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import weakref
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                    Metric)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+if TYPE_CHECKING:
+    from fscached.daemon import Daemon
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+OUTCOMES = ("cached", "filled", "failed")
+# seconds from the kernel's request to the daemon's answer: a cached answer takes microseconds,
+# a local fill milliseconds, a registry round trip tens of milliseconds and more
+LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0)
+SOURCE_RESULTS = ("ok", "failed", "integrity", "skipped")
+
+# (stats key, metric name without _total, help): monotonic counters of the frontend and fill core
+FRONTEND_COUNTERS = (
+    ("open", "fscached_opens", "cachefiles OPEN requests"),
+    ("open_unknown", "fscached_opens_unknown", "cachefiles OPENs for cookies this daemon does not serve (ENOENT)"),
+    ("read_unknown_object", "fscached_reads_unknown_object",
+     "READs or events for an object or file this daemon does not serve"),
+    ("malformed", "fscached_malformed_messages", "kernel messages that broke the format"),
+    ("event_overflow", "fscached_event_overflows", "fanotify queue overflows (events were lost)"),
+    ("fetches", "fscached_fetches", "ranged fetches from blob sources that delivered verified bytes"),
+    ("fetched_chunks", "fscached_fetched_chunks", "chunks fetched, verified and written to the cache"),
+    ("joined_chunks", "fscached_joined_chunks", "chunks a READ found already being fetched (joined, not fetched again)"),
+    ("chunk_retries", "fscached_chunk_retries", "chunks refetched alone after their window failed"),
+    ("verify_failures", "fscached_verify_failures",
+     "fetched runs holding a chunk whose digest did not match (never written to the cache)"),
+    ("readahead_windows", "fscached_readahead_windows", "read-ahead fetches started for sequential readers"),
+    ("prefetched_chunks", "fscached_prefetched_chunks", "chunks fetched by prefetch"),
+    ("prefetch_done", "fscached_prefetch_blobs_done", "blobs whose prefetch ran to its end"),
+    ("prefetch_failed", "fscached_prefetch_windows_failed", "prefetch windows that failed (left to on-demand reads)"),
+    ("reverified_chunks", "fscached_reverified_chunks",
+     "chunks found in a cache file that matched their digest (fanotify: not fetched again)"),
+    ("blobs_complete", "fscached_blobs_complete", "blobs whose every chunk is filled (fanotify: mark removed)"),
+    ("orphans_answered", "fscached_orphans_answered", "events a killed daemon had taken, answered by this one"),
+    ("orphans_eio", "fscached_orphans_eio", "of those, answered with EIO"),
+    ("orphans_gone", "fscached_orphans_gone", "events a killed daemon had taken that were already gone"),
+)
+
+
+class RequestStats:
+    """What happened to the kernel's requests, observed by a frontend when it answers one: its
+    outcome ("cached": answered without fetching; "filled": bytes fetched, verified, written;
+    "failed": the reader saw EIO), seconds from the request to the answer, bytes it covered.
+
+    Plain counters (no locking): written on the event loop, read by a scrape; every update is
+    one attribute or list-item store."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        # per outcome: a count per bucket (not cumulative; the last one is +Inf), sum, bytes
+        self.counts: dict[str, list[int]] = {o: [0] * (len(buckets) + 1) for o in OUTCOMES}
+        self.seconds: dict[str, float] = {o: 0.0 for o in OUTCOMES}
+        self.bytes: dict[str, int] = {o: 0 for o in OUTCOMES}
+
+    def observe(self, outcome: str, seconds: float, nbytes: int = 0) -> None:
+        seconds = max(seconds, 0.0)
+        self.counts[outcome][bisect.bisect_left(self.buckets, seconds)] += 1
+        self.seconds[outcome] += seconds
+        self.bytes[outcome] += nbytes
+
+    def total(self, outcome: str) -> int:
+        return sum(self.counts[outcome])
+
+
+class DaemonMetrics:
+    """One daemon's registry (created lazily by `metrics_for`)."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = DaemonCollector(daemon)
+        self.registry.register(self.collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+_attached: "weakref.WeakKeyDictionary[Daemon, DaemonMetrics]" = weakref.WeakKeyDictionary()
+
+
+def metrics_for(daemon: "Daemon") -> DaemonMetrics:
+    """The daemon's metrics object, made on first use."""
+    found = _attached.get(daemon)
+    if found is None:
+        found = _attached[daemon] = DaemonMetrics(daemon)
+    return found
+
+
+def render(daemon: "Daemon") -> bytes:
+    """The Prometheus text exposition (format 0.0.4, `CONTENT_TYPE`) of the daemon's metrics."""
+    return metrics_for(daemon).render()
+
+
+def cache_bytes(path: Path) -> int:
+    """Bytes allocated under `path` (st_blocks * 512 of every file; a sparse cache file counts
+    only what was filled). Symlinks are not followed; files vanishing meanwhile are skipped."""
+    total = 0
+    stack = [os.fspath(path)]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    else:
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+                except OSError:
+                    continue
+    return total
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fscached")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class DaemonCollector(Collector):
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+        self.version = _version()
+
+    def collect(self) -> Iterator[Metric]:
+        daemon = self.daemon
+        server = daemon.server
+        stats: dict[str, int] = dict(server.stats) if server is not None else {}
+
+        info = GaugeMetricFamily("fscached_info", "the daemon: package version and kernel path",
+                                 labels=["version", "backend"])
+        info.add_metric([self.version, daemon.backend], 1)
+        yield info
+        yield GaugeMetricFamily("fscached_images", "images served", value=len(daemon.catalog.images))
+
+        # -- the kernel's requests ------------------------------------------------------------
+        requests: RequestStats | None = getattr(server, "requests", None)
+        reads = CounterMetricFamily("fscached_reads", "READs (cachefiles) or pre-access events (fanotify) "
+                                    "answered, by outcome: cached (no fetch needed), filled (fetched, verified, "
+                                    "written), failed (the reader saw EIO)", labels=["outcome"])
+        read_bytes = CounterMetricFamily("fscached_read_bytes", "bytes of the ranges answered with data, by "
+                                         "outcome: cached (served from the cache) or filled", labels=["outcome"])
+        latency = HistogramMetricFamily("fscached_read_duration_seconds", "seconds from the kernel's request "
+                                        "to the daemon's answer, by outcome", labels=["outcome"])
+        if requests is not None:
+            for outcome in OUTCOMES:
+                counts = list(requests.counts[outcome])
+                reads.add_metric([outcome], sum(counts))
+                if outcome != "failed":
+                    read_bytes.add_metric([outcome], requests.bytes[outcome])
+                cumulative, running = [], 0
+                for bound, count in zip((*map(_le, requests.buckets), "+Inf"), counts):
+                    running += count
+                    cumulative.append((bound, running))
+                latency.add_metric([outcome], cumulative, requests.seconds[outcome])
+        yield reads
+        yield read_bytes
+        yield latency
+
+        for key, name, doc in FRONTEND_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
+
+        # -- sources --------------------------------------------------------------------------
+        results: Counter[tuple[str, str]] = Counter()
+        fetched: Counter[str] = Counter()
+        in_flight: Counter[str] = Counter()
+        for chain in daemon.catalog.sources():
+            for source in chain.sources:
+                fetched[source.name] += 0
+                in_flight[source.name] += 0
+            for key, value in dict(chain.stats).items():
+                name, _, result = key.rpartition(":")
+                results[(name, result)] += value
+            for name, value in dict(chain.bytes).items():
+                fetched[name] += value
+            for name, value in dict(chain.in_flight).items():
+                in_flight[name] += value
+        requests_family = CounterMetricFamily(
+            "fscached_source_requests", "ranged reads asked of each blob source, by result: ok, failed (an "
+            "error: the next source is tried), integrity (bytes that failed verification), skipped "
+            "(unhealthy)", labels=["source", "result"])
+        for name in sorted(fetched):
+            for result in SOURCE_RESULTS:
+                requests_family.add_metric([name, result], results.get((name, result), 0))
+        yield requests_family
+        bytes_family = CounterMetricFamily("fscached_source_bytes", "bytes each blob source delivered "
+                                           "(including bytes that then failed verification)", labels=["source"])
+        flight_family = GaugeMetricFamily("fscached_fetches_in_flight", "ranged reads waiting for a blob "
+                                          "source now", labels=["source"])
+        for name in sorted(fetched):
+            bytes_family.add_metric([name], fetched[name])
+            flight_family.add_metric([name], in_flight[name])
+        yield bytes_family
+        yield flight_family
+
+        # -- objects, prefetch, the cache -----------------------------------------------------
+        yield GaugeMetricFamily("fscached_objects_open", "open kernel objects (cachefiles) or cache files "
+                                "(fanotify)", value=_objects_open(server))
+        done_family = GaugeMetricFamily("fscached_prefetch_chunks_done", "chunks of a blob's prefetch list "
+                                        "that hold verified bytes", labels=["volume", "blob"])
+        planned_family = GaugeMetricFamily("fscached_prefetch_chunks", "chunks in a blob's prefetch list",
+                                           labels=["volume", "blob"])
+        for volume, blob_id, done, planned in _prefetch_progress(server):
+            done_family.add_metric([volume, blob_id], done)
+            planned_family.add_metric([volume, blob_id], planned)
+        yield done_family
+        yield planned_family
+        yield GaugeMetricFamily("fscached_cache_bytes", "bytes allocated in the cache directory "
+                                "(st_blocks * 512, summed)", value=cache_bytes(daemon.config.cache_dir))
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def _objects_open(server: object) -> int:
+    from fscached.fanotify_frontend import FanotifyServer
+    from fscached.serve import Server
+
+    if isinstance(server, Server):
+        return len(server.objects)
+    if isinstance(server, FanotifyServer):
+        return len(server.files)
+    return 0
+
+
+def _prefetch_progress(server: object) -> Iterable[tuple[str, str, int, int]]:
+    """(volume, blob id, chunks done, chunks planned) of every open blob with a prefetch list."""
+    from fscached.catalog import VOLUME_PREFIX, BlobObject
+    from fscached.fanotify_frontend import FanotifyServer
+    from fscached.serve import LiveObject, Server
+
+    found: dict[tuple[str, str], tuple[int, int]] = {}
+    if isinstance(server, Server):
+        for entry in server.objects.entries():
+            live = entry.payload
+            if isinstance(live, LiveObject) and isinstance(live.served, BlobObject) and live.served.prefetch_order:
+                volume = entry.volume_key.removeprefix(VOLUME_PREFIX)
+                found[(volume, live.served.info.blob_id)] = _progress(live.served, live.target.written)
+    elif isinstance(server, FanotifyServer):
+        for cf in list(server.files.values()):
+            if cf.blob.prefetch_order:
+                written: set[int] = cf.target.written if cf.target is not None else set()
+                found[(cf.volume, cf.blob.info.blob_id)] = _progress(cf.blob, written)
+    return [(volume, blob_id, done, planned) for (volume, blob_id), (done, planned) in sorted(found.items())]
+
+
+def _progress(blob: object, written: set[int]) -> tuple[int, int]:
+    order = blob.prefetch_order  # type: ignore[attr-defined]
+    return sum(1 for c in order if c.uncompressed_offset in written), len(order)
