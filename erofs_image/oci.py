@@ -23,17 +23,9 @@ from typing import BinaryIO, Callable
 
 from .layers import BuildError
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
-LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-ANN_NYDUS_BLOB = "containerd.io/snapshot/nydus-blob"
-ANN_NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
-ANN_NYDUS_FS_VERSION = "containerd.io/snapshot/nydus-fs-version"
-BOOTSTRAP_ENTRY = "image/image.boot"
+from .oci_media import (ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP, ANN_NYDUS_FS_VERSION, ANN_REF_NAME,
+                        BOOTSTRAP_ENTRY, LAYER_TAR_GZIP, NYDUS_BLOB, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST,
+                        Platform, PlatformError, choose_manifest, is_index, machine_platform)
 
 _DIGEST_RE = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
 _BLOB_PATH_RE = re.compile(r"(?:^|/)blobs/(sha256|sha512)/([0-9a-f]{64,128})$")
@@ -166,36 +158,28 @@ def _json(data: bytes, what: str) -> dict:
 # --------------------------------------------------------------------------- OCI layout
 
 
-def _pick_manifest(store: _Store, index: dict, where: str, depth: int = 0) -> dict:
+def _pick_manifest(store: _Store, index: dict, where: str, platform: Platform | None,
+                   depth: int = 0) -> dict:
+    """Follow (nested) indexes down to the image manifest for `platform` (default: this
+    machine's; rules in erofs_image.oci_media)."""
     if depth > 4:
         raise BuildError(f"{store.label}: {where}: image indexes nested too deeply")
-    manifests = index.get("manifests")
-    if not isinstance(manifests, list) or not manifests:
-        raise BuildError(f"{store.label}: {where}: no manifests listed")
-    images = [m for m in manifests if isinstance(m, dict)
-              and (m.get("platform") or {}).get("os") != "unknown"]  # skip attestations
-    if len(images) == 1:
-        chosen = images[0]
-    else:
-        amd64 = [m for m in images if (m.get("platform") or {}).get("os") == "linux"
-                 and (m.get("platform") or {}).get("architecture") == "amd64"]
-        if not amd64:
-            plats = ", ".join(f"{(m.get('platform') or {}).get('os')}/"
-                              f"{(m.get('platform') or {}).get('architecture')}" for m in images)
-            raise BuildError(f"{store.label}: {where}: {len(images)} manifests and none for "
-                             f"linux/amd64 ({plats})")
-        chosen = amd64[0]
+    try:
+        chosen = choose_manifest(index, platform)
+    except PlatformError as e:
+        raise BuildError(f"{store.label}: {where}: {e}") from None
     digest = chosen.get("digest", "")
     path = _blob_path(digest, "manifest", store.label)
     data = store.read_small(path, "manifest", digest)
     obj = _json(data, f"{store.label}: {path}")
-    mt = chosen.get("mediaType") or obj.get("mediaType")
-    if mt in (OCI_INDEX, DOCKER_LIST) or ("manifests" in obj and "layers" not in obj):
-        return _pick_manifest(store, obj, path, depth + 1)
+    if not isinstance(obj, dict):
+        raise BuildError(f"{store.label}: {path}: not a JSON object")
+    if is_index(obj, chosen.get("mediaType")):
+        return _pick_manifest(store, obj, path, platform, depth + 1)
     return obj
 
 
-def _read_layout(store: _Store, kind: str, closers) -> SourceImage:
+def _read_layout(store: _Store, kind: str, closers, platform: Platform | None = None) -> SourceImage:
     if not store.exists("index.json"):
         raise BuildError(f"{store.label}: not an OCI image layout (no index.json)")
     if store.exists("oci-layout"):
@@ -204,7 +188,9 @@ def _read_layout(store: _Store, kind: str, closers) -> SourceImage:
             raise BuildError(f"{store.label}: unsupported imageLayoutVersion "
                              f"{lay.get('imageLayoutVersion')!r}")
     index = _json(store.read_small("index.json", "index"), f"{store.label}: index.json")
-    manifest = _pick_manifest(store, index, "index.json")
+    if not isinstance(index, dict):
+        raise BuildError(f"{store.label}: index.json: not a JSON object")
+    manifest = _pick_manifest(store, index, "index.json", platform)
     cdesc = manifest.get("config") or {}
     cpath = _blob_path(cdesc.get("digest", ""), "config", store.label)
     config = _json(store.read_small(cpath, "config", cdesc["digest"]), f"{store.label}: {cpath}")
@@ -224,18 +210,18 @@ def _read_layout(store: _Store, kind: str, closers) -> SourceImage:
     return SourceImage(kind, config, layers, closers)
 
 
-def open_oci_layout(path: Path) -> SourceImage:
-    return _read_layout(_DirStore(path), "oci-layout", [])
+def open_oci_layout(path: Path, platform: Platform | None = None) -> SourceImage:
+    return _read_layout(_DirStore(path), "oci-layout", [], platform)
 
 
-def open_archive(path: Path) -> SourceImage:
+def open_archive(path: Path, platform: Platform | None = None) -> SourceImage:
     """A `docker save` archive (old or new format) or an OCI layout packed in a tar."""
     store = _TarStore(path)
     try:
         if store.exists("manifest.json"):
             return _read_docker(store)
         if store.exists("index.json"):
-            return _read_layout(store, "oci-archive", [store.close])
+            return _read_layout(store, "oci-archive", [store.close], platform)
         raise BuildError(f"{path}: neither a docker save archive (no manifest.json) nor an "
                          "OCI layout archive (no index.json)")
     except BaseException:
@@ -266,14 +252,15 @@ def _read_docker(store: _TarStore) -> SourceImage:
     return SourceImage("docker-archive", config, layers, [store.close])
 
 
-def open_source(path: Path) -> SourceImage | None:
-    """The image at `path`, or None when `path` is a plain directory tree."""
+def open_source(path: Path, platform: Platform | None = None) -> SourceImage | None:
+    """The image at `path`, or None when `path` is a plain directory tree. From an index
+    (multi-platform image) the manifest for `platform` is read, by default this machine's."""
     if path.is_dir():
         if (path / "oci-layout").is_file() or (path / "index.json").is_file():
-            return open_oci_layout(path)
+            return open_oci_layout(path, platform)
         return None
     if path.is_file():
-        return open_archive(path)
+        return open_archive(path, platform)
     if not path.exists():
         raise BuildError(f"{path}: no such file or directory")
     raise BuildError(f"{path}: not a directory, OCI layout or image archive")
@@ -317,7 +304,12 @@ def bootstrap_layer(bootstrap: Path) -> tuple[bytes, str]:
 
 
 def default_config() -> dict:
-    return {"architecture": "amd64", "os": "linux", "config": {},
+    """The image config for a plain directory source: this machine's platform."""
+    plat = machine_platform()
+    cfg: dict = {"architecture": plat.architecture, "os": plat.os}
+    if plat.variant:
+        cfg["variant"] = plat.variant
+    return {**cfg, "config": {},
             "rootfs": {"type": "layers", "diff_ids": []}, "history": []}
 
 
@@ -350,8 +342,13 @@ def write_nydus_layout(oci_dir: Path, bootstrap: Path, blobs_dir: Path, blob_ids
     diff_ids.append(boot_diff)
 
     config = copy.deepcopy(source_config) if source_config else default_config()
-    config.setdefault("architecture", "amd64")
-    config.setdefault("os", "linux")
+    if not config.get("architecture"):
+        plat = machine_platform()
+        config["architecture"] = plat.architecture
+        if plat.variant:
+            config.setdefault("variant", plat.variant)
+    if not config.get("os"):
+        config["os"] = "linux"
     config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
     # the source layers' history no longer matches: keep it as empty-layer entries, then
     # one entry per output layer, so history and diff_ids still line up
@@ -367,11 +364,12 @@ def write_nydus_layout(oci_dir: Path, bootstrap: Path, blobs_dir: Path, blob_ids
                 "config": {"mediaType": OCI_CONFIG, "digest": cdigest, "size": csize},
                 "layers": layers}
     mdigest, msize = put(json.dumps(manifest, indent=2).encode())
-    mdesc = {"mediaType": OCI_MANIFEST, "digest": mdigest, "size": msize,
-             "platform": {"architecture": config.get("architecture", "amd64"),
-                          "os": config.get("os", "linux")}}
+    platform_desc = {"architecture": config["architecture"], "os": config["os"]}
+    if isinstance(config.get("variant"), str) and config["variant"]:
+        platform_desc["variant"] = config["variant"]
+    mdesc = {"mediaType": OCI_MANIFEST, "digest": mdigest, "size": msize, "platform": platform_desc}
     if ref_name:
-        mdesc["annotations"] = {"org.opencontainers.image.ref.name": ref_name}
+        mdesc["annotations"] = {ANN_REF_NAME: ref_name}
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [mdesc]}
     (oci_dir / "index.json").write_text(json.dumps(index, indent=2))
     (oci_dir / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))

@@ -260,7 +260,10 @@ def test_skopeo_made_oci_layout(tmp_path, fmt):
     check_bootstrap(tmp_path / "out2")
 
 
-def test_nested_index_picks_linux_amd64(tmp_path):
+def test_nested_index_picks_linux_amd64(tmp_path, monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")  # the machine's platform is taken
     src = tmp_path / "oci"
     write_oci_layout(src, [(tar_bytes([entry("amd64", b"yes")]), "gzip")])
     index = json.loads((src / "index.json").read_text())
@@ -280,6 +283,147 @@ def test_nested_index_picks_linux_amd64(tmp_path):
     convert(src, out, progress=False)
     bs = Bootstrap.open(out / "image.boot")
     assert bs.read_file(lookup(bs.image.root, b"/amd64"), out / "blobs") == b"yes"
+
+
+# -- platform choice (erofs_image.oci_media, shared with fetcher.pull) --------------------------
+
+def multi_platform_layout(src: Path, plats: list[str | None]) -> None:
+    """An OCI layout whose index.json lists one image per platform string ("linux/arm/v7";
+    None: an entry without a platform); each image holds one file named after its platform."""
+    descs = []
+    for plat in plats:
+        name = (plat or "none").replace("/", "-")
+        write_oci_layout(src, [(tar_bytes([entry(name, name.encode())]), "gzip")])
+        d = json.loads((src / "index.json").read_text())["manifests"][0]
+        d.pop("annotations", None)
+        if plat is not None:
+            parts = plat.split("/")
+            d["platform"] = {"os": parts[0], "architecture": parts[1], **({"variant": parts[2]} if len(parts) > 2 else {})}
+        descs.append(d)
+    (src / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": descs,
+                                                "mediaType": "application/vnd.oci.image.index.v1+json"}))
+
+
+def converted_files(out: Path) -> dict[str, bytes]:
+    bs = Bootstrap.open(out / "image.boot")
+    return {p.decode()[1:]: bs.read_file(n, out / "blobs") for p, n in walk(bs.image.root) if n.is_reg}
+
+
+@pytest.mark.parametrize("machine, expect", [("x86_64", "linux-amd64"), ("aarch64", "linux-arm64"),
+                                             ("armv7l", "linux-arm-v7"), ("s390x", "linux-s390x"),
+                                             (None, None)])
+def test_index_picks_the_machines_platform(tmp_path, monkeypatch, machine, expect):
+    import platform
+
+    from erofs_image.oci_media import machine_platform
+
+    plats = ["unknown/unknown", "linux/arm64", "linux/arm/v6", "linux/amd64", "linux/arm/v7", "linux/s390x"]
+    if machine is not None:
+        monkeypatch.setattr(platform, "machine", lambda: machine)
+    else:  # this machine, not patched
+        expect = str(machine_platform()).replace("/", "-")
+        if str(machine_platform()) not in plats:
+            pytest.skip(f"no image for this machine's platform {machine_platform()}")
+    src = tmp_path / "oci"
+    multi_platform_layout(src, plats)
+    convert(src, tmp_path / "out", progress=False)
+    assert converted_files(tmp_path / "out") == {expect: expect.encode()}
+
+
+def test_index_with_only_foreign_platforms_names_them(tmp_path, monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    src = tmp_path / "oci"
+    multi_platform_layout(src, ["linux/arm64", "unknown/unknown", "linux/s390x"])
+    with pytest.raises(BuildError, match=rf"{src}: index.json: 2 manifests and none for linux/amd64 "
+                                         r"\(linux/arm64, linux/s390x\)"):
+        convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    one = tmp_path / "one"
+    multi_platform_layout(one, ["linux/arm64"])  # a single foreign entry is not taken either
+    with pytest.raises(BuildError, match=r"index.json: 1 manifest and none for linux/amd64 \(linux/arm64\)"):
+        convert(one, tmp_path / "out", progress=False)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # on its own machine it is
+    convert(one, tmp_path / "out", progress=False)
+    assert converted_files(tmp_path / "out") == {"linux-arm64": b"linux-arm64"}
+    none = tmp_path / "none"
+    multi_platform_layout(none, [None, "unknown/unknown"])  # one image that does not say: taken
+    convert(none, tmp_path / "out-none", progress=False)
+    assert converted_files(tmp_path / "out-none") == {"none": b"none"}
+
+
+def test_plain_directory_output_says_the_machines_platform(oci_src, tmp_path, monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"x")
+
+    def platform_of(out: Path) -> tuple[dict, str]:
+        mdesc = json.loads((out / "oci" / "index.json").read_text())["manifests"][0]
+        blobs = out / "oci" / "blobs" / "sha256"
+        cfg_digest = json.loads((blobs / mdesc["digest"][7:]).read_text())["config"]["digest"]
+        return mdesc["platform"], json.loads((blobs / cfg_digest[7:]).read_text())["architecture"]
+
+    convert(tree, tmp_path / "out", progress=False)
+    assert platform_of(tmp_path / "out") == ({"os": "linux", "architecture": "arm64"}, "arm64")
+    convert(oci_src, tmp_path / "out2", progress=False)  # a source image keeps its own
+    assert platform_of(tmp_path / "out2") == ({"os": "linux", "architecture": "amd64"}, "amd64")
+
+
+@pytest.mark.parametrize("machine, want", [
+    ("x86_64", "linux/amd64"), ("aarch64", "linux/arm64"), ("arm64", "linux/arm64"),
+    ("armv7l", "linux/arm/v7"), ("armv6l", "linux/arm/v6"), ("armv8l", "linux/arm/v7"),
+    ("ppc64le", "linux/ppc64le"), ("s390x", "linux/s390x"), ("riscv64", "linux/riscv64"),
+    ("i686", "linux/386"), ("Weird9", "linux/weird9"),
+])
+def test_machine_platform_goarch_names(machine, want):
+    from erofs_image.oci_media import machine_platform
+
+    assert str(machine_platform(machine)) == want
+
+
+def test_choose_manifest_rules():
+    from erofs_image.oci_media import Platform, PlatformError, choose_manifest
+
+    def idx(*plats, **extra):
+        out = []
+        for i, p in enumerate(plats):
+            d = {"digest": f"d{i}"}
+            if p is not None:
+                parts = p.split("/")
+                d["platform"] = {"os": parts[0], "architecture": parts[1],
+                                 **({"variant": parts[2]} if len(parts) > 2 else {})}
+            out.append(d)
+        return {"manifests": out, **extra}
+
+    P = Platform.parse
+    assert P("linux/arm64/v8") == P("linux/arm64") == Platform("linux", "arm64")
+    with pytest.raises(ValueError, match="os/architecture"):
+        P("amd64")
+    pick = lambda index, want: choose_manifest(index, P(want))["digest"]  # noqa: E731
+    assert pick(idx("linux/arm64/v8", "linux/amd64"), "linux/arm64") == "d0"
+    assert pick(idx("linux/amd64/v3", "linux/amd64"), "linux/amd64") == "d1"  # plain before a variant
+    assert pick(idx("linux/amd64/v3"), "linux/amd64") == "d0"  # accepted when nothing plainer
+    assert pick(idx("linux/arm", "linux/arm/v7"), "linux/arm/v7") == "d1"  # exact variant first
+    assert pick(idx("linux/arm/v5", "linux/arm", "linux/arm/v6"), "linux/arm/v7") == "d1"
+    assert pick(idx("linux/arm/v5", "linux/arm/v6"), "linux/arm/v7") == "d1"  # the closest older one
+    assert pick(idx("windows/amd64", "linux/amd64"), "linux/amd64") == "d1"
+    assert pick(idx("linux/amd64", "linux/amd64"), "linux/amd64") == "d0"  # ties: index order
+    attest = idx("linux/amd64", "linux/arm64")
+    attest["manifests"][1]["annotations"] = {"vnd.docker.reference.type": "attestation-manifest"}
+    with pytest.raises(PlatformError, match=r"^1 manifest and none for linux/arm64 \(linux/amd64\)$"):
+        choose_manifest(attest, P("linux/arm64"))
+    with pytest.raises(PlatformError, match=r"none for linux/arm/v6 \(linux/arm/v7\)"):
+        choose_manifest(idx("linux/arm/v7"), P("linux/arm/v6"))
+    with pytest.raises(PlatformError, match=r"2 manifests and none for linux/amd64 \(unspecified\)"):
+        choose_manifest(idx(None, None), P("linux/amd64"))
+    with pytest.raises(PlatformError, match="lists no manifests"):
+        choose_manifest({"manifests": []}, P("linux/amd64"))
+    with pytest.raises(PlatformError, match="only attestations"):
+        choose_manifest(idx("unknown/unknown"), P("linux/amd64"))
 
 
 def test_corrupted_blob_digest_mismatch(tmp_path):
