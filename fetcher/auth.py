@@ -23,6 +23,15 @@ log = logging.getLogger("fscached.fetcher.auth")
 _PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
 
 
+class AuthError(SourceError):
+    """Authentication failed for good: credentials missing or rejected, a token endpoint that
+    refuses or answers nonsense. `why` is the message without the leading "registry <url>: "."""
+
+    def __init__(self, registry: str, why: str) -> None:
+        super().__init__(f"registry {registry}: {why}")
+        self.why = why
+
+
 class TransientAuthError(Exception):
     """The token endpoint failed in a way worth retrying (connection error, 5xx, 429)."""
 
@@ -138,7 +147,7 @@ class RegistryAuth:
     async def on_unauthorized(self, www_authenticate: str | None, sent: str | None,
                               session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout) -> None:
         """A 401 came back for a request that carried `sent` (None: anonymous): get something
-        better to send, or raise SourceError when there is nothing. The caller retries once
+        better to send, or raise AuthError when there is nothing. The caller retries once
         and calls `denied()` on a second 401."""
         if not www_authenticate:
             raise self.denied("no WWW-Authenticate challenge")
@@ -166,8 +175,8 @@ class RegistryAuth:
     def _who(self) -> str:
         return f" for user {self.credentials.username!r}" if self.credentials else " (anonymous)"
 
-    def denied(self, why: str = "credentials rejected") -> SourceError:
-        return SourceError(f"registry {self.registry}: HTTP 401 unauthorized for {self.repo}{self._who()}: {why}")
+    def denied(self, why: str = "credentials rejected") -> AuthError:
+        return AuthError(self.registry, f"HTTP 401 unauthorized for {self.repo}{self._who()}: {why}")
 
     async def _fetch_token(self, session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout) -> None:
         params = self._challenge
@@ -181,7 +190,7 @@ class RegistryAuth:
         if self.credentials is not None:
             headers["Authorization"] = self.credentials.basic_header()
             query["account"] = self.credentials.username
-        realm_name = _strip_query(realm)
+        realm_name = strip_query(realm)
         try:
             async with session.get(realm, params=query, headers=headers, timeout=timeout,
                                    allow_redirects=True) as resp:
@@ -192,16 +201,16 @@ class RegistryAuth:
                 if resp.status in (401, 403):
                     raise self.denied(f"token endpoint {realm_name} answered HTTP {resp.status}")
                 if resp.status != 200:
-                    raise SourceError(f"registry {self.registry}: token endpoint {realm_name} answered HTTP {resp.status}")
+                    raise AuthError(self.registry, f"token endpoint {realm_name} answered HTTP {resp.status}")
                 try:
                     body = await resp.json(content_type=None)
                 except ValueError:
-                    raise SourceError(f"registry {self.registry}: token endpoint {realm_name} sent no JSON") from None
+                    raise AuthError(self.registry, f"token endpoint {realm_name} sent no JSON") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise TransientAuthError(f"token endpoint {realm_name}: {type(exc).__name__}: {exc}") from None
         token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not token or not isinstance(token, str):
-            raise SourceError(f"registry {self.registry}: token endpoint {realm_name} sent no token")
+            raise AuthError(self.registry, f"token endpoint {realm_name} sent no token")
         try:
             expires_in = float(body.get("expires_in") or 60)
         except (TypeError, ValueError):
@@ -212,6 +221,6 @@ class RegistryAuth:
         log.debug("registry %s: got a token from %s valid %.0fs", self.registry, realm_name, expires_in)
 
 
-def _strip_query(url: str) -> str:
+def strip_query(url: str) -> str:
     """For messages: presigned URLs carry signatures in their query strings."""
     return url.split("?", 1)[0]

@@ -6,8 +6,9 @@
         pulled.bootstrap, pulled.blob_ids   # blob ids = the nydus-blob layers' sha256 hex
 
 - The manifest is fetched with Accept for OCI manifest/index and Docker v2 manifest/list; an
-  index is followed to linux/amd64 (or its only image). A digest reference is verified
-  against the bytes received (and so is every manifest reached through an index).
+  index is followed to the running machine's platform (linux/arm64 on an aarch64 host; the
+  rules, shared with the converter, are in erofs_image.oci_media). A digest reference is
+  verified against the bytes received (and so is every manifest reached through an index).
 - The bootstrap layer is the one annotated `containerd.io/snapshot/nydus-bootstrap: "true"`;
   without one, the last layer, which must then hold `image/image.boot`.
 - The layer is streamed to a temporary file while hashed (bounded memory, bounded size),
@@ -15,9 +16,9 @@
   regular file `image/image.boot` is taken out of the tar (nothing else is ever written).
   The bootstrap lands atomically (temp + fsync + rename); a valid one already present is
   reused without downloading.
-- HTTP goes through the source's session and auth object (basic / Bearer, same rules as its
-  blob reads: credentials only to the registry's origin, redirects followed by hand, bounded
-  retries on connection errors, 5xx and 429).
+- HTTP goes through `RegistrySource.get`, the source's one registry client (basic / Bearer,
+  same rules as its blob reads: credentials only to the registry's origin, redirects followed
+  by hand, bounded retries on connection errors, timeouts, 5xx and 429).
 Errors are `PullError` (a SourceError; digest problems also IntegrityError), one line naming
 the registry, repository and reference and what went wrong.
 """
@@ -29,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import tarfile
 import tempfile
@@ -39,31 +39,20 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import aiohttp
-from yarl import URL
 
-from fetcher.auth import TransientAuthError, _strip_query, parse_retry_after
+from erofs_image.oci_media import (ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP, BOOTSTRAP_ENTRY, MANIFEST_ACCEPT,
+                                   MANIFEST_TYPES, NYDUS_BLOB, Platform, PlatformError, choose_manifest,
+                                   is_index)
 from fetcher.image_ref import check_reference
-from fetcher.registry import RegistrySource
+from fetcher.registry import RegistryError, RegistrySource, RetryableError
 from fetcher.source import IntegrityError, SourceError
 
 log = logging.getLogger("fscached.fetcher.pull")
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
-ANN_NYDUS_BLOB = "containerd.io/snapshot/nydus-blob"
-ANN_NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
-BOOTSTRAP_ENTRY = "image/image.boot"
-ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
-
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_BOOTSTRAP_SIZE = 1 << 30
 MAX_INDEX_DEPTH = 4
-MAX_REDIRECT_HOPS = 5
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
-_REDIRECTS = (301, 302, 303, 307, 308)
 _EROFS_MAGIC = 0xE0F5E1E2
 _COPY = 1 << 20
 
@@ -84,117 +73,30 @@ class PulledImage:
     layers: list[dict] = field(default_factory=list)  # the manifest's layer descriptors
 
 
-class _Retry(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 class _Puller:
     def __init__(self, source: RegistrySource, reference: str, dest_dir: Path,
-                 max_bootstrap_size: int) -> None:
+                 max_bootstrap_size: int, platform: Platform | None = None) -> None:
         self.src = source
+        self.platform = platform
         self.reference = reference
         self.dest_dir = Path(dest_dir)
         self.max_bootstrap_size = max_bootstrap_size
         sep = "@" if reference.startswith("sha256:") else ":"
-        self.what = f"registry {source.host}/{source.repo}{sep}{reference}"
+        self.image = f"{source.repo}{sep}{reference}"
+        self.what = f"registry {source.host}/{self.image}"
 
     def error(self, why: str, cls: type[PullError] = PullError) -> PullError:
         return cls(f"{self.what}: {why}")
 
     # -- HTTP ------------------------------------------------------------------------------
-    async def get(self, path: str, headers: dict[str, str], name: str,
-                  handler: Callable[[aiohttp.ClientResponse], Awaitable[Any]],
-                  timeout: aiohttp.ClientTimeout | None = None) -> Any:
-        """GET <registry>/v2/<repo>/<path>; `handler` consumes a 200 response. Retries like
-        RegistrySource.read (the handler must be restartable)."""
-        src = self.src
-        session = src._get_session()
-        last = ""
-        for attempt in range(src.retries + 1):
-            try:
-                return await self._get_once(session, URL(f"{src.base}/v2/{src.repo}/{path}", encoded=True),
-                                            headers, name, handler, timeout or src.timeout)
-            except (_Retry, TransientAuthError) as exc:
-                last = str(exc)
-                if attempt == src.retries:
-                    break
-                delay = min(src.max_backoff, src.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
-                if exc.retry_after is not None:
-                    delay = max(delay, min(exc.retry_after, src.max_retry_after))
-                log.info("%s: %s: %s; retry %d/%d in %.2fs", self.what, name, last, attempt + 1,
-                         src.retries, delay)
-                await asyncio.sleep(delay)
-        raise self.error(f"{name}: giving up after {src.retries + 1} attempts: {last}")
-
-    async def _get_once(self, session: aiohttp.ClientSession, url: URL, extra: dict[str, str], name: str,
-                        handler, timeout: aiohttp.ClientTimeout) -> Any:
-        auth = self.src._auth
-        registry_origin = URL(self.src.base).origin()
-        auth_retried = False
-        hops = 0
-        while True:
-            headers = {"Accept-Encoding": "identity", **extra}
-            send_auth = url.origin() == registry_origin
-            sent = None
-            if send_auth:
-                if auth.needs_refresh():
-                    await auth.refresh(session, timeout)
-                sent = auth.header()
-                if sent is not None:
-                    headers["Authorization"] = sent
-            where = f"{url.scheme}://{url.host}:{url.port}{url.path}"
-            stats = getattr(self.src, "stats", None)
-            if isinstance(stats, dict):
-                stats["requests"] = stats.get("requests", 0) + 1
-            try:
-                async with session.get(url, headers=headers, allow_redirects=False, timeout=timeout) as resp:
-                    status = resp.status
-                    if status == 200:
-                        return await handler(resp)
-                    if status in _REDIRECTS:
-                        location = resp.headers.get("Location")
-                        if not location:
-                            raise self.error(f"{name}: HTTP {status} without Location")
-                        hops += 1
-                        if hops > MAX_REDIRECT_HOPS:
-                            raise self.error(f"{name}: more than {MAX_REDIRECT_HOPS} redirects")
-                        url = url.join(URL(location, encoded=True))
-                        if url.scheme not in ("http", "https"):
-                            raise self.error(f"{name}: redirect to unsupported scheme {url.scheme!r}")
-                        log.debug("%s: %s redirected to %s", self.what, name, _strip_query(str(url)))
-                        continue
-                    if status == 401 and send_auth:
-                        if auth_retried:
-                            raise self.error(f"{name}: {auth.denied()}")
-                        auth_retried = True
-                        try:
-                            await auth.on_unauthorized(resp.headers.get("WWW-Authenticate"), sent, session, timeout)
-                        except TransientAuthError:
-                            raise
-                        except SourceError as exc:
-                            raise self.error(f"{name}: {exc}") from None
-                        continue
-                    if status == 429 or status >= 500:
-                        raise _Retry(f"{where}: HTTP {status}",
-                                     parse_retry_after(resp.headers.get("Retry-After"), self.src.max_retry_after))
-                    detail = await _error_detail(resp)
-                    if status == 404:
-                        raise self.error(f"{name}: not found (HTTP 404{detail})")
-                    if status in (401, 403):
-                        raise self.error(f"{name}: HTTP {status} {'unauthorized' if status == 401 else 'forbidden'}"
-                                         f" at {where}{detail}")
-                    raise self.error(f"{name}: unexpected HTTP {status} {resp.reason or ''} at {where}{detail}")
-            except aiohttp.ClientSSLError as exc:
-                raise self.error(f"{name}: TLS error talking to {where}: {exc}") from None
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-                raise _Retry(f"{where}: {type(exc).__name__}: {exc}" if str(exc)
-                             else f"{where}: {type(exc).__name__}") from None
-            except aiohttp.ClientResponseError as exc:
-                raise _Retry(f"{where}: {type(exc).__name__}: {exc.status} {exc.message}") from None
-            except aiohttp.InvalidURL:
-                raise self.error(f"{name}: invalid URL {_strip_query(str(url))}") from None
+    async def get(self, path: str, name: str, handler: Callable[[aiohttp.ClientResponse], Awaitable[Any]],
+                  accept: str | None = None, timeout: aiohttp.ClientTimeout | None = None) -> Any:
+        """GET <registry>/v2/<repo>/<path> through the source's client; `handler` consumes the
+        200 response (restartable: the source retries). Request failures become PullError."""
+        try:
+            return await self.src.get(path, handler, accept=accept, what=f"{self.image}: {name}", timeout=timeout)
+        except RegistryError as exc:
+            raise self.error(f"{name}: {exc.why}") from None
 
     # -- manifests -------------------------------------------------------------------------
     async def fetch_manifest(self, reference: str, name: str) -> tuple[dict, str]:
@@ -210,7 +112,7 @@ class _Puller:
                     raise self.error(f"{name}: more than {MAX_MANIFEST_SIZE} bytes, too large for a manifest")
             return bytes(body), resp.headers.get("Content-Type", "").split(";")[0].strip()
 
-        body, ctype = await self.get(f"manifests/{reference}", {"Accept": ACCEPT}, name, handler)
+        body, ctype = await self.get(f"manifests/{reference}", name, handler, accept=MANIFEST_ACCEPT)
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
             raise self.error(f"{name}: digest mismatch: asked for {reference}, the bytes received are {digest}",
@@ -228,42 +130,34 @@ class _Puller:
         return obj, digest
 
     async def resolve_manifest(self) -> tuple[dict, str]:
-        """Follow indexes down to an image manifest."""
+        """Follow indexes down to the image manifest for the wanted platform."""
         name = "manifest"
         obj, digest = await self.fetch_manifest(self.reference, name)
         for depth in range(MAX_INDEX_DEPTH + 1):
             mt = obj.get("mediaType")
-            if not (mt in (OCI_INDEX, DOCKER_LIST) or ("manifests" in obj and "layers" not in obj)):
-                if mt not in (OCI_MANIFEST, DOCKER_MANIFEST, None, ""):
+            if not is_index(obj):
+                if mt not in (*MANIFEST_TYPES, None, ""):
                     raise self.error(f"{name} {digest}: unsupported media type {str(mt)[:100]!r}")
                 return obj, digest
             if depth == MAX_INDEX_DEPTH:
                 break
-            chosen = self.pick_platform(obj, f"index {digest}")
-            name = f"manifest {chosen} (linux/amd64 in index {digest})"
+            chosen, plat = self.pick_platform(obj, f"index {digest}")
+            name = f"manifest {chosen} ({plat} in index {digest})"
             obj, digest = await self.fetch_manifest(chosen, name)
         raise self.error(f"image indexes nested more than {MAX_INDEX_DEPTH} deep")
 
-    def pick_platform(self, index: dict, where: str) -> str:
-        manifests = index.get("manifests")
-        if not isinstance(manifests, list) or not manifests:
-            raise self.error(f"{where}: lists no manifests")
-        entries = [m for m in manifests if isinstance(m, dict)
-                   and (m.get("platform") or {}).get("os") != "unknown"]  # attestations
-        if len(entries) == 1:
-            chosen = entries[0]
-        else:
-            amd64 = [m for m in entries if (m.get("platform") or {}).get("os") == "linux"
-                     and (m.get("platform") or {}).get("architecture") == "amd64"]
-            if not amd64:
-                plats = ", ".join(sorted({f"{(m.get('platform') or {}).get('os')}/"
-                                          f"{(m.get('platform') or {}).get('architecture')}" for m in entries}))
-                raise self.error(f"{where}: {len(entries)} manifests and none for linux/amd64 ({plats})")
-            chosen = amd64[0]
+    def pick_platform(self, index: dict, where: str) -> tuple[str, str]:
+        """(digest, platform) of the index entry for this machine (or the platform asked for)."""
+        try:
+            chosen = choose_manifest(index, self.platform)
+        except PlatformError as exc:
+            raise self.error(f"{where}: {exc}") from None
         digest = chosen.get("digest")
         if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
             raise self.error(f"{where}: manifest entry with unusable digest {str(digest)[:100]!r} (need sha256)")
-        return digest
+        plat = chosen.get("platform") or {}
+        shown = "/".join(str(plat.get(k)) for k in ("os", "architecture", "variant") if plat.get(k))
+        return digest, shown or "the only image"
 
     # -- layers ----------------------------------------------------------------------------
     def layers(self, manifest: dict, mdigest: str) -> list[dict]:
@@ -307,12 +201,12 @@ class _Puller:
                     h.update(chunk)
                     f.write(chunk)
             if n != size:
-                raise _Retry(f"{name}: short body: {n} of {size} bytes")
+                raise RetryableError(f"{name}: short body: {n} of {size} bytes")
             got = "sha256:" + h.hexdigest()
             if got != digest:
                 raise self.error(f"{name}: digest mismatch: expected {digest}, got {got}", PullIntegrityError)
 
-        await self.get(f"blobs/{digest}", {}, name, handler, timeout)
+        await self.get(f"blobs/{digest}", name, handler, timeout=timeout)
 
     def extract(self, layer_file: Path, media_type: str, out: Path, name: str) -> bool:
         """Write image/image.boot from the (verified) layer into `out`; False when the tar
@@ -480,23 +374,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-async def _error_detail(resp: aiohttp.ClientResponse) -> str:
-    """The first distribution error code of an error body, for messages (": MANIFEST_UNKNOWN")."""
-    try:
-        body = await resp.content.read(4096)
-        errors = json.loads(body).get("errors") or []
-        code = errors[0].get("code") if errors and isinstance(errors[0], dict) else None
-        return f": {str(code)[:60]}" if code else ""
-    except Exception:
-        return ""
-
-
 async def pull_bootstrap(source: RegistrySource, reference: str, dest_dir: Path, *,
-                         max_bootstrap_size: int = MAX_BOOTSTRAP_SIZE) -> PulledImage:
+                         max_bootstrap_size: int = MAX_BOOTSTRAP_SIZE,
+                         platform: Platform | None = None) -> PulledImage:
     """Fetch `reference` (a tag or "sha256:<hex>") of `source`'s repository and write its nydus
-    bootstrap to `dest_dir/<manifest digest hex>.boot` (reused when already there)."""
+    bootstrap to `dest_dir/<manifest digest hex>.boot` (reused when already there). From an
+    index, the image for `platform` is taken, by default the running machine's."""
     try:
         reference = check_reference(reference)
     except ValueError as exc:
         raise PullError(f"registry {source.host}/{source.repo}: {exc}") from None
-    return await _Puller(source, reference, Path(dest_dir), max_bootstrap_size).run()
+    return await _Puller(source, reference, Path(dest_dir), max_bootstrap_size, platform).run()

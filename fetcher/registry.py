@@ -12,21 +12,29 @@
   (honouring Retry-After). 404 / 416 / auth failures are final.
 - Credentials and Authorization headers are never logged; storage URLs are logged without
   their query strings (presigned signatures).
+
+The same machinery serves whole-document GETs for other parts of fscached (the bootstrap
+puller, fetcher.pull): `RegistrySource.get(path, consume, ...)` fetches a manifest, an index
+or a whole blob with the auth, redirect, retry, timeout and credential rules above and hands
+the 200 response to `consume`. A request that fails for good raises `RegistryError` (a
+SourceError naming the registry, the request and the reason, apart in `.what` / `.why`).
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import re
 import ssl
 import time
+from typing import Any, AsyncContextManager, Awaitable, Callable, NoReturn, TypeVar
 
 import aiohttp
 from yarl import URL
 
-from fetcher.auth import (RegistryAuth, TransientAuthError, _strip_query, make_credentials,
-                          parse_retry_after)
+from fetcher.auth import (AuthError, RegistryAuth, TransientAuthError, make_credentials,
+                          parse_retry_after, strip_query)
 from fetcher.source import SourceError, check_blob_id
 
 log = logging.getLogger("fscached.fetcher.registry")
@@ -35,15 +43,32 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 _UNSATISFIED_RANGE = re.compile(r"\s*bytes\s+\*/(\d+)\s*$")
 _REDIRECTS = (301, 302, 303, 307, 308)
+# what RegistrySource.get may fetch: a manifest / index by tag or digest, a blob by digest
+_GET_PATH = re.compile(r"manifests/(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[0-9a-f]{64})"
+                       r"|blobs/sha256:[0-9a-f]{64}")
 MAX_REDIRECT_HOPS = 5
+T = TypeVar("T")
 
 
-class _Retry(Exception):
-    """One attempt failed in a way worth another try."""
+class RetryableError(Exception):
+    """One attempt failed in a way worth another try (connection error, timeout, 5xx, 429, a
+    short body). A `consume` callback of RegistrySource.get may raise it too."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RegistryError(SourceError):
+    """A registry request failed for good (after its retries, or at once for 4xx, auth, TLS,
+    redirect problems). `what` names the request ("blob <id>", "manifest"), `why` what went
+    wrong; `status` is the last HTTP status when there was one."""
+
+    def __init__(self, base: str, what: str, why: str, status: int | None = None) -> None:
+        super().__init__(f"registry {base}: {what}: {why}")
+        self.what = what
+        self.why = why
+        self.status = status
 
 
 class _StaleRedirect(Exception):
@@ -176,6 +201,136 @@ class RegistrySource:
     def blob_url(self, blob_id: str) -> str:
         return f"{self.base}/v2/{self.repo}/blobs/sha256:{blob_id}"
 
+    # -- whole manifests, indexes and blobs --------------------------------------------------
+    async def get(self, path: str, consume: Callable[[aiohttp.ClientResponse], Awaitable[T]], *,
+                  accept: str | None = None, what: str | None = None,
+                  timeout: aiohttp.ClientTimeout | None = None) -> T:
+        """GET `<registry>/v2/<repo>/<path>`, `path` being "manifests/<tag or sha256:hex>" or
+        "blobs/sha256:<hex>", with this source's auth (basic / Bearer, renewed on a 401),
+        redirects (followed by hand, no Authorization to another origin), bounded retries with
+        backoff (connection errors, timeouts, 5xx, 429 with Retry-After) and timeouts, exactly as
+        read(). `consume(resp)` takes the 200 response; it runs again on a retry, so it must start
+        over each time; it may raise RetryableError (a short body), anything else it raises passes
+        through. `accept`: the Accept header; `what`: the request's name in messages (default
+        `path`); `timeout`: instead of the per-request one (a long download bounds idle time).
+        A failed request raises RegistryError."""
+        if not isinstance(path, str) or not _GET_PATH.fullmatch(path):
+            raise ValueError(f"not a manifest or blob path: {str(path)[:200]!r}")
+        name = what or path
+        session = self._get_session()
+        url = URL(f"{self.base}/v2/{self.repo}/{path}", encoded=True)
+        headers = {"Accept": accept} if accept else {}
+        per_request = timeout or self.timeout
+
+        def opener(session: aiohttp.ClientSession, url: URL, headers: dict[str, str]):
+            return session.get(url, headers=headers, allow_redirects=False, timeout=per_request)
+
+        async def take(resp: aiohttp.ClientResponse, _url: URL, _hops: int) -> T:
+            return await consume(resp)
+
+        async def fail(resp: aiohttp.ClientResponse, where: str) -> NoReturn:
+            status = resp.status
+            detail = await _error_detail(resp)
+            if status == 404:
+                why = f"not found (HTTP 404{detail})"
+            elif status in (401, 403):
+                why = f"HTTP {status} {'unauthorized' if status == 401 else 'forbidden'} at {where}{detail}"
+            else:
+                why = f"unexpected HTTP {status} {resp.reason or ''} at {where}{detail}"
+            raise RegistryError(self.base, name, why, status)
+
+        return await self._retrying(name, lambda: self._exchange(session, url, headers, take, what=name,
+                                                                 opener=opener, fail=fail))
+
+    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` until it succeeds, at most 1 + retries times, backing off (exponential,
+        jittered, at least a Retry-After up to max_retry_after) after a RetryableError or a
+        transient token endpoint failure."""
+        last = ""
+        for n in range(self.retries + 1):
+            if n:
+                self.stats["retries"] += 1
+            try:
+                return await attempt()
+            except (RetryableError, TransientAuthError) as exc:
+                last = str(exc)
+                if n == self.retries:
+                    break
+                delay = min(self.max_backoff, self.backoff * (2 ** n))
+                delay *= 0.5 + random.random() / 2  # jitter
+                if exc.retry_after is not None:
+                    delay = max(delay, min(exc.retry_after, self.max_retry_after))
+                log.info("registry %s: %s: %s; retry %d/%d in %.2fs", self.base, what, last, n + 1,
+                         self.retries, delay)
+                await asyncio.sleep(delay)
+        raise RegistryError(self.base, what, f"giving up after {self.retries + 1} attempts: {last}")
+
+    async def _exchange(self, session: aiohttp.ClientSession, url: URL, headers: dict[str, str],
+                        consume: Callable[[aiohttp.ClientResponse, URL, int], Awaitable[T]], *, what: str,
+                        opener: Callable[[aiohttp.ClientSession, URL, dict[str, str]], AsyncContextManager[Any]],
+                        fail: Callable[[aiohttp.ClientResponse, str], Awaitable[NoReturn]],
+                        authorize: bool = True, ok: tuple[int, ...] = (200,)) -> T:
+        """One attempt of a GET: redirects followed here (at most MAX_REDIRECT_HOPS; the
+        Authorization header only ever goes to the registry's own origin), a 401 answered once
+        through the auth object; `consume(resp, final url, hops)` takes an `ok` response. 429
+        and 5xx, connection errors and timeouts raise RetryableError; other statuses go to
+        `fail(resp, where)`, which raises."""
+        registry_origin = URL(self.base).origin()
+        auth_retried = False
+        hops = 0
+        while True:
+            request_headers = {"Accept-Encoding": "identity", **headers}
+            send_auth = authorize and url.origin() == registry_origin
+            sent = None
+            where = f"{url.scheme}://{url.host}:{url.port}{url.path}"
+            try:
+                if send_auth:
+                    if self._auth.needs_refresh():
+                        await self._auth.refresh(session, self.timeout)
+                    sent = self._auth.header()
+                    if sent is not None:
+                        request_headers["Authorization"] = sent
+                self.stats["requests"] += 1
+                async with opener(session, url, request_headers) as resp:
+                    status = resp.status
+                    if status in ok:
+                        return await consume(resp, url, hops)
+                    if status in _REDIRECTS:
+                        location = resp.headers.get("Location")
+                        if not location:
+                            raise RegistryError(self.base, what, f"HTTP {status} without Location", status)
+                        hops += 1
+                        if hops > MAX_REDIRECT_HOPS:
+                            raise RegistryError(self.base, what, f"more than {MAX_REDIRECT_HOPS} redirects", status)
+                        url = url.join(URL(location, encoded=True))
+                        if url.scheme not in ("http", "https"):
+                            raise RegistryError(self.base, what, f"redirect to unsupported scheme {url.scheme!r}")
+                        log.debug("registry %s: %s redirected to %s", self.base, what, strip_query(str(url)))
+                        continue
+                    if status == 401 and send_auth:
+                        if auth_retried:
+                            raise self._auth.denied()
+                        auth_retried = True
+                        await self._auth.on_unauthorized(resp.headers.get("WWW-Authenticate"), sent,
+                                                         session, self.timeout)
+                        continue
+                    if status == 429 or status >= 500:
+                        raise RetryableError(f"{where}: HTTP {status}",
+                                             parse_retry_after(resp.headers.get("Retry-After"), self.max_retry_after))
+                    await fail(resp, where)
+                    raise RegistryError(self.base, what, f"unexpected HTTP {status} at {where}", status)
+            except AuthError as exc:
+                raise RegistryError(self.base, what, exc.why, 401) from None
+            except aiohttp.ClientSSLError as exc:  # certificate problems do not heal by retrying
+                raise RegistryError(self.base, what, f"TLS error talking to {where}: {exc}") from None
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                raise RetryableError(f"{where}: {type(exc).__name__}: {exc}" if str(exc) else
+                                     f"{where}: {type(exc).__name__}") from None
+            except aiohttp.ClientResponseError as exc:
+                raise RetryableError(f"{where}: {type(exc).__name__}: {exc.status} {exc.message}") from None
+            except aiohttp.InvalidURL:
+                raise RegistryError(self.base, what, f"invalid URL {strip_query(str(url))}") from None
+
     # -- the BlobSource method ---------------------------------------------------------------
     async def read(self, blob_id: str, offset: int, length: int, *, prefetch: bool = False) -> bytes:
         check_blob_id(blob_id)
@@ -186,25 +341,8 @@ class RegistrySource:
         if length == 0:
             return b""
         session = self._get_session()
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.stats["retries"] += 1
-            try:
-                return await self._attempt(session, blob_id, offset, length)
-            except (_Retry, TransientAuthError) as exc:
-                last = str(exc)
-                if attempt == self.retries:
-                    break
-                delay = min(self.max_backoff, self.backoff * (2 ** attempt))
-                delay *= 0.5 + random.random() / 2  # jitter
-                if exc.retry_after is not None:
-                    delay = max(delay, min(exc.retry_after, self.max_retry_after))
-                log.info("registry %s: blob %s [%d+%d]: %s; retry %d/%d in %.2fs", self.base, blob_id,
-                         offset, length, last, attempt + 1, self.retries, delay)
-                await asyncio.sleep(delay)
-        raise SourceError(f"registry {self.base}: blob {blob_id} [{offset}+{length}]: giving up after "
-                          f"{self.retries + 1} attempts: {last}")
+        return await self._retrying(f"blob {blob_id} [{offset}+{length}]",
+                                    lambda: self._attempt(session, blob_id, offset, length))
 
     async def _attempt(self, session: aiohttp.ClientSession, blob_id: str, offset: int, length: int) -> bytes:
         cached = self._redirects.get(blob_id)
@@ -218,7 +356,7 @@ class RegistrySource:
                 except _StaleRedirect as exc:
                     log.info("registry %s: blob %s: cached storage URL failed (%s); re-resolving",
                              self.base, blob_id, exc)
-                except _Retry:
+                except RetryableError:
                     self._redirects.pop(blob_id, None)
                     raise
             self._redirects.pop(blob_id, None)
@@ -227,88 +365,41 @@ class RegistrySource:
 
     async def _get(self, session: aiohttp.ClientSession, url: URL, blob_id: str, offset: int, length: int,
                    authorize: bool, cached: bool) -> bytes:
-        end = offset + length - 1
-        registry_origin = URL(self.base).origin()
-        auth_retried = False
-        hops = 0
-        while True:
-            headers = {"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"}
-            send_auth = authorize and url.origin() == registry_origin
-            sent = None
-            if send_auth:
-                if self._auth.needs_refresh():
-                    await self._auth.refresh(session, self.timeout)
-                sent = self._auth.header()
-                if sent is not None:
-                    headers["Authorization"] = sent
-            where = f"{url.scheme}://{url.host}:{url.port}{url.path}"
-            self.stats["requests"] += 1
-            try:
-                async with self._open(session, url, headers, blob_id) as resp:
-                    status = resp.status
-                    if status in (200, 206):
-                        data = await self._body(resp, blob_id, offset, length)
-                        if hops and not cached:
-                            self._redirects[blob_id] = (url, time.monotonic() + self.redirect_ttl)
-                            self.stats["redirects_resolved"] += 1
-                        return data
-                    if status in _REDIRECTS:
-                        location = resp.headers.get("Location")
-                        if not location:
-                            raise SourceError(f"registry {self.base}: blob {blob_id}: HTTP {status} without Location")
-                        hops += 1
-                        if hops > MAX_REDIRECT_HOPS:
-                            raise SourceError(f"registry {self.base}: blob {blob_id}: more than "
-                                              f"{MAX_REDIRECT_HOPS} redirects")
-                        url = url.join(URL(location, encoded=True))
-                        if url.scheme not in ("http", "https"):
-                            raise SourceError(f"registry {self.base}: blob {blob_id}: redirect to "
-                                              f"unsupported scheme {url.scheme!r}")
-                        log.debug("registry %s: blob %s redirected to %s", self.base, blob_id,
-                                  _strip_query(str(url)))
-                        continue
-                    if status == 401 and send_auth:
-                        if auth_retried:
-                            raise self._auth.denied()
-                        auth_retried = True
-                        await self._auth.on_unauthorized(resp.headers.get("WWW-Authenticate"), sent,
-                                                         session, self.timeout)
-                        continue
-                    if cached:
-                        if status == 429 or status >= 500:
-                            raise _Retry(f"storage {where}: HTTP {status}",
-                                         parse_retry_after(resp.headers.get("Retry-After"), self.max_retry_after))
-                        raise _StaleRedirect(f"HTTP {status}")
-                    self._fail(resp, where, blob_id, offset, length)
-            except aiohttp.ClientSSLError as exc:  # certificate problems do not heal by retrying
-                raise SourceError(f"registry {self.base}: TLS error talking to {where}: {exc}") from None
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-                if cached:
-                    self._redirects.pop(blob_id, None)
-                raise _Retry(f"{where}: {type(exc).__name__}: {exc}" if str(exc) else
-                             f"{where}: {type(exc).__name__}") from None
-            except aiohttp.ClientResponseError as exc:
-                raise _Retry(f"{where}: {type(exc).__name__}: {exc.status} {exc.message}") from None
-            except aiohttp.InvalidURL:
-                raise SourceError(f"registry {self.base}: blob {blob_id}: invalid URL {_strip_query(str(url))}") from None
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
 
-    def _fail(self, resp: aiohttp.ClientResponse, where: str, blob_id: str, offset: int, length: int) -> None:
+        async def take(resp: aiohttp.ClientResponse, final: URL, hops: int) -> bytes:
+            data = await self._body(resp, blob_id, offset, length)
+            if hops and not cached:
+                self._redirects[blob_id] = (final, time.monotonic() + self.redirect_ttl)
+                self.stats["redirects_resolved"] += 1
+            return data
+
+        async def fail(resp: aiohttp.ClientResponse, where: str) -> NoReturn:
+            if cached:
+                raise _StaleRedirect(f"HTTP {resp.status}")
+            self._fail(resp, where, blob_id, offset, length)
+
+        return await self._exchange(session, url, headers, take, what=f"blob {blob_id}", authorize=authorize,
+                                    opener=lambda s, u, h: self._open(s, u, h, blob_id), fail=fail,
+                                    ok=(200, 206))
+
+    def _fail(self, resp: aiohttp.ClientResponse, where: str, blob_id: str, offset: int, length: int) -> NoReturn:
+        """A final answer to a blob read that is not data (429 / 5xx were retried before)."""
         status = resp.status
-        what = f"registry {self.base}: blob {blob_id} in {self.repo}"
-        if status == 429 or status >= 500:
-            raise _Retry(f"{where}: HTTP {status}",
-                         parse_retry_after(resp.headers.get("Retry-After"), self.max_retry_after))
+        what = f"blob {blob_id} in {self.repo}"
         if status == 416:
             m = _UNSATISFIED_RANGE.match(resp.headers.get("Content-Range", ""))
             size = f"the blob has {m.group(1)} bytes" if m else "range not satisfiable"
-            raise SourceError(f"{what}: read past end: wanted bytes {offset}..{offset + length} but {size} (HTTP 416)")
-        if status == 404:
-            raise SourceError(f"{what}: not found (HTTP 404)")
-        if status == 401:
-            raise SourceError(f"{what}: HTTP 401 unauthorized at {where}")
-        if status == 403:
-            raise SourceError(f"{what}: HTTP 403 forbidden at {where}")
-        raise SourceError(f"{what}: unexpected HTTP {status} {resp.reason or ''} at {where}".rstrip())
+            why = f"read past end: wanted bytes {offset}..{offset + length} but {size} (HTTP 416)"
+        elif status == 404:
+            why = "not found (HTTP 404)"
+        elif status == 401:
+            why = f"HTTP 401 unauthorized at {where}"
+        elif status == 403:
+            why = f"HTTP 403 forbidden at {where}"
+        else:
+            why = f"unexpected HTTP {status} {resp.reason or ''} at {where}".rstrip()
+        raise RegistryError(self.base, what, why, status)
 
     async def _body(self, resp: aiohttp.ClientResponse, blob_id: str, offset: int, length: int) -> bytes:
         what = f"registry {self.base}: blob {blob_id}"
@@ -325,7 +416,7 @@ class RegistrySource:
                 raise SourceError(f"{what}: read past end: wanted bytes {offset}..{offset + length} but {size}")
             data = await resp.read()
             if len(data) != length:
-                raise _Retry(f"{what}: short body: {len(data)} of {length} bytes")
+                raise RetryableError(f"{what}: short body: {len(data)} of {length} bytes")
             return data
         # 200: the whole blob. Take the range out of the stream and drop the connection.
         if not self._warned_full_body:
@@ -352,5 +443,16 @@ class RegistrySource:
             if total is None:
                 raise SourceError(f"{what}: read past end: wanted bytes {offset}..{offset + length} "
                                   f"but the blob has {offset - skip + len(buf)} bytes")
-            raise _Retry(f"{what}: short body")
+            raise RetryableError(f"{what}: short body")
         return bytes(buf[:length])
+
+
+async def _error_detail(resp: aiohttp.ClientResponse) -> str:
+    """The first distribution error code of an error body, for messages (": MANIFEST_UNKNOWN")."""
+    try:
+        body = await resp.content.read(4096)
+        errors = json.loads(body).get("errors") or []
+        code = errors[0].get("code") if errors and isinstance(errors[0], dict) else None
+        return f": {str(code)[:60]}" if code else ""
+    except Exception:
+        return ""

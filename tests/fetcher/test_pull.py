@@ -225,34 +225,110 @@ def test_existing_bootstrap_is_reused_and_a_broken_one_replaced(pushed, nydus_im
     assert again.bootstrap.read_bytes() == (nydus_image / "image.boot").read_bytes()
 
 
+def platform_twins(reg, out: Path, repo: str, archs: list[str]) -> dict[str, str]:
+    """One manifest per architecture, all for the pushed nydus image (same layers; an annotation
+    makes each digest differ): arch -> manifest digest."""
+    mdesc = json.loads((out / "oci" / "index.json").read_text())["manifests"][0]
+    base = json.loads((out / "oci" / "blobs" / "sha256" / mdesc["digest"][7:]).read_bytes())
+    twins = {}
+    for arch in archs:
+        m = dict(base, annotations={"test.platform": arch})
+        twins[arch] = put_manifest(reg, repo, f"twin-{arch.replace('/', '-')}", m)
+    return twins
+
+
+def index_of(twins: dict[str, str], entries: list[str | None]) -> dict:
+    """An OCI index: one entry per platform string ("linux/arm/v7", "unknown/unknown" for an
+    attestation, None for an entry without a platform)."""
+    manifests = []
+    for plat in entries:
+        key = plat or "none"
+        d = {"mediaType": OCI_MANIFEST, "digest": twins[key], "size": 1}
+        if plat is not None:
+            parts = plat.split("/")
+            d["platform"] = {"os": parts[0], "architecture": parts[1]}
+            if len(parts) == 3:
+                d["platform"]["variant"] = parts[2]
+        manifests.append(d)
+    return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+
+
+@pytest.fixture(scope="module")
+def twins(pushed, nydus_image):
+    keys = ["linux/amd64", "linux/arm64", "linux/s390x", "linux/arm/v6", "linux/arm/v7",
+            "unknown/unknown", "none"]
+    return platform_twins(pushed, nydus_image, "nydus/app", keys)
+
+
 @needs_skopeo
-def test_pull_through_an_index(pushed, nydus_image, tmp_path):
-    p = pull(pushed, "nydus/app", "latest", tmp_path / "first")
-    mdesc = json.loads((nydus_image / "oci" / "index.json").read_text())["manifests"][0]
-    msize = mdesc["size"]
-    # an arm64 twin (same manifest; only the platform entry differs) and an attestation entry
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
-        {"mediaType": OCI_MANIFEST, "digest": p.manifest_digest, "size": msize,
-         "platform": {"os": "linux", "architecture": "arm64"}},
-        {"mediaType": OCI_MANIFEST, "digest": p.manifest_digest, "size": msize,
-         "platform": {"os": "linux", "architecture": "amd64"}},
-        {"mediaType": OCI_MANIFEST, "digest": p.manifest_digest, "size": msize,
-         "platform": {"os": "unknown", "architecture": "unknown"}},
-    ]}
+@pytest.mark.parametrize("machine, expect", [("x86_64", "linux/amd64"), ("aarch64", "linux/arm64"),
+                                             ("armv7l", "linux/arm/v7"), ("armv6l", "linux/arm/v6"),
+                                             (None, None)])
+def test_pull_through_an_index_picks_the_machines_platform(pushed, nydus_image, twins, tmp_path,
+                                                           monkeypatch, machine, expect):
+    """An index with arm64 + amd64 (+ arm variants and an attestation) entries: the pull takes
+    the running machine's (machine None: this very machine, not patched)."""
+    import platform
+
+    from erofs_image.oci_media import machine_platform
+
+    if machine is not None:
+        monkeypatch.setattr(platform, "machine", lambda: machine)
+    else:
+        expect = str(machine_platform())
+        if expect not in twins:
+            pytest.skip(f"no twin for this machine's platform {expect}")
+    index = index_of(twins, ["unknown/unknown", "linux/arm/v6", "linux/arm64", "linux/amd64",
+                             "linux/arm/v7", "linux/s390x"])
     idigest = put_manifest(pushed, "nydus/app", "multi", index, OCI_INDEX)
     for ref in ("multi", idigest):
-        q = pull(pushed, "nydus/app", ref, tmp_path / ref.replace(":", "_"))
-        check_pulled(q, nydus_image, tmp_path / ref.replace(":", "_"))
+        dest = tmp_path / ref.replace(":", "_")
+        q = pull(pushed, "nydus/app", ref, dest)
+        assert q.manifest_digest == twins[expect], ref
+        assert q.bootstrap == dest / f"{twins[expect][7:]}.boot"
+        assert q.bootstrap.read_bytes() == (nydus_image / "image.boot").read_bytes()
 
-    index["manifests"] = index["manifests"][:1]  # arm64 only: the only image, taken
-    put_manifest(pushed, "nydus/app", "arm-only", index, OCI_INDEX)
-    assert pull(pushed, "nydus/app", "arm-only", tmp_path / "arm").manifest_digest == p.manifest_digest
-    index["manifests"] = [dict(index["manifests"][0], platform={"os": "linux", "architecture": a})
-                          for a in ("arm64", "s390x")]
-    put_manifest(pushed, "nydus/app", "no-amd64", index, OCI_INDEX)
-    with pytest.raises(PullError, match=r"nydus/app:no-amd64: index sha256:\w+: 2 manifests and none "
+
+@needs_skopeo
+def test_pull_index_fallbacks_and_foreign_platforms(pushed, twins, tmp_path, monkeypatch):
+    import platform
+
+    from erofs_image.oci_media import Platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+
+    def put(tag, entries):
+        put_manifest(pushed, "nydus/app", tag, index_of(twins, entries), OCI_INDEX)
+
+    # only foreign platforms: an error naming what the index has (attestations are not images)
+    put("foreign", ["linux/arm64", "linux/s390x", "unknown/unknown"])
+    with pytest.raises(PullError, match=r"nydus/app:foreign: index sha256:\w+: 2 manifests and none "
                                         r"for linux/amd64 \(linux/arm64, linux/s390x\)"):
-        pull(pushed, "nydus/app", "no-amd64", tmp_path / "none")
+        pull(pushed, "nydus/app", "foreign", tmp_path / "none")
+    put("arm-only", ["linux/arm64"])  # a single entry of another platform is not taken either
+    with pytest.raises(PullError, match=r"nydus/app:arm-only: index sha256:\w+: 1 manifest and none "
+                                        r"for linux/amd64 \(linux/arm64\)"):
+        pull(pushed, "nydus/app", "arm-only", tmp_path / "none")
+    assert not (tmp_path / "none").exists() or list((tmp_path / "none").iterdir()) == []
+    # ... but it is on its own machine, or when asked for
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert pull(pushed, "nydus/app", "arm-only", tmp_path / "a").manifest_digest == twins["linux/arm64"]
+
+    async def main():
+        async with source(pushed, "nydus/app") as src:
+            return await pull_bootstrap(src, "foreign", tmp_path / "s", platform=Platform.parse("linux/s390x"))
+    assert run(main()).manifest_digest == twins["linux/s390x"]
+    # an entry that says nothing about its platform, alone: taken
+    put("no-platform", [None, "unknown/unknown"])
+    assert pull(pushed, "nydus/app", "no-platform", tmp_path / "n").manifest_digest == twins["none"]
+    # arm: a v7 machine runs v6 images, a v6 machine not v7 ones
+    put("arm6", ["linux/arm/v6", "linux/amd64"])
+    monkeypatch.setattr(platform, "machine", lambda: "armv7l")
+    assert pull(pushed, "nydus/app", "arm6", tmp_path / "v6").manifest_digest == twins["linux/arm/v6"]
+    put("arm7", ["linux/arm/v7", "linux/arm64"])
+    monkeypatch.setattr(platform, "machine", lambda: "armv6l")
+    with pytest.raises(PullError, match=r"none for linux/arm/v6 \(linux/arm/v7, linux/arm64\)"):
+        pull(pushed, "nydus/app", "arm7", tmp_path / "v7")
 
 
 def test_missing_tag_repo_and_digest(registry, tmp_path):
@@ -429,3 +505,113 @@ def test_always_failing_registry_gives_up(registry, tmp_path):
                     await pull_bootstrap(src, "latest", tmp_path)
             return front.count("/v2/x/y/manifests/")
     assert run(main()) == 3
+
+
+# ------------------------------------------------------------------------------- one HTTP client
+def test_pull_has_no_http_machinery_of_its_own():
+    """pull.py goes through RegistrySource.get: no private attributes of the source, no retry,
+    backoff, redirect or Authorization handling of its own."""
+    import ast
+
+    import fetcher.pull as pull_module
+
+    text = Path(pull_module.__file__).read_text()
+    tree = ast.parse(text)
+    private = sorted({f"{ast.unparse(n.value)}.{n.attr}" for n in ast.walk(tree)
+                      if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+                      and ast.unparse(n.value) != "self"})
+    assert private == [], private
+    for banned in ("Authorization", "allow_redirects", "Retry-After", "retry_after", "asyncio.sleep",
+                   "random", "backoff", "Location", "on_unauthorized", "ClientSession", "session"):
+        assert banned not in text, banned
+
+
+@needs_skopeo
+def test_pull_through_token_auth_retry_after_and_storage_redirect(pushed, nydus_image, tmp_path, caplog):
+    """A Bearer front (token realm wanting basic credentials) that answers the first manifest
+    and blob GETs 503 with Retry-After and redirects blobs to a storage front with a signed URL:
+    the pull succeeds through the source's own client (its retry counter moves, one token
+    serves every request, Retry-After is waited), and neither the token nor the credentials
+    reach the storage host or the logs."""
+    import base64
+    import logging
+    import time
+
+    from aiohttp import web
+
+    from frontserver import FrontServer
+
+    caplog.set_level(logging.DEBUG)
+    accept = {"Accept": OCI_MANIFEST}
+    user, password = "puller", "s3cret-Pa55"
+    good = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def front_behaviour(storage):
+        async def behaviour(front, request):
+            st = front.state
+            if request.path == "/token":
+                if request.headers.get("Authorization") != good:
+                    return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
+                st["issued"] = st.get("issued", 0) + 1
+                return web.json_response({"token": f"tok-{st['issued']}-xyzzy", "expires_in": 300})
+            if not request.headers.get("Authorization", "").startswith("Bearer tok-"):
+                return web.Response(status=401, headers={"WWW-Authenticate":
+                                    f'Bearer realm="http://{front.host}/token",service="front"'})
+            kind = "manifest" if "/manifests/" in request.path else "blob" if "/blobs/" in request.path else "other"
+            seen = st.setdefault(kind, 0)
+            st[kind] = seen + 1
+            if seen == 0 and kind != "other":
+                return web.Response(status=503, headers={"Retry-After": "1" if kind == "manifest" else "0"})
+            if kind == "blob":
+                return web.Response(status=307, headers={"Location": f"{storage.url}{request.path}?X-Sig=signature42"})
+            return None
+        return behaviour
+
+    async def main():
+        async with FrontServer(pushed.url, upstream_headers=accept) as storage:
+            async with FrontServer(pushed.url, front_behaviour(storage), upstream_headers=accept) as front:
+                src = RegistrySource(front.host, "nydus/app", scheme="http", username=user, password=password,
+                                     retries=2, backoff=0.01)
+                async with src:
+                    t0 = time.monotonic()
+                    p = await pull_bootstrap(src, "latest", tmp_path)
+                    elapsed = time.monotonic() - t0
+                    stats = dict(src.stats)
+                return p, front, storage, stats, elapsed
+
+    p, front, storage, stats, elapsed = run(main())
+    check_pulled(p, nydus_image, tmp_path)
+    assert front.state["manifest"] == 2 and front.state["blob"] == 2
+    assert front.state["issued"] == 1  # one token for the manifest and the blob
+    assert stats["retries"] == 2  # counted by the source: its retry loop did the work
+    assert elapsed >= 0.95  # Retry-After: 1 was honoured
+    assert storage.count("/v2/nydus/app/blobs/") == 1
+    assert all("Authorization" not in headers for _m, _p, headers in storage.requests)
+    for secret in (password, good[6:], "xyzzy", "signature42"):
+        assert secret not in caplog.text, secret
+
+
+def test_pull_request_errors_name_the_request(registry, tmp_path):
+    """Final failures of the source's client come back as PullError naming the image and the
+    request: a 403 with the distribution error code, a redirect loop."""
+    from aiohttp import web
+
+    from frontserver import FrontServer
+
+    async def behaviour(front, request):
+        if "/manifests/forbidden" in request.path:
+            return web.json_response({"errors": [{"code": "DENIED"}]}, status=403)
+        if "/manifests/loop" in request.path:
+            return web.Response(status=302, headers={"Location": request.path})
+        return None
+
+    async def main():
+        async with FrontServer(registry.url, behaviour) as front:
+            async with RegistrySource(front.host, "x/y", scheme="http", retries=2, backoff=0.01) as src:
+                with pytest.raises(PullError, match=r"x/y:forbidden: manifest: HTTP 403 forbidden at "
+                                                    r"http://127.0.0.1:\d+/v2/x/y/manifests/forbidden: DENIED$"):
+                    await pull_bootstrap(src, "forbidden", tmp_path)
+                with pytest.raises(PullError, match=r"x/y:loop: manifest: more than 5 redirects$"):
+                    await pull_bootstrap(src, "loop", tmp_path)
+                assert src.stats["retries"] == 0  # final, not retried
+    run(main())

@@ -410,3 +410,91 @@ def test_token_endpoint_5xx_is_retried(registry, blob):
                 assert await src.read(digest, 0, 10) == data[:10]
                 assert src.stats["retries"] == 1
     run(main())
+
+
+# -- RegistrySource.get: whole manifests and blobs through the same client ----------------------
+
+def test_get_whole_blob_retries_redirects_and_keeps_credentials(registry, blob):
+    """get() shares read()'s machinery: a 503 is retried, a Basic challenge answered, the
+    redirect to storage followed without the Authorization header."""
+    from fetcher.registry import RetryableError
+
+    digest, data = blob
+
+    async def behaviour(front, request):
+        if not _is_blob(request):
+            return None
+        if "Authorization" not in request.headers:
+            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Basic realm="front"'})
+        if not front.state.get("failed"):
+            front.state["failed"] = True
+            return web.Response(status=503, headers={"Retry-After": "0"})
+        raise web.HTTPTemporaryRedirect(f"{storage.url}/v2/{REPO}/blobs/sha256:{digest}?sig=abc")
+
+    async def main():
+        nonlocal storage
+        async with FrontServer(registry.url) as storage, FrontServer(registry.url, behaviour) as front:
+            async with RegistrySource(front.host, REPO, scheme="http", username=USER, password=PASSWORD,
+                                      retries=2, backoff=0.01) as src:
+                calls = []
+
+                async def consume(resp):
+                    calls.append(resp.status)
+                    body = await resp.read()
+                    if len(calls) == 1:
+                        raise RetryableError("short body (test)")  # a consumer may ask for another try
+                    return body
+
+                assert await src.get(f"blobs/sha256:{digest}", consume) == data
+                assert calls == [200, 200]
+                assert src.stats["retries"] == 2  # the 503 and the consumer's retry
+            assert len(storage.requests) == 2
+            assert all("Authorization" not in headers for _, _, headers in storage.requests)
+    storage = None
+    run(main())
+
+
+def test_get_manifest_errors(registry, blob):
+    from fetcher.registry import RegistryError
+
+    async def main():
+        async with FrontServer(registry.url) as front:
+            async with RegistrySource(front.host, REPO, scheme="http", retries=2, backoff=0.01) as src:
+                async def consume(resp):
+                    return await resp.read()
+
+                with pytest.raises(RegistryError) as info:
+                    await src.get("manifests/nope", consume, accept="application/vnd.oci.image.manifest.v1+json")
+                e = info.value
+                assert (e.status, e.what) == (404, "manifests/nope")
+                assert e.why.startswith("not found (HTTP 404: MANIFEST_UNKNOWN")
+                assert str(e).startswith(f"registry http://{front.host}: manifests/nope: not found")
+                with pytest.raises(RegistryError, match=r"^registry \S+: the manifest: not found"):
+                    await src.get("manifests/nope", consume, what="the manifest")
+                assert src.stats["retries"] == 0
+
+                async def broken(resp):
+                    raise KeyError("consumer bug")
+
+                with pytest.raises(KeyError):  # what the consumer raises passes through, not retried
+                    await src.get(f"blobs/sha256:{blob[0]}", broken)
+                assert src.stats["retries"] == 0
+                for bad in ("../x", "tags/list", "blobs/sha256:xyz", "manifests/a/b", "manifests/"):
+                    with pytest.raises(ValueError, match="not a manifest or blob path"):
+                        await src.get(bad, consume)
+    run(main())
+
+
+def test_get_gives_up_after_bounded_attempts(registry):
+    from fetcher.registry import RegistryError
+
+    async def behaviour(front, request):
+        return web.Response(status=502)
+
+    async def main():
+        async with FrontServer(registry.url, behaviour) as front:
+            async with RegistrySource(front.host, REPO, scheme="http", retries=1, backoff=0.01) as src:
+                with pytest.raises(RegistryError, match=r"manifests/latest: giving up after 2 attempts: .*HTTP 502"):
+                    await src.get("manifests/latest", lambda resp: resp.read())
+            assert front.count(f"/v2/{REPO}/manifests/") == 2
+    run(main())
