@@ -34,6 +34,7 @@ from fscached.catalog import BlobObject, BootstrapObject, Catalog
 from fscached.config import ImageSpec
 from fscached.event_journal import EventJournal, Orphan
 from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, SharedFd, VerifyError
+from fscached.logs import request_log
 from fscached.metrics import RequestStats
 
 log = logging.getLogger("fscached.fanotify")
@@ -119,8 +120,10 @@ class FanotifyServer:
             tmp = unwatched_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.unwatched))
             os.replace(tmp, unwatched_file)
+        verified = self._take_clean_stop_record()
         for volume, blob in self.catalog.blobs():
             self._open_cache_file(volume, blob, handed)
+            self._trust_clean_stop_record(self.files[f"{volume}/{blob.info.blob_id}"], verified)
         for fd in handed.values():  # blobs no image of this configuration uses
             os.close(fd)
         if not self.takeover:
@@ -164,6 +167,51 @@ class FanotifyServer:
         st = os.stat(path)
         self.files[cf.name] = cf
         self.by_inode[(st.st_dev, st.st_ino)] = cf
+
+    # -- what a clean stop verified -----------------------------------------------------------
+    # A clean stop fsyncs every cache file, then records which chunks each held verified bytes
+    # and the file's identity. The next start consumes the record (deletes it before serving:
+    # after a crash there is none) and trusts it only for a file still the same (inode, size,
+    # mtime); everything else is re-verified against the digests before it counts as filled.
+    @property
+    def _record_path(self) -> Path:
+        return self.state_dir / "verified-at-clean-stop.json"
+
+    def _take_clean_stop_record(self) -> dict[str, Any]:
+        try:
+            record = json.loads(self._record_path.read_text())
+        except (OSError, ValueError):
+            record = {}
+        self._record_path.unlink(missing_ok=True)
+        return record if isinstance(record, dict) else {}
+
+    def _trust_clean_stop_record(self, cf: CacheFile, record: dict[str, Any]) -> None:
+        entry = record.get(cf.name)
+        if cf.target is None or not cf.reverify or not isinstance(entry, dict):
+            return
+        st = os.stat(cf.path)
+        if [entry.get("ino"), entry.get("size"), entry.get("mtime_ns")] != [st.st_ino, st.st_size, st.st_mtime_ns]:
+            return
+        offsets = set(entry.get("chunks", []))
+        trusted = [c for c in cf.blob.chunk_map.chunks if c.uncompressed_offset in offsets]
+        cf.target.mark_written(trusted)
+        self.stats["trusted_chunks"] += len(trusted)
+
+    def _write_clean_stop_record(self) -> None:
+        record: dict[str, Any] = {}
+        for cf in self.files.values():
+            if cf.target is None or cf.write_fd is None or not cf.target.written:
+                continue
+            os.fsync(cf.write_fd.fd)  # the bytes are on disk before the record says so
+            st = os.fstat(cf.write_fd.fd)
+            record[cf.name] = {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                               "chunks": sorted(cf.target.written)}
+        tmp = self._record_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._record_path)
 
     def _give_to_keeper(self) -> None:
         """The group, and as many write fds as one message carries (a write fd the keeper does
@@ -256,7 +304,7 @@ class FanotifyServer:
                 try:
                     self._handle(event)
                 except Exception:  # a bug must still not leave the reader waiting
-                    log.exception("event fd=%d off=%d: unexpected error: answering EIO", event.fd, event.offset)
+                    log.exception("event req=fd:%d off=%d: unexpected error: answering EIO", event.fd, event.offset)
                     self.stats["read_failed"] += 1
                     self.requests.observe("failed", 0.0)
                     if event.fd >= 0:
@@ -279,7 +327,7 @@ class FanotifyServer:
         cf = self.by_inode.get((st.st_dev, st.st_ino))
         if cf is None:  # marked by an older configuration: nothing here can fill it
             self.stats["read_unknown_object"] += 1
-            log.error("event for a file this daemon does not serve (inode %d): EIO", st.st_ino)
+            log.error("event req=fd:%d for a file this daemon does not serve (inode %d): EIO", event.fd, st.st_ino)
             self._answer(event.fd, deny_errno(errno.EIO))
             self.requests.observe("failed", time.monotonic() - started)
             return
@@ -296,7 +344,7 @@ class FanotifyServer:
         self.journal.record(event.fd, st.st_dev, st.st_ino, event.offset, count)
         self._spawn(self._fill_and_answer(cf, event.fd, event.offset, count, started))
 
-    async def _fill(self, cf: CacheFile, offset: int, length: int, what: str) -> int:
+    async def _fill(self, cf: CacheFile, offset: int, length: int, kind: str, req: str) -> int:
         """Fill the range; the answer for its event (ALLOW, or EIO)."""
         assert cf.target is not None
         try:
@@ -305,20 +353,20 @@ class FanotifyServer:
             return FAN_ALLOW
         except (SourceError, VerifyError, OSError, ValueError) as exc:
             self.stats["read_failed"] += 1
-            log.error("%s blob %s off=%d len=%d failed: %s", what, cf.name, offset, length, exc)
+            request_log(log, kind, req, cf.name).error("off=%d len=%d failed: %s", offset, length, exc)
         except asyncio.CancelledError:
             self.stats["read_failed"] += 1
-            log.warning("%s blob %s off=%d len=%d cancelled at shutdown", what, cf.name, offset, length)
+            request_log(log, kind, req, cf.name).warning("off=%d len=%d cancelled at shutdown", offset, length)
         except Exception:  # a bug must still not hang the reader
             self.stats["read_failed"] += 1
-            log.exception("%s blob %s off=%d len=%d: unexpected error", what, cf.name, offset, length)
+            request_log(log, kind, req, cf.name).exception("off=%d len=%d: unexpected error", offset, length)
         return deny_errno(errno.EIO)
 
     async def _fill_and_answer(self, cf: CacheFile, event_fd: int, offset: int, length: int,
                                started: float) -> None:
         response = deny_errno(errno.EIO)
         try:
-            response = await self._fill(cf, offset, length, f"event fd={event_fd}")
+            response = await self._fill(cf, offset, length, "event", f"fd:{event_fd}")
         finally:
             self._answer(event_fd, response)
             allowed = response == FAN_ALLOW
@@ -330,7 +378,7 @@ class FanotifyServer:
         try:
             self.group.answer(event_fd, response)
         except OSError as exc:
-            log.error("answering event fd=%d failed: %s", event_fd, exc)
+            log.error("event req=fd:%d: answering failed: %s", event_fd, exc)
         self.journal.clear(event_fd)
         os.close(event_fd)
 
@@ -368,9 +416,10 @@ class FanotifyServer:
             if cf is not None and cf.target is not None:
                 try:
                     response = await asyncio.wait_for(
-                        self._fill(cf, orphan.offset, orphan.count, f"orphan fd={orphan.fd}"), ORPHAN_SECONDS)
+                        self._fill(cf, orphan.offset, orphan.count, "orphan", f"fd:{orphan.fd}"), ORPHAN_SECONDS)
                 except asyncio.TimeoutError:
-                    log.error("orphan fd=%d not filled within %.0f s: EIO", orphan.fd, ORPHAN_SECONDS)
+                    request_log(log, "orphan", f"fd:{orphan.fd}", cf.name).error(
+                        "not filled within %.0f s: EIO", ORPHAN_SECONDS)
         finally:
             assert self.group is not None and self.journal is not None
             answered = self.group.answer(orphan.fd, response)
@@ -391,11 +440,11 @@ class FanotifyServer:
             assert cf.target is not None
             cf.target.prefetch = asyncio.current_task()  # type: ignore[assignment]
             await self.filler.prefetch(cf.blob, cf.target, cf.blob.prefetch_order, cf.blob.prefetch_bandwidth)
-            log.info("prefetch of %s done (%d chunks)", cf.name, len(cf.blob.prefetch_order))
+            log.info("prefetch blob=%s done (%d chunks)", cf.name, len(cf.blob.prefetch_order))
         except asyncio.CancelledError:
             pass
         except Exception:
-            log.exception("prefetch of %s failed", cf.name)
+            log.exception("prefetch blob=%s failed", cf.name)
 
     # -- stop -------------------------------------------------------------------------------
     async def drain(self, timeout: float) -> None:
@@ -424,6 +473,10 @@ class FanotifyServer:
         """Close our fds. With `let_go` (nothing marked is mounted) the keeper lets go too and
         the marks vanish with the group; otherwise the keeper keeps the group: readers wait for
         the next daemon instead of reading holes."""
+        try:
+            self._write_clean_stop_record()
+        except OSError as exc:  # only costs the next start a re-verification
+            log.warning("recording the filled state at stop: %s", exc)
         for cf in self.files.values():
             if cf.target is not None:
                 cf.target.close()
