@@ -19,9 +19,10 @@ from cachefiles.device import CachefilesDevice, CachefilesError
 from cachefiles.objects import ObjectEntry, ObjectTable
 from cachefiles.messages import CloseRequest, MalformedMessage, OpenRequest, ReadRequest
 from fetcher.source import SourceError
-from fscached.catalog import BlobObject, BootstrapObject, Catalog, Served
+from fscached.catalog import VOLUME_PREFIX, BlobObject, BootstrapObject, Catalog, Served
 from fscached.config import ImageSpec
 from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, VerifyError
+from fscached.logs import request_log
 from fscached.metrics import RequestStats
 
 log = logging.getLogger("fscached.serve")
@@ -70,7 +71,7 @@ class Server:
         for entry in self.objects.entries():
             live = _live(entry)
             if live is not None and any(live.served is obj for obj in gone):
-                log.info("object=%d %s: its image was unbound, closing it", entry.object_id, live.name)
+                log.info("blob=%s object=%d: its image was unbound, closing it", live.name, entry.object_id)
                 self._forget(entry.object_id)
 
     # -- message pump -------------------------------------------------------------------
@@ -104,21 +105,23 @@ class Server:
     def handle_open(self, req: OpenRequest) -> None:
         self.stats["open"] += 1
         served = self.catalog.lookup(req.volume_key, req.cookie_key)
-        name = f"{req.volume_key}/{req.cookie_key.decode('ascii', 'replace')}"
+        # "<volume>/<blob id or fsid>", as the fanotify frontend names its cache files
+        name = f"{req.volume_key.removeprefix(VOLUME_PREFIX)}/{req.cookie_key.decode('ascii', 'replace')}"
         if served is None:
             self.stats["open_unknown"] += 1
-            log.warning("OPEN msg_id=%d %s: unknown cookie, answering ENOENT", req.msg_id, name)
+            request_log(log, "OPEN", f"msg:{req.msg_id}", name).warning("unknown cookie, answering ENOENT")
             _close_quietly(req.fd)
             self._copen(req.msg_id, -errno.ENOENT)
             return
         if req.object_id in self.objects:  # the kernel reuses an id only after CLOSE
-            log.warning("OPEN msg_id=%d reuses open object %d: dropping the old one", req.msg_id, req.object_id)
+            request_log(log, "OPEN", f"msg:{req.msg_id}", name).warning(
+                "reuses open object %d: dropping the old one", req.object_id)
             self._forget(req.object_id)
         entry = self.objects.add(req.object_id, req.fd, req.volume_key, req.cookie_key, served.size)
         # a fetch holds this entry, never the id: a reused id must not keep it (or its fd) alive
         live = LiveObject(served, FillTarget(req.fd, lambda: self.objects.hold(entry)), name)
         entry.payload = live
-        log.info("OPEN msg_id=%d object=%d %s size=%d", req.msg_id, req.object_id, name, served.size)
+        request_log(log, "OPEN", f"msg:{req.msg_id}", name).info("object=%d size=%d", req.object_id, served.size)
         if not self._copen(req.msg_id, served.size):
             self._forget(req.object_id)
             return
@@ -131,18 +134,18 @@ class Server:
     async def _prefetch(self, live: LiveObject, served: BlobObject) -> None:
         try:
             await self.filler.prefetch(served, live.target, served.prefetch_order, served.prefetch_bandwidth)
-            log.info("prefetch of %s done (%d chunks)", live.name, len(served.prefetch_order))
+            log.info("prefetch blob=%s done (%d chunks)", live.name, len(served.prefetch_order))
         except asyncio.CancelledError:
             pass
         except Exception:
-            log.exception("prefetch of %s failed", live.name)
+            log.exception("prefetch blob=%s failed", live.name)
 
     def _copen(self, msg_id: int, size: int) -> bool:
         try:
             self.device.copen(msg_id, size)
             return True
         except (CachefilesError, OSError) as exc:
-            log.error("copen %d,%d failed: %s", msg_id, size, exc)
+            log.error("copen req=msg:%d size=%d failed: %s", msg_id, size, exc)
             return False
 
     # -- READ -------------------------------------------------------------------------------
@@ -151,7 +154,7 @@ class Server:
         if req.object_id not in self.objects:
             # No fd to complete on: the kernel fails the read when the object goes away.
             self.stats["read_unknown_object"] += 1
-            log.error("READ msg_id=%d for unknown object %d", req.msg_id, req.object_id)
+            log.error("READ req=msg:%d for unknown object %d", req.msg_id, req.object_id)
             self.requests.observe("failed", 0.0)
             return
         task = asyncio.ensure_future(self._serve_read(req, time.monotonic()))
@@ -180,13 +183,16 @@ class Server:
             self.stats["read_bytes"] += req.length
         except (SourceError, VerifyError, OSError, ValueError) as exc:
             self.stats["read_failed"] += 1
-            log.error("READ msg_id=%d %s off=%d len=%d failed: %s", req.msg_id, live.name, req.offset, req.length, exc)
+            request_log(log, "READ", f"msg:{req.msg_id}", live.name).error(
+                "off=%d len=%d failed: %s", req.offset, req.length, exc)
         except asyncio.CancelledError:
             self.stats["read_failed"] += 1
-            log.warning("READ msg_id=%d %s cancelled (object closed, or shutdown)", req.msg_id, live.name)
+            request_log(log, "READ", f"msg:{req.msg_id}", live.name).warning(
+                "off=%d len=%d cancelled (object closed, or shutdown)", req.offset, req.length)
         except Exception:  # a bug must still not hang the reader
             self.stats["read_failed"] += 1
-            log.exception("READ msg_id=%d %s: unexpected error", req.msg_id, live.name)
+            request_log(log, "READ", f"msg:{req.msg_id}", live.name).exception(
+                "off=%d len=%d: unexpected error", req.offset, req.length)
         finally:
             self._complete(live, req.msg_id)
             self.requests.observe(outcome, time.monotonic() - started, req.length if outcome != "failed" else 0)
@@ -195,16 +201,16 @@ class Server:
         try:
             self.device.complete_read(live.target.fd, msg_id)
         except (CachefilesError, OSError) as exc:
-            log.error("READ_COMPLETE msg_id=%d %s failed: %s", msg_id, live.name, exc)
+            request_log(log, "READ_COMPLETE", f"msg:{msg_id}", live.name).error("failed: %s", exc)
 
     # -- CLOSE ------------------------------------------------------------------------------
     def handle_close(self, req: CloseRequest) -> None:
         self.stats["close"] += 1
         live = _live(self._forget(req.object_id))
         if live is None:
-            log.warning("CLOSE for unknown object %d", req.object_id)
+            log.warning("CLOSE req=msg:%d for unknown object %d", req.msg_id, req.object_id)
             return
-        log.info("CLOSE object=%d %s", req.object_id, live.name)
+        request_log(log, "CLOSE", f"msg:{req.msg_id}", live.name).info("object=%d", req.object_id)
 
     def _forget(self, object_id: int) -> ObjectEntry | None:
         """Drop an object: its prefetch and fetch jobs stop, its fd closes once the last READ
