@@ -120,8 +120,10 @@ class FanotifyServer:
             tmp = unwatched_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.unwatched))
             os.replace(tmp, unwatched_file)
+        verified = self._take_clean_stop_record()
         for volume, blob in self.catalog.blobs():
             self._open_cache_file(volume, blob, handed)
+            self._trust_clean_stop_record(self.files[f"{volume}/{blob.info.blob_id}"], verified)
         for fd in handed.values():  # blobs no image of this configuration uses
             os.close(fd)
         if not self.takeover:
@@ -165,6 +167,51 @@ class FanotifyServer:
         st = os.stat(path)
         self.files[cf.name] = cf
         self.by_inode[(st.st_dev, st.st_ino)] = cf
+
+    # -- what a clean stop verified -----------------------------------------------------------
+    # A clean stop fsyncs every cache file, then records which chunks each held verified bytes
+    # and the file's identity. The next start consumes the record (deletes it before serving:
+    # after a crash there is none) and trusts it only for a file still the same (inode, size,
+    # mtime); everything else is re-verified against the digests before it counts as filled.
+    @property
+    def _record_path(self) -> Path:
+        return self.state_dir / "verified-at-clean-stop.json"
+
+    def _take_clean_stop_record(self) -> dict[str, Any]:
+        try:
+            record = json.loads(self._record_path.read_text())
+        except (OSError, ValueError):
+            record = {}
+        self._record_path.unlink(missing_ok=True)
+        return record if isinstance(record, dict) else {}
+
+    def _trust_clean_stop_record(self, cf: CacheFile, record: dict[str, Any]) -> None:
+        entry = record.get(cf.name)
+        if cf.target is None or not cf.reverify or not isinstance(entry, dict):
+            return
+        st = os.stat(cf.path)
+        if [entry.get("ino"), entry.get("size"), entry.get("mtime_ns")] != [st.st_ino, st.st_size, st.st_mtime_ns]:
+            return
+        offsets = set(entry.get("chunks", []))
+        trusted = [c for c in cf.blob.chunk_map.chunks if c.uncompressed_offset in offsets]
+        cf.target.mark_written(trusted)
+        self.stats["trusted_chunks"] += len(trusted)
+
+    def _write_clean_stop_record(self) -> None:
+        record: dict[str, Any] = {}
+        for cf in self.files.values():
+            if cf.target is None or cf.write_fd is None or not cf.target.written:
+                continue
+            os.fsync(cf.write_fd.fd)  # the bytes are on disk before the record says so
+            st = os.fstat(cf.write_fd.fd)
+            record[cf.name] = {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                               "chunks": sorted(cf.target.written)}
+        tmp = self._record_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._record_path)
 
     def _give_to_keeper(self) -> None:
         """The group, and as many write fds as one message carries (a write fd the keeper does
@@ -426,6 +473,10 @@ class FanotifyServer:
         """Close our fds. With `let_go` (nothing marked is mounted) the keeper lets go too and
         the marks vanish with the group; otherwise the keeper keeps the group: readers wait for
         the next daemon instead of reading holes."""
+        try:
+            self._write_clean_stop_record()
+        except OSError as exc:  # only costs the next start a re-verification
+            log.warning("recording the filled state at stop: %s", exc)
         for cf in self.files.values():
             if cf.target is not None:
                 cf.target.close()
