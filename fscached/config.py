@@ -1,8 +1,11 @@
 """Daemon configuration: a TOML file, then command-line flags on top."""
 from __future__ import annotations
 
+import math
 import re
+import ssl
 import tomllib
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(Exception):
-    """A configuration problem, worded for the user."""
+    """A configuration problem, worded for the user: one line naming the key and why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split("\n")))
 
 
 @dataclass(frozen=True)
@@ -75,23 +81,28 @@ class Config:
     backend: str = "auto"  # auto | cachefiles | fanotify
 
 
-def check_id(kind: str, value: str) -> str:
+def check_id(kind: str, value: str, where: str | None = None) -> str:
     if not _ID.fullmatch(value):
+        prefix = f"{where}: " if where else ""
         raise ConfigError(
-            f"invalid {kind} {value!r}: use 1-128 letters, digits, '_', '.', ':' or '-'"
+            f"{prefix}invalid {kind} {value!r}: use 1-128 letters, digits, '_', '.', ':' or '-'"
         )
     return value
 
 
 def parse_image_spec(text: str) -> ImageSpec:
     """`fsid=F,bootstrap=PATH,blobs=DIR[,domain=D]` (the --image flag)."""
+    where = f"--image {text!r}"
     fields: dict[str, str] = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
         if not sep or not value:
             raise ConfigError(f"invalid --image {text!r}: expected key=value pairs, got {part!r}")
-        fields[key.strip()] = value.strip()
-    return image_from_mapping(fields, f"--image {text!r}")
+        key = key.strip()
+        if key in fields:
+            raise ConfigError(f"{where}: {key or repr(key)} is given twice")
+        fields[key] = value.strip()
+    return image_from_mapping(fields, where)
 
 
 IMAGE_KEYS = {
@@ -99,6 +110,24 @@ IMAGE_KEYS = {
     "ca_file", "skip_verify", "dragonfly", "proxy", "ping_url", "check_interval", "fallback",
     "use_http", "prefetch", "prefetch_bandwidth", "timeout", "mountpoint",
 }
+# Keys whose value is text in a TOML table (the others may also be numbers or booleans there).
+STRING_KEYS = IMAGE_KEYS - {"skip_verify", "check_interval", "fallback", "use_http",
+                            "prefetch_bandwidth", "timeout"}
+# Keys that only mean something with a registry (ref or registry), or with a proxy.
+REGISTRY_KEYS = ("scheme", "auth", "auth_file", "ca_file", "skip_verify", "timeout")
+PROXY_KEYS = ("ping_url", "check_interval", "fallback", "use_http")
+
+
+def check_value_types(where: str, values: dict[str, Any], string_keys: set[str]) -> None:
+    """TOML gives typed values: a table, a list, a date or a wrongly typed value is named."""
+    for key, value in values.items():
+        if key in string_keys:
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: {key} must be a string, not {value!r}")
+        elif not isinstance(value, (str, int, float)):  # bool is an int
+            raise ConfigError(f"{where}: {key} must be a single value, not {value!r}")
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{where}: {key} is empty")
 
 
 def parse_bool(where: str, key: str, value: Any) -> bool:
@@ -112,104 +141,197 @@ def parse_bool(where: str, key: str, value: Any) -> bool:
     raise ConfigError(f"{where}: {key} must be true or false, not {value!r}")
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMG]?)(?:I?B)?")
+
+
 def parse_size(where: str, key: str, value: Any) -> int:
-    """123, "64K", "1M", "2G" -> bytes."""
-    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"{where}: {key} must be a size like 1048576, 64K or 20M, not {value!r}") from None
+    """123, "64K", "1M", "2G" (also "64KiB", "1MB") -> bytes; never negative."""
+    if isinstance(value, bool):
+        value = repr(value)  # not a size: refused below
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{where}: {key} must be a size of 0 or more, like 64K or 20M, not {value!r}")
+        return value
+    text = str(value).strip().upper()
+    m = _SIZE.fullmatch(text)
+    if not m:
+        if text.startswith("-"):
+            raise ConfigError(f"{where}: {key} must be a size of 0 or more, like 64K or 20M, not {value!r}")
+        raise ConfigError(f"{where}: {key} must be a size like 1048576, 64K or 20M, not {value!r}")
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number = m.group(1)
+    if "." in number:
+        return int(float(number) * units[m.group(2)])
+    return int(number) * units[m.group(2)]
 
 
-def parse_seconds(where: str, key: str, value: Any) -> float:
+def parse_seconds(where: str, key: str, value: Any, allow_zero: bool = False) -> float:
     try:
-        seconds = float(value)
+        seconds = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
-        seconds = -1.0
-    if seconds <= 0:
-        raise ConfigError(f"{where}: {key} must be a positive number of seconds, not {value!r}")
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        kind = "a number of seconds, 0 or more" if allow_zero else "a positive number of seconds"
+        raise ConfigError(f"{where}: {key} must be {kind}, not {value!r}")
     return seconds
 
 
-def split_repository(where: str, value: str) -> tuple[str, str]:
+def split_repository(where: str, value: str, key: str = "registry") -> tuple[str, str]:
+    """`host[:port]/repository`, both checked as the registry source will use them."""
+    from fetcher.image_ref import _REPO_RE, _check_host  # the grammar RegistrySource checks too
+
+    if "://" in value:
+        raise ConfigError(f"{where}: {key} must be host[:port]/repository without a scheme "
+                          f"(use scheme=http for a plain-HTTP registry), not {value!r}")
     host, sep, repo = value.partition("/")
+    repo = repo.strip("/")
     if not sep or not host or not repo:
-        raise ConfigError(f"{where}: registry must be host[:port]/repository, not {value!r}")
+        raise ConfigError(f"{where}: {key} must be host[:port]/repository, not {value!r}")
+    try:
+        _check_host(host, value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {key}: {exc}") from None
+    if not _REPO_RE.fullmatch(repo) or len(host) + 1 + len(repo) > 255:
+        raise ConfigError(f"{where}: {key}: invalid repository name {repo[:200]!r}: lowercase letters, "
+                          "digits and separators ('.', '_', '__', '-') in '/'-separated components, "
+                          "at most 255 characters with the host")
     return host, repo
 
 
+def parse_url(where: str, key: str, value: str) -> str:
+    """An http(s)://host[:port] URL (the proxy, its ping url); userinfo is never echoed."""
+    shown = repr(value) if "@" not in value else "(a URL with credentials)"
+    try:
+        url = urlsplit(value)
+        url.port  # raises ValueError on a bad port
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{where}: {key} must be an http:// or https:// URL with a host, not {shown}")
+    return value
+
+
+def read_auth_file(where: str, value: str) -> str:
+    from fetcher.auth import make_credentials
+
+    try:
+        auth = Path(value).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: auth_file {value!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: auth_file {value!r}: not text (expected base64 of 'user:password')") from None
+    if not auth:
+        raise ConfigError(f"{where}: auth_file {value!r} is empty (expected base64 of 'user:password')")
+    check_auth(where, f"auth_file {value!r}", auth)
+    return auth
+
+
+def check_auth(where: str, what: str, auth: str) -> None:
+    from fetcher.auth import make_credentials
+
+    try:
+        make_credentials(auth=auth)
+    except ValueError:  # the message never holds the secret
+        raise ConfigError(f"{where}: {what}: not base64 of 'user:password'") from None
+
+
+def check_ca_file(where: str, value: str) -> str:
+    """Loaded as the registry source will load it (local files only: no network)."""
+    try:
+        ssl.create_default_context(cafile=value)
+    except OSError as exc:
+        raise ConfigError(f"{where}: ca_file {value!r}: {exc.strerror or exc}") from None
+    except ssl.SSLError:
+        raise ConfigError(f"{where}: ca_file {value!r}: no PEM certificate could be loaded from it") from None
+    return value
+
+
 def image_from_mapping(fields: dict[str, Any], where: str) -> ImageSpec:
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{where}: must be a table of key = value, not {fields!r}")
     unknown = set(fields) - IMAGE_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(repr(k) if not k else k for k in sorted(unknown))}")
+    check_value_types(where, fields, STRING_KEYS)
     if not fields.get("fsid"):
         raise ConfigError(f"{where}: missing fsid")
-    ref = str(fields["ref"]) if fields.get("ref") else None
+    fsid = check_id("fsid", fields["fsid"], where)
+    domain = check_id("domain", fields["domain"], where) if fields.get("domain") else None
+    ref = fields.get("ref")
     if not fields.get("bootstrap") and not ref:
         raise ConfigError(f"{where}: missing bootstrap (a path) or ref (an image in a registry)")
-    bootstrap = Path(str(fields["bootstrap"])).resolve() if fields.get("bootstrap") else None
+    bootstrap = Path(fields["bootstrap"]).resolve() if fields.get("bootstrap") else None
     if fields.get("blobs"):
-        blobs: Path | None = Path(str(fields["blobs"])).resolve()
+        blobs: Path | None = Path(fields["blobs"]).resolve()
     elif bootstrap is not None and not ref and not fields.get("registry"):
         blobs = bootstrap.parent / "blobs"
     else:
         blobs = None
-    domain = fields.get("domain")
     registry = None
     repository = fields.get("registry")
+    if repository:
+        split_repository(where, repository)
     if ref:
         from fetcher.image_ref import parse_image_ref  # the one parser of image references
 
         try:
             parsed = parse_image_ref(ref)
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            raise ConfigError(f"{where}: ref: {exc}") from None
         repository = repository or f"{parsed.host}/{parsed.repo}"
+    # Every value is checked, also one that would go unused.
+    scheme = str(fields.get("scheme", "https"))
+    if scheme not in ("http", "https"):
+        raise ConfigError(f"{where}: scheme must be http or https, not {scheme!r}")
+    if fields.get("auth") and fields.get("auth_file"):
+        raise ConfigError(f"{where}: auth and auth_file both given: give one")
+    if fields.get("auth"):
+        check_auth(where, "auth", str(fields["auth"]))
+    auth = read_auth_file(where, fields["auth_file"]) if fields.get("auth_file") else fields.get("auth")
+    ca_file = check_ca_file(where, fields["ca_file"]) if fields.get("ca_file") else None
+    skip_verify = parse_bool(where, "skip_verify", fields.get("skip_verify", False))
+    timeout = parse_seconds(where, "timeout", fields.get("timeout", 60))
+    proxy_url = parse_url(where, "proxy", fields["proxy"]) if fields.get("proxy") else None
+    ping_url = parse_url(where, "ping_url", fields["ping_url"]) if fields.get("ping_url") else None
+    # without a ping url, check_interval is how long a failed proxy is skipped: 0 is allowed
+    check_interval = parse_seconds(where, "check_interval", fields.get("check_interval", 5),
+                                   allow_zero=ping_url is None)
+    fallback = parse_bool(where, "fallback", fields.get("fallback", True))
+    use_http = parse_bool(where, "use_http", fields.get("use_http", False))
+    mode = str(fields.get("prefetch", "none"))
+    if mode not in ("none", "table", "all"):
+        raise ConfigError(f"{where}: prefetch must be none, table or all, not {mode!r}")
+    bandwidth = parse_size(where, "prefetch_bandwidth", fields.get("prefetch_bandwidth", 0))
+    mountpoint = parse_mountpoint(where, fields.get("mountpoint"))
+    if not repository:
+        given = [key for key in REGISTRY_KEYS if key in fields]
+        if given:
+            raise ConfigError(f"{where}: {', '.join(given)} set for a registry, but there is none: "
+                              "give ref or registry too")
+    if proxy_url is None:
+        given = [key for key in PROXY_KEYS if key in fields]
+        if given:
+            raise ConfigError(f"{where}: {', '.join(given)} set for a Dragonfly proxy, but there is none: "
+                              "give proxy too")
     if repository:
-        host, repo = split_repository(where, str(repository))
-        scheme = str(fields.get("scheme", "https"))
-        if scheme not in ("http", "https"):
-            raise ConfigError(f"{where}: scheme must be http or https, not {scheme!r}")
-        auth = fields.get("auth")
-        if fields.get("auth_file"):
-            try:
-                auth = Path(str(fields["auth_file"])).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"{where}: auth_file {fields['auth_file']}: {exc.strerror}") from None
-        registry = RegistrySpec(host, repo, scheme, str(auth) if auth else None,
-                                str(fields["ca_file"]) if fields.get("ca_file") else None,
-                                parse_bool(where, "skip_verify", fields.get("skip_verify", False)),
-                                parse_seconds(where, "timeout", fields.get("timeout", 60)))
-    proxy = None
-    if fields.get("proxy"):
-        proxy = ProxySpec(
-            str(fields["proxy"]),
-            str(fields["ping_url"]) if fields.get("ping_url") else None,
-            float(fields.get("check_interval", 5)),
-            parse_bool(where, "fallback", fields.get("fallback", True)),
-            parse_bool(where, "use_http", fields.get("use_http", False)),
-        )
+        host, repo = split_repository(where, repository)
+        registry = RegistrySpec(host, repo, scheme, auth, ca_file, skip_verify, timeout)
+    proxy = ProxySpec(proxy_url, ping_url, check_interval, fallback, use_http) if proxy_url else None
     if (proxy or fields.get("dragonfly")) and registry is None:
         raise ConfigError(f"{where}: a Dragonfly peer fetches from a registry: give ref or registry too")
     if blobs is None and registry is None:
         raise ConfigError(f"{where}: no blob source: give blobs (a directory) or ref / registry")
-    mode = str(fields.get("prefetch", "none"))
-    if mode not in ("none", "table", "all"):
-        raise ConfigError(f"{where}: prefetch must be none, table or all, not {mode!r}")
     return ImageSpec(
-        fsid=check_id("fsid", str(fields["fsid"])),
+        fsid=fsid,
         bootstrap=bootstrap,
         blobs=blobs,
-        domain=check_id("domain", str(domain)) if domain else None,
+        domain=domain,
         ref=ref,
         registry=registry,
-        dragonfly_socket=Path(str(fields["dragonfly"])) if fields.get("dragonfly") else None,
+        dragonfly_socket=Path(fields["dragonfly"]) if fields.get("dragonfly") else None,
         proxy=proxy,
-        prefetch=PrefetchSpec(mode, parse_size(where, "prefetch_bandwidth", fields.get("prefetch_bandwidth", 0))),
-        mountpoint=parse_mountpoint(where, fields.get("mountpoint")),
+        prefetch=PrefetchSpec(mode, bandwidth),
+        mountpoint=mountpoint,
     )
 
 
@@ -219,6 +341,8 @@ def parse_mountpoint(where: str, value: Any) -> Path | None:
     path = Path(str(value)).resolve()
     if "," in str(path) or "\n" in str(path):
         raise ConfigError(f"{where}: mountpoint {value!r} cannot contain ',' or a newline")
+    if path == Path("/"):
+        raise ConfigError(f"{where}: mountpoint {value!r} is the root directory")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{where}: mountpoint {value!r} is not a directory")
     return path
@@ -230,8 +354,16 @@ def load_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+
+
+FILE_KEYS = {"cache_dir", "tag", "log_level", "image", "ready_file", "stats_file", "device", "work_dir",
+             "read_window", "backend"}
 
 
 def build_config(
@@ -248,10 +380,15 @@ def build_config(
     backend: str | None = None,
 ) -> Config:
     """Merge the file's values with flags (flags win; images from both are served)."""
-    unknown = set(file_values) - {"cache_dir", "tag", "log_level", "image", "ready_file", "stats_file",
-                                  "device", "work_dir", "read_window", "backend"}
+    unknown = set(file_values) - FILE_KEYS
     if unknown:
         raise ConfigError(f"config file: unknown key(s) {', '.join(sorted(unknown))}")
+    tables = file_values.get("image", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("config file: image must be [[image]] tables (an array of tables), "
+                          f"not {tables!r}")
+    check_value_types("config file", {k: v for k, v in file_values.items() if k != "image"},
+                      FILE_KEYS - {"image", "read_window"})
     chosen_cache_dir = cache_dir or file_values.get("cache_dir")
     if not chosen_cache_dir:
         raise ConfigError("no cache directory: pass --cache-dir or set cache_dir in the config file")
@@ -263,7 +400,7 @@ def build_config(
         check_id("tag", str(chosen_tag))
     images = [
         image_from_mapping(entry, f"config file [[image]] #{n + 1}")
-        for n, entry in enumerate(file_values.get("image", []))
+        for n, entry in enumerate(tables)
     ]
     images += [parse_image_spec(spec) for spec in image_specs]
     check_unique(images)
@@ -272,6 +409,13 @@ def build_config(
         raise ConfigError(f"invalid backend {chosen_backend!r}: use auto, cachefiles or fanotify")
     ready = ready_file or file_values.get("ready_file")
     stats = stats_file or file_values.get("stats_file")
+    if read_window:
+        window = check_window("--read-window", parse_size("--read-window", "read window", read_window))
+    elif "read_window" in file_values:
+        window = check_window("config file: read_window",
+                              parse_size("config file", "read_window", file_values["read_window"]))
+    else:
+        window = 1 << 20
     return Config(
         cache_dir=Path(str(chosen_cache_dir)).resolve(),
         tag=str(chosen_tag) if chosen_tag else None,
@@ -282,22 +426,28 @@ def build_config(
         device=Path(device or file_values.get("device") or "/dev/cachefiles"),
         work_dir=Path(str(work_dir or file_values.get("work_dir") or "/var/lib/fscached")).resolve(),
         backend=chosen_backend,
-        read_window=check_window(parse_size("read window", "read_window", read_window or file_values.get("read_window") or (1 << 20))),
+        read_window=window,
     )
 
 
-def check_window(size: int) -> int:
+def check_window(where: str, size: int) -> int:
     if size < 4096 or size & (size - 1):
-        raise ConfigError(f"read window {size} must be a power of two of at least 4096 bytes")
+        raise ConfigError(f"{where}: read window {size} must be a power of two of at least 4096 bytes")
     return size
 
 
 def check_unique(images: list[ImageSpec]) -> None:
-    """The kernel looks an image up by (volume, fsid): two specs must never collide."""
+    """The kernel looks an image up by (volume, fsid): two specs must never collide; nor may two
+    images be mounted on one directory."""
     seen: set[tuple[str, str]] = set()
+    mounted: dict[Path, str] = {}
     for image in images:
         key = (image.volume, image.fsid)
         if key in seen:
             where = f"domain {image.domain}" if image.domain else "no domain"
             raise ConfigError(f"image fsid {image.fsid!r} is configured twice ({where})")
         seen.add(key)
+        if image.mountpoint is not None:
+            other = mounted.setdefault(image.mountpoint, image.fsid)
+            if other != image.fsid:
+                raise ConfigError(f"images {other!r} and {image.fsid!r} have the same mountpoint {str(image.mountpoint)!r}")
