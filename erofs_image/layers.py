@@ -330,7 +330,9 @@ class _LayerApplier:
             self.stats.files += 1
             self.stats.bytes += ti.size
         elif ti.issym():
-            node.mode |= stat.S_IFLNK
+            # 0777 whatever the header says: a symlink's own mode means nothing on Linux, and
+            # every unpacker (tar, docker, containerd) makes it lrwxrwxrwx
+            node.mode = stat.S_IFLNK | 0o777
             node.target = os.fsencode(ti.linkname)
             node.size = len(node.target)
         elif ti.ischr() or ti.isblk():
