@@ -6,14 +6,100 @@
 # Recipe (the one ../shared/vm/bzImage-* were built with): `make tinyconfig`, merge
 # kernel-fragment.config (next to this script) with scripts/kconfig/merge_config.sh, `make
 # olddefconfig`, check the required options survived, `make bzImage`.
-# Sources: linux-source-6.12 from bookworm-backports (a sources list file is added for it),
-# linux-source-6.1 from bookworm. Needs root for apt (packages are installed only if missing).
+# Sources: linux-source-6.12 from bookworm-backports (a sources list file is added for it, on the
+# Debian mirror this machine's apt sources already use), linux-source-6.1 from bookworm. Needs
+# root for apt (packages are installed only if missing).
 #
 # Result, cached OUTSIDE the checkout and keyed by series and the fragment's sha256:
 #   ${FSCACHED_KERNEL_CACHE:-/var/cache/fscached-kernels}/<series>-<sha256>/{bzImage,config,build-info}
 # The last line on stdout is the bzImage's path (all progress goes to stderr). A cached result is
 # reused as is; --force rebuilds. --config-only stops after the configuration check and prints the
 # path of the generated .config instead (quick: proves the source download and the config step).
+
+# --- apt sources (functions first: `source` this file to call them alone) --------------------
+# The sources files apt reads: one-line .list files and deb822 .sources files ($APT_ETC: another
+# directory than /etc/apt to read them from, for checking these functions against sample files).
+apt_source_files() {
+    local etc="${APT_ETC:-/etc/apt}" f
+    for f in "$etc/sources.list" "$etc/sources.list.d/"*.list "$etc/sources.list.d/"*.sources; do
+        [ -f "$f" ] && echo "$f"
+    done
+    return 0
+}
+
+# "URI SUITE" for every active deb entry of the given files (default: apt_source_files), in order.
+apt_entries() {
+    local files=("$@")
+    [ "${#files[@]}" -gt 0 ] || mapfile -t files < <(apt_source_files)
+    [ "${#files[@]}" -gt 0 ] || return 0
+    local f
+    for f in "${files[@]}"; do
+        case "$f" in
+        *.sources)  # deb822: stanzas split by blank lines; Types/URIs/Suites/Enabled
+            awk '
+                function flush(   i, j, k, nt, nu, ns, t, u, su) {
+                    if (types != "" && tolower(enabled) != "no") {
+                        nt = split(types, t, /[ \t]+/); nu = split(uris, u, /[ \t]+/); ns = split(suites, su, /[ \t]+/)
+                        for (i = 1; i <= nt; i++) if (t[i] == "deb")
+                            for (j = 1; j <= nu; j++) if (u[j] != "") for (k = 1; k <= ns; k++) if (su[k] != "")
+                                print u[j], su[k]
+                    }
+                    types = uris = suites = enabled = ""; field = ""
+                }
+                /^#/ { next }
+                /^[ \t]*$/ { flush(); next }
+                /^[ \t]/ { if (field == "uris") uris = uris " " $0; else if (field == "suites") suites = suites " " $0; next }
+                {
+                    name = tolower(substr($0, 1, index($0, ":") - 1)); value = substr($0, index($0, ":") + 1)
+                    gsub(/^[ \t]+|[ \t]+$/, "", value); field = name
+                    if (name == "types") types = value
+                    else if (name == "uris") uris = value
+                    else if (name == "suites") suites = value
+                    else if (name == "enabled") enabled = value
+                }
+                END { flush() }' "$f" ;;
+        *)  # one-line: deb [options] URI SUITE [COMPONENT...]
+            awk '
+                { sub(/#.*/, "") }
+                $1 != "deb" { next }
+                {
+                    i = 2
+                    if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+                    if (i + 1 <= NF) print $i, $(i + 1)
+                }' "$f" ;;
+        esac
+    done
+}
+
+# The first Debian mirror of this machine's apt sources (or of the files given): the URI of the
+# first deb entry whose suite is a Debian release (bookworm, bookworm-updates, stable, sid...):
+# not a security archive, a CD-ROM or a third-party repository (their suites are not releases).
+find_mirror() {
+    local mirror
+    mirror="$(apt_entries "$@" | awk '
+        $1 ~ /^cdrom:/ { next }
+        {
+            suite = $2; sub(/-(updates|backports|backports-sloppy|proposed-updates)$/, "", suite)
+            if (suite ~ /^(buzz|rex|bo|hamm|slink|potato|woody|sarge|etch|lenny|squeeze|wheezy|jessie|stretch|buster|bullseye|bookworm|trixie|forky|duke|sid|stable|oldstable|oldoldstable|testing|unstable)$/) {
+                sub(/\/+$/, "", $1); print $1; exit
+            }
+        }')"
+    if [ -z "$mirror" ]; then
+        local searched="${*:-$(apt_source_files | paste -sd' ')}"
+        echo "build-kernel: error: no Debian mirror (a deb entry for a Debian release such as bookworm)" \
+             "in ${searched:-none of ${APT_ETC:-/etc/apt}/sources.list, sources.list.d/*.list, sources.list.d/*.sources}:" \
+             "add one (deb <mirror URI> bookworm main) and run again" >&2
+        return 1
+    fi
+    echo "$mirror"
+}
+
+# Whether an active deb entry of the apt sources has this suite.
+has_suite() { apt_entries | awk -v want="$1" '$2 == want { found = 1 } END { exit !found }'; }
+
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then
+    return 0  # sourced: the functions only
+fi
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,7 +117,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --config-only) config_only=1 ;;
         --force) force=1 ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
         6.12|6.1) series="$1" ;;
         *) die "unknown argument $1 (usage: build-kernel.sh [--config-only] [--force] 6.12|6.1)" ;;
     esac
@@ -76,10 +162,11 @@ fi
 pkg="linux-source-$series"
 if [ "$series" = 6.12 ]; then
     list=/etc/apt/sources.list.d/fscached-bookworm-backports.list
-    if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    if ! has_suite bookworm-backports; then
         need_root "adding bookworm-backports"
-        log "adding $list"
-        echo "deb http://deb.debian.org/debian bookworm-backports main" > "$list"
+        mirror="$(find_mirror)" || exit 1
+        log "adding $list (bookworm-backports from $mirror)"
+        echo "deb $mirror bookworm-backports main" > "$list"
     fi
 fi
 candidate() { apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2}'; }
