@@ -193,7 +193,7 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
     import fscached.cli
 
-    async def not_started(config: object) -> int:
+    async def not_started(config: object, *more: object, **kw: object) -> int:
         return 99
 
     def no_network(*args: object, **kw: object) -> None:
