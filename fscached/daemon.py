@@ -51,6 +51,9 @@ class Daemon:
         self._loop_lock = threading.Lock()
         self._stop_before_start = False
         self.exit_code = 0
+        # True from the moment run() answers the kernel (and has mounted what it was asked to)
+        # until it starts stopping: the control API (fscached.api) binds images only then
+        self.serving = False
 
     async def load(self) -> None:
         """Open every image's bootstrap (pulling it from its registry when needed) and build
@@ -116,10 +119,12 @@ class Daemon:
             images = ", ".join(f"{s.fsid}" + (f" (domain {s.domain})" if s.domain else "") for s in self.config.images)
             log.info("serving %d image(s) from cache %s through %s: %s", len(self.config.images),
                      self.config.cache_dir, self.backend, images or "none")
+            self.serving = not self._stop.is_set()
             if self.config.ready_file and not self._stop.is_set():
                 _write_atomic(self.config.ready_file, f"{os.getpid()}\n")
             let_go = await self._serve_until_unmounted(server)
         finally:
+            self.serving = False
             log.info("stopping: completing %d request(s) in flight", len(server.tasks))
             loop.remove_reader(fd)
             await server.drain(DRAIN_SECONDS)
@@ -131,7 +136,8 @@ class Daemon:
                 server.release_all()
                 server.device.close()
             self.write_stats()
-            await self.pool.close()
+            if self.pool.sources():  # none when no image was ever served (an API-only start)
+                await self.pool.close()
             log.info("stopped")
         return self.exit_code
 
@@ -230,6 +236,11 @@ class Daemon:
             log.error("%s", exc)
             self.exit_code = 1
             self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for (the daemon may still be unmounting and draining)."""
+        return self._stop.is_set() or self._stop_before_start
 
     def stop(self) -> None:
         """Thread-safe: ask the daemon to stop (also before run() has started)."""
