@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from fscached.config import Config, ConfigError, build_config, load_toml
 
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--read-window", help="bytes fetched around a small READ (power of two, default 1M)")
     parser.add_argument("--ready-file", help="written with the pid once the daemon serves")
     parser.add_argument("--stats-file", help="request counters as JSON, written on SIGUSR1 and at exit")
+    parser.add_argument("--apisock", help="serve the nydusd-compatible control API on this unix socket "
+                        "(images bound and unbound at run time)")
     parser.add_argument("--device", help=argparse.SUPPRESS)  # tests: another device node
     return parser.parse_args(argv)
 
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         file_values = load_toml(args.config) if args.config else {}
+        apisock = args.apisock or file_values.pop("apisock", None)  # the API is not the daemon's config
+        if apisock is not None and (not isinstance(apisock, str) or not apisock):
+            raise ConfigError(f"apisock must be a path, not {apisock!r}")
         config = build_config(
             file_values, args.cache_dir, args.tag, args.log_level, args.image,
             args.ready_file, args.stats_file, args.device, args.work_dir, args.read_window,
@@ -62,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     try:
-        return uvloop.run(start_and_serve(config))
+        return uvloop.run(start_and_serve(config, Path(apisock).absolute() if apisock else None))
     except KeyboardInterrupt:
         return 0
 
 
-async def start_and_serve(config: "Config") -> int:
+async def start_and_serve(config: "Config", apisock: Path | None = None) -> int:
     try:
         # Imported here: a missing native extension is reported as a clean error.
         from cachefiles.device import CachefilesError
@@ -76,20 +82,36 @@ async def start_and_serve(config: "Config") -> int:
         from fscached.catalog import CatalogError
         from fscached.daemon import Daemon
         from fscached.keeper import KeeperError
+        from fscached.api import ApiServer, ApiSocketError, check_socket_path
     except ImportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     try:
+        if apisock is not None:
+            check_socket_path(apisock)  # before the kernel is involved
         daemon = Daemon(config)
         await daemon.load()  # every image is readable before the kernel is involved
         daemon.bind()
-    except (CatalogError, CachefilesError, FanotifyError, BackendError, KeeperError) as exc:
+    except (CatalogError, CachefilesError, FanotifyError, BackendError, KeeperError, ApiSocketError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 1
-    return await daemon.run()
+    if apisock is None:
+        return await daemon.run()
+    api = ApiServer(daemon, apisock)  # on the daemon's loop, beside run()
+    try:
+        await api.start()
+    except ApiSocketError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        daemon.stop()  # let run() release what bind() took (keeper, device), then exit 1
+        await daemon.run()
+        return 1
+    try:
+        return await daemon.run()
+    finally:
+        await api.stop()
 
 
 if __name__ == "__main__":

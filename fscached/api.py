@@ -1,0 +1,578 @@
+"""The nydusd-compatible control API: HTTP/1.1 on a unix socket (aiohttp), on the daemon's loop.
+
+What containerd's nydus-snapshotter (fscache driver) calls, with nydusd's status codes (204 done,
+no body; 200 with a JSON body) and error bodies `{"code": "...", "message": "..."}`:
+
+    GET    /api/v1/daemon, /api/v2/daemon      daemon info (+ "fscached": images, counters)
+    PUT    /api/v1/daemon                      {"log_level": "debug"}
+    PUT    /api/v2/blobs                       bind an image (fscached.nydus_config)
+    GET    /api/v2/blobs?domain_id=D           the entries of a domain
+    DELETE /api/v2/blobs?domain_id=D           unbind every image of domain D
+    DELETE /api/v2/blobs?domain_id=D&blob_id=B unbind one image ("blob_cache: cache entry not found")
+    DELETE /api/v2/blobs?blob_id=B             cull B's cache (fscached.cache_gc.cull)
+    PUT    /api/v1/daemon/start                READY -> RUNNING
+    PUT    /api/v1/daemon/exit                 stop the daemon
+    PUT    /api/v1/daemon/fuse/sendfd|takeover 501: failover is issue #9
+    GET    /api/v1/metrics/blobcache?id=F      one bind's cache counters
+    PUT    /api/v1/config?id=F                 {"registry_auth": "<base64 user:pass>"}
+    GET    /metrics                            Prometheus text (fscached.metrics.render)
+
+Errors: 400 bad request (a broken rule, bad JSON, a wrong method), 404 unknown route
+("NO_ROUTE") or unknown entry ("NOT_FOUND"), 409 an image mounted by the daemon and in use
+("BUSY"), 500 daemon error, 501 unsupported, 503 not ready (INIT / STOPPED).
+
+States: INIT (not answering the kernel yet: binds get 503), READY (bound and serving), RUNNING
+(after `PUT /api/v1/daemon/start`, or at once with autostart: nydusd's singleton moves itself
+INIT -> READY -> RUNNING when created, and nydus-snapshotter waits for exactly RUNNING),
+STOPPED (exit asked for, or the daemon is stopping).
+
+The socket is 0600 in a directory that is created 0700 when missing; a directory writable by
+others and not ours (or owned by another user) is refused; a stale socket (nobody answers) is
+replaced, a live one is refused. Idle connections stay open: the snapshotter holds one and takes
+its hang-up for the daemon's death.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import platform
+import socket
+import stat
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from fscached.catalog import BlobObject, CatalogError
+from fscached.config import ConfigError, ImageSpec, check_auth
+from fscached.nydus_config import BindError, parse_bind_entry
+
+log = logging.getLogger("fscached.api")
+
+# an idle connection is never closed by the server (aiohttp needs a finite number: 10 years)
+KEEPALIVE_SECONDS = 10 * 365 * 24 * 3600.0
+SHUTDOWN_SECONDS = 2.0
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FAILOVER_UNSUPPORTED = ("failover and hot upgrade (sendfd / takeover) are not supported yet (fscached issue #9): "
+                        "set recover_policy = \"restart\" (or \"none\") in nydus-snapshotter's config")
+LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+              "warning": logging.WARNING, "error": logging.ERROR}
+# nydusd routes for its FUSE mode and its own statistics: known, answered 501
+NYDUSD_UNSUPPORTED = ("/api/v1/mount", "/api/v1/metrics", "/api/v1/metrics/files", "/api/v1/metrics/pattern",
+                      "/api/v1/metrics/backend", "/api/v1/metrics/inflight", "/api/v1/daemon/events",
+                      "/api/v1/daemon/backend", "/api/v1/daemon/fuse/resend")
+
+INIT, READY, RUNNING, STOPPED = "INIT", "READY", "RUNNING", "STOPPED"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = " ".join(message.split("\n"))
+
+
+class ApiSocketError(Exception):
+    """The API socket cannot be served at that path (worded for the user, one line)."""
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status)
+
+
+def no_content() -> web.Response:
+    return web.Response(status=204)
+
+
+def check_socket_path(path: Path) -> None:
+    """Make the API socket's directory safe (0700 when we create it) and clear a stale socket.
+    Raises ApiSocketError."""
+    parent = path.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(mode=0o700, parents=True)
+            os.chmod(parent, 0o700)  # not widened by the umask, whatever it is
+        except OSError as exc:
+            raise ApiSocketError(f"cannot create the API socket directory {parent}: {exc.strerror}") from None
+    try:
+        st = os.stat(parent)
+    except OSError as exc:
+        raise ApiSocketError(f"API socket directory {parent}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ApiSocketError(f"API socket directory {parent} is not a directory")
+    me = os.geteuid()
+    if st.st_uid != me and st.st_mode & 0o022:
+        raise ApiSocketError(f"API socket directory {parent} is writable by others and not owned by this user "
+                             f"(mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid}): another user could replace "
+                             "the socket; use a directory of our own (it is created 0700 when missing)")
+    if st.st_uid not in (me, 0):
+        raise ApiSocketError(f"API socket directory {parent} belongs to uid {st.st_uid}, not to this user: "
+                             "use a directory of our own (it is created 0700 when missing)")
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(existing.st_mode):
+        raise ApiSocketError(f"API socket path {path} exists and is not a socket: not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # stale: its daemon is gone
+        log.info("removed the stale API socket %s", path)
+        return
+    except OSError as exc:
+        raise ApiSocketError(f"API socket {path}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+    raise ApiSocketError(f"API socket {path} is in use: another daemon answers on it")
+
+
+class ApiServer:
+    """The API of one Daemon, served on the daemon's own event loop.
+
+    `start()` / `stop()` run on that loop (before / after `daemon.run()`, or from a task beside
+    it). `on_exit` is what `PUT /api/v1/daemon/exit` does (default: `daemon.stop()`)."""
+
+    def __init__(self, daemon: Any, path: Path, *, daemon_id: str | None = None, supervisor: str | None = None,
+                 autostart: bool = True, on_exit: Callable[[], None] | None = None,
+                 waiting_for_takeover: bool = False) -> None:
+        self.daemon = daemon
+        self.path = Path(path)
+        self.daemon_id = daemon_id
+        self.supervisor = supervisor
+        self.autostart = autostart
+        self.on_exit = on_exit or daemon.stop
+        self.waiting_for_takeover = waiting_for_takeover
+        self._started = autostart
+        self._exiting = False
+        self._runner: web.AppRunner | None = None
+        self._socket_ino: tuple[int, int] | None = None
+        self.app = self._make_app()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        check_socket_path(self.path)
+        runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+                               keepalive_timeout=KEEPALIVE_SECONDS, shutdown_timeout=SHUTDOWN_SECONDS)
+        await runner.setup()
+        site = web.UnixSite(runner, str(self.path))
+        try:
+            await site.start()
+            os.chmod(self.path, 0o600)
+        except OSError as exc:
+            await runner.cleanup()
+            raise ApiSocketError(f"cannot serve the API on {self.path}: {exc.strerror or exc}") from None
+        st = os.stat(self.path)
+        self._socket_ino = (st.st_dev, st.st_ino)
+        self._runner = runner
+        log.info("API listening on %s", self.path)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        self._exiting = True
+        await runner.cleanup()
+        try:  # ours still (not a successor's): remove it, the snapshotter reads a leftover as a crash
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._socket_ino:
+                self.path.unlink()
+        except OSError:
+            pass
+
+    @property
+    def runner(self) -> web.AppRunner | None:
+        return self._runner
+
+    @property
+    def state(self) -> str:
+        if self._exiting or self.daemon.stopping:
+            return STOPPED
+        if self.waiting_for_takeover or self.daemon.server is None or not self.daemon.serving:
+            return INIT
+        return RUNNING if self._started else READY
+
+    # -- routing ------------------------------------------------------------------------------
+    def _make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=1 << 20)
+        r = app.router
+        for version in ("v1", "v2"):
+            r.add_get(f"/api/{version}/daemon", self.get_daemon, allow_head=False)
+        r.add_put("/api/v1/daemon", self.put_daemon)
+        r.add_put("/api/v2/blobs", self.bind)
+        r.add_get("/api/v2/blobs", self.list_blobs, allow_head=False)
+        r.add_delete("/api/v2/blobs", self.unbind)
+        r.add_put("/api/v1/daemon/start", self.start_service)
+        r.add_put("/api/v1/daemon/exit", self.exit)
+        r.add_put("/api/v1/daemon/fuse/sendfd", self.failover)
+        r.add_put("/api/v1/daemon/fuse/takeover", self.failover)
+        r.add_get("/api/v1/metrics/blobcache", self.blobcache_metrics, allow_head=False)
+        r.add_put("/api/v1/config", self.put_config)
+        r.add_get("/metrics", self.prometheus, allow_head=False)
+        for path in NYDUSD_UNSUPPORTED:
+            r.add_route("*", path, self.nydusd_only)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = error_response(exc.status, exc.code, exc.message)
+        except web.HTTPNotFound:
+            response = error_response(404, "NO_ROUTE", f"no such route: {request.path}")
+        except web.HTTPMethodNotAllowed:
+            response = error_response(400, "BAD_REQUEST", f"method {request.method} is not allowed on {request.path}")
+        except web.HTTPException as exc:
+            response = error_response(exc.status, "BAD_REQUEST" if exc.status < 500 else "DAEMON_ERROR",
+                                      exc.reason or f"HTTP {exc.status}")
+        except Exception as exc:  # a bug: the caller gets a 500, the daemon keeps serving
+            log.exception("API %s %s failed", request.method, request.path)
+            response = error_response(500, "DAEMON_ERROR", f"internal error: {type(exc).__name__}: {exc}")
+        log.debug("API %s %s -> %d", request.method, request.path_qs, response.status)
+        return response
+
+    # -- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    async def _json(request: web.Request) -> Any:
+        raw = await request.read()
+        if not raw.strip():
+            raise ApiError(400, "BAD_REQUEST", "the request needs a JSON body")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "BAD_REQUEST", f"the request body is not valid JSON: {exc}") from None
+
+    def _need_serving(self) -> None:
+        state = self.state
+        if state != READY and state != RUNNING:
+            raise ApiError(503, "NOT_READY", f"the daemon is not serving the kernel (state {state}): try again "
+                                             "once it is READY or RUNNING")
+
+    def _images_with_id(self, fsid: str) -> list[ImageSpec]:
+        return [spec for (_, image), spec in sorted(self.daemon.catalog.images.items()) if image == fsid]
+
+    def _image_json(self, spec: ImageSpec) -> dict[str, Any]:
+        daemon = self.daemon
+        key = (spec.volume, spec.fsid)
+        bootstrap = spec.bootstrap
+        try:
+            bootstrap = daemon.catalog.bootstrap_of(spec).path
+        except KeyError:
+            pass
+        mount = None
+        if daemon.server is not None:
+            source, options = daemon.server.mount_args(spec)
+            mount = {"source": str(source), "fstype": "erofs", "options": options}
+        return {
+            "id": spec.fsid,
+            "domain_id": spec.domain or "",
+            "bootstrap": str(bootstrap) if bootstrap is not None else None,
+            "mountpoint": str(spec.mountpoint) if spec.mountpoint is not None else None,
+            "mount": mount,
+            "blobs": [blob.info.blob_id for blob in daemon.catalog.devices.get(key, [])],
+        }
+
+    # -- daemon -------------------------------------------------------------------------------
+    async def get_daemon(self, request: web.Request) -> web.Response:
+        from fscached.nydusd_cli import build_info
+
+        daemon = self.daemon
+        images = [self._image_json(spec) for _, spec in sorted(daemon.catalog.images.items())]
+        body = {
+            "version": build_info(),
+            "id": self.daemon_id,
+            "supervisor": self.supervisor,
+            "state": self.state,
+            "backend_collection": {},
+            "fscached": {
+                "backend": daemon.backend,
+                "kernel": platform.release(),
+                "cache_dir": str(daemon.config.cache_dir),
+                "images": images,
+                "counters": daemon.counters(),
+            },
+        }
+        return web.json_response(body)
+
+    async def put_daemon(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        level = body.get("log_level") if isinstance(body, dict) else None
+        if not isinstance(level, str) or level.lower() not in LOG_LEVELS:
+            raise ApiError(400, "BAD_REQUEST", "log_level must be one of trace, debug, info, warn, error")
+        logging.getLogger().setLevel(LOG_LEVELS[level.lower()])
+        log.warning("log level set to %s through the API", level.lower())
+        return no_content()
+
+    async def start_service(self, request: web.Request) -> web.Response:
+        state = self.state
+        if state == INIT or state == STOPPED:
+            raise ApiError(503, "NOT_READY", f"cannot start from state {state}"
+                           + (": " + FAILOVER_UNSUPPORTED if self.waiting_for_takeover else ""))
+        self._started = True
+        return no_content()
+
+    async def exit(self, request: web.Request) -> web.Response:
+        log.info("exit asked for through the API")
+        self._exiting = True
+        asyncio.get_running_loop().call_soon(self.on_exit)  # after this answer is on its way
+        return no_content()
+
+    async def failover(self, request: web.Request) -> web.Response:
+        raise ApiError(501, "UNSUPPORTED", FAILOVER_UNSUPPORTED)
+
+    async def nydusd_only(self, request: web.Request) -> web.Response:
+        raise ApiError(501, "UNSUPPORTED", f"{request.path} is a nydusd FUSE-mode route: fscached serves images "
+                                           "through the kernel (fscache): see /api/v1/metrics/blobcache and /metrics")
+
+    # -- binds ----------------------------------------------------------------------------------
+    async def bind(self, request: web.Request) -> web.Response:
+        self._need_serving()
+        await self.bind_entry(await self._json(request))
+        return no_content()
+
+    async def bind_entry(self, entry: Any) -> ImageSpec:
+        """Parse, check and serve one bind entry (the route, and nydusd's `--config` blobs).
+        Raises ApiError."""
+        self._need_serving()
+        try:
+            bind = await asyncio.to_thread(parse_bind_entry, entry)
+        except BindError as exc:
+            raise ApiError(exc.status, exc.code, str(exc)) from None
+        spec = bind.spec
+        if bind.ignored:
+            log.info("image %s: bind fields not used by fscached: %s", spec.fsid, ", ".join(bind.ignored))
+        if spec.mountpoint is not None:
+            for other in self.daemon.catalog.images.values():
+                if other.mountpoint == spec.mountpoint:
+                    raise ApiError(400, "BAD_REQUEST", f"image {spec.fsid}: mountpoint {spec.mountpoint} is already "
+                                                       f"the mountpoint of image {other.fsid}")
+        self._need_serving()  # parsing ran off the loop: still serving?
+        try:
+            await self.daemon.add_image(spec)
+        except CatalogError as exc:
+            if (spec.volume, spec.fsid) in self.daemon.catalog.images:
+                raise ApiError(400, "ALREADY_EXISTS", f"blob_cache: bootstrap blob already exists: {exc}") from None
+            raise ApiError(400, "BAD_REQUEST", str(exc)) from None
+        except ValueError as exc:
+            raise ApiError(400, "BAD_REQUEST", str(exc)) from None
+        except OSError as exc:
+            raise ApiError(500, "DAEMON_ERROR", f"image {spec.fsid}: {exc.strerror or exc}"
+                           + (f" ({exc.filename})" if exc.filename else "")) from None
+        except Exception as exc:
+            from fetcher.source import SourceError
+
+            if isinstance(exc, SourceError):
+                raise ApiError(500, "DAEMON_ERROR", f"image {spec.fsid}: {exc}") from None
+            raise
+        log.info("bound image %s%s (%s form)", spec.fsid, f" in domain {spec.domain}" if spec.domain else "", bind.form)
+        return spec
+
+    async def list_blobs(self, request: web.Request) -> web.Response:
+        domain_id = request.query.get("domain_id")
+        if not domain_id:
+            raise ApiError(400, "BAD_REQUEST", "GET /api/v2/blobs needs ?domain_id=")
+        entries = [{"type": "bootstrap", **self._image_json(spec)}
+                   for (volume, _), spec in sorted(self.daemon.catalog.images.items()) if volume == domain_id]
+        return web.json_response(entries)
+
+    async def unbind(self, request: web.Request) -> web.Response:
+        from fscached.daemon import BusyError
+
+        domain_id = request.query.get("domain_id") or ""
+        blob_id = request.query.get("blob_id") or ""
+        if not domain_id and not blob_id:
+            raise ApiError(400, "BAD_REQUEST", "DELETE /api/v2/blobs needs ?domain_id= and/or ?blob_id=")
+        if not domain_id:
+            return await self._cull(blob_id)
+        if self.daemon.server is None:
+            raise ApiError(503, "NOT_READY", f"the daemon is not serving the kernel (state {self.state})")
+        if blob_id:
+            targets = [(domain_id, blob_id)]
+        else:  # nydusd: every entry of the domain; none is not an error
+            targets = [key for key in sorted(self.daemon.catalog.images) if key[0] == domain_id]
+        for volume, fsid in targets:
+            if (volume, fsid) not in self.daemon.catalog.images and any(
+                    blob.info.blob_id == fsid for v, blob in self.daemon.catalog.blobs() if v == volume):
+                raise ApiError(400, "BAD_REQUEST", f"blob_cache: {fsid} is a data blob of domain {volume}: unbind "
+                                                   "the images that use it (their bootstrap ids)")
+            try:
+                await self.daemon.remove_image(volume, fsid)
+            except CatalogError as exc:
+                raise ApiError(404, "NOT_FOUND", str(exc)) from None
+            except BusyError as exc:
+                raise ApiError(409, "BUSY", str(exc)) from None
+            except OSError as exc:
+                raise ApiError(500, "DAEMON_ERROR", f"image {fsid}: {exc.strerror or exc}") from None
+            log.info("unbound image %s%s", fsid, f" in domain {volume}" if volume != fsid else "")
+        return no_content()
+
+    async def _cull(self, blob_id: str) -> web.Response:
+        if importlib.util.find_spec("fscached.cache_gc") is None:
+            raise ApiError(501, "UNSUPPORTED", f"culling a blob's cache ({blob_id}) is not available in this "
+                                               "fscached: fscached.cache_gc is not installed")
+        cache_gc = importlib.import_module("fscached.cache_gc")
+        try:
+            result = cache_gc.cull(self.daemon, blob_id)
+            if inspect.isawaitable(result):
+                await result
+        except CatalogError as exc:
+            raise ApiError(404, "NOT_FOUND", str(exc)) from None
+        except (ValueError, ConfigError) as exc:
+            raise ApiError(400, "BAD_REQUEST", str(exc)) from None
+        except LookupError as exc:
+            raise ApiError(404, "NOT_FOUND", f"blob_cache: cache entry not found: {exc}") from None
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise ApiError(409, "BUSY", f"blob {blob_id}: {exc.strerror or exc}") from None
+            raise ApiError(500, "DAEMON_ERROR", f"culling {blob_id}: {exc.strerror or exc}") from None
+        except Exception as exc:
+            from cachefiles.device import CachefilesError
+
+            if isinstance(exc, CachefilesError):
+                raise ApiError(500, "DAEMON_ERROR", f"culling {blob_id}: {exc}") from None
+            raise
+        return no_content()
+
+    # -- metrics and credentials ------------------------------------------------------------------
+    async def blobcache_metrics(self, request: web.Request) -> web.Response:
+        wanted = (request.query.get("id") or "").lstrip("/")  # the snapshotter sends "/<id>"
+        if wanted:
+            specs = self._images_with_id(wanted)
+            if not specs:
+                raise ApiError(404, "NOT_FOUND", f"blob_cache: cache entry not found: no bind with id {wanted}")
+        else:
+            specs = [spec for _, spec in sorted(self.daemon.catalog.images.items())]
+        return web.json_response(self._cache_metrics(wanted, specs))
+
+    def _cache_metrics(self, wanted: str, specs: list[ImageSpec]) -> dict[str, Any]:
+        daemon = self.daemon
+        seen: dict[int, tuple[str, BlobObject]] = {}
+        for spec in specs:
+            for blob in daemon.catalog.devices.get((spec.volume, spec.fsid), []):
+                seen.setdefault(id(blob), (spec.volume, blob))
+        blobs = [self._blob_metrics(volume, blob) for volume, blob in seen.values()]
+        prefetching = sum(1 for spec in specs if spec.prefetch.mode != "none")
+        return {
+            # nydusd's field names (nydus-snapshotter's CacheMetrics)
+            "id": wanted,
+            "underlying_files": [b["cache_file"] for b in blobs],
+            "store_path": str(daemon.config.cache_dir),
+            "partial_hits": 0,
+            "whole_hits": 0,
+            "total": sum(b["chunks"] for b in blobs),
+            "entries_count": len(blobs),
+            "prefetch_data_amount": sum(b["bytes_filled"] for b in blobs if b["prefetch"] != "none"),
+            "prefetch_requests_count": 0,
+            "prefetch_workers": prefetching,
+            "prefetch_cumulative_time_millis": 0,
+            "prefetch_begin_time_secs": 0,
+            "prefetch_end_time_secs": 0,
+            "buffered_backend_size": 0,
+            # fscached's own: what each blob holds now
+            "backend": daemon.backend,
+            "images": [{"id": spec.fsid, "domain_id": spec.domain or ""} for spec in specs],
+            "blobs": blobs,
+            "size": sum(b["size"] for b in blobs),
+            "chunks_filled": sum(b["chunks_filled"] for b in blobs),
+            "bytes_filled": sum(b["bytes_filled"] for b in blobs),
+        }
+
+    def _blob_metrics(self, volume: str, blob: BlobObject) -> dict[str, Any]:
+        server = self.daemon.server
+        target = None
+        cache_file = f"{volume}/{blob.info.blob_id}"
+        if server is not None and hasattr(server, "files"):  # fanotify: one sparse cache file per blob
+            cf = server.files.get(cache_file)
+            if cf is not None:
+                cache_file = str(cf.path)
+                target = cf.target
+        elif server is not None and hasattr(server, "objects"):  # cachefiles: the kernel's open object
+            for entry in server.objects.entries():
+                live = entry.payload
+                if live is not None and getattr(live, "served", None) is blob:
+                    target = live.target
+                    break
+        written = set(target.written) if target is not None else set()
+        filled = [c for c in blob.chunk_map.chunks if c.uncompressed_offset in written]
+        return {
+            "blob_id": blob.info.blob_id,
+            "cache_file": cache_file,
+            "size": blob.size,
+            "chunks": len(blob.chunk_map.chunks),
+            "chunks_filled": len(filled),
+            "bytes_filled": sum(c.uncompressed_size for c in filled),
+            "open": target is not None,
+            "prefetch": blob.prefetch_mode,
+            "users": sorted(blob.users),
+        }
+
+    async def put_config(self, request: web.Request) -> web.Response:
+        wanted = (request.query.get("id") or "").lstrip("/")
+        if not wanted:
+            raise ApiError(400, "BAD_REQUEST", "PUT /api/v1/config needs ?id=<bind id>")
+        body = await self._json(request)
+        auth = body.get("registry_auth") if isinstance(body, dict) else None
+        if not isinstance(auth, str) or not auth:
+            raise ApiError(400, "BAD_REQUEST", "the body must be {\"registry_auth\": \"<base64 of user:password>\"}")
+        try:
+            check_auth(f"image {wanted}", "registry_auth", auth)
+        except ConfigError as exc:  # names the field, never the value
+            raise ApiError(400, "BAD_REQUEST", str(exc)) from None
+        specs = self._images_with_id(wanted)
+        if not specs:
+            raise ApiError(404, "NOT_FOUND", f"blob_cache: cache entry not found: no bind with id {wanted}")
+        renewed = 0
+        for spec in specs:
+            if spec.registry is None:
+                raise ApiError(400, "BAD_REQUEST", f"image {wanted} has no registry backend: no credentials to renew")
+            renewed += renew_credentials(self.daemon, spec, auth)
+        log.info("image %s: registry credentials renewed (%d source(s))", wanted, renewed)
+        return no_content()
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        if importlib.util.find_spec("fscached.metrics") is None:
+            raise ApiError(501, "UNSUPPORTED", "Prometheus metrics are not available in this fscached: "
+                                               "fscached.metrics is not installed")
+        metrics = importlib.import_module("fscached.metrics")
+        render = getattr(metrics, "render", None)
+        if render is None:
+            raise ApiError(501, "UNSUPPORTED", "fscached.metrics has no render(daemon)")
+        text = render(self.daemon)
+        if inspect.isawaitable(text):
+            text = await text
+        data = text.encode() if isinstance(text, str) else bytes(text)
+        return web.Response(body=data, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+
+def renew_credentials(daemon: Any, spec: ImageSpec, auth: str) -> int:
+    """Give the registry source(s) behind an image new credentials (its Dragonfly peer or proxy
+    asks that same source for them). The old token is dropped: the next request authenticates
+    again. Returns how many auth states were renewed."""
+    from fetcher.auth import make_credentials
+    from fetcher.registry import RegistrySource
+
+    credentials = make_credentials(auth=auth)
+    renewed = 0
+    seen: set[int] = set()
+    for blob in daemon.catalog.devices.get((spec.volume, spec.fsid), []):
+        for source in getattr(blob.source, "sources", []):
+            # a Dragonfly proxy source is a RegistrySource sharing its registry's auth state
+            state = source._auth if isinstance(source, RegistrySource) else None
+            if state is not None and id(state) not in seen:
+                seen.add(id(state))
+                state.credentials = credentials
+                state._token = None
+                state._token_expires = 0.0
+                renewed += 1
+    return renewed

@@ -1,0 +1,317 @@
+"""`nydusd`: fscached under the command line nydus-snapshotter runs (fs_driver = "fscache").
+
+    nydusd singleton --fscache DIR --apisock PATH --log-level L [--fscache-threads N]
+           [--id ID --supervisor PATH] [--upgrade] [--log-file F] [--log-rotation-size N]
+           [--config F]
+    nydusd --version
+
+It starts fscached's daemon on the cachefiles path (the snapshotter mounts with `-o fsid=`)
+with no image: images are bound at run time through the nydusd API on `--apisock`
+(fscached.api). `--config` may hold nydusd's singleton config, `{"blobs": [<bind entry>...]}`,
+bound at start. `--upgrade` (hot upgrade) stays in INIT: taking over from another daemon is
+not supported yet (issue #9), `takeover` answers 501.
+
+Logs go to `--log-file` (rotated at `--log-rotation-size` MiB, 0 = never) with timestamps, else
+to stderr: without timestamps, with syslog priority prefixes, when stderr is the journal
+(systemd's JOURNAL_STREAM names it).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import logging.handlers
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fscached.config import ConfigError
+
+PROG = "nydusd"
+# the code a `git_commit` stands for: every installed source of these packages
+PACKAGES = ("fscached", "erofs_image", "cachefiles", "fanotify", "native", "fetcher")
+HASHED_SUFFIXES = (".py", ".c", ".h", ".so")
+LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning", "warning": "warning",
+              "error": "error"}
+LOG_BACKUPS = 5
+MAX_THREADS = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict[str, str]:
+    """nydusd's BuildTimeInfo for this installation. `git_commit` is a digest of the package
+    version and every installed source file (a wheel has no git): the same for one
+    installation, different as soon as any code differs. Computed once per process."""
+    try:
+        version = importlib.metadata.version("fscached")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0.0.0"
+    digest = hashlib.sha256(f"fscached {version}\0".encode())
+    newest = 0.0
+    for package in PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec is not None else []:
+            base = Path(root)
+            for path in sorted(base.rglob("*")):
+                if path.suffix not in HASHED_SUFFIXES or "__pycache__" in path.parts or not path.is_file():
+                    continue
+                data = path.read_bytes()
+                digest.update(f"{package}/{path.relative_to(base)}\0{len(data)}\0".encode())
+                digest.update(data)
+                newest = max(newest, path.stat().st_mtime)
+    return {
+        "package_ver": version,
+        "git_commit": digest.hexdigest()[:40],
+        "build_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest)),
+        "profile": "release",
+        "rustc": f"none (fscached on Python {platform.python_version()})",
+    }
+
+
+def version_text() -> str:
+    info = build_info()
+    return (f"{PROG} (fscached) {info['package_ver']}\n"
+            f"Version: \t{info['package_ver']}\n"
+            f"Git Commit: \t{info['git_commit']}\n"
+            f"Build Time: \t{info['build_time']}\n"
+            f"Profile: \t{info['profile']}\n"
+            f"Rustc: \t{info['rustc']}\n")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]  # one line, exit code 2
+        raise ConfigError(message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog=PROG, description="fscached answering as nydusd (singleton, fscache) for nydus-snapshotter.")
+    p.add_argument("mode", nargs="?", help="singleton (the only mode: nydus-snapshotter's fscache driver)")
+    p.add_argument("--version", "-V", action="store_true", help="print the version (Git Commit: ...) and exit")
+    p.add_argument("--fscache", metavar="DIR", help="the cache directory (cachefiles `dir`)")
+    p.add_argument("--fscache-tag", metavar="TAG", help="cachefiles tag")
+    p.add_argument("--fscache-threads", metavar="N", help="accepted (1..1024); fscached's workers are its own")
+    p.add_argument("--thread-num", metavar="N", help=argparse.SUPPRESS)  # nydusd FUSE mode: accepted, unused
+    p.add_argument("--apisock", metavar="PATH", help="the API's unix socket")
+    p.add_argument("--log-level", default="info", help="trace, debug, info, warn or error (default info)")
+    p.add_argument("--log-file", metavar="FILE", help="log there instead of stderr")
+    p.add_argument("--log-rotation-size", metavar="MIB", default="0", help="rotate the log file at this size (0: never)")
+    p.add_argument("--id", help="the daemon id (reported by the API)")
+    p.add_argument("--supervisor", metavar="PATH", help="failover supervisor socket (reported; failover is issue #9)")
+    p.add_argument("--upgrade", action="store_true", help="hot upgrade: wait in INIT for a takeover (unsupported: 501)")
+    p.add_argument("--config", metavar="FILE", help="nydusd singleton config: {\"blobs\": [bind entries]}")
+    p.add_argument("--ready-file", metavar="FILE", help=argparse.SUPPRESS)  # fscached: written once serving
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.mode != "singleton":
+        what = f"mode {args.mode!r}" if args.mode else "no mode"
+        raise ConfigError(f"{what}: fscached's nydusd runs `nydusd singleton --fscache DIR --apisock PATH` "
+                          "(nydus-snapshotter with fs_driver = \"fscache\"); FUSE mode is nydusd's own")
+    if not args.fscache:
+        raise ConfigError("--fscache DIR is required (the cache directory)")
+    if not args.apisock:
+        raise ConfigError("--apisock PATH is required (images are bound through the API)")
+    if args.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"invalid --log-level {args.log_level!r}: use trace, debug, info, warn or error")
+    if args.fscache_threads is not None:
+        if not args.fscache_threads.isdigit() or not 1 <= int(args.fscache_threads) <= MAX_THREADS:
+            raise ConfigError(f"invalid --fscache-threads {args.fscache_threads!r}: a number from 1 to {MAX_THREADS}")
+    if not str(args.log_rotation_size).isdigit():
+        raise ConfigError(f"invalid --log-rotation-size {args.log_rotation_size!r}: MiB, 0 or more")
+
+
+def read_initial_binds(path: str | None) -> list[Any]:
+    if not path:
+        return []
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object, like {{\"blobs\": [...]}}")
+    blobs = data.get("blobs", [])
+    if not isinstance(blobs, list):
+        raise ConfigError(f"--config {path}: blobs must be a list of bind entries")
+    return blobs
+
+
+def stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=<dev>:<inode> of the journal stream it gave the service;
+    it is the journal only while stderr is still that stream (not redirected since)."""
+    dev, sep, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (int(dev), int(ino)) == (st.st_dev, st.st_ino)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class JournalFormatter(logging.Formatter):
+    """`<priority>name: message`: journald stamps the time and keeps the priority."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        priority = self.PRIORITY.get(record.levelno, 6)
+        return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
+
+
+def setup_logging(level: str, log_file: str | None, rotation_mib: int) -> None:
+    handler: logging.Handler
+    if log_file:
+        Path(log_file).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if rotation_mib:
+            handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=rotation_mib << 20,
+                                                           backupCount=LOG_BACKUPS)
+        else:
+            handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        if stderr_is_journal():
+            handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+        else:
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.version:
+            sys.stdout.write(version_text())
+            return 0
+        check_args(args)
+        initial = read_initial_binds(args.config)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        setup_logging(LOG_LEVELS[args.log_level.lower()], args.log_file, int(args.log_rotation_size))
+    except OSError as exc:
+        print(f"{PROG}: error: --log-file {args.log_file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    import uvloop
+
+    try:
+        return uvloop.run(serve(args, initial))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
+    log = logging.getLogger("fscached")
+    try:  # imported here: a missing native extension is one clean line
+        from cachefiles.device import CachefilesError
+        from fscached.api import ApiServer, ApiSocketError, check_socket_path
+        from fscached.catalog import CatalogError
+        from fscached.config import Config
+        from fscached.daemon import Daemon
+    except ImportError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    apisock = Path(args.apisock).absolute()
+    config = Config(cache_dir=Path(args.fscache).resolve(), tag=args.fscache_tag, backend="cachefiles",
+                    log_level=LOG_LEVELS[args.log_level.lower()],
+                    ready_file=Path(args.ready_file) if args.ready_file else None)
+    daemon = Daemon(config)
+    info = build_info()
+    log.info("nydusd (fscached %s, git_commit %s) singleton: cache %s, API %s", info["package_ver"],
+             info["git_commit"], config.cache_dir, apisock)
+    if args.fscache_threads:
+        log.info("--fscache-threads %s: fscached serves asynchronously with its own workers", args.fscache_threads)
+    if args.upgrade:
+        return await wait_for_takeover(daemon, apisock, args)
+    try:
+        check_socket_path(apisock)  # before the device is taken: nothing to undo
+        await daemon.load()
+        daemon.bind()
+    except (ApiSocketError, CachefilesError, CatalogError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 1
+    api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor)
+    try:
+        await api.start()
+    except ApiSocketError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
+        if daemon.server is not None and hasattr(daemon.server, "device"):
+            daemon.server.device.close()
+        return 1
+    binder = asyncio.ensure_future(bind_at_start(daemon, api, initial)) if initial else None
+    try:
+        return await daemon.run()
+    finally:
+        if binder is not None:
+            binder.cancel()
+        await api.stop()
+
+
+async def bind_at_start(daemon: Any, api: Any, entries: list[Any]) -> None:
+    """nydusd's `--config` blobs, bound once the daemon serves (each failure logged)."""
+    from fscached.api import ApiError
+
+    log = logging.getLogger("fscached")
+    while not daemon.serving:
+        if daemon.stopping:
+            return
+        await asyncio.sleep(0.01)
+    for n, entry in enumerate(entries):
+        try:
+            await api.bind_entry(entry)
+        except ApiError as exc:
+            log.error("--config blobs[%d]: %s", n, exc.message)
+
+
+async def wait_for_takeover(daemon: Any, apisock: Path, args: argparse.Namespace) -> int:
+    """--upgrade: nydusd would wait in INIT for the old daemon's state and /dev/cachefiles fd
+    (takeover). Not supported yet: serve the API in INIT (takeover / start answer why) until
+    told to exit."""
+    from fscached.api import ApiServer, ApiSocketError
+
+    log = logging.getLogger("fscached")
+    done = asyncio.Event()
+    api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor, on_exit=done.set,
+                    waiting_for_takeover=True)
+    try:
+        await api.start()
+    except ApiSocketError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    log.warning("--upgrade: waiting in INIT for a takeover, which fscached does not support yet (issue #9); "
+                "the running daemon keeps serving")
+    try:
+        await done.wait()
+    finally:
+        await api.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
