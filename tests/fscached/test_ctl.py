@@ -1,6 +1,7 @@
 """fscachedctl against a stand-in of the daemon's API on a unix socket (aiohttp, the contract
 fscachedctl codes against): every subcommand's request and output, exit codes 1/2/3, and
-`mount` calling mount(2) with the daemon's mount arguments."""
+`mount` calling mount(2) with the daemon's mount arguments; then the same commands against the
+real API (fscached.api) on a daemon answering the kernel simulator."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -425,3 +427,72 @@ def test_default_socket_path() -> None:
     args = ctl.parser().parse_args(["status"])
     assert not hasattr(args, "sock")  # main() fills in the default
     assert ctl.DEFAULT_SOCK == "/run/fscached/api.sock"
+
+
+# -- the real API (fscached.api) with a daemon answering the kernel simulator ---------------------
+def test_against_the_real_api(work: Path, mounts: list[tuple[Any, ...]], capsys: pytest.CaptureFixture[str]) -> None:
+    api_module = pytest.importorskip("fscached.api")
+    from erofs_image.builder import convert
+    from erofs_image.reader import Bootstrap
+    from fscached.config import ImageSpec
+    from simdaemon import Running, make_tree
+    from standins.kernel_simulator import KernelSimulator
+
+    out = work / "built"
+    convert(make_tree(work / "tree"), out, compressor="zstd", chunk_size=64 << 10)
+    blob_id = Bootstrap.open(out / "image.boot").blobs[0].blob_id
+    sock = work / "api.sock"
+
+    def ctl_json(*argv: str) -> Any:
+        assert run(sock, *argv, "--json") == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)
+
+    with KernelSimulator(work / "kernel") as sim:
+        running = Running(sim, [ImageSpec("img1", out / "image.boot", out / "blobs")], work / "kernel")
+        daemon = running.daemon
+        api = api_module.ApiServer(daemon, sock)
+        try:
+            deadline = time.monotonic() + 30
+            while not daemon.serving and time.monotonic() < deadline:
+                time.sleep(0.02)
+            daemon.submit(api.start()).result(30)
+            status = ctl_json("status")
+            assert (status["state"], status["backend"], status["images"], status["objects_open"]) == \
+                ("RUNNING", "cachefiles", 1, 0)
+            meta = sim.mount("erofs,img1", b"img1")
+            blob = sim.mount("erofs,img1", blob_id.encode())
+            sim.read(meta, 0, 4096)
+            sim.read(blob, 0, 4096)
+            status = ctl_json("status")
+            assert status["objects_open"] == 2
+            assert status["reads"] == {"cached": 0, "filled": 2, "failed": 0}
+            assert status["bytes_served"] == 8192 and status["bytes_fetched"] > 0 and status["cache_bytes"] > 0
+
+            assert run(sock, "bind", "--id", "img2", "--domain", "shared", "--bootstrap", str(out / "image.boot")) == 0
+            assert capsys.readouterr().out.strip() == "bound image img2 (domain shared)"
+            images = {i["id"]: i for i in ctl_json("list")}
+            assert set(images) == {"img1", "img2"}
+            assert images["img2"]["domain_id"] == "shared" and images["img2"]["blobs"] == [blob_id]
+            assert run(sock, "list") == 0
+            assert "img2" in capsys.readouterr().out
+            assert run(sock, "bind", "--id", "img2", "--domain", "shared", "--bootstrap", str(out / "image.boot")) == 1
+            assert "already exists" in one_error_line(capsys.readouterr().err)
+
+            target = work / "mnt"
+            target.mkdir()
+            assert run(sock, "mount", "img2", str(target)) == 0
+            assert run(sock, "mount", "img1", str(target)) == 0
+            assert mounts == [("none", str(target), "erofs", 1, "domain_id=shared,fsid=img2"),
+                              ("none", str(target), "erofs", 1, "fsid=img1")]
+            capsys.readouterr()
+
+            assert run(sock, "unbind", "--id", "img2", "--domain", "shared") == 0
+            assert capsys.readouterr().out.strip() == "unbound image img2 (domain shared)"
+            assert [i["id"] for i in ctl_json("list")] == ["img1"]
+            assert run(sock, "unbind", "--id", "img2", "--domain", "shared") == 1
+            assert "cache entry not found" in one_error_line(capsys.readouterr().err)
+            sim.close(blob)
+            sim.close(meta)
+        finally:
+            daemon.submit(api.stop()).result(30)
+            assert running.stop() == 0
