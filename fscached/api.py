@@ -157,6 +157,9 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
         self._socket_ino: tuple[int, int] | None = None
         self.app = self._make_app()
+        from fscached.nydusd_cli import build_info
+
+        build_info()  # the code this process runs: hashed now, not at the first request
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -375,6 +378,8 @@ class ApiServer:
             if isinstance(exc, SourceError):
                 raise ApiError(500, "DAEMON_ERROR", f"image {spec.fsid}: {exc}") from None
             raise
+        if bind.registry_token:
+            seed_registry_token(self.daemon, spec, bind.registry_token)
         log.info("bound image %s%s (%s form)", spec.fsid, f" in domain {spec.domain}" if spec.domain else "", bind.form)
         return spec
 
@@ -394,6 +399,8 @@ class ApiServer:
         if not domain_id and not blob_id:
             raise ApiError(400, "BAD_REQUEST", "DELETE /api/v2/blobs needs ?domain_id= and/or ?blob_id=")
         if not domain_id:
+            if self.daemon.server is None:
+                raise ApiError(503, "NOT_READY", f"the daemon is not bound to the kernel (state {self.state})")
             return await self._cull(blob_id)
         if self.daemon.server is None:
             raise ApiError(503, "NOT_READY", f"the daemon is not serving the kernel (state {self.state})")
@@ -555,24 +562,39 @@ class ApiServer:
         return web.Response(body=data, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
 
-def renew_credentials(daemon: Any, spec: ImageSpec, auth: str) -> int:
-    """Give the registry source(s) behind an image new credentials (its Dragonfly peer or proxy
-    asks that same source for them). The old token is dropped: the next request authenticates
-    again. Returns how many auth states were renewed."""
-    from fetcher.auth import make_credentials
+def _auth_states(daemon: Any, spec: ImageSpec) -> list[Any]:
+    """The registry auth state(s) behind an image's blobs (a Dragonfly proxy source is a
+    RegistrySource sharing its registry's state; a peer asks the registry source for headers)."""
     from fetcher.registry import RegistrySource
 
-    credentials = make_credentials(auth=auth)
-    renewed = 0
-    seen: set[int] = set()
+    states: dict[int, Any] = {}
     for blob in daemon.catalog.devices.get((spec.volume, spec.fsid), []):
         for source in getattr(blob.source, "sources", []):
-            # a Dragonfly proxy source is a RegistrySource sharing its registry's auth state
-            state = source._auth if isinstance(source, RegistrySource) else None
-            if state is not None and id(state) not in seen:
-                seen.add(id(state))
-                state.credentials = credentials
-                state._token = None
-                state._token_expires = 0.0
-                renewed += 1
-    return renewed
+            if isinstance(source, RegistrySource):
+                states.setdefault(id(source._auth), source._auth)
+    return list(states.values())
+
+
+def renew_credentials(daemon: Any, spec: ImageSpec, auth: str) -> int:
+    """Give the registry source(s) behind an image new credentials; the old token is dropped:
+    the next request authenticates again. Returns how many auth states were renewed."""
+    from fetcher.auth import make_credentials
+
+    credentials = make_credentials(auth=auth)
+    states = _auth_states(daemon, spec)
+    for state in states:
+        state.credentials = credentials
+        state._token = None
+        state._token_expires = 0.0
+    return len(states)
+
+
+def seed_registry_token(daemon: Any, spec: ImageSpec, token: str) -> int:
+    """nydusd's `registry_token`: sent as a Bearer token until the registry answers 401, when
+    the usual challenge (with `auth`, or anonymous) gets a new one."""
+    states = _auth_states(daemon, spec)
+    for state in states:
+        state.scheme = "bearer"
+        state._token = token
+        state._token_expires = float("inf")
+    return len(states)

@@ -31,7 +31,8 @@ Mapping (legacy `config.` / v2 `config_v2.`):
 | `prefetch_config.enable` + `prefetch_all`      | PrefetchSpec mode "all" (enable alone: "table") |
 | `prefetch_config.bandwidth_rate` / v2 `bandwidth_limit` | PrefetchSpec `bandwidth` (bytes/s) |
 | "oss", "s3"                                    | refused: 501                              |
-| `registry_token`, `mirrors`, `blob_url_scheme`, `blob_redirected_host`, `connect_timeout`, `retry_limit`, `merging_size`, `threads_count` (checked), `readahead` | not used (logged once per bind when set) |
+| registry `registry_token`                      | sent as `Bearer` until the registry refuses it (then `auth` gets a new token) |
+| `mirrors`, `blob_url_scheme`, `blob_redirected_host`, `connect_timeout`, `retry_limit`, `merging_size`, `threads_count` (checked), `readahead` | not used (logged once per bind when set) |
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ class BindRequest:
     spec: ImageSpec
     form: str  # "config" (legacy) or "config_v2"
     ignored: list[str] = field(default_factory=list)  # field names only, never values
+    registry_token: str | None = field(default=None, repr=False)  # a bearer token: never shown
 
 
 def check_entry_id(kind: str, value: Any) -> str:
@@ -146,13 +148,15 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
         blobs = Path(parsed.blob_file).parent
     registry = None
     proxy = None
+    token = None
     if parsed.registry is not None:
         registry, proxy = _registry_spec(where, parsed.registry)
+        token = _string(parsed.registry, "registry_token", "registry") or None
     spec = ImageSpec(
         fsid=fsid, bootstrap=bootstrap, blobs=Path(blobs) if blobs is not None else None, domain=domain,
         registry=registry, proxy=proxy, prefetch=parsed.prefetch, mountpoint=mountpoint,
     )
-    return BindRequest(spec, form, parsed.ignored)
+    return BindRequest(spec, form, parsed.ignored, token)
 
 
 @dataclass
@@ -257,7 +261,7 @@ def _prefetch(config: dict[str, Any], where: str, threads_key: str, bandwidth_ke
     return PrefetchSpec("all" if prefetch_all else "table", bandwidth)
 
 
-REGISTRY_UNUSED = ("registry_token", "blob_url_scheme", "blob_redirected_host", "connect_timeout",
+REGISTRY_UNUSED = ("blob_url_scheme", "blob_redirected_host", "connect_timeout",
                    "retry_limit", "mirrors", "readahead")
 
 

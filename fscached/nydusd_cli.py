@@ -246,18 +246,14 @@ async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
         await daemon.load()
         daemon.bind()
     except (ApiSocketError, CachefilesError, CatalogError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        log.error("%s", exc)
-        return 1
+        return fail(args, str(exc))
     except OSError as exc:
-        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
-        return 1
+        return fail(args, f"{exc.filename or ''}: {exc.strerror}")
     api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor)
     try:
         await api.start()
     except ApiSocketError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        log.error("%s", exc)
+        fail(args, str(exc))
         if daemon.server is not None and hasattr(daemon.server, "device"):
             daemon.server.device.close()
         return 1
@@ -268,6 +264,14 @@ async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
         if binder is not None:
             binder.cancel()
         await api.stop()
+
+
+def fail(args: argparse.Namespace, message: str) -> int:
+    """A start-up error: one line on stderr (the snapshotter's log), and in --log-file."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    if args.log_file:
+        logging.getLogger("fscached").error("%s", message)
+    return 1
 
 
 async def bind_at_start(daemon: Any, api: Any, entries: list[Any]) -> None:
@@ -299,8 +303,7 @@ async def wait_for_takeover(daemon: Any, apisock: Path, args: argparse.Namespace
     try:
         await api.start()
     except ApiSocketError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(args, str(exc))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)

@@ -11,6 +11,8 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -374,6 +376,16 @@ def test_registry_credentials_renewed_never_echoed(running: tuple[ApiDaemon, Ker
     assert secret not in message
     assert_error(call(api.sock, "PUT", "/api/v1/config?id=nope", {"registry_auth": new}), 404, "NOT_FOUND")
     assert_error(call(api.sock, "PUT", "/api/v1/config", {"registry_auth": new}), 400, "BAD_REQUEST", "id")
+    # nydusd's registry_token: sent as a Bearer token (until the registry refuses it)
+    tokened = json.loads(json.dumps(entry))
+    tokened["id"] = tokened["domain_id"] = "tok"
+    tokened["config"]["backend_config"].update(host="other.invalid", auth="", registry_token="tkn-123")
+    assert call(api.sock, "PUT", "/api/v2/blobs", tokened)[0] == 204
+    chain = api.daemon.catalog.devices[("tok", "tok")][0].source
+    other = next(s for s in chain.sources if isinstance(s, RegistrySource))
+    assert other._auth.header() == "Bearer tkn-123"
+    status, _, info = call(api.sock, "GET", "/api/v1/daemon")
+    assert "tkn-123" not in json.dumps(info) and "old-secret" not in json.dumps(info)
     assert call(api.sock, "PUT", "/api/v2/blobs", legacy_entry("local", built, work))[0] == 204
     assert_error(call(api.sock, "PUT", "/api/v1/config?id=local", {"registry_auth": new}), 400, "BAD_REQUEST",
                  "no registry")
@@ -467,3 +479,129 @@ def test_socket_permissions_and_directory_checks(work: Path) -> None:
     plain = work / "plain"
     plain.mkdir(mode=0o755)
     check_socket_path(plain / "api.sock")
+
+
+# -- the `nydusd` command line (fscached.nydusd_cli) ------------------------------------------------
+NYDUSD = [sys.executable, "-m", "fscached.nydusd_cli"]
+
+
+def test_nydusd_version_matches_the_api(running: tuple[ApiDaemon, KernelSimulator]) -> None:
+    api, _ = running
+    proc = subprocess.run([*NYDUSD, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    fields = dict(line.split(":", 1) for line in proc.stdout.splitlines()[1:])
+    assert set(fields) == {"Version", "Git Commit", "Build Time", "Profile", "Rustc"}
+    info = call(api.sock, "GET", "/api/v1/daemon")[2]["version"]
+    assert fields["Git Commit"].strip() == info["git_commit"], "the snapshotter would start a hot upgrade"
+    assert fields["Version"].strip() == info["package_ver"]
+
+
+@pytest.mark.parametrize("args, text", [
+    ([], "no mode"),
+    (["fuse", "--fscache", "/x", "--apisock", "/y"], "mode 'fuse'"),
+    (["singleton", "--apisock", "/y"], "--fscache"),
+    (["singleton", "--fscache", "/x"], "--apisock"),
+    (["singleton", "--fscache", "/x", "--apisock", "/y", "--log-level", "loud"], "--log-level"),
+    (["singleton", "--fscache", "/x", "--apisock", "/y", "--fscache-threads", "0"], "--fscache-threads"),
+    (["singleton", "--fscache", "/x", "--apisock", "/y", "--log-rotation-size", "-1"], "--log-rotation-size"),
+    (["singleton", "--fscache", "/x", "--apisock", "/y", "--no-such-flag"], "unrecognized"),
+])
+def test_nydusd_command_line_errors(args: list[str], text: str) -> None:
+    proc = subprocess.run([*NYDUSD, *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("nydusd: error: ") and text in proc.stderr
+
+
+def test_nydusd_accepts_the_snapshotters_command_line() -> None:
+    from fscached.nydusd_cli import check_args, parse_args
+
+    args = parse_args(["singleton", "--fscache", "/var/lib/containerd-nydus/cache", "--fscache-threads", "4",
+                       "--upgrade", "--id", "d1", "--apisock", "/run/containerd-nydus/socket/d1/api.sock",
+                       "--log-level", "warn", "--log-rotation-size", "100",
+                       "--supervisor", "/run/containerd-nydus/supervisor/d1.sock",
+                       "--log-file", "/var/lib/containerd-nydus/logs/d1/nydusd.log"])
+    check_args(args)
+    assert (args.mode, args.fscache_threads, args.upgrade, args.id, args.log_rotation_size) == (
+        "singleton", "4", True, "d1", "100")
+
+
+def test_nydusd_logs_journal_and_file(tmp_path: Path) -> None:
+    import logging
+    import logging.handlers
+
+    from fscached.nydusd_cli import JournalFormatter, setup_logging, stderr_is_journal
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        with open(tmp_path / "stream", "w") as stream:
+            st = os.fstat(stream.fileno())
+            real_stderr = sys.stderr
+            sys.stderr = stream
+            try:
+                os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+                assert stderr_is_journal()
+                os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino + 1}"
+                assert not stderr_is_journal(), "stderr redirected away from the journal"
+                os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+                setup_logging("info", None, 0)
+                logging.getLogger("fscached.x").warning("to the journal")
+            finally:
+                sys.stderr = real_stderr
+                del os.environ["JOURNAL_STREAM"]
+        assert (tmp_path / "stream").read_text() == "<4>fscached.x: to the journal\n", "no timestamp, a priority"
+        record = logging.LogRecord("n", logging.ERROR, "", 0, "a\nb", None, None)
+        assert JournalFormatter("%(message)s").format(record) == "<3>a\n<3>b"
+        log_file = tmp_path / "logs" / "d1" / "nydusd.log"
+        setup_logging("debug", str(log_file), 1)
+        assert isinstance(root.handlers[0], logging.handlers.RotatingFileHandler)
+        assert root.handlers[0].maxBytes == 1 << 20
+        logging.getLogger("fscached.y").debug("to the file")
+        root.handlers[0].flush()
+        line = log_file.read_text().strip()
+        assert line.endswith("DEBUG fscached.y: to the file") and line[:4].isdigit(), line  # timestamped
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+
+
+def test_nydusd_without_on_demand_cachefiles_fails_in_one_line(tmp_path: Path) -> None:
+    """This machine's kernel has no usable /dev/cachefiles for the daemon (the VM test runs it
+    for real): the start-up error is one line, exit 1, and no API socket is left."""
+    if os.path.exists("/dev/cachefiles"):
+        pytest.skip("/dev/cachefiles exists here: tested in the VM instead")
+    sock = tmp_path / "run" / "api.sock"
+    proc = subprocess.run([*NYDUSD, "singleton", "--fscache", str(tmp_path / "cache"), "--apisock", str(sock),
+                           "--log-file", str(tmp_path / "nydusd.log")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc
+    assert proc.stderr.count("\n") == 1 and "cachefiles" in proc.stderr, proc.stderr
+    assert not sock.exists()
+    assert "cachefiles" in (tmp_path / "nydusd.log").read_text()
+
+
+def test_nydusd_upgrade_waits_in_init(tmp_path: Path) -> None:
+    """--upgrade: INIT, takeover 501 with the reason, exit through the API."""
+    sock = tmp_path / "run" / "api.sock"
+    proc = subprocess.Popen([*NYDUSD, "singleton", "--fscache", str(tmp_path / "cache"), "--apisock", str(sock),
+                             "--upgrade", "--id", "d2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.05)
+        status, _, info = call(sock, "GET", "/api/v1/daemon")
+        assert status == 200 and info["state"] == "INIT" and info["id"] == "d2"
+        assert_error(call(sock, "PUT", "/api/v1/daemon/fuse/takeover"), 501, "UNSUPPORTED", "issue #9")
+        assert_error(call(sock, "PUT", "/api/v1/daemon/start"), 503, "NOT_READY", "INIT")
+        assert_error(call(sock, "PUT", "/api/v2/blobs", {"type": "bootstrap"}), 503, "NOT_READY")
+        assert call(sock, "PUT", "/api/v1/daemon/exit")[0] == 204
+        assert proc.wait(30) == 0
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

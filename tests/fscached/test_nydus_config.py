@@ -87,7 +87,8 @@ def test_legacy_registry_entry_maps_every_field() -> None:
     assert spec.proxy == ProxySpec("http://127.0.0.1:4001", "http://127.0.0.1:4003/healthy", 5.0, True, False)
     assert spec.prefetch == PrefetchSpec("all", 0)
     # fields given but not used are named (never their values)
-    assert "registry.registry_token" in bind.ignored and "registry.retry_limit" in bind.ignored
+    assert bind.registry_token == "tok" and "tok" not in repr(bind), "a bearer token is kept, never shown"
+    assert "registry.retry_limit" in bind.ignored and "registry.connect_timeout" in bind.ignored
     assert "prefetch_config.merging_size" in bind.ignored
     assert not any("tok" == part for name in bind.ignored for part in name.split(".")), "names, never values"
     assert "auth" not in repr(spec.registry), "RegistrySpec never shows its auth"
