@@ -8,7 +8,9 @@ lines about one kernel request.
   debug), which journald turns into the entry's PRIORITY: `journalctl -p warning` works. A
   multi-line record (a traceback) carries the prefix on every line, each line being an entry.
 - otherwise (a terminal, a pipe, a file): `2025-01-02 03:04:05,678 LEVEL logger: message`.
-- `log_file`: the lines go to that file (appended, with timestamps) instead of stderr.
+- `log_file`: the lines go to that file (appended, with timestamps) instead of stderr; with
+  `rotation_mib` it is rotated at that size, keeping `backups` old files (nydusd's
+  `--log-rotation-size`).
 
 Lines about one request name it the same way on both kernel paths, first the kind of request,
 then `req=` (cachefiles: `msg:<msg_id>`, fanotify: `fd:<event fd>`) and `blob=` (`<volume>/<blob
@@ -23,6 +25,7 @@ id>`, or `<volume>/<fsid>` for a bootstrap), then the rest:
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 from pathlib import Path
@@ -80,14 +83,19 @@ def parse_level(level: str | int) -> int:
         raise ValueError(f"log level {level!r}: use debug, info, warning or error") from None
 
 
-def setup_logging(level: str | int = "info", log_file: str | os.PathLike[str] | None = None) -> logging.Handler:
+def setup_logging(level: str | int = "info", log_file: str | os.PathLike[str] | None = None, *,
+                  rotation_mib: int = 0, backups: int = 5) -> logging.Handler:
     """Configure the root logger for a command (idempotent: a second call replaces the handler
     the first one installed). Returns the handler. ValueError for an unknown level; OSError
     when the log file cannot be opened."""
     handler: logging.Handler
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file, encoding="utf-8")
+        if rotation_mib > 0:
+            handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=rotation_mib << 20,
+                                                           backupCount=backups, encoding="utf-8")
+        else:
+            handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
     else:
         handler = logging.StreamHandler(sys.stderr)

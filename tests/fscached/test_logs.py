@@ -3,6 +3,7 @@ syslog priority prefixes), a log file gets timestamps, request lines carry req= 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import re
 import sys
@@ -95,6 +96,18 @@ def test_log_file_and_idempotence(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert STAMP.match(lines[0]) and lines[0].endswith(" DEBUG fscached.test: not shown"), lines
     assert sum("careful" in line for line in lines) == 1
     assert (tmp_path / "stderr").read_text() == ""  # a log file instead of stderr, even the journal
+
+
+def test_log_file_rotation(tmp_path: Path) -> None:
+    log_file = tmp_path / "nydusd.log"
+    handler = setup_logging("info", log_file, rotation_mib=1, backups=2)
+    assert isinstance(handler, logging.handlers.RotatingFileHandler)
+    log = logging.getLogger("fscached.test")
+    for i in range(3000):
+        log.info("line %d %s", i, "x" * 1000)
+    handler.flush()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nydusd.log", "nydusd.log.1", "nydusd.log.2"]
+    assert log_file.stat().st_size <= 1 << 20
 
 
 def test_levels() -> None:
