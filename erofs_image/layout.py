@@ -237,24 +237,35 @@ def pack_dirent(buf: bytearray, off: int, nid: int, nameoff: int, ftype: int) ->
 
 
 def unpack_dirents(block: bytes) -> list[tuple[bytes, int, int]]:
-    """[(name, nid, file_type)] of one directory block (`block` trimmed to its used length)."""
-    if len(block) < DIRENT_SIZE:
-        raise ValueError("directory block too short")
+    """[(name, nid, file_type)] of one directory block (`block` trimmed to its used length).
+
+    ValueError (naming the entry) for a nameoff outside the block or inside the entry table,
+    nameoffs out of order, or a name longer than NAME_MAX."""
+    size = len(block)
+    if size < DIRENT_SIZE:
+        raise ValueError(f"directory block of {size} bytes is too short for an entry")
     _, first_off, _ = _DIRENT.unpack_from(block, 0)
-    if first_off % DIRENT_SIZE or first_off == 0 or first_off > len(block):
-        raise ValueError(f"bad first nameoff {first_off} in directory block")
+    if first_off % DIRENT_SIZE or first_off == 0 or first_off > size:
+        raise ValueError(f"bad first nameoff {first_off} in a directory block of {size} bytes")
     count = first_off // DIRENT_SIZE
     ents = [_DIRENT.unpack_from(block, i * DIRENT_SIZE) for i in range(count)]
+    for i, (_, nameoff, _) in enumerate(ents):
+        if nameoff < first_off:
+            raise ValueError(f"entry {i}: nameoff {nameoff} points into the entry table (ends at {first_off})")
+        if nameoff > size:
+            raise ValueError(f"entry {i}: name at {nameoff} runs past the end of its block ({size} bytes)")
     out = []
     for i, (nid, nameoff, ft) in enumerate(ents):
-        end = ents[i + 1][1] if i + 1 < count else len(block)
-        if not nameoff <= end <= len(block):
-            raise ValueError("corrupt nameoff in directory block")
+        end = ents[i + 1][1] if i + 1 < count else size
+        if end < nameoff:
+            raise ValueError(f"entry {i}: nameoff {nameoff} after the next entry's ({end})")
         name = block[nameoff:end]
         if i + 1 == count:
             nul = name.find(b"\0")
             if nul >= 0:
                 name = name[:nul]
+        if len(name) > NAME_MAX:
+            raise ValueError(f"entry {i}: name of {len(name)} bytes at {nameoff} (longer than {NAME_MAX})")
         out.append((bytes(name), nid, ft))
     return out
 
