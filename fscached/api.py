@@ -34,6 +34,7 @@ its hang-up for the daemon's death.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import importlib
 import importlib.util
@@ -51,7 +52,7 @@ from aiohttp import web
 
 from fscached.catalog import BlobObject, CatalogError
 from fscached.config import ConfigError, ImageSpec, check_auth
-from fscached.nydus_config import BindError, parse_bind_entry
+from fscached.nydus_config import BindError, check_metadata_path, parse_bind_entry
 
 log = logging.getLogger("fscached.api")
 
@@ -360,7 +361,9 @@ class ApiServer:
                 if other.mountpoint == spec.mountpoint:
                     raise ApiError(400, "BAD_REQUEST", f"image {spec.fsid}: mountpoint {spec.mountpoint} is already "
                                                        f"the mountpoint of image {other.fsid}")
-        self._need_serving()  # parsing ran off the loop: still serving?
+        if spec.bootstrap is None:  # fscached's "ref": pull the bootstrap, then check it as any other
+            spec = await self._pull(spec)
+        self._need_serving()  # parsing (and pulling) ran off the loop: still serving?
         try:
             await self.daemon.add_image(spec)
         except CatalogError as exc:
@@ -382,6 +385,20 @@ class ApiServer:
             seed_registry_token(self.daemon, spec, bind.registry_token)
         log.info("bound image %s%s (%s form)", spec.fsid, f" in domain {spec.domain}" if spec.domain else "", bind.form)
         return spec
+
+    async def _pull(self, spec: ImageSpec) -> ImageSpec:
+        if (spec.volume, spec.fsid) in self.daemon.catalog.images:
+            raise ApiError(400, "ALREADY_EXISTS", f"blob_cache: bootstrap blob already exists: image {spec.fsid} "
+                                                  f"in {spec.volume}")
+        try:
+            path = await self.daemon.pull_image_bootstrap(spec)
+        except CatalogError as exc:
+            raise ApiError(500, "DAEMON_ERROR", str(exc)) from None
+        try:
+            await asyncio.to_thread(check_metadata_path, str(path))
+        except BindError as exc:
+            raise ApiError(exc.status, exc.code, f"image {spec.fsid}: pulled from {spec.ref}: {exc}") from None
+        return dataclasses.replace(spec, bootstrap=path)
 
     async def list_blobs(self, request: web.Request) -> web.Response:
         domain_id = request.query.get("domain_id")

@@ -10,8 +10,12 @@ backend fscached cannot fetch from: 501, `UnsupportedBind`). The metadata file (
 is checked here too, before anything is registered or mounted. No message ever holds a
 credential: they name the field, never its value.
 
-fscached's own extension: a top-level `"mountpoint": "/dir"` makes the daemon mount the image
-there itself (the image key `mountpoint=`), on either kernel path.
+fscached's own extensions (top-level fields of the entry):
+- `"mountpoint": "/dir"`: the daemon mounts the image there itself (the image key
+  `mountpoint=`), on either kernel path;
+- `"ref": "host[:port]/repo:tag"` (or `@sha256:...`) instead of `metadata_path`: the daemon
+  pulls the bootstrap from the registry (checked against its digest, then as any bootstrap);
+  the registry backend's host and repo default to the reference's.
 
 Mapping (legacy `config.` / v2 `config_v2.`):
 
@@ -129,18 +133,22 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
             mountpoint = parse_mountpoint(f"image {fsid}", entry["mountpoint"])
         except ConfigError as exc:
             raise BadBind(str(exc)) from None
+    ref = _ref(entry.get("ref"))
     if entry.get("config_v2") is not None:  # nydusd prefers it when both are given
-        parsed = _from_v2(entry["config_v2"])
+        parsed = _from_v2(entry["config_v2"], ref is not None)
         form = "config_v2"
     elif entry.get("config") is not None:
-        parsed = _from_legacy(entry["config"])
+        parsed = _from_legacy(entry["config"], ref is not None)
         form = "config"
     else:
         raise BadBind("blob_cache: missing blob cache configuration information (`config` or `config_v2`)")
     where = f"image {fsid}"
-    bootstrap = Path(parsed.metadata_path)
+    bootstrap: Path | None = Path(parsed.metadata_path)
     blobs = parsed.blob_dir
-    if check_files:
+    if ref is not None:
+        _registry_from_ref(parsed, ref)
+        bootstrap = None  # pulled by the daemon
+    elif check_files:
         bootstrap = check_metadata_path(parsed.metadata_path)
         if parsed.blob_file is not None:
             blobs = link_blob_file(Path(parsed.blob_file), bootstrap, Path(parsed.work_dir))
@@ -154,9 +162,47 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
         token = _string(parsed.registry, "registry_token", "registry") or None
     spec = ImageSpec(
         fsid=fsid, bootstrap=bootstrap, blobs=Path(blobs) if blobs is not None else None, domain=domain,
-        registry=registry, proxy=proxy, prefetch=parsed.prefetch, mountpoint=mountpoint,
+        ref=ref.text if ref is not None else None, registry=registry, proxy=proxy, prefetch=parsed.prefetch,
+        mountpoint=mountpoint,
     )
     return BindRequest(spec, form, parsed.ignored, token)
+
+
+@dataclass
+class _Ref:
+    text: str
+    host: str
+    repo: str
+
+
+def _ref(value: Any) -> _Ref | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadBind("ref must be an image reference, host[:port]/repo:tag or host[:port]/repo@sha256:...")
+    from fetcher.image_ref import parse_image_ref
+
+    try:
+        parsed = parse_image_ref(value)
+    except ValueError as exc:
+        raise BadBind(f"ref: {exc}") from None
+    return _Ref(value, parsed.host, parsed.repo)
+
+
+def _registry_from_ref(parsed: "_Parsed", ref: _Ref) -> None:
+    """`ref` gives the bootstrap; blobs come from its registry (the backend's fields, when a
+    registry backend is given, must name the same repository)."""
+    if parsed.metadata_path:
+        raise BadBind("give metadata_path (a local bootstrap) or ref (pulled from the registry), not both")
+    if parsed.blob_file is not None:
+        raise BadBind("a localfs blob_file goes with a local metadata_path, not with ref")
+    registry = dict(parsed.registry or {})
+    for key, value in (("host", ref.host), ("repo", ref.repo)):
+        given = registry.get(key)
+        if given and given != value:
+            raise BadBind(f"ref {ref.text[:200]!r} names {key} {value!r}, the registry backend {given[:200]!r}")
+        registry[key] = value
+    parsed.registry = registry
 
 
 @dataclass
@@ -187,7 +233,7 @@ def _string(obj: dict[str, Any], key: str, what: str) -> str:
     return value
 
 
-def _from_legacy(config: Any) -> _Parsed:
+def _from_legacy(config: Any, has_ref: bool = False) -> _Parsed:
     config = _object(config, "config")
     cache_type = _string(config, "cache_type", "config")
     cache_config = _object(config.get("cache_config"), "config.cache_config")
@@ -197,13 +243,13 @@ def _from_legacy(config: Any) -> _Parsed:
     backend_type = _string(config, "backend_type", "config")
     backend = _object(config.get("backend_config"), "config.backend_config")
     parsed = _backend(backend_type, backend, "config.backend_config", _string(config, "metadata_path", "config"),
-                      work_dir, prefetch)
+                      work_dir, prefetch, has_ref)
     if prefetch_config.get("merging_size"):
         parsed.ignored.append("prefetch_config.merging_size")
     return parsed
 
 
-def _from_v2(config: Any) -> _Parsed:
+def _from_v2(config: Any, has_ref: bool = False) -> _Parsed:
     config = _object(config, "config_v2")
     version = config.get("version", 2)
     if version != 2:
@@ -219,7 +265,7 @@ def _from_v2(config: Any) -> _Parsed:
     section = _object(backend.get(backend_type), f"config_v2.backend.{backend_type}") if backend_type in (
         "localfs", "registry", "oss", "s3") else {}
     parsed = _backend(backend_type, section, f"config_v2.backend.{backend_type}",
-                      _string(config, "metadata_path", "config_v2"), work_dir, prefetch)
+                      _string(config, "metadata_path", "config_v2"), work_dir, prefetch, has_ref)
     if prefetch_config.get("batch_size"):
         parsed.ignored.append("cache.prefetch.batch_size")
     return parsed
@@ -266,8 +312,8 @@ REGISTRY_UNUSED = ("blob_url_scheme", "blob_redirected_host", "connect_timeout",
 
 
 def _backend(backend_type: str, backend: dict[str, Any], where: str, metadata_path: str, work_dir: str,
-             prefetch: PrefetchSpec) -> _Parsed:
-    if not metadata_path:
+             prefetch: PrefetchSpec, has_ref: bool = False) -> _Parsed:
+    if not metadata_path and not has_ref:
         raise BadBind("blob_cache: `config.metadata_path` for meta blob is empty")
     parsed = _Parsed(metadata_path, work_dir, prefetch)
     if backend_type == "localfs":
@@ -283,13 +329,15 @@ def _backend(backend_type: str, backend: dict[str, Any], where: str, metadata_pa
             parsed.ignored.append("localfs.alt_dirs")
     elif backend_type == "registry":
         for key in ("host", "repo"):
-            if not _string(backend, key, where):
+            if not _string(backend, key, where) and not has_ref:
                 raise BadBind(f"blob_cache: registry backend needs `{where}.{key}`")
         parsed.registry = backend
         parsed.ignored += [f"registry.{key}" for key in REGISTRY_UNUSED if backend.get(key)]
     elif backend_type in ("oss", "s3"):
         raise UnsupportedBind(f"backend type {backend_type!r} is not supported by fscached: use a registry "
                               "backend (optionally through a Dragonfly proxy) or localfs")
+    elif not backend_type and has_ref:
+        pass  # the registry of the reference
     elif not backend_type:
         raise BadBind("blob_cache: the backend type is missing (registry, localfs)")
     else:

@@ -68,7 +68,9 @@ def test_nydus_snapshotter_call_sequence(vm_kernel: Any, tmp_path: Path) -> None
     assert out["version_rc"] == 0
     commit_lines = [line for line in out["version_stdout"].splitlines() if line.startswith("Git Commit:")]
     assert len(commit_lines) == 1, out["version_stdout"]
-    assert commit_lines[0].split()[-1] == info["body"]["version"]["git_commit"] == build_info()["git_commit"]
+    assert commit_lines[0].split()[-1] == info["body"]["version"]["git_commit"]
+    assert len(info["body"]["version"]["git_commit"]) == 40
+    assert info["body"]["version"]["package_ver"] == build_info()["package_ver"]
 
     # binds, mounts (fsid= and domain_id=,fsid=), every file's sha256
     for image, got in zip(images, out["images"]):

@@ -39,7 +39,7 @@ class ApiDaemon:
     daemon binds to the simulator and serves once `release()` is called."""
 
     def __init__(self, sim: KernelSimulator, cache: Path, sock: Path, *, autostart: bool = True) -> None:
-        self.daemon = Daemon(Config(cache_dir=cache), device=sim.device())
+        self.daemon = Daemon(Config(cache_dir=cache, work_dir=cache.parent / "state"), device=sim.device())
         self.api = ApiServer(self.daemon, sock, daemon_id="daemon-1", supervisor="/run/sup.sock", autostart=autostart)
         self.sock = sock
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -353,6 +353,39 @@ def test_other_routes(running: tuple[ApiDaemon, KernelSimulator], built: Path, w
         assert_error((status, headers, body), 501, "UNSUPPORTED", "fscached.metrics")
 
 
+def test_bind_by_reference_pulls_the_bootstrap(running: tuple[ApiDaemon, KernelSimulator], built: Path,
+                                               work: Path, registry: Any) -> None:
+    """fscached's "ref" field (what `fscachedctl bind --ref` sends): the daemon pulls the
+    bootstrap from the registry, blobs come from there too."""
+    import shutil
+
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo not installed")
+    index = json.loads((built / "oci" / "index.json").read_text())
+    tag = index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+    push = subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{built / 'oci'}:{tag}",
+                           f"docker://{registry.host}/api/app:v1"], capture_output=True, text=True, timeout=120)
+    assert push.returncode == 0, push.stderr
+    api, sim = running
+    entry = {"type": "bootstrap", "id": "pulled", "domain_id": "pulled", "ref": f"{registry.host}/api/app:v1",
+             "config": {"id": "pulled", "backend_type": "registry", "backend_config": {"scheme": "http"},
+                        "cache_type": "fscache", "cache_config": {"work_dir": str(work)}}}
+    assert call(api.sock, "PUT", "/api/v2/blobs", entry)[:3:2] == (204, None)
+    spec = api.daemon.catalog.images[("pulled", "pulled")]
+    assert spec.ref == f"{registry.host}/api/app:v1" and spec.registry is not None
+    assert (spec.registry.host, spec.registry.repo, spec.registry.scheme) == (registry.host, "api/app", "http")
+    assert spec.bootstrap is not None and spec.bootstrap.read_bytes() == (built / "image.boot").read_bytes()
+    assert str(spec.bootstrap).startswith(str(work / "state")), "pulled into the daemon's work dir"
+    boot = Bootstrap.open(built / "image.boot")
+    blob = sim.mount("erofs,pulled", boot.blobs[0].blob_id.encode())
+    want = expected_blob_space(boot, built / "blobs", 0)
+    assert sim.read(blob, 0, len(want)) == want, "blob bytes fetched from the registry"
+    # a reference that does not exist: the daemon could not pull it
+    missing = dict(entry, id="gone", domain_id="gone", ref=f"{registry.host}/api/app:nope")
+    assert_error(call(api.sock, "PUT", "/api/v2/blobs", missing), 500, "DAEMON_ERROR", "cannot pull")
+    assert ("gone", "gone") not in api.daemon.catalog.images
+
+
 def test_registry_credentials_renewed_never_echoed(running: tuple[ApiDaemon, KernelSimulator], built: Path,
                                                    work: Path) -> None:
     from fetcher.registry import RegistrySource
@@ -485,15 +518,39 @@ def test_socket_permissions_and_directory_checks(work: Path) -> None:
 NYDUSD = [sys.executable, "-m", "fscached.nydusd_cli"]
 
 
-def test_nydusd_version_matches_the_api(running: tuple[ApiDaemon, KernelSimulator]) -> None:
-    api, _ = running
+def nydusd_version() -> dict[str, str]:
     proc = subprocess.run([*NYDUSD, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    fields = dict(line.split(":", 1) for line in proc.stdout.splitlines()[1:])
-    assert set(fields) == {"Version", "Git Commit", "Build Time", "Profile", "Rustc"}
-    info = call(api.sock, "GET", "/api/v1/daemon")[2]["version"]
-    assert fields["Git Commit"].strip() == info["git_commit"], "the snapshotter would start a hot upgrade"
-    assert fields["Version"].strip() == info["package_ver"]
+    assert proc.stdout.splitlines()[0].startswith("nydusd (fscached) ")
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in proc.stdout.splitlines()[1:])}
+
+
+def test_nydusd_version_matches_the_api(tmp_path: Path) -> None:
+    """What the snapshotter compares: `nydusd --version`'s Git Commit line and a running
+    nydusd's version.git_commit (a real process: --upgrade serves the API without a kernel)."""
+    sock = tmp_path / "run" / "api.sock"
+    for _attempt in range(3):  # other people edit this checkout: the code may change between the two
+        before = nydusd_version()
+        proc = subprocess.Popen([*NYDUSD, "singleton", "--fscache", str(tmp_path / "cache"), "--apisock", str(sock),
+                                 "--upgrade"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not sock.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "nydusd --upgrade did not start"
+                time.sleep(0.05)
+            info = call(sock, "GET", "/api/v1/daemon")[2]["version"]
+            assert call(sock, "PUT", "/api/v1/daemon/exit")[0] == 204
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        after = nydusd_version()
+        if before == after:
+            break
+    assert set(before) == {"Version", "Git Commit", "Build Time", "Profile", "Rustc"}
+    assert before["Git Commit"] == info["git_commit"], "the snapshotter would start a hot upgrade"
+    assert before["Version"] == info["package_ver"] and len(info["git_commit"]) == 40
 
 
 @pytest.mark.parametrize("args, text", [

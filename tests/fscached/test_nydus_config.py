@@ -168,6 +168,29 @@ def test_v2_preferred_when_both_forms_are_given() -> None:
     assert parse(entry).form == "config_v2"
 
 
+def test_ref_extension_pulls_the_bootstrap() -> None:
+    entry = legacy(metadata_path="")
+    entry["ref"] = "registry.example:5000/team/app:v1"
+    spec = parse(entry).spec
+    assert spec.ref == "registry.example:5000/team/app:v1" and spec.bootstrap is None
+    assert spec.registry == RegistrySpec("registry.example:5000", "team/app", "https", AUTH, None, False, 5.0)
+    # without a backend: the reference's registry, https
+    bare = {"type": "bootstrap", "id": "app", "ref": "reg.example/lib/app@sha256:" + "a" * 64,
+            "config": {"cache_type": "fscache", "cache_config": {"work_dir": "/w"}}}
+    spec = parse(bare).spec
+    assert spec.registry == RegistrySpec("reg.example", "lib/app") and spec.blobs is None
+    # the backend's host / repo filled from the reference
+    entry = legacy(metadata_path="", backend_config={"scheme": "http"})
+    entry["ref"] = "127.0.0.1:5000/x/y:1"
+    assert parse(entry).spec.registry == RegistrySpec("127.0.0.1:5000", "x/y", "http")
+    refused({**legacy(), "ref": "registry.example:5000/team/app:v1"}, "not both")
+    refused({**legacy(metadata_path=""), "ref": "other.example/team/app:v1"}, "names host")
+    refused({**legacy(metadata_path=""), "ref": "https://registry.example/a:1"}, "ref:")
+    refused({**legacy(metadata_path=""), "ref": 5}, "image reference")
+    entry = legacy(metadata_path="", backend_type="localfs", backend_config={"blob_file": "/b/x"})
+    refused({**entry, "ref": "registry.example:5000/team/app:v1"}, "blob_file")
+
+
 # -- refusals -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad_id, match", [("a/b", "'/'"), ("a..b", "'..'"), ("a\0b", "NUL"), ("", "missing"),
                                            ("a b", "invalid id"), (7, "string")])
