@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import functools
 import hashlib
 import importlib.metadata
@@ -241,11 +242,17 @@ async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
         log.info("--fscache-threads %s: fscached serves asynchronously with its own workers", args.fscache_threads)
     if args.upgrade:
         return await wait_for_takeover(daemon, apisock, args)
+    stale_socket = apisock.exists()  # nydusd: a leftover socket + a busy device = a failover restart
     try:
         check_socket_path(apisock)  # before the device is taken: nothing to undo
         await daemon.load()
         daemon.bind()
-    except (ApiSocketError, CachefilesError, CatalogError) as exc:
+    except CachefilesError as exc:
+        if getattr(exc, "errno", None) == errno.EBUSY and stale_socket:
+            return fail(args, f"{exc}; restarted for failover? taking over another daemon's /dev/cachefiles is "
+                              "not supported yet (issue #9): use recover_policy = \"restart\"")
+        return fail(args, str(exc))
+    except (ApiSocketError, CatalogError) as exc:
         return fail(args, str(exc))
     except OSError as exc:
         return fail(args, f"{exc.filename or ''}: {exc.strerror}")
