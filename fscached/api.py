@@ -59,6 +59,7 @@ log = logging.getLogger("fscached.api")
 # an idle connection is never closed by the server (aiohttp needs a finite number: 10 years)
 KEEPALIVE_SECONDS = 10 * 365 * 24 * 3600.0
 SHUTDOWN_SECONDS = 2.0
+SUN_PATH_MAX = 108  # sockaddr_un.sun_path, with its NUL
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FAILOVER_UNSUPPORTED = ("failover and hot upgrade (sendfd / takeover) are not supported yet (fscached issue #9): "
                         "set recover_policy = \"restart\" (or \"none\") in nydus-snapshotter's config")
@@ -168,12 +169,21 @@ class ApiServer:
         runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
                                keepalive_timeout=KEEPALIVE_SECONDS, shutdown_timeout=SHUTDOWN_SECONDS)
         await runner.setup()
-        site = web.UnixSite(runner, str(self.path))
+        # bound under a temporary name, made 0600, then renamed into place: the socket appears
+        # at its path listening and 0600 at once (a client waiting for it never sees it wider)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        if len(os.fsencode(tmp)) >= SUN_PATH_MAX:
+            tmp = self.path  # no room for a longer name: bound in place, then narrowed
+        site = web.UnixSite(runner, str(tmp))
         try:
             await site.start()
-            os.chmod(self.path, 0o600)
+            os.chmod(tmp, 0o600)
+            if tmp != self.path:
+                os.rename(tmp, self.path)
         except OSError as exc:
             await runner.cleanup()
+            if tmp != self.path:
+                tmp.unlink(missing_ok=True)
             raise ApiSocketError(f"cannot serve the API on {self.path}: {exc.strerror or exc}") from None
         st = os.stat(self.path)
         self._socket_ino = (st.st_dev, st.st_ino)
