@@ -9,11 +9,16 @@ READ completion goes to an anon fd, not to the device: `complete_read` calls a
 """
 from __future__ import annotations
 
+import ctypes
 import errno
+import logging
 import os
 import select
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from cachefiles.messages import (
     CACHEFILES_MSG_MAX_SIZE,
@@ -31,6 +36,12 @@ _NEEDS_ONDEMAND = ("the kernel lacks on-demand cachefiles: it needs CONFIG_CACHE
                    "and CONFIG_EROFS_FS_ONDEMAND=y")
 
 Completer = Callable[[int, int], None]
+T = TypeVar("T")
+log = logging.getLogger("cachefiles")
+# The kernel's defaults (cachefiles_daemon_open): cull below 5 % free, stop culling above 7 %,
+# refuse to allocate below 1 % (blocks and files alike).
+DEFAULT_SPACE_LIMITS = (7, 5, 1)
+CLONE_FS = 0x00000200
 
 
 class CachefilesError(Exception):
@@ -135,11 +146,13 @@ class CachefilesDevice:
         try:
             self._command(text)
         except OSError as e:
-            msg = explain(e) or f"{e.strerror} ({_err_name(e.errno)})"
+            msg = explain(e) or f"{e.strerror} ({_err_name(e.errno or 0)})"
             raise CachefilesError(f"`{text}` failed: {msg}", e.errno) from None
 
-    def bind(self, cache_dir: str | os.PathLike[str], tag: str | None = None) -> None:
-        """Check the cache dir, then send `dir`, `tag` and `bind ondemand`."""
+    def bind(self, cache_dir: str | os.PathLike[str], tag: str | None = None, *,
+             block_limits: tuple[int | None, int | None, int | None] | None = None) -> None:
+        """Check the cache dir, then send `dir`, `tag`, the free-space limits for blocks
+        (`brun`/`bcull`/`bstop` percentages; None keeps the kernel's default) and `bind ondemand`."""
         path = os.path.abspath(os.fspath(cache_dir))
         check_cache_dir(path)
         _check_arg("cache dir", path)
@@ -149,6 +162,8 @@ class CachefilesDevice:
             if any(c.isspace() for c in tag):
                 raise CachefilesError(f"invalid cache tag {tag!r}: no spaces allowed")
             self._command_or_raise(f"tag {_check_arg('tag', tag)}", lambda e: None)
+        if block_limits is not None and any(v is not None for v in block_limits):
+            self.set_space_limits("b", *block_limits)
 
         def explain_bind(e: OSError) -> str | None:
             if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
@@ -174,6 +189,46 @@ class CachefilesDevice:
         self._command_or_raise("restore", lambda e: (
             "this kernel has no cachefiles failover (needs 6.8+ or 6.1.95+)"
             if e.errno == errno.EOPNOTSUPP else None))
+
+    # -- free-space limits -----------------------------------------------------------
+    def space_limit(self, command: str, percent: int) -> None:
+        """One of `brun`/`bcull`/`bstop` (blocks) or `frun`/`fcull`/`fstop` (files): N % of the
+        cache filesystem free. The kernel checks each against the others' CURRENT values
+        (0 <= stop < cull < run < 100): `set_space_limits` sends them in an order that works."""
+        if command not in ("brun", "bcull", "bstop", "frun", "fcull", "fstop"):
+            raise ValueError(f"{command!r} is not a cachefiles free-space limit")
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent < 100:
+            raise ValueError(f"{command} must be a whole percentage 0-99, not {percent!r}")
+        self._command_or_raise(f"{command} {percent}%", lambda e: (
+            "the kernel wants 0% <= stop < cull < run < 100%" if e.errno == errno.EINVAL else None))
+
+    def set_space_limits(self, kind: str, run: int | None, cull: int | None, stop: int | None) -> None:
+        """Set run/cull/stop for blocks (`kind` "b") or files ("f"); None keeps the kernel's
+        default (7/5/1). Before `bind`: the kernel checks the three at bind time too."""
+        if kind not in ("b", "f"):
+            raise ValueError(f"kind must be 'b' (blocks) or 'f' (files), not {kind!r}")
+        want = [d if v is None else v for v, d in zip((run, cull, stop), DEFAULT_SPACE_LIMITS)]
+        if not 0 <= want[2] < want[1] < want[0] < 100:
+            raise CachefilesError(f"{kind}run/{kind}cull/{kind}stop {want[0]}/{want[1]}/{want[2]}%: the kernel "
+                                  f"wants 0 <= {kind}stop < {kind}cull < {kind}run < 100", errno.EINVAL)
+        # from the defaults (7/5/1), whatever the target: run up to 99, stop down to 0, then
+        # cull, stop and run at their values; each step is valid against the current others
+        self.space_limit(f"{kind}run", 99)
+        self.space_limit(f"{kind}stop", 0)
+        self.space_limit(f"{kind}cull", want[1])
+        self.space_limit(f"{kind}stop", want[2])
+        self.space_limit(f"{kind}run", want[0])
+
+    # -- culling -------------------------------------------------------------------------
+    def inuse_in(self, directory: str | os.PathLike[str], name: str) -> bool:
+        """`inuse name` resolved in `directory` (see in_directory): True while the kernel uses it.
+        CachefilesError with errno ENOENT when there is no such file."""
+        return in_directory(directory, lambda: self.inuse(name))
+
+    def cull_in(self, directory: str | os.PathLike[str], name: str) -> None:
+        """`cull name` in `directory`: the kernel unlinks the file (a directory goes to the
+        graveyard). CachefilesError with errno EBUSY while in use, ENOENT/ESTALE when gone."""
+        in_directory(directory, lambda: self.cull(name))
 
     def inuse(self, name: str) -> bool:
         """Whether cache file `name` (in the CURRENT WORKING DIRECTORY) is in use."""
@@ -246,6 +301,66 @@ class CachefilesDevice:
                     if e.errno == errno.EINVAL else "")
             raise CachefilesError(f"READ_COMPLETE for msg {msg_id} on fd {anon_fd} failed: "
                                   f"{os.strerror(e.errno or 0)}{hint}", e.errno) from None
+
+
+class _DirectoryThread:
+    """One thread whose working directory is its own: `inuse`/`cull` resolve their name in the
+    writer's working directory, and a chdir there must not move the rest of the daemon (relative
+    paths of other threads, the event loop). The thread calls unshare(CLONE_FS) when it starts;
+    where that fails it falls back to chdir and back again, under a lock."""
+
+    def __init__(self) -> None:
+        self.private = False
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cachefiles-cwd", initializer=self._start)
+
+    def _start(self) -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(CLONE_FS) == 0:
+                self.private = True
+                return
+            err = ctypes.get_errno()
+            log.warning("unshare(CLONE_FS) failed (%s): cull commands chdir and back under a lock",
+                        os.strerror(err))
+        except (OSError, AttributeError) as exc:
+            log.warning("no unshare(CLONE_FS) (%s): cull commands chdir and back under a lock", exc)
+
+    def run(self, directory: str | os.PathLike[str], fn: Callable[[], T]) -> T:
+        return self._executor.submit(self._in, os.fspath(directory), fn).result()
+
+    def _in(self, directory: str, fn: Callable[[], T]) -> T:
+        # O_NOFOLLOW: the last component is never a symlink planted in the cache
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if self.private:
+                os.fchdir(fd)
+                return fn()
+            with self._lock:
+                back = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fchdir(fd)
+                    return fn()
+                finally:
+                    os.fchdir(back)
+                    os.close(back)
+        finally:
+            os.close(fd)
+
+
+_directory_thread: _DirectoryThread | None = None
+_directory_thread_lock = threading.Lock()
+
+
+def in_directory(directory: str | os.PathLike[str], fn: Callable[[], T]) -> T:
+    """Run `fn` (blocking) with `directory` as the working directory of the thread that runs
+    it, without changing the working directory of the rest of the process."""
+    global _directory_thread
+    with _directory_thread_lock:
+        if _directory_thread is None:
+            _directory_thread = _DirectoryThread()
+        worker = _directory_thread
+    return worker.run(directory, fn)
 
 
 def _set_cloexec(fd: int) -> None:
