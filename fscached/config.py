@@ -79,6 +79,12 @@ class Config:
     work_dir: Path = Path("/var/lib/fscached")  # pulled bootstraps
     read_window: int = 1 << 20
     backend: str = "auto"  # auto | cachefiles | fanotify
+    # bytes the cache dir may hold (allocated blocks); past it, unused blobs are culled (LRU)
+    cache_budget: int | None = None
+    # cachefiles: free-space limits for blocks, in percent (None: the kernel's 7 / 5 / 1)
+    brun: int | None = None
+    bcull: int | None = None
+    bstop: int | None = None
 
 
 def check_id(kind: str, value: str, where: str | None = None) -> str:
@@ -363,7 +369,40 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 FILE_KEYS = {"cache_dir", "tag", "log_level", "image", "ready_file", "stats_file", "device", "work_dir",
-             "read_window", "backend"}
+             "read_window", "backend", "cache_budget", "brun", "bcull", "bstop"}
+SPACE_LIMIT_KEYS = ("brun", "bcull", "bstop")
+KERNEL_SPACE_LIMITS = {"brun": 7, "bcull": 5, "bstop": 1}  # cachefiles' defaults
+
+
+def parse_cache_budget(where: str, value: Any) -> int | None:
+    """A size like "10G"; 0 means no budget."""
+    size = parse_size(where, "cache_budget", value)
+    if 0 < size < 1 << 20:
+        raise ConfigError(f"{where}: cache_budget {value!r} is below 1M: give a size like 10G (0: no budget)")
+    return size or None
+
+
+def parse_space_limits(where: str, values: dict[str, Any]) -> dict[str, int | None]:
+    """brun / bcull / bstop: whole percentages of the cache filesystem free (10 or "10%"),
+    0 <= bstop < bcull < brun < 100 counting the kernel's 7 / 5 / 1 for the ones not given."""
+    out: dict[str, int | None] = {}
+    for key in SPACE_LIMIT_KEYS:
+        value = values.get(key)
+        if value is None:
+            out[key] = None
+            continue
+        text = str(value).strip()
+        text = text[:-1].strip() if text.endswith("%") else text
+        if isinstance(value, bool) or isinstance(value, float) or not text.isdigit() or int(text) > 99:
+            raise ConfigError(f"{where}: {key} must be a whole percentage 0-99 (like 10 or \"10%\"), not {value!r}")
+        out[key] = int(text)
+    if any(v is not None for v in out.values()):
+        run, cull, stop = (KERNEL_SPACE_LIMITS[k] if out[k] is None else out[k] for k in SPACE_LIMIT_KEYS)
+        assert run is not None and cull is not None and stop is not None
+        if not stop < cull < run:
+            raise ConfigError(f"{where}: brun/bcull/bstop {run}/{cull}/{stop}% (the kernel's 7/5/1 for those not "
+                              "given): cachefiles wants 0 <= bstop < bcull < brun < 100")
+    return out
 
 
 def build_config(
@@ -388,7 +427,7 @@ def build_config(
         raise ConfigError("config file: image must be [[image]] tables (an array of tables), "
                           f"not {tables!r}")
     check_value_types("config file", {k: v for k, v in file_values.items() if k != "image"},
-                      FILE_KEYS - {"image", "read_window"})
+                      FILE_KEYS - {"image", "read_window", "cache_budget", *SPACE_LIMIT_KEYS})
     chosen_cache_dir = cache_dir or file_values.get("cache_dir")
     if not chosen_cache_dir:
         raise ConfigError("no cache directory: pass --cache-dir or set cache_dir in the config file")
@@ -416,6 +455,8 @@ def build_config(
                               parse_size("config file", "read_window", file_values["read_window"]))
     else:
         window = 1 << 20
+    budget = parse_cache_budget("config file", file_values["cache_budget"]) if "cache_budget" in file_values else None
+    limits = parse_space_limits("config file", file_values)
     return Config(
         cache_dir=Path(str(chosen_cache_dir)).resolve(),
         tag=str(chosen_tag) if chosen_tag else None,
@@ -427,6 +468,10 @@ def build_config(
         work_dir=Path(str(work_dir or file_values.get("work_dir") or "/var/lib/fscached")).resolve(),
         backend=chosen_backend,
         read_window=window,
+        cache_budget=budget,
+        brun=limits["brun"],
+        bcull=limits["bcull"],
+        bstop=limits["bstop"],
     )
 
 
