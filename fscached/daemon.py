@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Coroutine, TypeVar, Union
 
 from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
-from fscached import mounts
+from fscached import cache_gc, mounts
 from fscached.backend import choose_backend
 from fscached.catalog import Catalog, CatalogError
 from fscached.config import Config, ImageSpec
@@ -82,7 +82,8 @@ class Daemon:
             device = self._given_device or CachefilesDevice(str(self.config.device))
             if not device.is_open:  # not handed over already open (simulator, failover)
                 device.open()
-            device.bind(str(self.config.cache_dir), self.config.tag)
+            device.bind(str(self.config.cache_dir), self.config.tag,
+                        block_limits=(self.config.brun, self.config.bcull, self.config.bstop))
             self.server = Server(device, self.catalog, self.executor, self.config.read_window)
         # logged once it worked: a start-up error stays the one line on stderr
         log.info("kernel path: %s (%s)", self.backend, why)
@@ -122,9 +123,11 @@ class Daemon:
             self.serving = not self._stop.is_set()
             if self.config.ready_file and not self._stop.is_set():
                 _write_atomic(self.config.ready_file, f"{os.getpid()}\n")
+            cache_gc.start(self)  # the cache budget's periodic check, when one is configured
             let_go = await self._serve_until_unmounted(server)
         finally:
             self.serving = False
+            await cache_gc.stop(self)
             log.info("stopping: completing %d request(s) in flight", len(server.tasks))
             loop.remove_reader(fd)
             await server.drain(DRAIN_SECONDS)
@@ -200,6 +203,7 @@ class Daemon:
             raise BusyError(f"image {fsid}: still mounted on {', '.join(server.serving_mounts_of(spec))}")
         boot, dropped = self.catalog.remove_image(volume, fsid)
         server.image_removed(boot, dropped)
+        cache_gc.image_released(self, fsid, [blob.info.blob_id for blob in dropped])
         log.info("image %s unbound (%d blob(s) no longer used)", fsid, len(dropped))
         return spec
 
