@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -273,8 +274,15 @@ class ApiServer:
             raise ApiError(503, "NOT_READY", f"the daemon is not serving the kernel (state {state}): try again "
                                              "once it is READY or RUNNING")
 
-    def _images_with_id(self, fsid: str) -> list[ImageSpec]:
-        return [spec for (_, image), spec in sorted(self.daemon.catalog.images.items()) if image == fsid]
+    def _images_with_id(self, wanted: str) -> list[ImageSpec]:
+        """The binds with this id, or else with the fscache id nydus-snapshotter derives from a
+        snapshot id (sha256 of "nydus-snapshot-<id>"): its metrics requests may name either."""
+        images = sorted(self.daemon.catalog.images.items())
+        found = [spec for (_, fsid), spec in images if fsid == wanted]
+        if not found:
+            derived = hashlib.sha256(f"nydus-snapshot-{wanted}".encode()).hexdigest()
+            found = [spec for (_, fsid), spec in images if fsid == derived]
+        return found
 
     def _image_json(self, spec: ImageSpec) -> dict[str, Any]:
         daemon = self.daemon

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import hashlib
 import importlib.util
 import json
 import os
@@ -263,6 +264,13 @@ def test_bind_legacy_and_v2_then_kernel_reads_the_right_bytes(running: tuple[Api
     assert metrics["blobs"][0]["chunks_filled"] == metrics["blobs"][0]["chunks"] > 0, "the whole blob was read"
     assert metrics["bytes_filled"] > 0
     assert_error(call(api.sock, "GET", "/api/v1/metrics/blobcache?id=nope"), 404, "NOT_FOUND")
+    # named by the snapshot id the fscache id was derived from (as nydus-snapshotter derives it)
+    snap = "snapshot-7"
+    snap_id = hashlib.sha256(f"nydus-snapshot-{snap}".encode()).hexdigest()
+    assert call(api.sock, "PUT", "/api/v2/blobs", legacy_entry(snap_id, built, work))[0] == 204
+    status, _, by_snapshot = call(api.sock, "GET", f"/api/v1/metrics/blobcache?id=/{snap}")
+    assert status == 200 and by_snapshot["images"] == [{"id": snap_id, "domain_id": ""}]
+    assert call(api.sock, "DELETE", f"/api/v2/blobs?domain_id={snap_id}")[0] == 204
     assert call(api.sock, "GET", "/api/v1/metrics/blobcache")[2]["entries_count"] == 2  # every bind
     # GET /api/v2/blobs?domain_id=
     status, _, entries = call(api.sock, "GET", "/api/v2/blobs?domain_id=shared")
