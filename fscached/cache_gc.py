@@ -660,6 +660,9 @@ def budget_wanted(daemon: Any) -> bool:
 
 def start(daemon: Any, interval: float = BUDGET_INTERVAL) -> asyncio.Task[None] | None:
     """The periodic budget check, on the running loop (None when there is nothing to check)."""
+    config = daemon.config
+    if daemon.backend != "cachefiles" and any(v is not None for v in (config.brun, config.bcull, config.bstop)):
+        log.info("brun/bcull/bstop apply to the cachefiles path only: not used on %s", daemon.backend)
     if not budget_wanted(daemon):
         return None
     state = _state(daemon)

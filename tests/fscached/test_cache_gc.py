@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +33,7 @@ from fscached.api import ApiServer
 from fscached.cli import main as cli_main
 from fscached.config import Config, ImageSpec
 from fscached.daemon import Daemon
+from fscached.serve import Server
 from simdaemon import make_tree
 from standins.kernel_simulator import KernelSimulator, _SimDevice
 
@@ -78,6 +80,7 @@ class Run:
     """A Daemon on its own uvloop thread, on the simulator, with a culling device."""
 
     def __init__(self, sim: KernelSimulator, config: Config) -> None:
+        self.sim = sim
         device = sim.device()
         device.__class__ = CullingDevice  # the simulator's device, answering inuse/cull as well
         self.kernel = device.kernel = CullingKernel(config.cache_dir)  # type: ignore[attr-defined]
@@ -204,15 +207,11 @@ def test_an_open_object_is_busy_before_it_has_a_name(run_factory: Any, built: Pa
     a = spec(built, "a")
     run = run_factory([a])
     # the kernel OPENs the blob when the image is mounted: an unnamed tmpfile until umount
-    _simulator_of(run).mount("erofs,a", blob_id.encode())
+    run.sim.mount("erofs,a", blob_id.encode())
     with pytest.raises(cache_gc.CullBusy, match="volume erofs,a: bound"):
         run.cull(blob_id)
-    assert cache_gc._open_volumes(run.daemon.server, blob_id.encode()) == {"a"}
-
-
-def _simulator_of(run: Run) -> KernelSimulator:
-    device = run.daemon.server.device  # type: ignore[union-attr]
-    return device.sim  # type: ignore[attr-defined, no-any-return]
+    server = run.daemon.server
+    assert isinstance(server, Server) and cache_gc._open_volumes(server, blob_id.encode()) == {"a"}
 
 
 def test_fsid_culls_its_bootstrap_then_its_empty_volume(run_factory: Any, built: Path, blob_id: str) -> None:
@@ -295,6 +294,27 @@ def test_errors_through_the_api(run_factory: Any, built: Path, blob_id: str, wor
         assert not in_a.exists()
     finally:
         run.call(api.stop())
+
+
+def test_the_culling_thread_has_a_working_directory_of_its_own(tmp_path: Path) -> None:
+    from cachefiles import device
+
+    inside = threading.Event()
+    release = threading.Event()
+
+    def sit_there() -> str:
+        inside.set()
+        assert release.wait(10)
+        return os.getcwd()
+
+    cwd = os.getcwd()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(device.in_directory, tmp_path, sit_there)
+        assert inside.wait(10)
+        assert os.getcwd() == cwd  # while the command's thread sits in tmp_path
+        release.set()
+        assert future.result(10) == str(tmp_path)
+    assert device._directory_thread is not None and device._directory_thread.private  # unshare(CLONE_FS)
 
 
 # -- the budget ------------------------------------------------------------------------------
