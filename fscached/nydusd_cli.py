@@ -26,7 +26,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import logging.handlers
 import os
 import platform
 import signal
@@ -148,51 +147,11 @@ def read_initial_binds(path: str | None) -> list[Any]:
     return blobs
 
 
-def stderr_is_journal() -> bool:
-    """systemd sets JOURNAL_STREAM=<dev>:<inode> of the journal stream it gave the service;
-    it is the journal only while stderr is still that stream (not redirected since)."""
-    dev, sep, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    if not sep:
-        return False
-    try:
-        st = os.fstat(sys.stderr.fileno())
-        return (int(dev), int(ino)) == (st.st_dev, st.st_ino)
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-class JournalFormatter(logging.Formatter):
-    """`<priority>name: message`: journald stamps the time and keeps the priority."""
-
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        priority = self.PRIORITY.get(record.levelno, 6)
-        return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
-
-
 def setup_logging(level: str, log_file: str | None, rotation_mib: int) -> None:
-    handler: logging.Handler
-    if log_file:
-        Path(log_file).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if rotation_mib:
-            handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=rotation_mib << 20,
-                                                           backupCount=LOG_BACKUPS)
-        else:
-            handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        if stderr_is_journal():
-            handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
-        else:
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
+    """fscached's one logging set-up (fscached.logs): journald-aware on stderr, or the file."""
+    from fscached.logs import setup_logging as setup
+
+    setup(level, log_file, rotation_mib=rotation_mib, backups=LOG_BACKUPS)
 
 
 def main(argv: list[str] | None = None) -> int:
