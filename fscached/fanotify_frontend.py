@@ -33,7 +33,7 @@ from fscached import keeper, mounts
 from fscached.catalog import BlobObject, BootstrapObject, Catalog
 from fscached.config import ImageSpec
 from fscached.event_journal import EventJournal, Orphan
-from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, SharedFd, VerifyError
+from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, SharedFd, VerifyError
 from fscached.logs import request_log
 from fscached.metrics import RequestStats
 
@@ -451,12 +451,7 @@ class FanotifyServer:
         for cf in self.files.values():
             if cf.target is not None and cf.target.prefetch is not None:
                 cf.target.prefetch.cancel()
-        if self.tasks:
-            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        await settle(self.tasks, timeout)
         await self.filler.drain(0)
 
     def is_watched(self, mountpoint: str, mount_id: int) -> bool:

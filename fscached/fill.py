@@ -23,7 +23,7 @@ import threading
 from collections import Counter
 from concurrent.futures import Executor
 from contextlib import contextmanager
-from typing import Any, Awaitable, Callable, ContextManager, Iterator, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, ContextManager, Iterator, Sequence, TypeVar, cast
 
 import native
 from erofs_image.reader import ChunkVerifyError, digest_matches, verify_chunk
@@ -269,12 +269,7 @@ class Filler:
     async def drain(self, timeout: float) -> None:
         """Shutdown: give fetch jobs `timeout` seconds, then cancel the rest and wait for them
         (a cancelled job still waits for its worker thread's write to finish)."""
-        if self._jobs:
-            _, pending = await asyncio.wait(set(self._jobs), timeout=timeout)
-            for job in pending:
-                job.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        await settle(self._jobs, timeout)
 
     # -- the bootstrap: a local file, copied block-wise by the C core ---------------------------
     async def fill_bootstrap(self, obj: BootstrapObject, target: FillTarget, offset: int, length: int) -> None:
@@ -413,17 +408,19 @@ class Filler:
                 self.stats["verify_failures"] += 1
                 raise
 
+        # the chain takes sync or async checks; mypy cannot pick T from an async one alone
+        verify = cast(Callable[[bytes], Any], verify_and_write)
         if prefetch:
             await self._wait_for_idle()
             async with self._prefetch:
-                await obj.source.read_verified(info.blob_id, start, length, verify_and_write, prefetch=True)
+                await obj.source.read_verified(info.blob_id, start, length, verify, prefetch=True)
             self.stats["prefetched_chunks"] += len(run)
         else:
             self._ondemand_waiting += 1
             self._idle.clear()
             try:
                 async with self._ondemand:
-                    await obj.source.read_verified(info.blob_id, start, length, verify_and_write)
+                    await obj.source.read_verified(info.blob_id, start, length, verify)
             finally:
                 self._ondemand_waiting -= 1
                 if not self._ondemand_waiting:
@@ -466,6 +463,17 @@ class Filler:
                 if ahead > 0:
                     await asyncio.sleep(ahead)
         self.stats["prefetch_done"] += 1
+
+
+async def settle(tasks: "set[asyncio.Future[None]] | set[asyncio.Task[None]]", timeout: float) -> None:
+    """Give `tasks` `timeout` seconds to finish, then cancel what is left and wait for it: a
+    frontend's requests (each answered, with data or an error) or the filler's jobs."""
+    if tasks:
+        _, pending = await asyncio.wait(set(tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
 
 async def _all(waits: Sequence[Awaitable[None]]) -> None:

@@ -21,7 +21,7 @@ from cachefiles.messages import CloseRequest, MalformedMessage, OpenRequest, Rea
 from fetcher.source import SourceError
 from fscached.catalog import VOLUME_PREFIX, BlobObject, BootstrapObject, Catalog, Served
 from fscached.config import ImageSpec
-from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, VerifyError
+from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, VerifyError
 from fscached.logs import request_log
 from fscached.metrics import RequestStats
 
@@ -229,12 +229,7 @@ class Server:
             live = _live(entry)
             if live is not None and live.target.prefetch is not None:
                 live.target.prefetch.cancel()
-        if self.tasks:
-            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        await settle(self.tasks, timeout)
         await self.filler.drain(0)
 
     def release_all(self) -> None:
