@@ -25,7 +25,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -33,8 +32,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -46,6 +43,7 @@ from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskID, TextColum
 from rich.table import Column, Table
 
 from erofs_image.demo import entry, tar_bytes, write_oci_layout
+from fscached.registry_runner import RegistryRunner
 
 GREETING = "hello from inside the lazily served image"
 REPO = "fscached-demo/sample"
@@ -272,120 +270,6 @@ def _site_packages() -> Path:
     return Path(rich.__file__).parent.parent
 
 
-# --------------------------------------------------------------------------- a local registry
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalRegistry:
-    """Debian's docker-registry (Distribution 2.x) on a free loopback port, plain http, its
-    storage under `workdir`. start() / stop(), or a context manager."""
-
-    BIN = "docker-registry"
-
-    def __init__(self, workdir: Path, start_timeout: float = 20.0) -> None:
-        self.workdir = Path(workdir)
-        self.start_timeout = start_timeout
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.workdir / "registry.log"
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    @classmethod
-    def available(cls) -> bool:
-        return shutil.which(cls.BIN) is not None
-
-    def _write_config(self) -> Path:
-        storage = self.workdir / "storage"
-        storage.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "config.yml"
-        config.write_text("\n".join([
-            "version: 0.1",
-            "log:",
-            "  level: warn",
-            "storage:",
-            "  filesystem:",
-            f"    rootdirectory: {storage}",
-            "  redirect:",
-            "    disable: true",
-            "http:",
-            f"  addr: 127.0.0.1:{self.port}",
-            "  secret: fscached-demo",
-        ]) + "\n")
-        return config
-
-    def start(self) -> "LocalRegistry":
-        exe = shutil.which(self.BIN)
-        if exe is None:
-            raise RuntimeError("docker-registry is not installed (Debian package docker-registry)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        error = "?"
-        for _attempt in range(3):  # a free port can be taken between probe and bind
-            self.port = free_port()
-            config = self._write_config()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-            with open(self.log_path, "ab") as log:
-                # a session of its own: Ctrl-C reaches the demo, which stops things in order
-                self.proc = subprocess.Popen([exe, "serve", str(config)], stdout=log,
-                                             stderr=subprocess.STDOUT, env=env,
-                                             start_new_session=True)
-            try:
-                self._wait_ready()
-                return self
-            except RuntimeError as exc:
-                error = str(exc)
-                self.stop()
-        raise RuntimeError(f"{error}\n{self.log_tail()}")
-
-    def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/v2/", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"docker-registry did not answer on {self.url}/v2/ in {self.start_timeout:.0f}s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def __enter__(self) -> "LocalRegistry":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 # --------------------------------------------------------------------------- the daemon
 
 
@@ -546,7 +430,7 @@ def missing_for_online() -> str | None:
     reason = probe(WORK_PARENT)
     if reason:
         return f"no fanotify pre-content events: {reason}"
-    if not LocalRegistry.available():
+    if not RegistryRunner.available():
         return "docker-registry is not installed (Debian package docker-registry)"
     if shutil.which("skopeo") is None:
         return "skopeo is not installed (Debian package skopeo)"
@@ -701,7 +585,7 @@ def online(console: Console, steps: Steps, work: Path) -> int:
     boot_bytes = (out / "image.boot").stat().st_size
 
     steps.start("start docker-registry on loopback")
-    registry = LocalRegistry(work / "registry")
+    registry = RegistryRunner(work / "registry")  # plain http, a session of its own
     daemon: DaemonProcess | None = None
     mnt = work / "mnt"
     try:

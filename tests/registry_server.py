@@ -11,39 +11,24 @@ so it can be used from plain fixtures. Only ever binds 127.0.0.1.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import os
-import shutil
-import socket
 import subprocess
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-REGISTRY_BIN = "docker-registry"
+from fscached.registry_runner import REGISTRY_BIN, RegistryRunner, free_port
+
+__all__ = ["REGISTRY_BIN", "TEST_PASSWORD", "TEST_USER", "RegistryServer", "free_port",
+           "make_self_signed_cert", "registry_available"]
+
 # credentials for RegistryServer(users={TEST_USER: TEST_PASSWORD}); non-ASCII on purpose
 TEST_USER = "alice"
 TEST_PASSWORD = "pa55-W\u00f6rd-not-in-logs"
 
 
 def registry_available() -> bool:
-    return shutil.which(REGISTRY_BIN) is not None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _htpasswd_line(user: str, password: str) -> str:
-    import bcrypt  # test dependency (pyproject [test]); the registry only accepts bcrypt
-
-    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()
-    return f"{user}:{hashed}\n"
+    return RegistryRunner.available()
 
 
 def make_self_signed_cert(directory: Path) -> tuple[Path, Path]:
@@ -58,131 +43,20 @@ def make_self_signed_cert(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-class RegistryServer:
+class RegistryServer(RegistryRunner):
+    """The shipped RegistryRunner (fscached/registry_runner.py: start with port retries,
+    readiness, stop, log_tail, users / tls) set up for tests: info log with access lines,
+    deletes enabled, in pytest's session; plus pushes through the distribution API."""
+
+    LOG_TAIL_LINES = 40
+
     def __init__(self, workdir: Path, users: dict[str, str] | None = None,
                  tls: tuple[Path, Path] | None = None, start_timeout: float = 20.0) -> None:
         """users: htpasswd basic auth; tls: (certificate, key) PEM files to serve https."""
-        self.workdir = Path(workdir)
-        self.users = dict(users or {})
-        self.tls = tls
-        self.start_timeout = start_timeout
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.log_path = self.workdir / "registry.log"
-
-    # -- addresses ---------------------------------------------------------------------------
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def scheme(self) -> str:
-        return "https" if self.tls else "http"
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self.host}"
-
-    def auth_header(self) -> dict[str, str]:
-        if not self.users:
-            return {}
-        user, password = next(iter(self.users.items()))
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        return {"Authorization": f"Basic {token}"}
-
-    # -- lifecycle ---------------------------------------------------------------------------
-    def _write_config(self) -> Path:
-        storage = self.workdir / "storage"
-        storage.mkdir(parents=True, exist_ok=True)
-        lines = [
-            "version: 0.1",
-            "log:",
-            "  level: info",
-            "  accesslog:",
-            "    disabled: false",
-            "storage:",
-            "  filesystem:",
-            f"    rootdirectory: {storage}",
-            "  delete:",
-            "    enabled: true",
-            # no redirects: the filesystem driver serves blob bytes itself
-            "  redirect:",
-            "    disable: true",
-            "http:",
-            f"  addr: 127.0.0.1:{self.port}",
-            "  secret: fscached-test-secret",
-        ]
-        if self.tls:
-            lines += ["  tls:", f"    certificate: {self.tls[0]}", f"    key: {self.tls[1]}"]
-        if self.users:
-            htpasswd = self.workdir / "htpasswd"
-            htpasswd.write_text("".join(_htpasswd_line(u, p) for u, p in self.users.items()))
-            lines += ["auth:", "  htpasswd:", "    realm: fscached-test", f"    path: {htpasswd}"]
-        config = self.workdir / "config.yml"
-        config.write_text("\n".join(lines) + "\n")
-        return config
-
-    def start(self) -> "RegistryServer":
-        exe = shutil.which(REGISTRY_BIN)
-        if exe is None:
-            raise RuntimeError("docker-registry is not installed (Debian package docker-registry)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        last_error = None
-        for _attempt in range(3):  # a free port can be taken between probe and bind
-            self.port = free_port()
-            config = self._write_config()
-            log = open(self.log_path, "ab")
-            env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-            self.proc = subprocess.Popen([exe, "serve", str(config)], stdout=log,
-                                         stderr=subprocess.STDOUT, env=env)
-            log.close()
-            try:
-                self._wait_ready()
-                return self
-            except RuntimeError as exc:
-                last_error = exc
-                self.stop()
-        raise RuntimeError(f"{last_error}\n--- registry log ---\n{self.log_tail()}")
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited with {self.proc.returncode}")
-            try:
-                req = urllib.request.Request(self.url + "/v2/", headers=self.auth_header())
-                with urllib.request.urlopen(req, timeout=1, context=self._ssl()) as resp:
-                    if resp.status == 200:
-                        return
-            except urllib.error.HTTPError as exc:
-                if exc.code == 401 and self.users:
-                    return  # answering, just wants credentials
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"docker-registry did not answer on {self.url}/v2/ in {self.start_timeout}s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def __enter__(self) -> "RegistryServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(workdir, users=users, tls=tls, start_timeout=start_timeout,
+                         log_level="info", access_log=True, delete_enabled=True,
+                         secret="fscached-test-secret", realm="fscached-test",
+                         new_session=False)
 
     # -- distribution API --------------------------------------------------------------------
     def _request(self, method: str, url: str, data: bytes | None = None,
@@ -190,13 +64,6 @@ class RegistryServer:
         hdrs = {**self.auth_header(), **(headers or {})}
         req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
         return urllib.request.urlopen(req, timeout=30, context=self._ssl())
-
-    def _ssl(self):
-        if not self.tls:
-            return None
-        import ssl
-
-        return ssl.create_default_context(cafile=str(self.tls[0]))
 
     def push_blob(self, repo: str, data: bytes) -> str:
         """Upload `data` as a blob of `repo` (monolithic POST + PUT); return its sha256 hex."""
