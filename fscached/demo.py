@@ -395,9 +395,12 @@ class Steps:
         self._started = time.monotonic()
         return self.current
 
-    def update(self, **kw: object) -> None:
+    def update(self, completed: float, detail: str | None = None) -> None:
         assert self.current is not None
-        self.progress.update(self.current, **kw)
+        if detail is None:
+            self.progress.update(self.current, completed=completed)
+        else:
+            self.progress.update(self.current, completed=completed, detail=detail)
 
     def done(self, detail: str = "") -> None:
         assert self.current is not None
