@@ -16,7 +16,8 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h native/build_native.py)
+# setup.py also generates fscached/_proto/ from proto/: a changed .proto installs again
+$(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h native/build_native.py) $(shell find proto -name '*.proto')
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
