@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from fscached.daemon import Daemon
 
 try:
-    from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
-    from google.protobuf.unknown_fields import UnknownFieldSet  # type: ignore[import-untyped]
+    from google.protobuf.message import DecodeError  # type: ignore[import-untyped, unused-ignore]
+    from google.protobuf.unknown_fields import UnknownFieldSet  # type: ignore[import-untyped, unused-ignore]
 
     from fscached._proto.handover.v1 import handover_pb2 as pb
 except ImportError as exc:  # the generated code is missing, or the protobuf runtime refuses it
@@ -473,7 +473,8 @@ def _is_repeated(fd: Any) -> bool:
 def unknown_fields(msg: Any, path: str = "") -> list[str]:
     """The fields of `msg` (and the messages in it) its schema does not name, by number and
     where: "HandoverState field 40", "images[0].registry field 12". Never their values."""
-    found = [f"{path or msg.DESCRIPTOR.name} field {f.field_number}" for f in UnknownFieldSet(msg)]
+    unknown = UnknownFieldSet(msg)
+    found = [f"{path or msg.DESCRIPTOR.name} field {unknown[i].field_number}" for i in range(len(unknown))]
     for fd, value in msg.ListFields():
         if fd.message_type is None:
             continue
