@@ -365,6 +365,8 @@ def test_budget_pass_follows_an_unbind(run_factory: Any, built: Path, blob_id: s
 def test_free_space_below_bcull_culls_until_brun(run_factory: Any, built: Path, blob_id: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     a = spec(built, "a")
+    # the pass an unbind brings forward must not run beside the ones called below
+    monkeypatch.setattr(cache_gc, "UNBIND_SETTLE", 3600.0)
     run = run_factory([a], bcull=10, brun=20)  # no size budget: free-space limits only
     assert cache_gc.budget_wanted(run.daemon)
     cache = run.daemon.config.cache_dir
