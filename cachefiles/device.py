@@ -32,6 +32,8 @@ from cachefiles.messages import (
 TMPFS_MAGIC = 0x01021994
 DEFAULT_PATH = "/dev/cachefiles"
 READ_BUFFER_SIZE = max(4096, CACHEFILES_MSG_MAX_SIZE)
+NO_RESTORE = ("this kernel has no cachefiles failover: `restore` answers EOPNOTSUPP (it needs Linux 6.8+, "
+              "or 6.1.95+ on 6.1; 5.19-6.7 and 6.1.0-6.1.94 lack it)")
 _NEEDS_ONDEMAND = ("the kernel lacks on-demand cachefiles: it needs CONFIG_CACHEFILES_ONDEMAND=y "
                    "and CONFIG_EROFS_FS_ONDEMAND=y")
 
@@ -75,6 +77,8 @@ class CachefilesDevice:
         self.path = path
         self._fd: int | None = None
         self._completer: Completer = completer or _native_completer
+        # cachefiles failover (`restore`) on this kernel: None until probe_restore() ran
+        self.restore_supported: bool | None = None
 
     @classmethod
     def from_fd(cls, fd: int, *, path: str = DEFAULT_PATH,
@@ -185,10 +189,32 @@ class CachefilesDevice:
             f"no pending OPEN with msg_id {msg_id}" if e.errno == errno.EINVAL else None))
 
     def restore(self) -> None:
-        """Re-queue the requests a previous holder of this device fd had taken."""
-        self._command_or_raise("restore", lambda e: (
-            "this kernel has no cachefiles failover (needs 6.8+ or 6.1.95+)"
-            if e.errno == errno.EOPNOTSUPP else None))
+        """Re-queue the requests a previous holder of this device fd had taken (every pending
+        request is marked new: one this daemon is serving may come again)."""
+        try:
+            self._command_or_raise("restore", lambda e: (
+                NO_RESTORE if e.errno == errno.EOPNOTSUPP else None))
+        except CachefilesError as exc:
+            if exc.errno == errno.EOPNOTSUPP:
+                self.restore_supported = False
+            raise
+        self.restore_supported = True
+
+    def probe_restore(self) -> bool:
+        """Whether the kernel has cachefiles failover (`restore`): True on 6.8+ and 6.1.95+,
+        False where `restore` answers EOPNOTSUPP (5.19-6.7, 6.1 before 6.1.95). Call it after
+        `bind`: before it even a kernel with failover refuses `restore`. Harmless at start (no
+        request is pending); later it re-sends the READs in flight, which a daemon must then
+        ignore as duplicates. The result is kept in `restore_supported`."""
+        try:
+            self._command("restore")
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                self.restore_supported = False
+                return False
+            raise CachefilesError(f"`restore` failed: {e.strerror} ({_err_name(e.errno or 0)})", e.errno) from None
+        self.restore_supported = True
+        return True
 
     # -- free-space limits -----------------------------------------------------------
     def space_limit(self, command: str, percent: int) -> None:

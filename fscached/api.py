@@ -12,7 +12,8 @@ no body; 200 with a JSON body) and error bodies `{"code": "...", "message": "...
     DELETE /api/v2/blobs?blob_id=B             cull B's cache (fscached.cache_gc.cull)
     PUT    /api/v1/daemon/start                READY -> RUNNING
     PUT    /api/v1/daemon/exit                 stop the daemon
-    PUT    /api/v1/daemon/fuse/sendfd|takeover 501: failover is issue #9
+    PUT    /api/v1/daemon/fuse/sendfd          state + /dev/cachefiles fd to the --supervisor socket
+    PUT    /api/v1/daemon/fuse/takeover        (INIT) state + fd back from the supervisor, restore
     GET    /api/v1/metrics/blobcache?id=F      one bind's cache counters
     PUT    /api/v1/config?id=F                 {"registry_auth": "<base64 user:pass>"}
     GET    /metrics                            Prometheus text (fscached.metrics.render)
@@ -21,10 +22,12 @@ Errors: 400 bad request (a broken rule, bad JSON, a wrong method), 404 unknown r
 ("NO_ROUTE") or unknown entry ("NOT_FOUND"), 409 an image mounted by the daemon and in use
 ("BUSY"), 500 daemon error, 501 unsupported, 503 not ready (INIT / STOPPED).
 
-States: INIT (not answering the kernel yet: binds get 503), READY (bound and serving), RUNNING
-(after `PUT /api/v1/daemon/start`, or at once with autostart: nydusd's singleton moves itself
-INIT -> READY -> RUNNING when created, and nydus-snapshotter waits for exactly RUNNING),
-STOPPED (exit asked for, or the daemon is stopping).
+States: INIT (not answering the kernel yet: binds get 503; a daemon restarted for failover, or
+started with --upgrade, waits there for a takeover), READY (bound and serving, or taken over and
+waiting for start), RUNNING (after `PUT /api/v1/daemon/start`, or at once with autostart:
+nydusd's singleton moves itself INIT -> READY -> RUNNING when created, and nydus-snapshotter
+waits for exactly RUNNING), STOPPED (exit asked for, or the daemon is stopping). The supervisor
+protocol (sendfd, takeover, the start after it) is fscached.failover's.
 
 The socket is 0600 in a directory that is created 0700 when missing; a directory writable by
 others and not ours (or owned by another user) is refused; a stale socket (nobody answers) is
@@ -62,8 +65,6 @@ KEEPALIVE_SECONDS = 10 * 365 * 24 * 3600.0
 SHUTDOWN_SECONDS = 2.0
 SUN_PATH_MAX = 108  # sockaddr_un.sun_path, with its NUL
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-FAILOVER_UNSUPPORTED = ("failover and hot upgrade (sendfd / takeover) are not supported yet (fscached issue #9): "
-                        "set recover_policy = \"restart\" (or \"none\") in nydus-snapshotter's config")
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
               "warning": logging.WARNING, "error": logging.ERROR}
 # nydusd routes for its FUSE mode and its own statistics: known, answered 501
@@ -147,14 +148,17 @@ class ApiServer:
 
     def __init__(self, daemon: Any, path: Path, *, daemon_id: str | None = None, supervisor: str | None = None,
                  autostart: bool = True, on_exit: Callable[[], None] | None = None,
-                 waiting_for_takeover: bool = False) -> None:
+                 waiting_for_takeover: bool = False, failover: Any = None) -> None:
+        from fscached.failover import Failover
+
         self.daemon = daemon
         self.path = Path(path)
         self.daemon_id = daemon_id
         self.supervisor = supervisor
         self.autostart = autostart
         self.on_exit = on_exit or daemon.stop
-        self.waiting_for_takeover = waiting_for_takeover
+        # the supervisor protocol (sendfd, takeover); waiting in INIT for a takeover
+        self.failover: Failover = failover or Failover(daemon, supervisor, waiting=waiting_for_takeover)
         self._started = autostart
         self._exiting = False
         self._runner: web.AppRunner | None = None
@@ -209,9 +213,15 @@ class ApiServer:
         return self._runner
 
     @property
+    def waiting_for_takeover(self) -> bool:
+        return bool(self.failover.waiting and not self.failover.taken_over)
+
+    @property
     def state(self) -> str:
         if self._exiting or self.daemon.stopping:
             return STOPPED
+        if self.failover.ready and not self.daemon.serving:
+            return READY  # taken over: a hot upgrade waits for start, a failover starts serving
         if self.waiting_for_takeover or self.daemon.server is None or not self.daemon.serving:
             return INIT
         return RUNNING if self._started else READY
@@ -228,8 +238,8 @@ class ApiServer:
         r.add_delete("/api/v2/blobs", self.unbind)
         r.add_put("/api/v1/daemon/start", self.start_service)
         r.add_put("/api/v1/daemon/exit", self.exit)
-        r.add_put("/api/v1/daemon/fuse/sendfd", self.failover)
-        r.add_put("/api/v1/daemon/fuse/takeover", self.failover)
+        r.add_put("/api/v1/daemon/fuse/sendfd", self.send_fd)
+        r.add_put("/api/v1/daemon/fuse/takeover", self.take_over)
         r.add_get("/api/v1/metrics/blobcache", self.blobcache_metrics, allow_head=False)
         r.add_put("/api/v1/config", self.put_config)
         r.add_get("/metrics", self.prometheus, allow_head=False)
@@ -340,18 +350,44 @@ class ApiServer:
         state = self.state
         if state == INIT or state == STOPPED:
             raise ApiError(503, "NOT_READY", f"cannot start from state {state}"
-                           + (": " + FAILOVER_UNSUPPORTED if self.waiting_for_takeover else ""))
+                           + (": waiting for a takeover (PUT /api/v1/daemon/fuse/takeover)"
+                              if self.waiting_for_takeover else ""))
+        self.failover.start()  # after a takeover: a hot upgrade's new daemon reads the device from now on
         self._started = True
         return no_content()
 
     async def exit(self, request: web.Request) -> web.Response:
-        log.info("exit asked for through the API")
+        log.info("exit asked for through the API%s",
+                 " (a hand-over: the supervisor holds the device)" if getattr(self.daemon, "handing_over", False) else "")
         self._exiting = True
+        self.failover.abort()  # a daemon waiting in INIT (or for start) leaves
         asyncio.get_running_loop().call_soon(self.on_exit)  # after this answer is on its way
         return no_content()
 
-    async def failover(self, request: web.Request) -> web.Response:
-        raise ApiError(501, "UNSUPPORTED", FAILOVER_UNSUPPORTED)
+    async def send_fd(self, request: web.Request) -> web.Response:
+        from fscached.failover import FailoverError
+
+        state = self.state
+        if state != READY and state != RUNNING:
+            raise ApiError(503, "NOT_READY", f"sendfd: the daemon is not serving the kernel (state {state})")
+        try:
+            await self.failover.send_fd()
+        except FailoverError as exc:
+            log.error("%s", exc)
+            raise ApiError(exc.status, exc.code, str(exc)) from None
+        return no_content()
+
+    async def take_over(self, request: web.Request) -> web.Response:
+        from fscached.failover import FailoverError
+
+        if self._exiting or self.daemon.stopping:
+            raise ApiError(503, "NOT_READY", "takeover: the daemon is stopping")
+        try:
+            await self.failover.take_over()
+        except FailoverError as exc:
+            log.error("%s", exc)
+            raise ApiError(exc.status, exc.code, str(exc)) from None
+        return no_content()
 
     async def nydusd_only(self, request: web.Request) -> web.Response:
         raise ApiError(501, "UNSUPPORTED", f"{request.path} is a nydusd FUSE-mode route: fscached serves images "

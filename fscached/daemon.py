@@ -11,7 +11,7 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Coroutine, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Coroutine, TypeVar, Union
 
 from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
 from fscached import cache_gc, mounts
@@ -19,13 +19,20 @@ from fscached.backend import choose_backend
 from fscached.catalog import Catalog, CatalogError
 from fscached.config import Config, ImageSpec
 from fscached.fanotify_frontend import FanotifyServer
+from fscached.handover import FD_CACHEFILES
 from fscached.serve import Server
 from fscached.sources import SourcePool
+
+if TYPE_CHECKING:
+    from fscached.systemd import Service
 
 log = logging.getLogger("fscached")
 
 WORKER_THREADS = 4
 DRAIN_SECONDS = 10.0
+# a stop that hands over (fscached.failover): READs in flight get this long to finish with their
+# data; the rest are left unanswered for the successor, whose `restore` has the kernel send them again
+HANDOVER_DRAIN_SECONDS = 2.0
 
 Frontend = Union[Server, FanotifyServer]
 T = TypeVar("T")
@@ -36,8 +43,19 @@ class BusyError(Exception):
 
 
 class Daemon:
-    def __init__(self, config: Config, device: CachefilesDevice | None = None) -> None:
+    # how the cachefiles device is made: from its path, or from an fd systemd kept (tests put a
+    # simulator's device class here)
+    device_class: type[CachefilesDevice] = CachefilesDevice
+
+    def __init__(self, config: Config, device: CachefilesDevice | None = None,
+                 service: "Service | None" = None) -> None:
         self.config = config
+        # run by systemd (fscached.systemd): fds from its store, READY/WATCHDOG/FDSTORE to it
+        self.service = service
+        self._restore = False  # cachefiles: the device came back from the fd store: `restore`
+        self._device_kept = False
+        # images a predecessor bound at run time (from its hand-over state in the fd store)
+        self.restored_images: list[ImageSpec] = []
         self.catalog = Catalog()
         self.pool = SourcePool()
         self.loaded = False
@@ -54,6 +72,11 @@ class Daemon:
         # True from the moment run() answers the kernel (and has mounted what it was asked to)
         # until it starts stopping: the control API (fscached.api) binds images only then
         self.serving = False
+        # Another process holds our kernel fd too (a failover supervisor, a successor): a stop
+        # is then a hand-over. Its mounts stay, and no READ is completed without its data (a
+        # reader would see EIO); the requests left go back to the kernel's queue (`restore`)
+        # for the successor. Set by fscached.failover (sendfd, takeover).
+        self.handing_over = False
 
     async def load(self) -> None:
         """Open every image's bootstrap (pulling it from its registry when needed) and build
@@ -63,7 +86,25 @@ class Daemon:
             if path is None:
                 path = await self.pull_image_bootstrap(spec)
             self.catalog.add_image(spec, path, self.pool.chain(spec))
+        if self.service is not None and self.service.state is not None:
+            await self._bind_restored(self.service.state.run_time_images)
         self.loaded = True
+
+    async def _bind_restored(self, specs: tuple[ImageSpec, ...]) -> None:
+        """The images a predecessor bound at run time, bound again before the kernel asks."""
+        for spec in specs:
+            if (spec.volume, spec.fsid) in self.catalog.images:
+                continue  # configured now
+            try:
+                path = spec.bootstrap if spec.bootstrap is not None else await self.pull_image_bootstrap(spec)
+                self.catalog.add_image(spec, path, self.pool.chain(spec))
+            except Exception as exc:  # one image that cannot come back must not stop the others
+                log.error("image %s, bound at run time before the restart, cannot be bound again: %s", spec.fsid, exc)
+                continue
+            self.restored_images.append(spec)
+        if self.restored_images:
+            log.info("bound again %d image(s) bound at run time before the restart: %s",
+                     len(self.restored_images), ", ".join(spec.fsid for spec in self.restored_images))
 
     def bind(self) -> None:
         """Choose the kernel path and take it: the device bound (cachefiles), or the group made
@@ -71,19 +112,42 @@ class Daemon:
         (CachefilesError, FanotifyError, BackendError, KeeperError)."""
         self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         why = "asked for"
-        if self.backend == "auto" or self.backend == "fanotify":
+        service = self.service
+        if service is not None:
+            from fscached.systemd import stored_backend
+
+            self.backend, why = stored_backend(service, self.backend, why)
+        if (self.backend == "auto" or self.backend == "fanotify") and why == "asked for":
             self.backend, why = choose_backend(self.backend, self.config.cache_dir, self.config.device)
         if self.backend == "fanotify":
             server = FanotifyServer(self.catalog, self.executor, self.config.cache_dir, self.config.read_window)
-            server.open()
+            if service is not None:
+                from fscached.systemd import FanotifyStore
+
+                server.open(FanotifyStore(service))  # systemd's fd store instead of the keeper
+            else:
+                server.open()
             self.server = server
         else:
             check_cache_dir(str(self.config.cache_dir))  # the most specific error first
-            device = self._given_device or CachefilesDevice(str(self.config.device))
-            if not device.is_open:  # not handed over already open (simulator, failover)
-                device.open()
-            device.bind(str(self.config.cache_dir), self.config.tag,
-                        block_limits=(self.config.brun, self.config.bcull, self.config.bstop))
+            kept = service.take(FD_CACHEFILES) if service is not None else None
+            if kept is not None:
+                # bound by a predecessor, kept by systemd: no dir/bind again, `restore` once the
+                # reader is armed (run())
+                device = self.device_class.from_fd(kept, path=str(self.config.device))
+                self._restore = self._device_kept = True
+                log.info("took %s back from systemd's fd store: the requests in flight come again (restore)",
+                         self.config.device)
+            else:
+                device = self._given_device or self.device_class(str(self.config.device))
+                if not device.is_open:  # not handed over already open (simulator, failover)
+                    device.open()
+                device.bind(str(self.config.cache_dir), self.config.tag,
+                            block_limits=(self.config.brun, self.config.bcull, self.config.bstop))
+                if service is not None:
+                    from fscached.systemd import keep_device
+
+                    keep_device(service, device)
             self.server = Server(device, self.catalog, self.executor, self.config.read_window)
         # logged once it worked: a start-up error stays the one line on stderr
         log.info("kernel path: %s (%s)", self.backend, why)
@@ -108,6 +172,12 @@ class Daemon:
                 loop.add_signal_handler(sig, self._stop.set)
             loop.add_signal_handler(signal.SIGUSR1, self.write_stats)
         self._on_readable()  # anything queued before the reader was armed
+        if self._restore and isinstance(server, Server):
+            self._restore = False
+            try:
+                server.device.restore()  # the READs the dead daemon had taken come again
+            except CachefilesError as exc:
+                log.error("%s", exc)
         server.start_background()
         let_go = True
         try:
@@ -121,6 +191,10 @@ class Daemon:
             log.info("serving %d image(s) from cache %s through %s: %s", len(self.config.images),
                      self.config.cache_dir, self.backend, images or "none")
             self.serving = not self._stop.is_set()
+            if self.service is not None and self.serving:
+                self.service.close_unused()
+                self.service.store_state(self)
+                self.service.ready(f"serving {len(self.catalog.images)} image(s) through {self.backend}")
             if self.config.ready_file and not self._stop.is_set():
                 _write_atomic(self.config.ready_file, f"{os.getpid()}\n")
             cache_gc.start(self)  # the cache budget's periodic check, when one is configured
@@ -128,16 +202,32 @@ class Daemon:
         finally:
             self.serving = False
             await cache_gc.stop(self)
-            log.info("stopping: completing %d request(s) in flight", len(server.tasks))
+            handing_over = self.handing_over and isinstance(server, Server)
             loop.remove_reader(fd)
-            await server.drain(DRAIN_SECONDS)
+            if handing_over:
+                assert isinstance(server, Server)
+                server.handing_over = True  # from now on a READ without its data is left, not completed
+                log.info("stopping for a hand-over: %d request(s) in flight get %.0f s to finish with their data, "
+                         "the rest are left to the successor", len(server.tasks), HANDOVER_DRAIN_SECONDS)
+                await server.drain(HANDOVER_DRAIN_SECONDS)
+            else:
+                log.info("stopping: completing %d request(s) in flight", len(server.tasks))
+                await server.drain(DRAIN_SECONDS)
             # no write into a cache fd is left running; waited for off the event loop
             await asyncio.to_thread(self.executor.shutdown, True)
             if isinstance(server, FanotifyServer):
                 server.release_all(let_go=let_go)
             else:
                 server.release_all()
+                if handing_over:
+                    _requeue_for_successor(server)
+                if self.service is not None and let_go:
+                    self.service.release()  # nothing mounted: the next start binds afresh
                 server.device.close()
+            if self.service is not None:
+                if not let_go and self.service.can_store:
+                    log.info("systemd's fd store keeps the kernel fd and the state: the next start takes them back")
+                self.service.stop_watchdog()
             self.write_stats()
             if self.pool.sources():  # none when no image was ever served (an API-only start)
                 await self.pool.close()
@@ -146,7 +236,7 @@ class Daemon:
 
     async def _mount_all(self, server: Frontend) -> None:
         """Mount every image with a mountpoint, once the kernel's questions can be answered."""
-        for spec in self.config.images:
+        for spec in [*self.config.images, *self.restored_images]:
             await self._mount(server, spec)
 
     async def _mount(self, server: Frontend, spec: ImageSpec) -> None:
@@ -158,6 +248,10 @@ class Daemon:
             there, mount_id = present[str(spec.mountpoint)]
             if (isinstance(server, FanotifyServer) and server.takeover and there == source
                     and server.is_watched(str(spec.mountpoint), mount_id)):
+                log.info("image %s: still mounted on %s, served again", spec.fsid, spec.mountpoint)
+                self.mounted.append(spec.mountpoint)
+                return
+            if isinstance(server, Server) and self._device_kept and self._fscache_mount_of(spec):
                 log.info("image %s: still mounted on %s, served again", spec.fsid, spec.mountpoint)
                 self.mounted.append(spec.mountpoint)
                 return
@@ -183,6 +277,8 @@ class Daemon:
             server.image_removed(boot, dropped)
             raise
         log.info("image %s bound%s", spec.fsid, f" (domain {spec.domain})" if spec.domain else "")
+        if self.service is not None:
+            self.service.store_state(self)  # a restarted daemon binds it again
 
     async def remove_image(self, volume: str, fsid: str) -> ImageSpec:
         """Stop serving an image: unmount it if the daemon mounted it, close its objects, drop
@@ -205,6 +301,10 @@ class Daemon:
         server.image_removed(boot, dropped)
         cache_gc.image_released(self, fsid, [blob.info.blob_id for blob in dropped])
         log.info("image %s unbound (%d blob(s) no longer used)", fsid, len(dropped))
+        if spec in self.restored_images:
+            self.restored_images.remove(spec)
+        if self.service is not None:
+            self.service.store_state(self)
         return spec
 
     async def _serve_until_unmounted(self, server: Frontend) -> bool:
@@ -213,6 +313,12 @@ class Daemon:
         is mounted any more (fanotify: the keeper may then let the group go)."""
         while True:
             await self._stop.wait()
+            if self.service is not None:
+                self.service.stopping()
+            if self.handing_over:  # the successor serves them: they stay mounted
+                if self.mounted:
+                    log.info("hand-over: %s stay mounted for the successor", ", ".join(map(str, self.mounted)))
+                return False
             busy = []
             for mountpoint in list(self.mounted):
                 if await asyncio.to_thread(mounts.unmount, mountpoint):
@@ -220,6 +326,21 @@ class Daemon:
                     log.info("unmounted %s", mountpoint)
                 else:
                     busy.append(str(mountpoint))
+            if busy and self.service is not None and self.service.keeps_kernel_fd:
+                # run by systemd: its fd store keeps the kernel fd, the next start serves them
+                log.warning("%s busy: left mounted for the next fscached (systemd's fd store keeps the kernel "
+                            "fd; `systemctl stop` drops the store)", ", ".join(busy))
+                self._hand_over_to_next()
+                return False
+            if isinstance(server, Server) and self.service is not None and self.service.keeps_kernel_fd:
+                from fscached.systemd import fscache_mounts
+
+                others = fscache_mounts()
+                if others:
+                    log.warning("%s still mounted: left to the next fscached (systemd's fd store keeps "
+                                "/dev/cachefiles)", ", ".join(others))
+                    self._hand_over_to_next()
+                    return False
             if busy:
                 log.error("still serving: %s busy (stop what uses it, then signal again)", ", ".join(busy))
                 self._stop.clear()
@@ -240,6 +361,18 @@ class Daemon:
             log.error("%s", exc)
             self.exit_code = 1
             self._stop.set()
+
+    def _hand_over_to_next(self) -> None:
+        """A stop under systemd that leaves mounts to the next process: cachefiles READs in
+        flight are not completed without their data (restore has the kernel send them again)."""
+        if isinstance(self.server, Server) and hasattr(self, "handing_over"):
+            setattr(self, "handing_over", True)
+
+    def _fscache_mount_of(self, spec: ImageSpec) -> bool:
+        from fscached.systemd import fscache_mount_of
+
+        assert spec.mountpoint is not None
+        return fscache_mount_of(spec.mountpoint, spec.fsid, spec.domain)
 
     @property
     def stopping(self) -> bool:
@@ -286,6 +419,20 @@ class Daemon:
         except (SourceError, ValueError) as exc:
             raise CatalogError(f"image {spec.fsid}: cannot pull {spec.ref}: {exc}") from None
         return pulled.bootstrap
+
+
+def _requeue_for_successor(server: Server) -> None:
+    """A hand-over stop, once every anon fd of ours is closed: `restore` marks the requests we
+    took and left as new, so the successor gets them (the kernel re-opens their objects with new
+    object ids first). Before the close, it would re-send them with ids only we knew."""
+    if server.device.restore_supported is False:
+        return
+    try:
+        server.device.restore()
+        log.info("hand-over: the requests left were given back to the kernel's queue (restore)")
+    except CachefilesError as exc:
+        log.warning("hand-over: could not give the requests left back to the kernel (%s): the successor's "
+                    "takeover does it", exc)
 
 
 def _write_atomic(path: Path, text: str) -> None:

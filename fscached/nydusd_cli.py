@@ -8,8 +8,13 @@
 It starts fscached's daemon on the cachefiles path (the snapshotter mounts with `-o fsid=`)
 with no image: images are bound at run time through the nydusd API on `--apisock`
 (fscached.api). `--config` may hold nydusd's singleton config, `{"blobs": [<bind entry>...]}`,
-bound at start. `--upgrade` (hot upgrade) stays in INIT: taking over from another daemon is
-not supported yet (issue #9), `takeover` answers 501.
+bound at start.
+
+Failover (`--supervisor`, fscached.failover): a daemon that finds /dev/cachefiles busy (the
+supervisor holds it) beside a stale API socket was restarted for failover: it serves the API in
+INIT and waits for `takeover` (then `start`). `--upgrade` (hot upgrade) always starts that way,
+on its new API socket. With `--supervisor`, a normal start asks the kernel for `restore` and
+says when failover needs a newer kernel.
 
 Logs go to `--log-file` (rotated at `--log-rotation-size` MiB, 0 = never) with timestamps, else
 to stderr: without timestamps, with syslog priority prefixes, when stderr is the journal
@@ -105,8 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-file", metavar="FILE", help="log there instead of stderr")
     p.add_argument("--log-rotation-size", metavar="MIB", default="0", help="rotate the log file at this size (0: never)")
     p.add_argument("--id", help="the daemon id (reported by the API)")
-    p.add_argument("--supervisor", metavar="PATH", help="failover supervisor socket (reported; failover is issue #9)")
-    p.add_argument("--upgrade", action="store_true", help="hot upgrade: wait in INIT for a takeover (unsupported: 501)")
+    p.add_argument("--supervisor", metavar="PATH", help="failover supervisor socket (sendfd / takeover)")
+    p.add_argument("--upgrade", action="store_true", help="hot upgrade: wait in INIT for a takeover, then start")
     p.add_argument("--config", metavar="FILE", help="nydusd singleton config: {\"blobs\": [bind entries]}")
     p.add_argument("--ready-file", metavar="FILE", help=argparse.SUPPRESS)  # fscached: written once serving
     return p.parse_args(argv)
@@ -200,21 +205,29 @@ async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
     if args.fscache_threads:
         log.info("--fscache-threads %s: fscached serves asynchronously with its own workers", args.fscache_threads)
     if args.upgrade:
-        return await wait_for_takeover(daemon, apisock, args)
+        return await wait_for_takeover(daemon, apisock, args, upgrade=True)
     stale_socket = apisock.exists()  # nydusd: a leftover socket + a busy device = a failover restart
     try:
-        check_socket_path(apisock)  # before the device is taken: nothing to undo
+        check_socket_path(apisock)  # before the device is taken: nothing to undo (a live socket: refused)
         await daemon.load()
         daemon.bind()
     except CachefilesError as exc:
         if getattr(exc, "errno", None) == errno.EBUSY and stale_socket:
-            return fail(args, f"{exc}; restarted for failover? taking over another daemon's /dev/cachefiles is "
-                              "not supported yet (issue #9): use recover_policy = \"restart\"")
+            if args.supervisor:
+                log.info("%s is busy and the API socket %s was stale: restarted for failover, waiting in INIT "
+                         "for a takeover from the supervisor %s", config.device, apisock, args.supervisor)
+                return await wait_for_takeover(daemon, apisock, args, upgrade=False)
+            return fail(args, f"{exc}; restarted for failover? without --supervisor there is nothing to take "
+                              "over from (nydus-snapshotter passes it with recover_policy = \"failover\")")
         return fail(args, str(exc))
     except (ApiSocketError, CatalogError) as exc:
         return fail(args, str(exc))
     except OSError as exc:
         return fail(args, f"{exc.filename or ''}: {exc.strerror}")
+    if args.supervisor:
+        from fscached.failover import check_kernel
+
+        check_kernel(daemon)  # says when failover needs a newer kernel (no `restore`)
     api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor)
     try:
         await api.start()
@@ -256,30 +269,43 @@ async def bind_at_start(daemon: Any, api: Any, entries: list[Any]) -> None:
             log.error("--config blobs[%d]: %s", n, exc.message)
 
 
-async def wait_for_takeover(daemon: Any, apisock: Path, args: argparse.Namespace) -> int:
-    """--upgrade: nydusd would wait in INIT for the old daemon's state and /dev/cachefiles fd
-    (takeover). Not supported yet: serve the API in INIT (takeover / start answer why) until
-    told to exit."""
+async def wait_for_takeover(daemon: Any, apisock: Path, args: argparse.Namespace, *, upgrade: bool) -> int:
+    """Serve the API in INIT until the supervisor's takeover (fscached.failover), then serve the
+    kernel: at once after a failover restart, at `start` for a hot upgrade (`--upgrade`: the old
+    daemon serves until told to exit). Exit (API or signal) while waiting: leave, exit code 0."""
     from fscached.api import ApiServer, ApiSocketError
+    from fscached.failover import Failover
 
     log = logging.getLogger("fscached")
-    done = asyncio.Event()
-    api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor, on_exit=done.set,
-                    waiting_for_takeover=True)
+    failover = Failover(daemon, args.supervisor, upgrade=upgrade, waiting=True)
+
+    def leave() -> None:
+        failover.abort()
+        daemon.stop()
+
+    api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor, autostart=False,
+                    on_exit=leave, failover=failover)
     try:
         await api.start()
     except ApiSocketError as exc:
         return fail(args, str(exc))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    log.warning("--upgrade: waiting in INIT for a takeover, which fscached does not support yet (issue #9); "
-                "the running daemon keeps serving")
+        loop.add_signal_handler(sig, leave)
+    if args.supervisor is None:
+        log.warning("%s: waiting in INIT for a takeover, but without --supervisor there is nothing to take over "
+                    "from (exit through the API)", "--upgrade" if upgrade else "restart")
+    else:
+        log.info("%s: waiting in INIT for a takeover from the supervisor %s",
+                 "hot upgrade" if upgrade else "failover restart", args.supervisor)
     try:
-        await done.wait()
+        if not await failover.wait_until_serving():
+            return 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)  # daemon.run() installs its own
+        return await daemon.run()
     finally:
         await api.stop()
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@
 Every OPEN gets a copen (a size, or -errno); every READ gets a READ_COMPLETE, with data or
 without (the reader then sees EIO, never a hang); every CLOSE releases the object's fd once
 its READs are done.
+
+Except in a hand-over (`handing_over`: another process holds the device too, a supervisor or a
+successor, fscached.failover): then a READ that ends without its data is left unanswered, never
+completed empty. The successor's `restore` makes the kernel send it again (with a new object id
+once the object's anon fd is gone). `restore` re-sends the READs being served as well: a READ
+whose msg_id is already in flight here is a duplicate and is dropped.
 """
 from __future__ import annotations
 
@@ -48,6 +54,12 @@ class Server:
         # object_id -> anon fd (owned, closed once its last in-flight READ lets go) + LiveObject
         self.objects = ObjectTable()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.reading: set[int] = set()  # msg_ids of the READs being served
+        # stopping for a hand-over: never complete a READ without its data
+        self.handing_over = False
+        # another daemon serves this device too (a hot upgrade's overlap): READs for objects
+        # not ours are its own, not an error
+        self.device_shared = False
 
     def fileno(self) -> int:
         return self.device.fileno()
@@ -150,13 +162,22 @@ class Server:
 
     # -- READ -------------------------------------------------------------------------------
     def handle_read(self, req: ReadRequest) -> None:
+        if req.msg_id in self.reading:  # sent again by a `restore` while being served
+            self.stats["read_duplicate"] += 1
+            log.debug("READ req=msg:%d sent again while being served (restore): ignored", req.msg_id)
+            return
         self.stats["read"] += 1
         if req.object_id not in self.objects:
             # No fd to complete on: the kernel fails the read when the object goes away.
             self.stats["read_unknown_object"] += 1
+            if self.device_shared or self.handing_over:  # the other daemon's object (hot upgrade)
+                log.info("READ req=msg:%d for object %d of the other daemon: left to it (or to restore)",
+                         req.msg_id, req.object_id)
+                return
             log.error("READ req=msg:%d for unknown object %d", req.msg_id, req.object_id)
             self.requests.observe("failed", 0.0)
             return
+        self.reading.add(req.msg_id)
         task = asyncio.ensure_future(self._serve_read(req, time.monotonic()))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -164,14 +185,18 @@ class Server:
     async def _serve_read(self, req: ReadRequest, started: float) -> None:
         # Holding the entry keeps its anon fd open until this READ is completed, even if a
         # CLOSE removes the object meanwhile.
-        with self.objects.use(req.object_id) as entry:
-            live = _live(entry)
-            if live is None:
-                return
-            await self._fill_and_complete(live, req, started)
+        try:
+            with self.objects.use(req.object_id) as entry:
+                live = _live(entry)
+                if live is None:
+                    return
+                await self._fill_and_complete(live, req, started)
+        finally:
+            self.reading.discard(req.msg_id)
 
     async def _fill_and_complete(self, live: LiveObject, req: ReadRequest, started: float) -> None:
         outcome = "failed"
+        rlog = request_log(log, "READ", f"msg:{req.msg_id}", live.name)
         try:
             if isinstance(live.served, BootstrapObject):
                 await self.filler.fill_bootstrap(live.served, live.target, req.offset, req.length)
@@ -182,20 +207,28 @@ class Server:
                 outcome = "cached" if cached else "filled"
             self.stats["read_bytes"] += req.length
         except (SourceError, VerifyError, OSError, ValueError) as exc:
-            self.stats["read_failed"] += 1
-            request_log(log, "READ", f"msg:{req.msg_id}", live.name).error(
-                "off=%d len=%d failed: %s", req.offset, req.length, exc)
+            if not self.handing_over:
+                self.stats["read_failed"] += 1
+                rlog.error("off=%d len=%d failed: %s", req.offset, req.length, exc)
+            else:
+                rlog.warning("off=%d len=%d failed during a hand-over (%s): left to the successor",
+                             req.offset, req.length, exc)
         except asyncio.CancelledError:
-            self.stats["read_failed"] += 1
-            request_log(log, "READ", f"msg:{req.msg_id}", live.name).warning(
-                "off=%d len=%d cancelled (object closed, or shutdown)", req.offset, req.length)
+            if not self.handing_over:
+                self.stats["read_failed"] += 1
+                rlog.warning("off=%d len=%d cancelled (object closed, or shutdown)", req.offset, req.length)
         except Exception:  # a bug must still not hang the reader
             self.stats["read_failed"] += 1
-            request_log(log, "READ", f"msg:{req.msg_id}", live.name).exception(
-                "off=%d len=%d: unexpected error", req.offset, req.length)
+            rlog.exception("off=%d len=%d: unexpected error", req.offset, req.length)
         finally:
-            self._complete(live, req.msg_id)
-            self.requests.observe(outcome, time.monotonic() - started, req.length if outcome != "failed" else 0)
+            if outcome == "failed" and self.handing_over:
+                # no READ_COMPLETE: the reader waits, and the successor's `restore` sends it again
+                self.stats["read_left"] += 1
+                rlog.info("off=%d len=%d left unanswered for the successor (hand-over)", req.offset, req.length)
+            else:
+                self._complete(live, req.msg_id)
+                self.requests.observe(outcome, time.monotonic() - started,
+                                      req.length if outcome != "failed" else 0)
 
     def _complete(self, live: LiveObject, msg_id: int) -> None:
         try:

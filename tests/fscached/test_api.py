@@ -337,9 +337,10 @@ def test_other_routes(running: tuple[ApiDaemon, KernelSimulator], built: Path, w
         assert_error(call(sock, "PUT", "/api/v1/daemon", {"log_level": "loud"}), 400, "BAD_REQUEST", "log_level")
     finally:
         logging.getLogger().setLevel(before)
-    # failover: issue #9
-    for path in ("/api/v1/daemon/fuse/sendfd", "/api/v1/daemon/fuse/takeover"):
-        assert_error(call(sock, "PUT", path), 501, "UNSUPPORTED", "issue #9")
+    # failover (tests/fscached/test_failover_sim.py): nobody listens on this supervisor socket, and a
+    # daemon that bound the device itself takes nothing over
+    assert_error(call(sock, "PUT", "/api/v1/daemon/fuse/sendfd"), 500, "DAEMON_ERROR", "/run/sup.sock")
+    assert_error(call(sock, "PUT", "/api/v1/daemon/fuse/takeover"), 400, "BAD_REQUEST", "not waiting")
     # nydusd's FUSE-mode routes: known, unsupported
     assert_error(call(sock, "GET", "/api/v1/metrics"), 501, "UNSUPPORTED")
     assert_error(call(sock, "POST", "/api/v1/mount?mountpoint=/x", {}), 501, "UNSUPPORTED")
@@ -655,7 +656,7 @@ def test_nydusd_without_on_demand_cachefiles_fails_in_one_line(tmp_path: Path) -
 
 
 def test_nydusd_upgrade_waits_in_init(tmp_path: Path) -> None:
-    """--upgrade: INIT, takeover 501 with the reason, exit through the API."""
+    """--upgrade: INIT, takeover refused without a supervisor, exit through the API."""
     sock = tmp_path / "run" / "api.sock"
     proc = subprocess.Popen([*NYDUSD, "singleton", "--fscache", str(tmp_path / "cache"), "--apisock", str(sock),
                              "--upgrade", "--id", "d2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -666,7 +667,7 @@ def test_nydusd_upgrade_waits_in_init(tmp_path: Path) -> None:
             time.sleep(0.05)
         status, _, info = call(sock, "GET", "/api/v1/daemon")
         assert status == 200 and info["state"] == "INIT" and info["id"] == "d2"
-        assert_error(call(sock, "PUT", "/api/v1/daemon/fuse/takeover"), 501, "UNSUPPORTED", "issue #9")
+        assert_error(call(sock, "PUT", "/api/v1/daemon/fuse/takeover"), 400, "BAD_REQUEST", "--supervisor")
         assert_error(call(sock, "PUT", "/api/v1/daemon/start"), 503, "NOT_READY", "INIT")
         assert_error(call(sock, "PUT", "/api/v2/blobs", {"type": "bootstrap"}), 503, "NOT_READY")
         assert call(sock, "PUT", "/api/v1/daemon/exit")[0] == 204

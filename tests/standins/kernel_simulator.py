@@ -144,6 +144,7 @@ class KernelSimulator:
         self.completed: list[int] = []  # msg_ids of READs the daemon completed
         self._copen_failures: list[int] = []  # errnos for the next copen writes
         self._id_owner: dict[int, SimObject] = {}  # object_id -> the object it was last given to
+        self._reopening: set[int] = set()  # id() of objects being re-opened by a restore
         self.cache_dir: str | None = None
         self.tag: str | None = None
         self.bound = False
@@ -185,7 +186,12 @@ class KernelSimulator:
             self._copen_failures.extend([err] * count)
 
     def _injected_failure(self, text: str) -> int:
-        """The errno a command write fails with (0: none); fails the copen's OPEN too."""
+        """The errno a command write fails with (0: none); fails the copen's OPEN too. A kernel
+        without failover (failover=False) refuses `restore` with EOPNOTSUPP, as 5.19-6.7 do."""
+        if text == "restore" and not self.failover:
+            with self._lock:
+                self.commands.append(text)
+            return errno.EOPNOTSUPP
         if not text.startswith("copen "):
             return 0
         with self._cond:
@@ -497,12 +503,49 @@ class KernelSimulator:
 
     def _restore(self) -> None:
         """Re-send the READs that are still uncompleted (the simulator cannot tell taken
-        from untaken ones: call it only after a daemon drained the queue)."""
+        from untaken ones: call it only after a daemon drained the queue). A READ whose object's
+        anon fd is closed (its daemon died, or let it go) first re-opens the object, as the
+        kernel does when a daemon picks such a READ up: a new OPEN with a new fd and a NEW
+        object id, then the READ (same msg_id) with that id. The re-open waits for its copen,
+        which this thread handles: it runs on a thread of its own."""
         with self._lock:
             reads = [r for r in self._pending.values() if r.opcode == "READ"]
+        closed: dict[int, list[_Pending]] = {}
         for r in reads:
+            if r.obj.kernel_closed:
+                continue
             if self.anon_fd_open(r.obj):
                 self._send(encode_read(r.msg_id, r.obj.object_id, r.offset, r.length))
+            else:
+                closed.setdefault(id(r.obj), []).append(r)
+        for group in closed.values():
+            with self._lock:
+                if id(group[0].obj) in self._reopening:
+                    continue  # the re-open under way sends them
+                self._reopening.add(id(group[0].obj))
+            threading.Thread(target=self._reopen_and_resend, args=(group,), name="sim-reopen", daemon=True).start()
+
+    def _reopen_and_resend(self, reads: list[_Pending]) -> None:
+        obj = reads[0].obj
+        try:
+            obj.reopens += 1
+            self._open(obj, DEFAULT_TIMEOUT)
+        except (OSError, TimeoutError, SimulatorError) as exc:
+            self._error(f"re-open of object {obj.cookie_key!r} for restore failed: {exc}")
+            obj.copen_result = -errno.EIO
+        finally:
+            with self._lock:
+                self._reopening.discard(id(obj))
+        with self._cond:
+            if obj.size is None:  # the re-open failed: so do its READs
+                for r in reads:
+                    if self._pending.pop(r.msg_id, None) is not None:
+                        r.result = -errno.EIO
+                        r.done.set()
+                return
+            resend = [r for r in reads if r.msg_id in self._pending]
+        for r in resend:
+            self._send(encode_read(r.msg_id, obj.object_id, r.offset, r.length))
 
     def shutdown(self) -> None:
         """Close the kernel's end (the daemon then reads 0 bytes / sees POLLHUP) and the
