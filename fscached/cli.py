@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fscached.config import Config, ConfigError, build_config, load_toml
+
+if TYPE_CHECKING:
+    from fscached.systemd import Service
 
 PROG = "fscached"
 
@@ -80,16 +84,23 @@ async def start_and_serve(config: "Config", apisock: Path | None = None) -> int:
         from fscached.daemon import Daemon
         from fscached.keeper import KeeperError
         from fscached.api import ApiServer, ApiSocketError, check_socket_path
+        from fscached.systemd import Service, SystemdError
     except ImportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
+    service: Service | None = None
     try:
+        # run by systemd: fds from its store, WATCHDOG=1 from this loop from now on (start-up too)
+        service = Service.from_environment()
+        if service is not None:
+            _under_systemd(service)
         if apisock is not None:
             check_socket_path(apisock)  # before the kernel is involved
-        daemon = Daemon(config)
+        daemon = Daemon(config, service=service)
         await daemon.load()  # every image is readable before the kernel is involved
         daemon.bind()
-    except (CatalogError, CachefilesError, FanotifyError, BackendError, KeeperError, ApiSocketError) as exc:
+    except (CatalogError, CachefilesError, FanotifyError, BackendError, KeeperError, ApiSocketError,
+            SystemdError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -109,6 +120,22 @@ async def start_and_serve(config: "Config", apisock: Path | None = None) -> int:
         return await daemon.run()
     finally:
         await api.stop()
+
+
+def _under_systemd(service: "Service") -> None:
+    """Log what systemd handed over; a watchdog kill (SIGABRT) prints where the loop was stuck."""
+    import faulthandler
+    import logging
+
+    log = logging.getLogger("fscached.systemd")
+    log.info("%s", service.describe_start())
+    if service.watchdog is not None:
+        faulthandler.enable()
+        service.start_watchdog()
+        log.info("watchdog: WATCHDOG=1 every %.1f s (timeout %.1f s)", service.watchdog / 3, service.watchdog)
+    if service.fdstore_max is None and service.can_store:
+        log.info("systemd did not say how many fds its store takes ($FDSTORE, systemd 254+): "
+                 "the unit must set FileDescriptorStoreMax=")
 
 
 if __name__ == "__main__":

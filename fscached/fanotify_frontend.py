@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import time
 from collections import Counter
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine, Protocol
 
 from fanotify.group import FAN_ALLOW, FAN_Q_OVERFLOW, Event, FanotifyError, Group, deny_errno
 from fetcher.source import SourceError
@@ -67,6 +68,39 @@ class CacheFile:
         return self.target
 
 
+class FdHolder(Protocol):
+    """Who holds the group and the write fds while no daemon does. Names: "group",
+    "blob:<volume>/<blob id>"."""
+
+    what: str
+
+    def take(self) -> dict[str, int] | None: ...
+    def start(self) -> None: ...
+    def give(self, fds: dict[str, int]) -> None: ...
+    def dismiss(self) -> None: ...
+
+
+class KeeperHolder:
+    """The keeper process (fscached.keeper): a daemon not run by systemd."""
+
+    what = "the keeper"
+
+    def __init__(self, sock: Path) -> None:
+        self.sock = sock
+
+    def take(self) -> dict[str, int] | None:
+        return keeper.take(self.sock)
+
+    def start(self) -> None:
+        keeper.start(self.sock)
+
+    def give(self, fds: dict[str, int]) -> None:
+        keeper.give(self.sock, fds)
+
+    def dismiss(self) -> None:
+        keeper.dismiss(self.sock)
+
+
 class FanotifyServer:
     def __init__(self, catalog: Catalog, executor: Executor, cache_dir: Path,
                  read_window: int = DEFAULT_WINDOW) -> None:
@@ -89,19 +123,29 @@ class FanotifyServer:
         # nothing watched their blobs, their page cache may hold holes read as zeros; never
         # served, whoever holds the group later (kept in the state dir beside the journal)
         self.unwatched: dict[str, int] = {}
+        self.holder: FdHolder = KeeperHolder(self.keeper_socket)
 
     # -- start ------------------------------------------------------------------------------
-    def open(self) -> None:
-        """Take the group back from a keeper (a successor) or make a new one; create and mark
-        every blob's cache file; hand the fds to the keeper. Errors: FanotifyError, KeeperError."""
+    def open(self, holder: "FdHolder | None" = None) -> None:
+        """Take the group back from its holder (a successor) or make a new one; create and mark
+        every blob's cache file; hand the fds to the holder: the keeper process, or systemd's fd
+        store when run by systemd (fscached.systemd.FanotifyStore). Errors: FanotifyError,
+        KeeperError."""
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
-        handed = keeper.take(self.keeper_socket) or {}
+        self.holder = holder or KeeperHolder(self.keeper_socket)
+        handed = self.holder.take() or {}
+        from_keeper = False
+        if "group" not in handed and not isinstance(self.holder, KeeperHolder):
+            # run by systemd for the first time while a keeper of a manual run holds the group
+            handed = keeper.take(self.keeper_socket) or {}
+            from_keeper = "group" in handed
         group_fd = handed.pop("group", None)
         if group_fd is not None:
             self.group = Group.adopt(group_fd)
             self.takeover = True
-            log.info("took the fanotify group back from the keeper (%d write fds)", len(handed))
+            log.info("took the fanotify group back from %s (%d write fds)",
+                     "the keeper" if from_keeper else self.holder.what, len(handed))
         else:
             self.group = Group.create()
         self.journal = EventJournal(self.state_dir / "events.journal")
@@ -127,8 +171,13 @@ class FanotifyServer:
         for fd in handed.values():  # blobs no image of this configuration uses
             os.close(fd)
         if not self.takeover:
-            keeper.start(self.keeper_socket)
+            self.holder.start()
+        else:
+            # before any event is read: a new event must not get an orphan's fd number
+            self._reserve_orphan_numbers()
         self._give_to_keeper()
+        if from_keeper:
+            keeper.dismiss(self.keeper_socket)  # after systemd holds the group: it never lapses
 
     def _open_cache_file(self, volume: str, blob: BlobObject, handed: dict[str, int]) -> None:
         assert self.group is not None
@@ -214,14 +263,14 @@ class FanotifyServer:
         os.replace(tmp, self._record_path)
 
     def _give_to_keeper(self) -> None:
-        """The group, and as many write fds as one message carries (a write fd the keeper does
+        """The group, and as many write fds as one message carries (a write fd the holder does
         not hold is taken from the blob's first event by a successor instead)."""
         assert self.group is not None
         fds = {"group": self.group.fd}
         for cf in self.files.values():
             if cf.write_fd is not None and len(fds) < keeper.MAX_FDS:
                 fds[f"blob:{cf.name}"] = cf.write_fd.fd
-        keeper.give(self.keeper_socket, fds)
+        self.holder.give(fds)
 
     def fileno(self) -> int:
         assert self.group is not None
@@ -268,7 +317,7 @@ class FanotifyServer:
     def start_background(self) -> None:
         """After the reader is armed: resolve a dead predecessor's orphans, start prefetches."""
         if self.orphans:
-            self._reserve_orphan_numbers()
+            self._reserve_orphan_numbers()  # done by open() already; here for a caller that did not
             log.warning("answering %d event(s) a previous daemon took and left unanswered", len(self.orphans))
             for orphan in self.orphans:
                 self._spawn(self._resolve_orphan(orphan))
@@ -300,9 +349,12 @@ class FanotifyServer:
             events = self.group.read_events()
             if not events:
                 return
-            for event in events:
+            # every event of the read is journaled before any is worked on: a kill -9 in the
+            # middle of the batch leaves all of them to a successor, none unknown to it
+            stats = [self._journal_first(event) for event in events]
+            for event, st in zip(events, stats):
                 try:
-                    self._handle(event)
+                    self._handle(event, st)
                 except Exception:  # a bug must still not leave the reader waiting
                     log.exception("event req=fd:%d off=%d: unexpected error: answering EIO", event.fd, event.offset)
                     self.stats["read_failed"] += 1
@@ -310,7 +362,23 @@ class FanotifyServer:
                     if event.fd >= 0:
                         self._answer(event.fd, deny_errno(errno.EIO))
 
-    def _handle(self, event: Event) -> None:
+    def _journal_first(self, event: Event) -> os.stat_result | None:
+        """Journal an event of a file we serve (cleared again when it is answered); its stat."""
+        assert self.journal is not None
+        if event.fd < 0 or event.mask & FAN_Q_OVERFLOW:
+            return None
+        try:
+            st = os.fstat(event.fd)
+        except OSError:
+            return None
+        cf = self.by_inode.get((st.st_dev, st.st_ino))
+        if cf is not None:
+            count = event.count if event.count >= 0 else cf.blob.size - event.offset
+            if count > 0:
+                self.journal.record(event.fd, st.st_dev, st.st_ino, event.offset, count)
+        return st
+
+    def _handle(self, event: Event, st: os.stat_result | None = None) -> None:
         assert self.group is not None and self.journal is not None
         started = time.monotonic()
         self.stats["read"] += 1
@@ -319,7 +387,7 @@ class FanotifyServer:
             log.error("fanotify queue overflow (mask %#x): events were lost", event.mask)
             return
         try:
-            st = os.fstat(event.fd)
+            st = st or os.fstat(event.fd)
         except OSError:
             self._answer(event.fd, deny_errno(errno.EIO))
             self.requests.observe("failed", time.monotonic() - started)
@@ -398,7 +466,13 @@ class FanotifyServer:
     def _reserve_orphan_numbers(self) -> None:
         """Keep each orphan's fd number busy here until it is answered: a new event must not
         get the same number (answers are matched by number)."""
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if not self.orphans:
+            return
+        first = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:  # above every orphan's number: the lowest free fd may be one of them
+            null = fcntl.fcntl(first, fcntl.F_DUPFD_CLOEXEC, max(orphan.fd for orphan in self.orphans) + 1)
+        finally:
+            os.close(first)
         try:
             for orphan in self.orphans:
                 try:
@@ -482,7 +556,7 @@ class FanotifyServer:
                 self.journal.reset()
             self.journal.close()
         if let_go:
-            keeper.dismiss(self.keeper_socket)
+            self.holder.dismiss()
         if self.group is not None:
             self.group.close()
 
