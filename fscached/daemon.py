@@ -336,6 +336,8 @@ class Daemon:
                 from fscached.systemd import fscache_mounts
 
                 others = fscache_mounts()
+                if not others and any(True for _ in server.objects.entries()):
+                    others = ["objects the kernel still has open"]  # mounted elsewhere (a namespace)
                 if others:
                     log.warning("%s still mounted: left to the next fscached (systemd's fd store keeps "
                                 "/dev/cachefiles)", ", ".join(others))

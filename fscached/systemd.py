@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import array
 import asyncio
-import errno
 import logging
 import os
+import platform
 import re
 import socket
 import struct
@@ -467,33 +467,18 @@ def stored_backend(service: Service, backend: str, why: str) -> tuple[str, str]:
 
 
 # -- cachefiles ------------------------------------------------------------------------------
-def check_restore(device: "CachefilesDevice") -> bool:
-    """Whether the kernel has cachefiles failover: `restore` on a freshly bound device (nothing
-    taken yet, so nothing is re-sent) answers EOPNOTSUPP on 5.19-6.7 and 6.1 before 6.1.95."""
-    from cachefiles.device import CachefilesError
-
-    probe = getattr(device, "probe_restore", None)  # cachefiles.device's own, where it has one
-    if probe is not None:
-        return bool(probe())
-    try:
-        device.restore()
-        return True
-    except CachefilesError as exc:
-        if exc.errno == errno.EOPNOTSUPP:
-            return False
-        raise
-
-
 def keep_device(service: Service, device: "CachefilesDevice") -> None:
     """After `bind`: keep the device in systemd's fd store when the kernel can hand it over
     (`restore`); say at start when it cannot."""
-    service.failover = check_restore(device)
+    from cachefiles.device import NO_RESTORE
+
+    service.failover = device.probe_restore()
     if service.failover:
         service.sync({FD_CACHEFILES: device.fileno()})
     else:
-        log.warning("failover needs a newer kernel: this one has no cachefiles `restore` (Linux 6.8+ or "
-                    "6.1.95+ have it); /dev/cachefiles is not kept in systemd's fd store, so after a restart "
-                    "or a crash the mounts it serves fail with EIO and must be mounted again")
+        log.warning("failover needs a newer kernel: %s; this kernel is %s. /dev/cachefiles is not kept in "
+                    "systemd's fd store: after a restart or a crash the mounts it serves fail with EIO and "
+                    "must be mounted again", NO_RESTORE, platform.release())
 
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")

@@ -168,12 +168,14 @@ class SystemdStandin:
                 self._cond.wait(min(left, 0.1))
         return start
 
-    def kill(self, sig: int = signal.SIGKILL) -> Start:
-        """Signal the main process from outside (kill -9 by default); the restart policy does
-        the rest."""
+    def kill(self, sig: int = signal.SIGKILL, *, wait: bool = True) -> Start:
+        """Signal the main process from outside (kill -9 by default) and, with `wait`, wait until
+        it is gone; the restart policy does the rest."""
         start = self.current
         assert start is not None and start.exited is None, "no process running"
         os.kill(start.pid, sig)
+        if wait:
+            self.wait_exit(start, 30)
         return start
 
     def restart(self, timeout: float | None = None) -> Start:
