@@ -259,3 +259,99 @@ def test_a_kernel_without_restore_is_said_at_start(setup) -> None:
     sd.wait_ready()
     assert "cachefiles" not in sd.store_names, sd.store_names
     assert "failover needs a newer kernel" in sd.log.read_text()
+
+
+# -- the protocol pieces, without a daemon -----------------------------------------------------------
+def test_notify_with_fds_over_an_abstract_socket_and_the_store_rules() -> None:
+    script = """
+import os, time
+from fscached.systemd import notify
+r, w = os.pipe()
+r2, w2 = os.pipe()
+assert notify("FDSTORE=1\\nFDNAME=a\\nFDPOLL=0", [r])
+assert notify("FDSTORE=1\\nFDNAME=again\\nFDPOLL=0", [r])  # the same open file: stored once
+assert notify("FDSTORE=1\\nFDNAME=b\\nFDPOLL=0", [w])
+assert notify("FDSTORE=1\\nFDNAME=c\\nFDPOLL=0", [r2])  # the store is full (2)
+assert notify("FDSTOREREMOVE=1\\nFDNAME=b")
+assert notify("READY=1\\nSTATUS=done")
+time.sleep(30)
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    sd = SystemdStandin([sys.executable, "-c", script], env=env, abstract=True, fdstore_max=2, restart="no")
+    try:
+        assert sd.notify_socket.startswith("@")
+        sd.start()
+        start = sd.wait_ready(timeout=20)
+        assert start.notes == ["done"]
+        assert sd.store_names == ["a"], (sd.store_names, sd.errors, sd.log_tail())
+        assert any("full" in e for e in sd.errors), sd.errors
+        assert sd.rejected == []
+    finally:
+        sd.close()
+    from fscached import systemd
+
+    assert not systemd.notify("READY=1", env={})  # no NOTIFY_SOCKET: nothing sent
+
+
+def test_listen_fds_are_only_for_the_pid_they_name() -> None:
+    from fscached import systemd
+
+    r, w = os.pipe()
+    try:
+        env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "x"}
+        assert systemd.listen_fds(env) == [] and "LISTEN_FDS" not in env
+        assert systemd.watchdog_seconds({"WATCHDOG_USEC": "3000000"}) == 3.0
+        assert systemd.watchdog_seconds({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"}) is None
+    finally:
+        os.close(r)
+        os.close(w)
+    assert systemd.blob_from_store_name(systemd.blob_store_name("dom:a%b", "f" * 64) or "") == "dom:a%b/" + "f" * 64
+    assert ":" not in (systemd.blob_store_name("dom:a", "f" * 64) or ":")
+    assert systemd.blob_store_name("v" * 200, "f" * 64) is None  # too long for FDNAME: not stored
+
+
+def test_state_memfd_survives_a_torn_write() -> None:
+    from fscached.systemd import StateMemfd
+
+    memfd = StateMemfd(capacity=4096)
+    try:
+        memfd.write(b"first state")
+        memfd.write(b"second state")
+        assert StateMemfd.read(memfd.fd) == (2, b"second state")
+        # killed while writing the next one into the other slot: the header still names the second
+        os.pwrite(memfd.fd, b"third, torn", 4096)
+        assert StateMemfd.read(memfd.fd) == (2, b"second state")
+        # a header pointing at bytes that do not match (torn the other way): the one before
+        memfd.write(b"third state")
+        os.pwrite(memfd.fd, b"XX", 4096)  # the slot the third went into
+        assert StateMemfd.read(memfd.fd) == (2, b"second state")
+    finally:
+        memfd.close()
+
+
+def test_the_unit_file() -> None:
+    """contrib/fscached.service: Type=notify, the watchdog, the fd store, restarts, and no option
+    that would give it a mount namespace of its own (its mounts must reach the host)."""
+    import shutil as _shutil
+    import subprocess
+
+    unit = REPO / "contrib" / "fscached.service"
+    lines = [line.strip() for line in unit.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    keys = dict(line.split("=", 1) for line in lines if "=" in line)
+    assert keys["Type"] == "notify" and keys["Restart"] == "on-failure"
+    assert int(keys["FileDescriptorStoreMax"]) > 0 and keys["WatchdogSec"]
+    for namespacing in ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts",
+                        "ReadOnlyPaths", "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups",
+                        "ProtectProc", "TemporaryFileSystem", "InaccessiblePaths", "MountFlags", "DevicePolicy"):
+        assert namespacing not in keys, f"{namespacing}= would keep fscached's mounts from the host"
+    assert "CAP_SYS_ADMIN" in keys["CapabilityBoundingSet"]
+    analyze = _shutil.which("systemd-analyze")
+    if analyze is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "fscached.service"
+        copy.write_text(unit.read_text().replace("/opt/fscached/.venv/bin/fscached", sys.executable))
+        result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines()
+                  if line.strip() and "FileDescriptorStorePreserve" not in line]  # systemd < 254 only
+    assert result.returncode == 0 and not complaints, result.stdout + result.stderr
