@@ -11,7 +11,8 @@ Writes go through a non-notifying fd of the cache file: one opened before the fi
 or a duplicate of an event's fd. The group fd and those write fds also live in the keeper
 (fscached.keeper), and every event being worked on is journaled (fscached.event_journal), so a
 daemon killed with -9 leaves readers waiting, never reading zeros, and its successor answers
-what it left.
+what it left. Run by systemd, systemd's fd store holds them instead of the keeper
+(fscached.systemd.FanotifyStore).
 """
 from __future__ import annotations
 

@@ -143,3 +143,49 @@ def cleanup(cache: Path, mountpoints: list[Path]) -> None:
         if str(mountpoint) in mounts.erofs_mounts():
             subprocess.run(["umount", "-l", str(mountpoint)], check=False)
     keeper.dismiss(cache / ".fscached" / "keeper.sock")
+
+
+# -- figures for bench/failover.py ------------------------------------------------------------------
+def measure(work: Path, img: Path, want: str, event: str, n_readers: int = 4) -> dict[str, object]:
+    """One event under readers of the cold file through the stand-in: "kill" (kill -9),
+    "restart" (`systemctl restart`: SIGTERM, then a new start with the store), "watchdog" (the
+    loop stopped: SIGSTOP). Seconds from the event to: the new process (`new_process`), its
+    READY=1 (`takeover`: group back, orphans being answered), every reader reading again
+    (`moving_first`/`moving_last`), and `since_new` = moving_last from the new process's start."""
+    from daemon_proc import drop_caches
+
+    cache = work / f"cache-{event}"
+    mnt = work / f"mnt-{event}"
+    spec = f"fsid=big,bootstrap={img / 'image.boot'},mountpoint={mnt}"
+    sd = standin(cache, [spec], ["--read-window", "64K"],
+                 **({"watchdog_sec": 1.5, "abort_timeout": 0.5} if event == "watchdog" else {}))
+    readers: list[Reader] = []
+    try:
+        sd.start()
+        first = sd.wait_ready()
+        drop_caches()
+        readers = start_readers(mnt / "big.bin", n_readers)
+        time.sleep(0.5)
+        at = time.monotonic()
+        if event == "kill":
+            sd.kill()
+        elif event == "restart":
+            sd.restart()
+        elif event == "watchdog":
+            os.kill(first.pid, 19)  # SIGSTOP: its loop answers nothing any more
+        successor = sd.wait_starts(2, timeout=30)
+        sd.wait_ready()
+        results = finish_readers(readers)
+        firsts = [r.first_progress_after(successor.spawned) for r in readers]
+        moving = [f - at for f in firsts if f is not None]
+        ok = all(res == f"sha {want}" for res in results)
+        assert successor.ready is not None
+        return {"event": event, "new_process": successor.spawned - at, "takeover": successor.ready - at,
+                "moving_first": min(moving) if moving else None, "moving_last": max(moving) if moving else None,
+                "since_new": (max(moving) - (successor.spawned - at)) if moving else None, "ok": ok,
+                "eio": sum(1 for res in results if res.startswith("error")),
+                "note": "" if moving else "readers had finished", "log": "" if ok else sd.log_tail()}
+    finally:
+        kill_readers(readers)
+        sd.close()
+        cleanup(cache, [mnt])
