@@ -117,7 +117,7 @@ def test_restart_keeps_the_group_while_mounts_are_busy(case) -> None:
     # a stop with nothing mounted any more lets go: the store is emptied, the next start is fresh
     sd.kill(signal.SIGTERM)
     sd.wait_exit(new, 30)
-    assert sd.current.status == 0 and sd.store_names == [], (sd.store_names, sd.log_tail())
+    assert new.status == 0 and sd.store_names == [], (sd.store_names, sd.log_tail())
     assert str(mnt) not in open("/proc/self/mountinfo").read()
 
 

@@ -181,6 +181,7 @@ class SystemdStandin:
     def restart(self, timeout: float | None = None) -> Start:
         """`systemctl restart`: stop (SIGTERM, then SIGKILL) keeping the fd store, start again."""
         old = self._stop_current("restart", timeout)
+        assert old is not None, "restart before start"
         with self._cond:
             self._intent = None
             self._spawn()
@@ -280,7 +281,7 @@ class SystemdStandin:
         # our copies out of the way of the targets first (dup2 onto 3.. must not clobber them)
         high = {target: fcntl_dupfd(fd, 3 + len(targets) + 64) for target, fd in targets.items()}
         try:
-            actions: list[tuple[int, ...]] = []
+            actions: list[tuple[object, ...]] = []
             if self.log is not None:
                 actions.append((os.POSIX_SPAWN_OPEN, 1, str(self.log), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
                 actions.append((os.POSIX_SPAWN_DUP2, 1, 2))
