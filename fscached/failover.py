@@ -84,7 +84,8 @@ def _connect(path: str, timeout: float, what: str) -> socket.socket:
     except FileNotFoundError:
         sock.close()
         raise FailoverError(f"{what}: no supervisor socket {path} (the supervisor listens only while it asks "
-                            "for sendfd or takeover)") from None
+                            "for sendfd or takeover: for 10 s from before it starts the daemon, with "
+                            "nydus-snapshotter)") from None
     except ConnectionRefusedError:
         sock.close()
         raise FailoverError(f"{what}: nothing listens on the supervisor socket {path}") from None

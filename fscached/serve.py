@@ -13,6 +13,7 @@ whose msg_id is already in flight here is a duplicate and is dropped.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import logging
 import os
@@ -26,6 +27,7 @@ from cachefiles.objects import ObjectEntry, ObjectTable
 from cachefiles.messages import CloseRequest, MalformedMessage, OpenRequest, ReadRequest
 from fetcher.source import SourceError
 from fscached.catalog import VOLUME_PREFIX, BlobObject, BootstrapObject, Catalog, Served
+from fscached.chunkmap import round_up
 from fscached.config import ImageSpec
 from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, VerifyError
 from fscached.logs import request_log
@@ -133,6 +135,10 @@ class Server:
         # a fetch holds this entry, never the id: a reused id must not keep it (or its fd) alive
         live = LiveObject(served, FillTarget(req.fd, lambda: self.objects.hold(entry)), name)
         entry.payload = live
+        if isinstance(served, BlobObject):
+            # what the cache file holds already (an earlier mount, a daemon before a restart or a
+            # failover): the kernel reads it without asking, so no window fetches it again
+            live.target.written.update(_filled_chunks(req.fd, served))
         request_log(log, "OPEN", f"msg:{req.msg_id}", name).info("object=%d size=%d", req.object_id, served.size)
         if not self._copen(req.msg_id, served.size):
             self._forget(req.object_id)
@@ -268,6 +274,38 @@ class Server:
     def release_all(self) -> None:
         """Close every anon fd: only once no worker thread can still write into one."""
         self.objects.close_all()
+
+
+def _filled_chunks(fd: int, blob: BlobObject) -> list[int]:
+    """Offsets of the chunks whose whole blocks are data in the object's cache file (what a
+    daemon wrote, always verified first). Found with SEEK_DATA / SEEK_HOLE, as nydusd does at
+    OPEN; an fd that cannot seek so gives nothing."""
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < blob.size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            extents.append((start, end))
+            pos = end
+    except OSError:
+        return []
+    if not extents:
+        return []
+    starts = [start for start, _ in extents]
+    filled = []
+    for chunk in blob.chunk_map.chunks:
+        begin = chunk.uncompressed_offset
+        finish = begin + round_up(chunk.uncompressed_size)
+        i = bisect.bisect_right(starts, begin) - 1
+        if i >= 0 and extents[i][1] >= min(finish, round_up(blob.size)):
+            filled.append(begin)
+    return filled
 
 
 def _live(entry: ObjectEntry | None) -> LiveObject | None:

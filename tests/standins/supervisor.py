@@ -270,7 +270,8 @@ class Snapshotter:
 
     def __init__(self, nydusd: str, root: str | os.PathLike[str], cache: str | os.PathLike[str], *,
                  daemon_id: str = "d0fscached0failover", log_file: str | os.PathLike[str] | None = None,
-                 log_level: str = "info", env: dict[str, str] | None = None, state_timeout: float = 120.0) -> None:
+                 log_level: str = "info", env: dict[str, str] | None = None, state_timeout: float = 120.0,
+                 send_timeout: float = 10.0) -> None:
         self.nydusd = nydusd
         self.root = Path(root)
         self.cache = Path(cache)
@@ -281,6 +282,9 @@ class Snapshotter:
         self.log_level = log_level
         self.env = env if env is not None else {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
         self.state_timeout = state_timeout
+        # SendStatesTimeout's 10 s: from before the daemon is spawned to its takeover (a VM under
+        # TCG starts Python far slower than a node: the scenarios give it more)
+        self.send_timeout = send_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.procs: list[subprocess.Popen[bytes]] = []  # every process started, in order
         self.events: list[tuple[str, float]] = []
@@ -367,7 +371,7 @@ class Snapshotter:
                     kills_left[0] -= 1
                     self.kill(victim[0])
 
-            self.supervisor.send_states(10.0, on_sent=on_sent)
+            self.supervisor.send_states(self.send_timeout, on_sent=on_sent)
             self.proc = self._spawn(self.command())
             victim.append(self.proc)
             t["spawned"] = self.mark("spawned")
@@ -400,13 +404,14 @@ class Snapshotter:
         self.upgrades += 1
         return self.apisock.with_name(f"api{self.upgrades}.sock")
 
-    def upgrade(self) -> dict[str, float]:
-        """upgradeNydusDaemon: a new process takes over while the old one is told to exit."""
+    def upgrade(self, before_exit: Callable[[], None] | None = None) -> dict[str, float]:
+        """upgradeNydusDaemon: a new process takes over while the old one is told to exit.
+        `before_exit` runs once the new process is READY (a test puts readers to work there)."""
         old, old_sock = self.proc, self.apisock
         assert old is not None
         new_sock = self.next_apisock()
         t = {"begin": self.mark("upgrade")}
-        self.supervisor.send_states(10.0)
+        self.supervisor.send_states(self.send_timeout)
         new = self._spawn(self.command(upgrade=True, apisock=new_sock))
         self.wait_state(("INIT",), proc=new, sock=new_sock)
         t["init"] = self.mark("new init")
@@ -416,6 +421,8 @@ class Snapshotter:
         t["takeover"] = self.mark("new takeover")
         self.wait_state(("READY",), proc=new, sock=new_sock)
         t["ready"] = self.mark("new ready")
+        if before_exit is not None:
+            before_exit()
         self._checked("PUT", "/api/v1/daemon/exit", sock=old_sock)  # "let the older daemon exit without umount"
         t["old_exit"] = self.mark("old exit")
         self._checked("PUT", "/api/v1/daemon/start", sock=new_sock)
