@@ -336,8 +336,13 @@ class Daemon:
                 from fscached.systemd import fscache_mounts
 
                 others = fscache_mounts()
-                if not others and any(True for _ in server.objects.entries()):
-                    others = ["objects the kernel still has open"]  # mounted elsewhere (a namespace)
+                if not others:  # our unmounts' CLOSEs come in a moment: wait for them, briefly
+                    deadline = asyncio.get_running_loop().time() + 3.0
+                    while (any(True for _ in server.objects.entries())
+                           and asyncio.get_running_loop().time() < deadline):
+                        await asyncio.sleep(0.05)
+                    if any(True for _ in server.objects.entries()):
+                        others = ["objects the kernel still has open"]  # mounted elsewhere (a namespace)
                 if others:
                     log.warning("%s still mounted: left to the next fscached (systemd's fd store keeps "
                                 "/dev/cachefiles)", ", ".join(others))
