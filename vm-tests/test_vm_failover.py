@@ -66,14 +66,14 @@ def report(series: str, mib: int, out: dict[str, Any], duration: float) -> str:
         stalls = [s for s in kill["stalls"] if s is not None]
         lines.append(f"  {kill['what']}: new process {kill['spawned']:.2f} s after the kill, INIT {kill['init']:.2f} s, "
                      f"takeover done {kill['takeover']:.2f} s, RUNNING {kill['running']:.2f} s; readers moving again "
-                     f"{min(stalls):.2f}-{max(stalls):.2f} s after the kill "
-                     f"({min(stalls) - kill['spawned']:.2f} s after the new process started)")
+                     f"{min(stalls):.2f}-{max(stalls):.2f} s after the kill: {max(stalls) - kill['spawned']:.2f} s after "
+                     f"the new process started, {max(stalls) - kill['takeover']:.2f} s after its takeover")
     up = out["upgrade"]
-    stalls = [s for s in up["stalls_from_old_exit"] if s is not None]
+    nexts = [s for s in up["stalls_from_old_exit"] if s is not None]
     lines.append(f"  hot upgrade: new process INIT {up['init']:.2f} s, takeover {up['takeover']:.2f} s, READY "
                  f"{up['ready']:.2f} s, old told to exit {up['old_exit']:.2f} s, RUNNING {up['running']:.2f} s; "
-                 f"readers moving {min(stalls):.2f}-{max(stalls):.2f} s after the old one's exit; longest gap between "
-                 f"two reads {up['max_gap']:.2f} s")
+                 f"each reader's next read {min(nexts):.2f}-{max(nexts):.2f} s after the old one's exit; longest gap "
+                 f"between two reads of a reader in the whole phase {up['max_gap']:.2f} s")
     return "\n".join(lines)
 
 

@@ -124,6 +124,12 @@ def stalls(readers: list[Reader], at: float) -> list[float | None]:
     return out
 
 
+def next_reads(readers: list[Reader], at: float) -> list[float | None]:
+    """Per reader: seconds from `at` to its next completed read (None: it had finished)."""
+    return [round(min((t for t in r.times if t > at), default=at - 1) - at, 3) if r.times and r.times[-1] > at
+            else None for r in readers]
+
+
 def summary(readers: list[Reader]) -> list[dict[str, Any]]:
     return [{"start": r.start_at, "bytes": r.done_bytes, "digest": r.digest, "error": r.error,
              "errno": r.errno, "reads": len(r.times)} for r in readers]
@@ -203,7 +209,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         for r in readers:
             r.join(1800)
         out["upgrade_readers"] = summary(readers)
-        out["upgrade"]["stalls_from_old_exit"] = stalls(readers, upgrade["old_exit"])
+        out["upgrade"]["stalls_from_old_exit"] = next_reads(readers, upgrade["old_exit"])
         out["upgrade"]["max_gap"] = max((max((b - a for a, b in zip(r.times, r.times[1:])), default=0.0)
                                          for r in readers), default=0.0)
         out["upgrade_old_exit_code"] = snap.procs[-2].returncode if len(snap.procs) >= 2 else None
