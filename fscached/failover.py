@@ -44,6 +44,7 @@ import os
 import platform
 import socket
 import stat
+import struct
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -92,6 +93,16 @@ def _connect(path: str, timeout: float, what: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise FailoverError(f"{what}: supervisor socket {path}: {exc.strerror or exc}") from None
+    try:  # the device fd goes there, and the state that comes back is trusted: root's or ours only
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _ = struct.unpack("3i", creds)
+    except OSError as exc:
+        sock.close()
+        raise FailoverError(f"{what}: supervisor socket {path}: cannot tell who listens: {exc.strerror}") from None
+    if uid not in (0, os.geteuid()):
+        sock.close()
+        raise FailoverError(f"{what}: the supervisor socket {path} is served by uid {uid} (pid {pid}), neither root "
+                            "nor this daemon's user: refused")
     return sock
 
 

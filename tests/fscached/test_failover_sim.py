@@ -492,3 +492,38 @@ def test_supervisor_standin_keeps_state_and_fd_across_takeovers(tmp_path: Path) 
         supervisor.close()
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
+                    reason="needs root (and a system python3) to listen as another user")
+def test_a_supervisor_socket_served_by_another_user_is_refused(work: Path) -> None:
+    """The device fd goes to the supervisor and the state it gives back is trusted: a socket at
+    the supervisor's path served by a user other than root or the daemon's own is refused."""
+    import subprocess
+
+    from fscached.failover import FailoverError, receive_states, send_states
+
+    where = work / "open"  # under /var/tmp: a path "nobody" can reach
+    where.mkdir()
+    os.chmod(work, 0o755)
+    os.chmod(where, 0o777)
+    path = where / "sup.sock"
+    listener = subprocess.Popen(
+        ["/usr/bin/python3", "-c", "import socket, sys, time\n"
+         "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(4); print('up', flush=True)\n"
+         "time.sleep(30)\n", str(path)],
+        preexec_fn=lambda: os.setuid(65534), stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "up"
+        with pytest.raises(FailoverError, match="uid 65534"):
+            receive_states(str(path), timeout=5)
+        r, w = os.pipe()
+        try:
+            with pytest.raises(FailoverError, match="neither root"):
+                send_states(str(path), b"state", w, timeout=5)
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        listener.kill()
+        listener.wait()
