@@ -155,7 +155,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         text = log.read_text(errors="replace") if log.exists() else ""
         out["seconds"] = round(time.monotonic() - t0, 1)
         out["log_counts"] = {
-            "kept_device": text.count("back from systemd's fd store"),
+            "kept_device": text.count("took /dev/cachefiles back from systemd's fd store"),
             "left_for_next": text.count("left to the next fscached") + text.count("left mounted for the next"),
             "served_again": text.count("still mounted on"),
             "read_failed": len(re.findall(r"READ req=msg:\d+ .* failed: ", text)),
