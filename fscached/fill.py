@@ -256,6 +256,11 @@ class Filler:
         self._idle.set()
         self._jobs: set[asyncio.Future[None]] = set()  # every fetch job, owned here until done
 
+    @property
+    def jobs_in_flight(self) -> int:
+        """Fetch jobs started and not finished (read-ahead and windows go on after a READ)."""
+        return len(self._jobs)
+
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn in the worker pool. If the caller is cancelled, still wait for the thread:
         it may be writing into an fd that must not be closed under it."""

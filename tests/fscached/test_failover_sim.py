@@ -259,7 +259,9 @@ def test_sendfd_kill_takeover_restore_start_serves_the_reads_again(
         assert meta.reopens == 1 and meta.object_id not in old_ids
         assert sim.read(blob, 2 << 20, 4096) == want[2 << 20:(2 << 20) + 4096]
         # what the dead daemon had written (the tail's window) is not fetched again: the new
-        # daemon found it in the cache file when the object was re-opened
+        # daemon found it in the cache file when the object was re-opened (counted once the
+        # fetches the READ above started in the background have landed)
+        wait_for(lambda: b.daemon.server.filler.jobs_in_flight == 0, "the fetches in flight to land")
         fetched = b.daemon.counters().get("fetched_chunks", 0)
         assert sim.read(blob, len(want) - 8192, 4096) == want[-8192:-4096]
         assert b.daemon.counters().get("fetched_chunks", 0) == fetched
