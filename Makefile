@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := erofs-utils qemu-system-x86 skopeo docker-registry e2fsprogs
+DEB_PACKAGES := erofs-utils qemu-system-x86 skopeo docker-registry e2fsprogs containerd runc debootstrap iproute2
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test deps venv bench clean
