@@ -1,0 +1,197 @@
+"""The cold-start report: one run's measurements as JSON, a Markdown table and a PNG chart.
+
+Input is a list of run records (plain dicts, one per mode and network):
+
+    {"mode": "classic" | "lazy" | "profile", "network": "100mbit", "path": "fanotify",
+     "seconds": 12.3,            # from "start" to the command's first output line
+     "bytes": 123456,            # fetched from the registry (the veth counter, or the daemon's)
+     "image_bytes": 456789,      # the image as a classic pull downloads it (gzip layers)
+     "samples": [[t, bytes], ...],   # bytes fetched since start, over time
+     "output": "numpy 2.1 ..."}
+
+Ratios are computed within the one run (classic of the same network is the baseline), never
+against numbers from elsewhere. Goals from issue 10 are evaluated and printed as met / missed:
+they are goals, not assertions (these machines are noisy).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from erofs_image.reader import Bootstrap
+from fscached.chunkmap import chunks_by_blob
+from fscached.profile import StartupProfile
+
+MODES = ("classic", "lazy", "profile")
+MODE_LABELS = {"classic": "classic pull", "lazy": "lazy (fscached)", "profile": "lazy + start-up profile"}
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Goal:
+    network: str
+    what: str
+    target: str
+    value: float | None
+    met: bool | None  # None: not measured in this run
+
+
+def working_set_bytes(profile: StartupProfile, bootstrap_path: Path) -> int:
+    """Compressed bytes of every chunk a profile's ranges touch: the least any mode must fetch
+    for that start-up (the 'start-up working set' the profile mode is measured against)."""
+    bootstrap = Bootstrap.open(bootstrap_path)
+    index_of = {info.blob_id: n for n, info in enumerate(bootstrap.blobs)}
+    grouped = chunks_by_blob(bootstrap.image)
+    wanted: dict[str, list[tuple[int, int]]] = {}
+    for r in profile.ranges:
+        wanted.setdefault(r.blob_id, []).append((r.offset, r.offset + r.length))
+    total = 0
+    for blob_id, spans in wanted.items():
+        index = index_of.get(blob_id)
+        if index is None:
+            continue
+        seen: set[int] = set()
+        for ref in grouped.get(index, []):
+            start, end = ref.uncompressed_offset, ref.uncompressed_offset + ref.uncompressed_size
+            if ref.compressed_offset in seen:
+                continue
+            if any(a < end and start < b for a, b in spans):
+                seen.add(ref.compressed_offset)
+                total += ref.compressed_size
+    return total
+
+
+def _by(runs: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Mapping[str, Any]]:
+    return {(str(r["network"]), str(r["mode"])): r for r in runs}
+
+
+def networks_of(runs: Iterable[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(str(r["network"]) for r in runs))
+
+
+def ratios(runs: list[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per network: speed-up of each lazy mode over classic, and the share of the image fetched."""
+    table = _by(runs)
+    out: dict[str, dict[str, float]] = {}
+    for net in networks_of(runs):
+        classic = table.get((net, "classic"))
+        row: dict[str, float] = {}
+        for mode in MODES:
+            run = table.get((net, mode))
+            if run is None:
+                continue
+            if run.get("image_bytes"):
+                row[f"{mode}_share"] = run["bytes"] / run["image_bytes"]
+            if classic is not None and run["seconds"] > 0:
+                row[f"{mode}_speedup"] = classic["seconds"] / run["seconds"]
+        out[net] = row
+    return out
+
+
+def goals(runs: list[Mapping[str, Any]], working_set: int | None) -> list[Goal]:
+    """Issue 10's goals on the host kernel: at 100 Mbit/s lazy < 15 % of the image and >= 5x
+    faster than classic, with a profile >= 8x and bytes within 10 % of the working set; at
+    1 Gbit/s lazy >= 3x."""
+    r = ratios(runs)
+    table = _by(runs)
+    out: list[Goal] = []
+
+    def add(net: str, what: str, target: str, value: float | None, ok: Any) -> None:
+        out.append(Goal(net, what, target, value, None if value is None else bool(ok(value))))
+
+    slow = r.get("100mbit", {})
+    add("100mbit", "lazy: share of the image fetched", "< 15 %",
+        slow.get("lazy_share"), lambda v: v < 0.15)
+    add("100mbit", "lazy: speed-up over classic", ">= 5x", slow.get("lazy_speedup"), lambda v: v >= 5)
+    add("100mbit", "profile: speed-up over classic", ">= 8x", slow.get("profile_speedup"), lambda v: v >= 8)
+    prof = table.get(("100mbit", "profile"))
+    excess = None
+    if prof is not None and working_set:
+        excess = prof["bytes"] / working_set - 1
+    add("100mbit", "profile: bytes over the start-up working set", "within 10 %", excess,
+        lambda v: abs(v) <= 0.10 + 1e-9)
+    add("1gbit", "lazy: speed-up over classic", ">= 3x", r.get("1gbit", {}).get("lazy_speedup"),
+        lambda v: v >= 3)
+    return out
+
+
+def to_json(runs: list[Mapping[str, Any]], meta: Mapping[str, Any], working_set: int | None) -> str:
+    doc = {
+        **meta,
+        "working_set_bytes": working_set,
+        "runs": [dict(run) for run in runs],
+        "ratios": ratios(runs),
+        "goals": [g.__dict__ for g in goals(runs, working_set)],
+    }
+    return json.dumps(doc, indent=1) + "\n"
+
+
+def markdown(runs: list[Mapping[str, Any]], working_set: int | None, title: str = "Cold start") -> str:
+    r = ratios(runs)
+    lines = [f"## {title}", "",
+             "| network | mode | first output (s) | vs classic | fetched (MiB) | share of image |",
+             "|---|---|---:|---:|---:|---:|"]
+    table = _by(runs)
+    for net in networks_of(runs):
+        for mode in MODES:
+            run = table.get((net, mode))
+            if run is None:
+                continue
+            speed = r[net].get(f"{mode}_speedup")
+            share = r[net].get(f"{mode}_share")
+            lines.append(f"| {net} | {MODE_LABELS[mode]} | {run['seconds']:.2f} | "
+                         f"{'baseline' if mode == 'classic' else (f'{speed:.1f}x' if speed else '-')} | "
+                         f"{run['bytes'] / MiB:.1f} | {f'{share * 100:.1f} %' if share is not None else '-'} |")
+    if working_set:
+        lines += ["", f"Start-up working set (compressed chunks the profile names): {working_set / MiB:.1f} MiB."]
+    found = goals(runs, working_set)
+    if found:
+        lines += ["", "| goal (host kernel) | network | target | measured | |", "|---|---|---|---:|---|"]
+        for g in found:
+            if g.value is None:
+                shown, verdict = "not measured", ""
+            elif "share" in g.what or "working set" in g.what:
+                shown, verdict = f"{g.value * 100:+.1f} %" if "working" in g.what else f"{g.value * 100:.1f} %", \
+                    "met" if g.met else "MISSED"
+            else:
+                shown, verdict = f"{g.value:.1f}x", "met" if g.met else "MISSED"
+            lines.append(f"| {g.what} | {g.network} | {g.target} | {shown} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(runs: list[Mapping[str, Any]], path: Path, title: str = "Cold start: bytes fetched over time") -> Path:
+    """One panel per network: MiB fetched from the registry against seconds since start, a line
+    per mode, a dot where the command printed its first line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nets = networks_of(runs)
+    table = _by(runs)
+    fig, axes = plt.subplots(1, len(nets), figsize=(5.2 * len(nets), 4.2), squeeze=False)
+    colors = {"classic": "tab:red", "lazy": "tab:blue", "profile": "tab:green"}
+    for ax, net in zip(axes[0], nets):
+        for mode in MODES:
+            run = table.get((net, mode))
+            if run is None:
+                continue
+            samples = run.get("samples") or [[0.0, 0], [run["seconds"], run["bytes"]]]
+            xs = [float(s[0]) for s in samples]
+            ys = [float(s[1]) / MiB for s in samples]
+            ax.plot(xs, ys, color=colors[mode], label=f"{MODE_LABELS[mode]} ({run['seconds']:.1f} s)")
+            first = max((y for x, y in zip(xs, ys) if x <= run["seconds"]), default=0.0)
+            ax.plot([run["seconds"]], [first], "o", color=colors[mode])
+        ax.set_title(net)
+        ax.set_xlabel("seconds since start")
+        ax.set_ylabel("MiB fetched from the registry")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title + "  (dot: the command's first output)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,80 @@
+"""The cold-start report (fscached/coldstart/report.py): ratios from one run, goals judged on
+the measured numbers, the working set a profile names, a real PNG chart."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from erofs_image.builder import convert
+from erofs_image.reader import Bootstrap
+from fscached.chunkmap import chunks_by_blob
+from fscached.coldstart import report
+from fscached.profile import ProfileRange, StartupProfile, bootstrap_digest
+
+MiB = 1 << 20
+
+
+def run(net: str, mode: str, seconds: float, fetched: int, image: int = 100 * MiB) -> dict:
+    return {"mode": mode, "network": net, "path": "fanotify", "seconds": seconds, "bytes": fetched,
+            "image_bytes": image, "samples": [[0.0, 0], [seconds / 2, fetched // 2], [seconds, fetched]]}
+
+
+RUNS = [run("100mbit", "classic", 20.0, 100 * MiB), run("100mbit", "lazy", 5.0, 12 * MiB),
+        run("100mbit", "profile", 2.0, 11 * MiB), run("1gbit", "classic", 6.0, 100 * MiB),
+        run("1gbit", "lazy", 2.5, 12 * MiB)]
+
+
+def test_ratios_use_the_same_networks_classic_as_baseline() -> None:
+    r = report.ratios(RUNS)
+    assert r["100mbit"]["lazy_speedup"] == 4.0
+    assert r["100mbit"]["profile_speedup"] == 10.0
+    assert r["1gbit"]["lazy_speedup"] == 2.4
+    assert abs(r["100mbit"]["lazy_share"] - 0.12) < 1e-9
+    assert "profile_speedup" not in r["1gbit"]
+
+
+def test_goals_are_judged_on_the_numbers() -> None:
+    by_what = {(g.network, g.what): g for g in report.goals(RUNS, working_set=10 * MiB)}
+    assert by_what[("100mbit", "lazy: share of the image fetched")].met is True
+    assert by_what[("100mbit", "lazy: speed-up over classic")].met is False  # 4x < 5x
+    assert by_what[("100mbit", "profile: speed-up over classic")].met is True
+    assert by_what[("100mbit", "profile: bytes over the start-up working set")].met is True  # +10 %
+    assert by_what[("1gbit", "lazy: speed-up over classic")].met is False
+    unmeasured = report.goals(RUNS[:2], working_set=None)
+    assert [g.met for g in unmeasured if "profile" in g.what] == [None, None]
+
+
+def test_markdown_and_json_carry_every_run(tmp_path: Path) -> None:
+    md = report.markdown(RUNS, 10 * MiB)
+    rows = [line for line in md.splitlines() if line.startswith("| 100mbit |") or line.startswith("| 1gbit |")]
+    assert len(rows) == 5
+    assert "| 4.0x |" in md and "MISSED" in md and "10.0 MiB" in md
+    doc = json.loads(report.to_json(RUNS, {"workload": "test"}, 10 * MiB))
+    assert doc["workload"] == "test" and len(doc["runs"]) == 5
+    assert doc["ratios"]["100mbit"]["profile_speedup"] == 10.0
+
+
+def test_chart_is_a_png(tmp_path: Path) -> None:
+    out = report.chart(RUNS, tmp_path / "chart.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_working_set_counts_each_touched_chunk_once(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.bin").write_bytes(os.urandom(3 * 64 * 1024))
+    (tree / "b.bin").write_bytes(os.urandom(2 * 64 * 1024))
+    convert(tree, tmp_path / "img", compressor="none", chunk_size=64 * 1024)
+    boot = tmp_path / "img" / "image.boot"
+    bs = Bootstrap.open(boot)
+    chunks = sorted(chunks_by_blob(bs.image)[0], key=lambda c: c.uncompressed_offset)
+    blob = bs.blobs[0].blob_id
+    first, second = chunks[0], chunks[1]
+    # two ranges inside the first chunk and one spanning the 2nd: 2 chunks, not 3
+    prof = StartupProfile(bootstrap_digest(boot), [
+        ProfileRange(blob, first.uncompressed_offset, 4096),
+        ProfileRange(blob, first.uncompressed_offset + 8192, 4096),
+        ProfileRange(blob, second.uncompressed_offset + 4096, 8192)])
+    assert report.working_set_bytes(prof, boot) == first.compressed_size + second.compressed_size
