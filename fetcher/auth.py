@@ -108,15 +108,23 @@ def parse_retry_after(value: str | None, cap: float) -> float | None:
 
 
 class RegistryAuth:
-    """Holds what to send as Authorization to one registry, and renews it on a 401."""
+    """Holds what to send as Authorization to one registry, and renews it on a 401.
+
+    `actions`: what its Bearer tokens are asked for, "pull" (reads) or "pull,push" (writes: a
+    RegistrySource keeps one RegistryAuth for each, so a read never carries a push token and a
+    write never stalls on a pull-only one). Basic credentials are the same for both."""
 
     # a token is renewed this long before it says it expires
     EXPIRY_MARGIN = 10.0
 
-    def __init__(self, registry: str, repo: str, credentials: Credentials | None) -> None:
+    def __init__(self, registry: str, repo: str, credentials: Credentials | None,
+                 actions: str = "pull") -> None:
+        if actions not in ("pull", "pull,push"):
+            raise ValueError(f"actions must be 'pull' or 'pull,push', not {actions!r}")
         self.registry = registry
         self.repo = repo
         self.credentials = credentials
+        self.actions = actions
         self.scheme: str | None = None  # learned from the first challenge
         self._token: str | None = None
         self._token_expires = 0.0
@@ -184,7 +192,9 @@ class RegistryAuth:
         query = {}
         if params.get("service"):
             query["service"] = params["service"]
-        scope = params.get("scope") or f"repository:{self.repo}:pull"
+        scope = params.get("scope") or f"repository:{self.repo}:{self.actions}"
+        if "push" in self.actions and "push" not in scope:
+            scope = f"repository:{self.repo}:{self.actions}"  # a write needs a push token, whatever was challenged
         query["scope"] = scope
         headers = {}
         if self.credentials is not None:

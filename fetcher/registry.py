@@ -18,10 +18,17 @@ puller, fetcher.pull): `RegistrySource.get(path, consume, ...)` fetches a manife
 or a whole blob with the auth, redirect, retry, timeout and credential rules above and hands
 the 200 response to `consume`. A request that fails for good raises `RegistryError` (a
 SourceError naming the registry, the request and the reason, apart in `.what` / `.why`).
+
+Writes, for pushing a start-up profile next to an image (fetcher.referrers): `blob_exists`
+(HEAD), `upload_blob` (monolithic POST + PUT upload, the digest checked by the registry) and
+`put_manifest`. They use the same auth (Basic, or a Bearer token asked for
+`repository:<repo>:pull,push`, kept apart from the pull token reads use), retries and error
+rules; redirects are not followed for POST / PUT (the registry's own upload URL is used).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
@@ -40,12 +47,14 @@ from fetcher.source import SourceError, check_blob_id
 log = logging.getLogger("fscached.fetcher.registry")
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 _UNSATISFIED_RANGE = re.compile(r"\s*bytes\s+\*/(\d+)\s*$")
 _REDIRECTS = (301, 302, 303, 307, 308)
 # what RegistrySource.get may fetch: a manifest / index by tag or digest, a blob by digest
 _GET_PATH = re.compile(r"manifests/(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[0-9a-f]{64})"
-                       r"|blobs/sha256:[0-9a-f]{64}")
+                       r"|(?:blobs|referrers)/sha256:[0-9a-f]{64}")
+_MANIFEST_REF = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[0-9a-f]{64}")
 MAX_REDIRECT_HOPS = 5
 T = TypeVar("T")
 
@@ -120,7 +129,10 @@ class RegistrySource:
         self.pool_size = pool_size
         self.redirect_ttl = redirect_ttl
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
-        self._auth = RegistryAuth(f"{scheme}://{host}", repo, make_credentials(username, password, auth))
+        credentials = make_credentials(username, password, auth)
+        self._auth = RegistryAuth(f"{scheme}://{host}", repo, credentials)
+        # writes only (uploads, manifest PUTs): its own Bearer token with push scope
+        self._push_auth = RegistryAuth(f"{scheme}://{host}", repo, credentials, actions="pull,push")
         self._ssl = self._ssl_context() if scheme == "https" else None
         self._session: aiohttp.ClientSession | None = None
         self._redirects: dict[str, tuple[URL, float]] = {}
@@ -204,9 +216,10 @@ class RegistrySource:
     # -- whole manifests, indexes and blobs --------------------------------------------------
     async def get(self, path: str, consume: Callable[[aiohttp.ClientResponse], Awaitable[T]], *,
                   accept: str | None = None, what: str | None = None,
-                  timeout: aiohttp.ClientTimeout | None = None) -> T:
-        """GET `<registry>/v2/<repo>/<path>`, `path` being "manifests/<tag or sha256:hex>" or
-        "blobs/sha256:<hex>", with this source's auth (basic / Bearer, renewed on a 401),
+                  timeout: aiohttp.ClientTimeout | None = None,
+                  params: dict[str, str] | None = None) -> T:
+        """GET `<registry>/v2/<repo>/<path>`, `path` being "manifests/<tag or sha256:hex>",
+        "blobs/sha256:<hex>" or "referrers/sha256:<hex>" (`params`: its query), with this source's auth (basic / Bearer, renewed on a 401),
         redirects (followed by hand, no Authorization to another origin), bounded retries with
         backoff (connection errors, timeouts, 5xx, 429 with Retry-After) and timeouts, exactly as
         read(). `consume(resp)` takes the 200 response; it runs again on a retry, so it must start
@@ -219,6 +232,8 @@ class RegistrySource:
         name = what or path
         session = self._get_session()
         url = URL(f"{self.base}/v2/{self.repo}/{path}", encoded=True)
+        if params:
+            url = url.with_query(params)
         headers = {"Accept": accept} if accept else {}
         per_request = timeout or self.timeout
 
@@ -269,12 +284,15 @@ class RegistrySource:
                         consume: Callable[[aiohttp.ClientResponse, URL, int], Awaitable[T]], *, what: str,
                         opener: Callable[[aiohttp.ClientSession, URL, dict[str, str]], AsyncContextManager[Any]],
                         fail: Callable[[aiohttp.ClientResponse, str], Awaitable[NoReturn]],
-                        authorize: bool = True, ok: tuple[int, ...] = (200,)) -> T:
-        """One attempt of a GET: redirects followed here (at most MAX_REDIRECT_HOPS; the
+                        authorize: bool = True, ok: tuple[int, ...] = (200,),
+                        push: bool = False, follow_redirects: bool = True) -> T:
+        """One attempt of a request: redirects followed here (at most MAX_REDIRECT_HOPS; the
         Authorization header only ever goes to the registry's own origin), a 401 answered once
-        through the auth object; `consume(resp, final url, hops)` takes an `ok` response. 429
-        and 5xx, connection errors and timeouts raise RetryableError; other statuses go to
+        through the auth object (the push-scope one when `push`); `consume(resp, final url,
+        hops)` takes an `ok` response. 429 and 5xx, connection errors and timeouts raise
+        RetryableError; other statuses (redirects too, unless `follow_redirects`) go to
         `fail(resp, where)`, which raises."""
+        auth = self._push_auth if push else self._auth
         registry_origin = URL(self.base).origin()
         auth_retried = False
         hops = 0
@@ -285,9 +303,9 @@ class RegistrySource:
             where = f"{url.scheme}://{url.host}:{url.port}{url.path}"
             try:
                 if send_auth:
-                    if self._auth.needs_refresh():
-                        await self._auth.refresh(session, self.timeout)
-                    sent = self._auth.header()
+                    if auth.needs_refresh():
+                        await auth.refresh(session, self.timeout)
+                    sent = auth.header()
                     if sent is not None:
                         request_headers["Authorization"] = sent
                 self.stats["requests"] += 1
@@ -295,7 +313,7 @@ class RegistrySource:
                     status = resp.status
                     if status in ok:
                         return await consume(resp, url, hops)
-                    if status in _REDIRECTS:
+                    if status in _REDIRECTS and follow_redirects:
                         location = resp.headers.get("Location")
                         if not location:
                             raise RegistryError(self.base, what, f"HTTP {status} without Location", status)
@@ -309,9 +327,9 @@ class RegistrySource:
                         continue
                     if status == 401 and send_auth:
                         if auth_retried:
-                            raise self._auth.denied()
+                            raise auth.denied()
                         auth_retried = True
-                        await self._auth.on_unauthorized(resp.headers.get("WWW-Authenticate"), sent,
+                        await auth.on_unauthorized(resp.headers.get("WWW-Authenticate"), sent,
                                                          session, self.timeout)
                         continue
                     if status == 429 or status >= 500:
@@ -330,6 +348,96 @@ class RegistrySource:
                 raise RetryableError(f"{where}: {type(exc).__name__}: {exc.status} {exc.message}") from None
             except aiohttp.InvalidURL:
                 raise RegistryError(self.base, what, f"invalid URL {strip_query(str(url))}") from None
+
+    # -- writes: blob uploads and manifests ---------------------------------------------------
+    async def _send(self, method: str, url: URL, *, what: str, body: bytes | None = None,
+                    headers: dict[str, str] | None = None, ok: tuple[int, ...],
+                    push: bool = True) -> tuple[int, dict[str, str]]:
+        """One attempt of a request whose answer is only a status and headers (the body is
+        drained): (status, headers) of an `ok` answer, RegistryError for other final ones."""
+        session = self._get_session()
+
+        def opener(session: aiohttp.ClientSession, url: URL, hdrs: dict[str, str]):
+            return session.request(method, url, data=body, headers=hdrs, allow_redirects=False)
+
+        async def take(resp: aiohttp.ClientResponse, _url: URL, _hops: int) -> tuple[int, dict[str, str]]:
+            await resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}
+
+        async def fail(resp: aiohttp.ClientResponse, where: str) -> NoReturn:
+            status = resp.status
+            detail = await _error_detail(resp)
+            if status == 404:
+                why = f"not found (HTTP 404{detail})"
+            elif status in (401, 403):
+                why = f"HTTP {status} {'unauthorized' if status == 401 else 'forbidden'} at {where}{detail}"
+            else:
+                why = f"unexpected HTTP {status} {resp.reason or ''} at {method} {where}{detail}"
+            raise RegistryError(self.base, what, why, status)
+
+        return await self._exchange(session, url, dict(headers or {}), take, what=what, opener=opener,
+                                    fail=fail, ok=ok, push=push, follow_redirects=method in ("GET", "HEAD"))
+
+    async def blob_exists(self, digest: str) -> bool:
+        """HEAD the blob `sha256:<hex>` of this repository: True if the registry has it."""
+        if not _DIGEST_RE.fullmatch(digest):
+            raise ValueError(f"not a sha256 digest: {digest[:100]!r}")
+        url = URL(f"{self.base}/v2/{self.repo}/blobs/{digest}", encoded=True)
+        what = f"blob {digest}"
+        try:
+            await self._retrying(what, lambda: self._send("HEAD", url, what=what, ok=(200,), push=False))
+        except RegistryError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def upload_blob(self, data: bytes, media_type: str = "application/octet-stream") -> str:
+        """Upload `data` as a blob of this repository (monolithic: POST an upload, PUT the
+        bytes with ?digest=); returns "sha256:<hex>". The registry checks the digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        what = f"upload of blob {digest}"
+        start = URL(f"{self.base}/v2/{self.repo}/blobs/uploads/", encoded=True)
+
+        async def attempt() -> str:
+            _, headers = await self._send("POST", start, what=what, body=b"", ok=(202,),
+                                          headers={"Content-Length": "0"})
+            location = headers.get("location")
+            if not location:
+                raise RegistryError(self.base, what, "HTTP 202 without a Location for the upload")
+            # the upload URL's own query (its state) is kept byte for byte: no re-encoding
+            target = str(start.join(URL(location, encoded=True)))
+            target += ("&" if "?" in target else "?") + "digest=" + digest.replace(":", "%3A")
+            put_url = URL(target, encoded=True)
+            if put_url.scheme not in ("http", "https"):
+                raise RegistryError(self.base, what, f"upload Location with unsupported scheme {put_url.scheme!r}")
+            status, headers = await self._send("PUT", put_url, what=what, body=data, ok=(201, 204),
+                                               headers={"Content-Type": media_type})
+            got = headers.get("docker-content-digest")
+            if got and got != digest:
+                raise RegistryError(self.base, what, f"the registry stored {got[:80]}, not {digest}", status)
+            return digest
+
+        return await self._retrying(what, attempt)
+
+    async def put_manifest(self, reference: str, body: bytes, media_type: str) -> dict[str, str]:
+        """PUT a manifest or index under `reference` (a tag or its own sha256 digest) with
+        Content-Type `media_type`; returns the answer's headers (lower-cased names), in which
+        `oci-subject` says the registry indexes referrers itself (OCI 1.1)."""
+        if not _MANIFEST_REF.fullmatch(reference):
+            raise ValueError(f"not a tag or digest: {reference[:200]!r}")
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if reference.startswith("sha256:") and reference != digest:
+            raise ValueError(f"manifest bytes are {digest}, not {reference}")
+        what = f"manifest {reference}"
+        url = URL(f"{self.base}/v2/{self.repo}/manifests/{reference}", encoded=True)
+        status, headers = await self._retrying(
+            what, lambda: self._send("PUT", url, what=what, body=body, ok=(201, 200, 204),
+                                     headers={"Content-Type": media_type}))
+        got = headers.get("docker-content-digest")
+        if got and got != digest:
+            raise RegistryError(self.base, what, f"the registry stored {got[:80]}, not {digest}", status)
+        return headers
 
     # -- the BlobSource method ---------------------------------------------------------------
     async def read(self, blob_id: str, offset: int, length: int, *, prefetch: bool = False) -> bytes:
