@@ -3,6 +3,9 @@
     fscached-image convert SOURCE OUTDIR [--compressor zstd|lz4|none] [--chunk-size SIZE]
     fscached-image inspect BOOTSTRAP [--json]
     fscached-image cat BOOTSTRAP PATH --blobs DIR
+    fscached-image profile push PROFILE REF [--plain-http] [--creds USER:PASS | --auth-file FILE]
+    fscached-image profile attach PROFILE OUTDIR
+    fscached-image profile show PROFILE [--json]
 
 Every failure prints one line, ``fscached-image: error: <what>: <why>``, and exits 1
 (2 for command line mistakes). Set FSCACHED_DEBUG=1 to get tracebacks.
@@ -70,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     c.add_argument("--prefetch-list", type=Path, metavar="FILE",
                    help="files (one absolute path a line) the daemon fetches first when the image is opened")
+    c.add_argument("--profile", type=Path, metavar="FILE",
+                   help="a start-up profile recorded on this image: attached to OUTDIR/oci "
+                        "(see 'profile attach'); it must match the bootstrap built")
     i = sub.add_parser("inspect", help="show a bootstrap's tree, blobs and chunk statistics")
     i.add_argument("bootstrap", type=Path)
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -78,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("path")
     k.add_argument("--blobs", type=Path, required=True, metavar="DIR",
                    help="directory holding the blob files (named by blob id)")
+    from .profile_cli import add_parser as add_profile_parser
+
+    add_profile_parser(sub)
     return p
 
 
@@ -96,6 +105,17 @@ def cmd_convert(args) -> int:
     from .builder import convert
     from .layers import BuildError
 
+    loaded = None
+    outdir_existed = args.outdir.exists()
+    if args.profile is not None:  # a bad profile file fails before any work
+        from fscached.profile import ProfileError
+
+        from .profile_cli import load_profile
+
+        try:
+            loaded = load_profile(args.profile)
+        except ProfileError as e:
+            raise CommandError(str(e)) from None
     prefetch = None
     if args.prefetch_list is not None:
         try:
@@ -107,6 +127,9 @@ def cmd_convert(args) -> int:
                          chunk_size=args.chunk_size, progress=args.progress, prefetch=prefetch)
     except BuildError as e:
         raise CommandError(str(e)) from None
+    artifact = None
+    if loaded is not None:
+        artifact = _attach_after_convert(args, loaded, outdir_existed)
     if not args.quiet:
         print(f"built {report.outdir} from {report.source_kind} {args.source} "
               f"({report.layers} layer(s)) in {report.seconds:.2f}s")
@@ -119,7 +142,37 @@ def cmd_convert(args) -> int:
         print(f"  {report.files} files, {human(report.input_bytes)} read, {report.chunks} chunks "
               f"({report.deduped} deduplicated, {report.holes} holes), "
               f"{human(report.stored_bytes)} of chunk data written")
+        if artifact:
+            print(f"  profile    {args.profile} attached (artifact {artifact})")
     return 0
+
+
+def _attach_after_convert(args, loaded, outdir_existed: bool) -> str:
+    """`convert --profile`: attach, or empty the fresh OUTDIR and fail (no partial output)."""
+    import shutil
+
+    from fscached.profile import ProfileError
+
+    from .profile_cli import Failed, attach
+
+    try:
+        return attach(args.profile, args.outdir, loaded)
+    except (ProfileError, Failed) as e:
+        shutil.rmtree(args.outdir, ignore_errors=True)  # convert wrote it all: it was absent or empty
+        if outdir_existed:
+            args.outdir.mkdir(exist_ok=True)
+        raise CommandError(str(e)) from None
+
+
+def cmd_profile(args) -> int:
+    from .profile_cli import Failed, run
+
+    try:
+        return run(args)
+    except Failed as e:
+        if e.code == 2:
+            raise UsageError(str(e)) from None
+        raise CommandError(str(e)) from None
 
 
 def _open_bootstrap(path: Path):
@@ -269,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        handler = {"convert": cmd_convert, "inspect": cmd_inspect, "cat": cmd_cat}[args.command]
+        handler = {"convert": cmd_convert, "inspect": cmd_inspect, "cat": cmd_cat,
+                   "profile": cmd_profile}[args.command]
         return handler(args)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
