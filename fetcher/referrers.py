@@ -39,7 +39,7 @@ from typing import Any
 
 import aiohttp
 
-from erofs_image.oci_media import OCI_INDEX, OCI_MANIFEST
+from erofs_image.oci_media import MANIFEST_ACCEPT, OCI_INDEX, OCI_MANIFEST
 from fetcher.registry import RegistryError, RegistrySource
 from fetcher.source import IntegrityError, SourceError
 from fscached.profile import MAX_PROFILE_BYTES, MEDIA_TYPE
@@ -169,12 +169,17 @@ async def _referrers_index(source: RegistrySource, subject: str) -> tuple[dict[s
             raise
     tag = fallback_tag(subject)
     try:
-        body, _ = await _get_document(source, f"manifests/{tag}", f"referrers tag {tag}", OCI_INDEX)
+        # every manifest type accepted: Distribution answers 404 to a GET whose Accept leaves
+        # out the type of what the tag holds, and "nothing there" must not be mistaken for that
+        body, ctype = await _get_document(source, f"manifests/{tag}", f"referrers tag {tag}", MANIFEST_ACCEPT)
     except RegistryError as exc:
         if exc.status == 404:
             return None, True
         raise
-    return _parse(body, f"{_what(source)}: referrers tag {tag}"), True
+    index = _parse(body, f"{_what(source)}: referrers tag {tag}")
+    if index.get("mediaType") is None and ctype:
+        index["mediaType"] = ctype
+    return index, True
 
 
 def _newest(entries: list[dict[str, Any]], from_tag: bool) -> dict[str, Any]:
@@ -313,7 +318,7 @@ async def _referrers_fallback(source: RegistrySource, subject: str) -> tuple[dic
     tag = fallback_tag(subject)
     where = f"{_what(source)}: referrers tag {tag}"
     try:
-        body, ctype = await _get_document(source, f"manifests/{tag}", f"referrers tag {tag}", OCI_INDEX)
+        body, ctype = await _get_document(source, f"manifests/{tag}", f"referrers tag {tag}", MANIFEST_ACCEPT)
     except RegistryError as exc:
         if exc.status == 404:
             return None, tag
