@@ -43,6 +43,8 @@ from typing import IO, Iterator, Sequence
 from fscached.coldstart import ColdstartError, mounts_under, one_line, pid_alive, run as run_cmd, unmount_under
 
 NAMESPACE = "fscached-coldstart"
+# what an image's config would give; a --rootfs container has no image config
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DISABLED_PLUGINS = ["io.containerd.grpc.v1.cri"]
 
 
@@ -205,14 +207,20 @@ class Containerd:
         return f"{prefix}-{os.getpid()}-{self._ids}"
 
     def run(self, command: Sequence[str], *, image: str | None = None, rootfs: Path | None = None,
-            container_id: str | None = None, timeout: float = 600) -> RunResult:
+            container_id: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> RunResult:
         """`ctr run --rm` of `command` in `image` (pulled already) or in the directory `rootfs`,
-        stdout read as it comes: the first line is timestamped on arrival."""
+        stdout read as it comes: the first line is timestamped on arrival. `env` is added to the
+        container's environment (with `rootfs`, PATH defaults to DEFAULT_PATH)."""
         if (image is None) == (rootfs is None):
             raise ColdstartError("Containerd.run needs exactly one of image= and rootfs=")
         cid = container_id or self.new_id()
+        env = dict(env or {})
+        if rootfs is not None:
+            env.setdefault("PATH", DEFAULT_PATH)
+        flags = [f"--env={k}={v}" for k, v in env.items()]
         where = ["--rootfs", str(rootfs), cid] if rootfs is not None else [str(image), cid]
-        args = self.ctr_args("run", "--rm", *where, *command)
+        args = self.ctr_args("run", "--rm", *flags, *where, *command)
         started = time.monotonic()
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         stderr: list[bytes] = []
