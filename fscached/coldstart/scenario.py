@@ -1,0 +1,380 @@
+"""Cold starts measured: one workload, one network profile, one kernel path, three modes.
+
+    w = build_workload("small")
+    with Scenario(w, "100mbit", workdir) as sc:       # registry netns up, both forms pushed
+        results = [sc.classic(), sc.lazy(), sc.lazy_profile()]
+    r.seconds, r.bytes_fetched, r.share, r.output, r.samples
+
+Modes (each with a fresh containerd; the page cache dropped right before t0):
+- `classic`: t0 = start of `ctr images pull <reg>/<repo>:plain` (every layer downloaded and
+  unpacked into overlayfs), then `ctr run` of the workload's command.
+- `lazy`: a fresh `fscached --backend fanotify` (real CLI, empty cache, API socket) already
+  running before t0, as on a node; t0 = the API bind of `<reg>/<repo>:nydus` (`ref=`,
+  `scheme=http`, `mountpoint=`: the daemon pulls the bootstrap and mounts), then an overlay
+  over the mount and `ctr run --rootfs`.
+- `lazy_profile`: a recording node (fresh daemon, bind with `record_profile`, the run, unbind:
+  the daemon writes `<work_dir>/profiles/<fsid>.json`), `fscached-image profile push` of that
+  file to the image (an OCI referrer), then a fresh daemon with a fresh cache (the next node)
+  binds normally, finds the profile in the registry itself, and that run is measured. Where
+  the profile support is not installed the result says so (`available=False`), with no numbers.
+
+Measured, per mode: seconds from t0 to the container's first output line; bytes fetched (the
+registry veth's rx counter from t0 to the container's exit: everyone's downloads); the image's
+bytes in the registry (classic: manifest, config and gzip layers; lazy: bootstrap and blobs) and
+the share fetched; the output; and (t - t0, bytes since t0) samples every 20 ms. Nothing is
+asserted here, except that the output is the workload's: a wrong one raises ColdstartError.
+"""
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from fscached.coldstart import ColdstartError, drop_caches, one_line, run as run_cmd, unmount_under
+from fscached.coldstart.containerd import Containerd, RunResult
+from fscached.coldstart.netns import RegistryNetwork
+from fscached.coldstart.workload import Workload, push
+
+WORK_ROOT = Path(os.environ.get("FSCACHED_COLDSTART_DIR", "/var/tmp"))  # ext4: fanotify marks, overlay
+MODES = ("classic", "lazy", "lazy_profile")
+FSID = "coldstart"
+RECORD_SECONDS = 60.0  # the recording is written at the unbind, long before this
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    network: str
+    kernel_path: str
+    seconds: float | None              # t0 -> first output line
+    bytes_fetched: int                 # veth rx from t0 to the container's exit
+    image_bytes: int                   # what the mode's image weighs in the registry
+    output: list[str] = field(default_factory=list)
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (s since t0, bytes since t0)
+    phases: dict[str, float] = field(default_factory=dict)          # s since t0 when each step ended
+    available: bool = True
+    note: str = ""
+
+    @property
+    def share(self) -> float:
+        return self.bytes_fetched / self.image_bytes if self.image_bytes else 0.0
+
+    def summary(self) -> str:
+        if not self.available:
+            return f"{self.mode:13} {self.network:9} not available: {self.note}"
+        secs = f"{self.seconds:.3f} s" if self.seconds is not None else "no output"
+        return (f"{self.mode:13} {self.network:9} {secs:>10}  {self.bytes_fetched:>12,} B fetched "
+                f"({100 * self.share:.1f} % of {self.image_bytes:,} B)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "network": self.network, "kernel_path": self.kernel_path,
+                "seconds": self.seconds, "bytes_fetched": self.bytes_fetched,
+                "image_bytes": self.image_bytes, "share": self.share, "output": self.output,
+                "phases": self.phases, "available": self.available, "note": self.note,
+                "samples": self.samples}
+
+
+def profile_support() -> str | None:
+    """None when the daemon can record start-up profiles and `fscached-image profile` exists;
+    else why not."""
+    for module in ("fscached.profile_recorder", "erofs_image.profile_cli"):
+        if importlib.util.find_spec(module) is None:
+            return f"profile support not available ({module} is not installed)"
+    return None
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("fscached", timeout=timeout)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+class Daemon:
+    """The real `fscached` CLI with an API socket and no image, in `workdir` (fresh cache)."""
+
+    def __init__(self, workdir: Path, backend: str = "fanotify") -> None:
+        self.workdir = workdir
+        self.cache_dir = workdir / "cache"
+        self.work_dir = workdir / "work"
+        self.apisock = workdir / "api" / "api.sock"
+        self.ready = workdir / "ready"
+        self.log = workdir / "fscached.log"
+        self.args = [sys.executable, "-m", "fscached.cli", "--backend", backend,
+                     "--cache-dir", str(self.cache_dir), "--work-dir", str(self.work_dir),
+                     "--apisock", str(self.apisock), "--ready-file", str(self.ready),
+                     "--stats-file", str(workdir / "stats.json")]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.mountpoints: list[Path] = []
+
+    def start(self, timeout: float = 60) -> "Daemon":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not (self.ready.exists() and self.apisock.exists()):
+            if self.proc.poll() is not None:
+                raise ColdstartError(f"fscached exited {self.proc.returncode} at start: {one_line(self.log_tail())}")
+            if time.monotonic() > deadline:
+                raise ColdstartError(f"fscached not ready within {timeout:g} s: {one_line(self.log_tail())}")
+            time.sleep(0.02)
+        return self
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 600) -> tuple[int, bytes]:
+        conn = _UnixHTTPConnection(self.apisock, timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except OSError as exc:
+            raise ColdstartError(f"fscached API {method} {path}: {exc}: {one_line(self.log_tail())}") from None
+        finally:
+            conn.close()
+
+    def bind(self, ref: str, mountpoint: Path, *, fsid: str = FSID, **extra: Any) -> None:
+        """PUT /api/v2/blobs: the daemon pulls the bootstrap of `ref` (plain http) and mounts it."""
+        from fetcher.image_ref import parse_image_ref
+
+        parsed = parse_image_ref(ref)
+        entry: dict[str, Any] = {
+            "type": "bootstrap", "id": fsid, "domain_id": fsid, "ref": ref, "mountpoint": str(mountpoint),
+            "config": {"id": fsid, "cache_type": "fscache", "cache_config": {"work_dir": str(self.work_dir)},
+                       "backend_type": "registry",
+                       "backend_config": {"host": parsed.host, "repo": parsed.repo, "scheme": "http"}},
+            **extra}
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        status, data = self.request("PUT", "/api/v2/blobs", entry)
+        if status != 204:
+            raise ColdstartError(f"fscached refused the bind of {ref} ({status}): {one_line(data, 300)}")
+        self.mountpoints.append(mountpoint)
+
+    def unbind(self, fsid: str = FSID) -> None:
+        status, data = self.request("DELETE", f"/api/v2/blobs?domain_id={fsid}&blob_id={fsid}")
+        if status != 204:
+            raise ColdstartError(f"fscached refused the unbind of {fsid} ({status}): {one_line(data, 300)}")
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM (it unmounts what it mounted), -9 after 30 s; then no mount, no keeper left."""
+        from fscached import keeper
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for mountpoint in self.mountpoints:
+            unmount_under(mountpoint)
+        keeper.dismiss(self.cache_dir / ".fscached" / "keeper.sock")
+
+
+# --------------------------------------------------------------------------- the scenario
+
+
+class Scenario:
+    """The registry network with both forms of `workload` pushed; one method per mode."""
+
+    def __init__(self, workload: Workload, network: str = "unshaped", *, workdir: Path | None = None,
+                 repo: str | None = None, kernel_path: str = "fanotify") -> None:
+        if kernel_path != "fanotify":
+            raise ColdstartError(f"kernel path {kernel_path!r}: only 'fanotify' (the host kernel) is built so far")
+        self.workload = workload
+        self.network_name = network
+        self.kernel_path = kernel_path
+        self.repo = repo or f"coldstart/{workload.size}"
+        self._own_workdir = workdir is None
+        WORK_ROOT.mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="fscd-cs-", dir=WORK_ROOT))
+        self.net: RegistryNetwork | None = None
+        self.plain_ref = self.nydus_ref = ""
+        self._runs = 0
+
+    def __enter__(self) -> "Scenario":
+        try:
+            self.net = RegistryNetwork(self.workdir / "net", self.network_name).start()
+            self.plain_ref, self.nydus_ref = push(self.workload, self.net.host, self.repo)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.net is not None:
+            self.net.stop()
+            self.net = None
+        if self._own_workdir:
+            unmount_under(self.workdir)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _fresh_dir(self, what: str) -> Path:
+        self._runs += 1
+        d = self.workdir / f"{self._runs}-{what}"
+        d.mkdir(parents=True)
+        return d
+
+    @property
+    def _network(self) -> RegistryNetwork:
+        if self.net is None:
+            raise ColdstartError("the scenario is not started (use it as a context manager)")
+        return self.net
+
+    def run_modes(self, modes: tuple[str, ...] = MODES) -> list[ModeResult]:
+        return [getattr(self, mode)() for mode in modes]
+
+    # -- the modes --------------------------------------------------------------------------
+    def classic(self) -> ModeResult:
+        net = self._network
+        with Containerd(self._fresh_dir("classic") / "ctd") as ctd:
+            drop_caches()
+            rx0, t0 = net.rx_bytes(), time.monotonic()
+            with net.sampling() as samples:
+                ctd.pull(self.plain_ref)
+                pulled = time.monotonic()
+                result = ctd.run(self.workload.command, image=self.plain_ref)
+                rx1 = net.rx_bytes()
+        return self._result("classic", t0, rx0, rx1, result, samples, self._plain_bytes(),
+                            {"pull": pulled - t0})
+
+    def lazy(self) -> ModeResult:
+        return self._lazy_run("lazy", self._fresh_dir("lazy"))
+
+    def lazy_profile(self, record_seconds: float = RECORD_SECONDS) -> ModeResult:
+        why = profile_support()
+        if why is not None:
+            return ModeResult("lazy_profile", self.network_name, self.kernel_path, None, 0,
+                              self._nydus_bytes(), available=False, note=why)
+        profile = self._record_profile(self._fresh_dir("record"), record_seconds)
+        run_cmd([sys.executable, "-m", "erofs_image.cli", "profile", "push", str(profile), self.nydus_ref,
+                 "--plain-http"], f"fscached-image profile push to {self.nydus_ref}", timeout=300)
+        return self._lazy_run("lazy_profile", self._fresh_dir("lazy-profile"))
+
+    # -- lazy helpers -------------------------------------------------------------------------
+    def _lazy_run(self, mode: str, d: Path, **bind_extra: Any) -> ModeResult:
+        net = self._network
+        daemon = Daemon(d / "fscached")
+        try:
+            daemon.start()
+            with Containerd(d / "ctd") as ctd:
+                mnt = d / "mnt"
+                drop_caches()
+                rx0, t0 = net.rx_bytes(), time.monotonic()
+                with net.sampling() as samples:
+                    daemon.bind(self.nydus_ref, mnt, **bind_extra)
+                    bound = time.monotonic()
+                    with ctd.overlay_rootfs(mnt) as rootfs:
+                        result = ctd.run(self.workload.command, rootfs=rootfs)
+                    rx1 = net.rx_bytes()
+        finally:
+            daemon.stop()
+        return self._result(mode, t0, rx0, rx1, result, samples, self._nydus_bytes(), {"bind": bound - t0})
+
+    def _record_profile(self, d: Path, seconds: float) -> Path:
+        """A recording node: bind with record_profile, run, unbind; the profile file."""
+        daemon = Daemon(d / "fscached")
+        try:
+            daemon.start()
+            with Containerd(d / "ctd") as ctd:
+                mnt = d / "mnt"
+                daemon.bind(self.nydus_ref, mnt, record_profile=seconds, profile="none")
+                with ctd.overlay_rootfs(mnt) as rootfs:
+                    result = ctd.run(self.workload.command, rootfs=rootfs)
+                self.workload.check_output(result.lines, "recording run")
+                daemon.unbind()
+            path = daemon.work_dir / "profiles" / f"{FSID}.json"
+            deadline = time.monotonic() + 30
+            while not path.exists():
+                if time.monotonic() > deadline:
+                    raise ColdstartError(f"the recording daemon wrote no profile at {path} within 30 s of the "
+                                         f"unbind: {one_line(daemon.log_tail())}")
+                time.sleep(0.05)
+            return path
+        finally:
+            daemon.stop()
+
+    # -- results ------------------------------------------------------------------------------
+    def _result(self, mode: str, t0: float, rx0: int, rx1: int, run: RunResult,
+                samples: list[tuple[float, int]], image_bytes: int, phases: dict[str, float]) -> ModeResult:
+        where = f"{mode} run ({self.network_name})"
+        if run.exit_code != 0:
+            raise ColdstartError(f"{where}: ctr run exited {run.exit_code}: {one_line(run.stderr or ' | '.join(run.lines))}")
+        self.workload.check_output(run.lines, where)
+        assert run.first_line_at is not None  # check_output saw a line
+        phases = dict(phases, first_line=run.first_line_at - t0, exit=run.ended_at - t0)
+        return ModeResult(mode, self.network_name, self.kernel_path, run.first_line_at - t0, rx1 - rx0,
+                          image_bytes, list(run.lines), [(t - t0, b - rx0) for t, b in samples], phases)
+
+    def _plain_bytes(self) -> int:
+        return _layout_bytes(self.workload.oci)
+
+    def _nydus_bytes(self) -> int:
+        return self.workload.nydus_blob_bytes + self.workload.bootstrap_bytes
+
+
+def _layout_bytes(layout: Path) -> int:
+    """Manifest, config and layers of an OCI layout's (single) image: what a pull downloads."""
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((layout / "index.json").read_text())
+    desc = index["manifests"][0]
+    manifest = json.loads((blobs / desc["digest"][7:]).read_text())
+    return int(desc["size"]) + int(manifest["config"]["size"]) + sum(int(l["size"]) for l in manifest["layers"])
+
+
+def iter_summaries(results: list[ModeResult]) -> Iterator[str]:
+    for r in results:
+        yield r.summary()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fscached.coldstart.scenario [SIZE] [NETWORK] [MODE...]`: print one line per mode."""
+    from fscached.coldstart.workload import build_workload
+
+    args = sys.argv[1:] if argv is None else argv
+    size = args[0] if args else "small"
+    network = args[1] if len(args) > 1 else "unshaped"
+    modes = tuple(args[2:]) or MODES
+    try:
+        workload = build_workload(size, progress=lambda m: print(m, file=sys.stderr))
+        with Scenario(workload, network) as sc:
+            for mode in modes:
+                if mode not in MODES:
+                    raise ColdstartError(f"mode {mode!r} is unknown (choose {', '.join(MODES)})")
+                print(getattr(sc, mode)().summary(), flush=True)
+    except ColdstartError as exc:
+        print(f"coldstart: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
