@@ -419,7 +419,7 @@ class ApiServer:
             spec = await self._pull(spec)
         self._need_serving()  # parsing (and pulling) ran off the loop: still serving?
         try:
-            await self.daemon.add_image(spec)
+            await self.daemon.add_image(spec, profile=bind.profile)
         except CatalogError as exc:
             if (spec.volume, spec.fsid) in self.daemon.catalog.images:
                 raise ApiError(400, "ALREADY_EXISTS", f"blob_cache: bootstrap blob already exists: {exc}") from None

@@ -9,12 +9,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from erofs_image.reader import Bootstrap
 from erofs_image.tree import BlobInfo, ChunkRef, Inode
 from fetcher.chain import SourceChain
 from fscached.chunkmap import ChunkMap, chunks_by_blob, round_up
 from fscached.config import ImageSpec
+from fscached.profile import StartupProfile
+
+if TYPE_CHECKING:
+    from fscached.profile_recorder import ImageRecorder
 
 VOLUME_PREFIX = "erofs,"
 
@@ -41,6 +46,10 @@ class BlobObject:
     prefetch_mode: str = "none"
     prefetch_bandwidth: int = 0
     prefetch_order: list[ChunkRef] = field(default_factory=list)  # computed once, at load
+    # a start-up profile's chunks of this blob, in profile order (replayed before prefetch_order;
+    # a blob shared in a domain: every profile's chunks, the first image's first)
+    profile_order: list[ChunkRef] = field(default_factory=list)
+    recorders: list["ImageRecorder"] = field(default_factory=list)  # images recording its reads
 
     @property
     def size(self) -> int:
@@ -121,6 +130,24 @@ class Catalog:
         obj = self._objects[(spec.volume, spec.fsid)]
         assert isinstance(obj, BootstrapObject)
         return obj
+
+    def add_profile(self, spec: ImageSpec, profile: StartupProfile) -> int:
+        """Append a (checked) profile's chunks to the image's blobs' `profile_order`, in profile
+        order, each chunk once; the number of chunks added."""
+        by_id = {blob.info.blob_id: blob for blob in self.devices[(spec.volume, spec.fsid)]}
+        known = {id(blob): {c.uncompressed_offset for c in blob.profile_order} for blob in by_id.values()}
+        added = 0
+        for r in profile.ranges:
+            blob = by_id.get(r.blob_id)
+            if blob is None:
+                continue
+            have = known[id(blob)]
+            for chunk in blob.chunk_map.chunks_in(r.offset, r.offset + r.length):
+                if chunk.uncompressed_offset not in have:
+                    have.add(chunk.uncompressed_offset)
+                    blob.profile_order.append(chunk)
+                    added += 1
+        return added
 
     def blobs(self) -> list[tuple[str, BlobObject]]:
         """Every distinct data blob with its volume (a domain's blob once)."""

@@ -67,6 +67,21 @@ class ImageSpec:
         return self.domain or self.fsid
 
 
+@dataclass(frozen=True)
+class ProfileSpec:
+    """An image's start-up profile keys (fscached.profile): record the blob ranges read in the
+    first `record_seconds` after the mount (image key `record_profile`; 0: no recording); replay
+    `replay` (image key `profile`): "auto" (the registry's profile of a `ref=` image, when it has
+    one), "none", or a profile file's path.
+
+    Kept beside the ImageSpec, not in it: the hand-over state (fscached.handover) carries every
+    ImageSpec field, and a successor taking over mounted images neither records (a recording
+    is one process's) nor needs a replay."""
+
+    record_seconds: float = 0.0
+    replay: str = "auto"
+
+
 @dataclass
 class Config:
     cache_dir: Path
@@ -85,6 +100,11 @@ class Config:
     brun: int | None = None
     bcull: int | None = None
     bstop: int | None = None
+    # (volume, fsid) -> the image's start-up profile keys, for images that set one
+    profiles: dict[tuple[str, str], ProfileSpec] = field(default_factory=dict)
+
+    def profile_of(self, spec: ImageSpec) -> ProfileSpec:
+        return self.profiles.get((spec.volume, spec.fsid), ProfileSpec())
 
 
 def check_id(kind: str, value: str, where: str | None = None) -> str:
@@ -98,6 +118,11 @@ def check_id(kind: str, value: str, where: str | None = None) -> str:
 
 def parse_image_spec(text: str) -> ImageSpec:
     """`fsid=F,bootstrap=PATH,blobs=DIR[,domain=D]` (the --image flag)."""
+    return parse_image_flag(text)[0]
+
+
+def parse_image_flag(text: str) -> tuple[ImageSpec, ProfileSpec]:
+    """The --image flag: the image, and its start-up profile keys."""
     where = f"--image {text!r}"
     fields: dict[str, str] = {}
     for part in text.split(","):
@@ -108,17 +133,17 @@ def parse_image_spec(text: str) -> ImageSpec:
         if key in fields:
             raise ConfigError(f"{where}: {key or repr(key)} is given twice")
         fields[key] = value.strip()
-    return image_from_mapping(fields, where)
+    return image_and_profile(fields, where)
 
 
 IMAGE_KEYS = {
     "fsid", "bootstrap", "blobs", "domain", "ref", "registry", "scheme", "auth", "auth_file",
     "ca_file", "skip_verify", "dragonfly", "proxy", "ping_url", "check_interval", "fallback",
-    "use_http", "prefetch", "prefetch_bandwidth", "timeout", "mountpoint",
+    "use_http", "prefetch", "prefetch_bandwidth", "timeout", "mountpoint", "record_profile", "profile",
 }
 # Keys whose value is text in a TOML table (the others may also be numbers or booleans there).
 STRING_KEYS = IMAGE_KEYS - {"skip_verify", "check_interval", "fallback", "use_http",
-                            "prefetch_bandwidth", "timeout"}
+                            "prefetch_bandwidth", "timeout", "record_profile"}
 # Keys that only mean something with a registry (ref or registry), or with a proxy.
 REGISTRY_KEYS = ("scheme", "auth", "auth_file", "ca_file", "skip_verify", "timeout")
 PROXY_KEYS = ("ping_url", "check_interval", "fallback", "use_http")
@@ -253,6 +278,10 @@ def check_ca_file(where: str, value: str) -> str:
 
 
 def image_from_mapping(fields: dict[str, Any], where: str) -> ImageSpec:
+    return image_and_profile(fields, where)[0]
+
+
+def image_and_profile(fields: dict[str, Any], where: str) -> tuple[ImageSpec, ProfileSpec]:
     if not isinstance(fields, dict):
         raise ConfigError(f"{where}: must be a table of key = value, not {fields!r}")
     unknown = set(fields) - IMAGE_KEYS
@@ -309,6 +338,9 @@ def image_from_mapping(fields: dict[str, Any], where: str) -> ImageSpec:
         raise ConfigError(f"{where}: prefetch must be none, table or all, not {mode!r}")
     bandwidth = parse_size(where, "prefetch_bandwidth", fields.get("prefetch_bandwidth", 0))
     mountpoint = parse_mountpoint(where, fields.get("mountpoint"))
+    profile = ProfileSpec(
+        parse_record_seconds(where, fields["record_profile"]) if "record_profile" in fields else 0.0,
+        parse_profile(where, fields.get("profile", "auto")))
     if not repository:
         given = [key for key in REGISTRY_KEYS if key in fields]
         if given:
@@ -338,7 +370,29 @@ def image_from_mapping(fields: dict[str, Any], where: str) -> ImageSpec:
         proxy=proxy,
         prefetch=PrefetchSpec(mode, bandwidth),
         mountpoint=mountpoint,
-    )
+    ), profile
+
+
+MAX_RECORD_SECONDS = 24 * 3600.0
+
+
+def parse_record_seconds(where: str, value: Any) -> float:
+    """`record_profile`: seconds after the mount to record (> 0, at most a day)."""
+    seconds = parse_seconds(where, "record_profile", value)
+    if seconds > MAX_RECORD_SECONDS:
+        raise ConfigError(f"{where}: record_profile must be at most {MAX_RECORD_SECONDS:.0f} seconds, not {value!r}")
+    return seconds
+
+
+def parse_profile(where: str, value: Any) -> str:
+    """`profile`: "auto", "none" or a profile file's path (made absolute; whether it is a good
+    profile is only checked when the image is added: a bad one is skipped with a warning)."""
+    text = str(value).strip()
+    if text in ("auto", "none"):
+        return text
+    if not text or "\n" in text or "\0" in text:
+        raise ConfigError(f"{where}: profile must be auto, none or a file path, not {value!r}")
+    return str(Path(text).resolve())
 
 
 def parse_mountpoint(where: str, value: Any) -> Path | None:
@@ -437,12 +491,11 @@ def build_config(
     chosen_tag = tag or file_values.get("tag")
     if chosen_tag is not None:
         check_id("tag", str(chosen_tag))
-    images = [
-        image_from_mapping(entry, f"config file [[image]] #{n + 1}")
-        for n, entry in enumerate(tables)
-    ]
-    images += [parse_image_spec(spec) for spec in image_specs]
+    parsed = [image_and_profile(entry, f"config file [[image]] #{n + 1}") for n, entry in enumerate(tables)]
+    parsed += [parse_image_flag(spec) for spec in image_specs]
+    images = [image for image, _ in parsed]
     check_unique(images)
+    profiles = {(image.volume, image.fsid): profile for image, profile in parsed if profile != ProfileSpec()}
     chosen_backend = str(backend or file_values.get("backend") or "auto")
     if chosen_backend not in ("auto", "cachefiles", "fanotify"):
         raise ConfigError(f"invalid backend {chosen_backend!r}: use auto, cachefiles or fanotify")
@@ -472,6 +525,7 @@ def build_config(
         brun=limits["brun"],
         bcull=limits["bcull"],
         bstop=limits["bstop"],
+        profiles=profiles,
     )
 
 

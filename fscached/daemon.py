@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Coroutine, TypeVar, Union
@@ -17,9 +18,11 @@ from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
 from fscached import cache_gc, mounts
 from fscached.backend import choose_backend
 from fscached.catalog import Catalog, CatalogError
-from fscached.config import Config, ImageSpec
+from fscached.config import Config, ImageSpec, ProfileSpec
 from fscached.fanotify_frontend import FanotifyServer
 from fscached.handover import FD_CACHEFILES
+from fscached.profile import ProfileError, StartupProfile, bootstrap_digest
+from fscached.profile_recorder import ProfileRecorders
 from fscached.serve import Server
 from fscached.sources import SourcePool
 
@@ -77,6 +80,12 @@ class Daemon:
         # reader would see EIO); the requests left go back to the kernel's queue (`restore`)
         # for the successor. Set by fscached.failover (sendfd, takeover).
         self.handing_over = False
+        # start-up profiles: recordings (record_profile=), and the manifest digest of each pulled
+        # image (its profile is a referrer of that manifest in the registry)
+        self.recorders = ProfileRecorders(config.work_dir)
+        self.manifest_digests: dict[tuple[str, str], str] = {}
+        # profile_ranges_loaded / profile_rejected before a frontend exists (then its stats)
+        self.profile_stats: Counter[str] = Counter()
 
     async def load(self) -> None:
         """Open every image's bootstrap (pulling it from its registry when needed) and build
@@ -86,6 +95,7 @@ class Daemon:
             if path is None:
                 path = await self.pull_image_bootstrap(spec)
             self.catalog.add_image(spec, path, self.pool.chain(spec))
+            await self._start_profiles(spec, path)
         if self.service is not None and self.service.state is not None:
             await self._bind_restored(self.service.state.run_time_images)
         self.loaded = True
@@ -101,6 +111,7 @@ class Daemon:
             except Exception as exc:  # one image that cannot come back must not stop the others
                 log.error("image %s, bound at run time before the restart, cannot be bound again: %s", spec.fsid, exc)
                 continue
+            await self._start_profiles(spec, path)
             self.restored_images.append(spec)
         if self.restored_images:
             log.info("bound again %d image(s) bound at run time before the restart: %s",
@@ -149,6 +160,9 @@ class Daemon:
 
                     keep_device(service, device)
             self.server = Server(device, self.catalog, self.executor, self.config.read_window)
+        self.server.recorders = self.recorders
+        self.server.stats.update(self.profile_stats)  # counted while loading: the frontend's from now on
+        self.profile_stats = self.server.stats
         # logged once it worked: a start-up error stays the one line on stderr
         log.info("kernel path: %s (%s)", self.backend, why)
 
@@ -202,6 +216,7 @@ class Daemon:
         finally:
             self.serving = False
             await cache_gc.stop(self)
+            await self.recorders.finish_all("the daemon stops")
             handing_over = self.handing_over and isinstance(server, Server)
             loop.remove_reader(fd)
             if handing_over:
@@ -259,20 +274,29 @@ class Daemon:
                           f"not by a daemon whose watch is still alive; unmount it first (umount {spec.mountpoint})")
         await asyncio.to_thread(mounts.mount_erofs, source, spec.mountpoint, options)
         self.mounted.append(spec.mountpoint)
+        self.recorders.started(spec.volume, spec.fsid)  # a recording's clock starts at the mount
         log.info("image %s mounted on %s", spec.fsid, spec.mountpoint)
 
     # -- images at run time (the control API) ------------------------------------------------
-    async def add_image(self, spec: ImageSpec) -> None:
+    async def add_image(self, spec: ImageSpec, profile: ProfileSpec | None = None) -> None:
         """Serve one more image while the others are mounted and read (CatalogError, SourceError,
-        OSError for a failed mount: then the image is not served)."""
+        OSError for a failed mount: then the image is not served). `profile`: its start-up
+        profile keys (the bind's record_profile / profile), kept in config.profiles."""
         server = self.server
         assert server is not None
         path = spec.bootstrap if spec.bootstrap is not None else await self.pull_image_bootstrap(spec)
         self.catalog.add_image(spec, path, self.pool.chain(spec))
+        if profile is not None:
+            if profile == ProfileSpec():
+                self.config.profiles.pop((spec.volume, spec.fsid), None)
+            else:
+                self.config.profiles[(spec.volume, spec.fsid)] = profile
         try:
+            await self._start_profiles(spec, path)  # before image_added: it starts the replay
             server.image_added(spec)
             await self._mount(server, spec)
         except BaseException:
+            await self.recorders.finish(spec.volume, spec.fsid, "the bind failed")
             boot, dropped = self.catalog.remove_image(spec.volume, spec.fsid)
             server.image_removed(boot, dropped)
             raise
@@ -297,6 +321,7 @@ class Daemon:
         if isinstance(server, FanotifyServer) and server.serving_mounts_of(spec):
             # its blobs' marks are all that stands between those readers and holes
             raise BusyError(f"image {fsid}: still mounted on {', '.join(server.serving_mounts_of(spec))}")
+        await self.recorders.finish(volume, fsid, "the image is unbound")
         boot, dropped = self.catalog.remove_image(volume, fsid)
         server.image_removed(boot, dropped)
         cache_gc.image_released(self, fsid, [blob.info.blob_id for blob in dropped])
@@ -402,7 +427,7 @@ class Daemon:
 
     def counters(self) -> dict[str, int]:
         """The daemon's counters plus each source's, as "source:<name>:<ok|failed|...>"."""
-        merged = dict(self.server.stats) if self.server is not None else {}
+        merged = dict(self.server.stats) if self.server is not None else dict(self.profile_stats)
         for chain in self.catalog.sources():
             for key, value in chain.stats.items():
                 merged[f"source:{key}"] = merged.get(f"source:{key}", 0) + value
@@ -425,7 +450,69 @@ class Daemon:
             pulled = await pull_bootstrap(self.pool.registry(spec.registry), parse_image_ref(spec.ref).reference, dest)
         except (SourceError, ValueError) as exc:
             raise CatalogError(f"image {spec.fsid}: cannot pull {spec.ref}: {exc}") from None
+        self.manifest_digests[(spec.volume, spec.fsid)] = pulled.manifest_digest
         return pulled.bootstrap
+
+    # -- start-up profiles (fscached.profile, fscached.profile_recorder) ----------------------
+    async def _start_profiles(self, spec: ImageSpec, bootstrap: Path) -> None:
+        """An image was added to the catalog: start recording its reads (`record_profile`), and
+        load, check and hand its start-up profile to its blobs (`profile`) so the frontend
+        replays it at the mount. A profile that cannot be used is one warning, never an error."""
+        key = (spec.volume, spec.fsid)
+        keys = self.config.profile_of(spec)
+        if keys.record_seconds > 0:
+            self.recorders.add(spec.volume, spec.fsid, bootstrap, keys.record_seconds, spec.ref or spec.fsid,
+                               self.catalog.devices[key])
+        profile = await self._load_profile(spec, keys.replay, bootstrap)
+        if profile is None:
+            return
+        chunks = self.catalog.add_profile(spec, profile)
+        self.profile_stats["profile_ranges_loaded"] += len(profile.ranges)
+        log.info("image %s: start-up profile of %d ranges (%d bytes, %d chunks to fetch) in %d blob(s): "
+                 "fetched as soon as the image is mounted", spec.fsid, len(profile.ranges), profile.total_bytes,
+                 chunks, len(profile.blob_ids()))
+
+    async def _load_profile(self, spec: ImageSpec, replay: str, bootstrap: Path) -> StartupProfile | None:
+        """The image's start-up profile, checked against its bootstrap and blobs; None (and one
+        warning naming why, when there was one) if there is none or it cannot be used."""
+        if replay == "none":
+            return None
+        try:
+            if replay == "auto":
+                data = await self._registry_profile(spec)
+                if data is None:
+                    return None
+                profile = StartupProfile.from_json(data, f"the registry's profile of {spec.ref}")
+                where = f"the registry's profile of {spec.ref}"
+            else:
+                profile = await asyncio.to_thread(StartupProfile.load, Path(replay))
+                where = f"profile {replay}"
+            digest = await asyncio.to_thread(bootstrap_digest, bootstrap)
+            sizes = {blob.info.blob_id: blob.size for blob in self.catalog.devices[(spec.volume, spec.fsid)]}
+            profile.check_against(digest, sizes, where)
+            return profile
+        except ProfileError as exc:
+            self.profile_stats["profile_rejected"] += 1
+            log.warning("image %s: start-up profile not used: %s", spec.fsid, exc)
+        except Exception as exc:  # a registry that failed: no profile, the image is served all the same
+            log.warning("image %s: start-up profile not used: %s", spec.fsid, str(exc) or type(exc).__name__)
+        return None
+
+    async def _registry_profile(self, spec: ImageSpec) -> bytes | None:
+        """profile=auto: the profile the registry holds for a `ref=` image (a referrer of its
+        manifest), through fetcher.referrers when that module exists."""
+        digest = self.manifest_digests.get((spec.volume, spec.fsid))
+        if spec.ref is None or spec.registry is None or digest is None:
+            return None
+        try:
+            from fetcher.referrers import fetch_profile  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            log.debug("image %s: no registry profile lookup in this build (fetcher.referrers)", spec.fsid)
+            return None
+        data: bytes | None = await fetch_profile(self.pool.registry(spec.registry), digest)
+        if data is None:
+            log.info("image %s: the registry has no start-up profile for %s", spec.fsid, digest)
+        return data
 
 
 def _requeue_for_successor(server: Server) -> None:

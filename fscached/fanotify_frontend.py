@@ -38,6 +38,7 @@ from fscached.event_journal import EventJournal, Orphan
 from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, SharedFd, VerifyError
 from fscached.logs import request_log
 from fscached.metrics import RequestStats
+from fscached.profile_recorder import ProfileRecorders
 
 log = logging.getLogger("fscached.fanotify")
 
@@ -125,6 +126,8 @@ class FanotifyServer:
         # served, whoever holds the group later (kept in the state dir beside the journal)
         self.unwatched: dict[str, int] = {}
         self.holder: FdHolder = KeeperHolder(self.keeper_socket)
+        # start-up profiles being recorded (fscached.profile_recorder; set by the daemon)
+        self.recorders: ProfileRecorders | None = None
 
     # -- start ------------------------------------------------------------------------------
     def open(self, holder: "FdHolder | None" = None) -> None:
@@ -284,8 +287,12 @@ class FanotifyServer:
             if cf is None:
                 self._open_cache_file(spec.volume, blob, {})
                 cf = self.files[f"{spec.volume}/{blob.info.blob_id}"]
-                if blob.prefetch_order:
+                if blob.prefetch_order or blob.profile_order:
                     self._spawn(self._prefetch(cf))
+            elif blob.profile_order and (cf.target is None or cf.target.prefetch is None
+                                         or cf.target.prefetch.done()):
+                # a domain's blob already served: the new image's profile may name more of it
+                self._spawn(self._prefetch(cf, profile_only=True))
         self._give_to_keeper()
 
     def image_removed(self, boot: BootstrapObject, dropped: list[BlobObject]) -> None:
@@ -324,7 +331,7 @@ class FanotifyServer:
                 self._spawn(self._resolve_orphan(orphan))
             self.orphans = []
         for cf in self.files.values():
-            if cf.blob.prefetch_order:
+            if cf.blob.prefetch_order or cf.blob.profile_order:
                 self._spawn(self._prefetch(cf))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -405,6 +412,8 @@ class FanotifyServer:
             self._give_to_keeper()
         assert cf.target is not None
         count = event.count if event.count >= 0 else cf.blob.size - event.offset
+        if cf.blob.recorders and self.recorders is not None and count > 0:
+            self.recorders.note(cf.blob, event.offset, count)  # filled or not: every read of the blob
         if count <= 0 or self.filler.is_filled(cf.blob, cf.target, event.offset, count):
             self.stats["read_cached"] += 1
             self._answer(event.fd, FAN_ALLOW)
@@ -507,13 +516,20 @@ class FanotifyServer:
                 self.stats["orphans_eio"] += 1
 
     # -- prefetch ---------------------------------------------------------------------------
-    async def _prefetch(self, cf: CacheFile) -> None:
+    async def _prefetch(self, cf: CacheFile, profile_only: bool = False) -> None:
+        """Once the image is served (its reader armed): the start-up profile's chunks first,
+        then the prefetch list."""
         try:
             if cf.target is None:
                 # no write fd yet (taken over without one): one read raises the event that brings it
                 await asyncio.to_thread(_read_one_byte, cf.path)
             assert cf.target is not None
             cf.target.prefetch = asyncio.current_task()  # type: ignore[assignment]
+            if cf.blob.profile_order:
+                await self.filler.replay(cf.blob, cf.target, cf.blob.profile_order)
+                log.info("profile replay blob=%s done (%d chunks)", cf.name, len(cf.blob.profile_order))
+            if profile_only or not cf.blob.prefetch_order:
+                return
             await self.filler.prefetch(cf.blob, cf.target, cf.blob.prefetch_order, cf.blob.prefetch_bandwidth)
             log.info("prefetch blob=%s done (%d chunks)", cf.name, len(cf.blob.prefetch_order))
         except asyncio.CancelledError:

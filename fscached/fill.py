@@ -38,11 +38,19 @@ T = TypeVar("T")
 DEFAULT_WINDOW = 1 << 20
 ONDEMAND_FETCHES = 16  # ranged fetches in flight for READs: bounds memory (each at most READAHEAD_RUN)
 PREFETCH_FETCHES = 2
+# A start-up profile's replay (Filler.replay): consecutive profile chunks in batches of about
+# PROFILE_BATCH bytes, each fetched as runs of contiguous stored bytes of up to PROFILE_RUN bytes,
+# PROFILE_FETCHES requests in flight at most (its own budget, beside on-demand reads: see replay)
+PROFILE_BATCH = 16 << 20
+PROFILE_RUN = 8 << 20
+PROFILE_FETCHES = 3
+PROFILE_WAITS_FOR_IDLE = False  # True: strictly behind on-demand reads, as prefetch (measured: slower)
 # A sequential reader gets the next READAHEAD_BYTES fetched ahead, in fetches of up to
 # READAHEAD_RUN bytes, topped up each time half of it has been read: few, large requests (a
 # registry costs ~2.5 ms per ranged GET however small) that overlap the reader's own reads.
 READAHEAD_BYTES = 16 << 20
 READAHEAD_RUN = 4 << 20
+READ, PREFETCH, PROFILE = "read", "prefetch", "profile"  # what a fetch job is for
 
 
 class VerifyError(IntegrityError):
@@ -251,6 +259,7 @@ class Filler:
         self.window = window
         self._ondemand = asyncio.Semaphore(ONDEMAND_FETCHES)
         self._prefetch = asyncio.Semaphore(PREFETCH_FETCHES)
+        self._profile = asyncio.Semaphore(PROFILE_FETCHES)
         self._ondemand_waiting = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -301,8 +310,11 @@ class Filler:
                 return False
         return True
 
-    async def fill_blob(self, obj: BlobObject, target: FillTarget, offset: int, length: int) -> None:
-        """Make [offset, offset+length) of the blob hold verified bytes, or raise."""
+    async def fill_blob(self, obj: BlobObject, target: FillTarget, offset: int, length: int,
+                        exact: bool = False) -> None:
+        """Make [offset, offset+length) of the blob hold verified bytes, or raise. `exact`: only
+        the chunks under the range, no read window around them and no read-ahead (a blob whose
+        reads are recorded on the cachefiles path: the kernel must ask for every chunk it reads)."""
         if target.closed:
             raise TargetClosed(f"blob {obj.info.blob_id} was closed")
         zeros: list[Awaitable[None]] = []
@@ -318,14 +330,14 @@ class Filler:
         window_start = round_down(offset, self.window)
         window_end = min(round_up(offset + length, self.window), obj.size)
         # the window holds the READ's own chunks too (both block aligned, within the blob)
-        window = obj.chunk_map.chunks_in(window_start, window_end)
-        jobs = self._start_jobs(obj, target, window, False, self.window)
-        if (window_start == target.sequential_end and window_end < obj.size
+        window = needed if exact else obj.chunk_map.chunks_in(window_start, window_end)
+        jobs = self._start_jobs(obj, target, window, READ, self.window)
+        if (not exact and window_start == target.sequential_end and window_end < obj.size
                 and target.ahead_end - window_end < READAHEAD_BYTES // 2):
             # a sequential reader with less than half the read-ahead left in front of it
             ahead_start = max(target.ahead_end, window_end)
             ahead_end = min(window_end + READAHEAD_BYTES, obj.size)
-            self._start_jobs(obj, target, obj.chunk_map.chunks_in(ahead_start, ahead_end), False,
+            self._start_jobs(obj, target, obj.chunk_map.chunks_in(ahead_start, ahead_end), READ,
                              max(self.window, READAHEAD_RUN))
             target.ahead_end = ahead_end
             self.stats["readahead_windows"] += 1  # read-ahead fetches started
@@ -340,7 +352,7 @@ class Filler:
                 if target.closed:
                     raise
                 self.stats["chunk_retries"] += len(retry)
-                await self._await_chunks(target, retry, self._start_jobs(obj, target, retry, False, 0))
+                await self._await_chunks(target, retry, self._start_jobs(obj, target, retry, READ, 0))
         missing = [c for c in needed if c.uncompressed_offset not in target.written]
         if missing:  # e.g. a job that ended because its object closed: never report success
             raise TargetClosed(f"blob {obj.info.blob_id}: chunk at {missing[0].uncompressed_offset} was not written")
@@ -360,7 +372,7 @@ class Filler:
                 waits.append(asyncio.shield(job))
         await _all(waits)
 
-    def _start_jobs(self, obj: BlobObject, target: FillTarget, chunks: list[ChunkRef], prefetch: bool,
+    def _start_jobs(self, obj: BlobObject, target: FillTarget, chunks: list[ChunkRef], kind: str,
                     max_run: int) -> dict[int, asyncio.Future[None]]:
         """Futures for `chunks`: joined where in flight, new runs for the rest."""
         found: dict[int, asyncio.Future[None]] = {}
@@ -376,7 +388,7 @@ class Filler:
             else:
                 todo.append(chunk)
         for run in contiguous_runs(todo, max_run):
-            job = asyncio.ensure_future(self._fetch_run(obj, target, run, prefetch))
+            job = asyncio.ensure_future(self._fetch_run(obj, target, run, kind))
             keys = [c.uncompressed_offset for c in run]
             for key in keys:
                 target.jobs[key] = job
@@ -387,7 +399,7 @@ class Filler:
             job.add_done_callback(_consume_exception)
         return found
 
-    async def _fetch_run(self, obj: BlobObject, target: FillTarget, run: list[ChunkRef], prefetch: bool) -> None:
+    async def _fetch_run(self, obj: BlobObject, target: FillTarget, run: list[ChunkRef], kind: str) -> None:
         with target.hold() as alive:  # the fd stays open until this run's write is done
             if not alive or target.closed:
                 raise TargetClosed(f"blob {obj.info.blob_id} was closed before its fetch began")
@@ -398,9 +410,9 @@ class Filler:
                 run = [c for c in run if c.uncompressed_offset not in target.written]
                 if not run:
                     return
-            await self._fetch_run_held(obj, target, run, prefetch)
+            await self._fetch_run_held(obj, target, run, kind)
 
-    async def _fetch_run_held(self, obj: BlobObject, target: FillTarget, run: list[ChunkRef], prefetch: bool) -> None:
+    async def _fetch_run_held(self, obj: BlobObject, target: FillTarget, run: list[ChunkRef], kind: str) -> None:
         start = run[0].compressed_offset
         length = run[-1].compressed_offset + run[-1].compressed_size - start
         info = obj.info
@@ -415,11 +427,17 @@ class Filler:
 
         # the chain takes sync or async checks; mypy cannot pick T from an async one alone
         verify = cast(Callable[[bytes], Any], verify_and_write)
-        if prefetch:
+        if kind == PREFETCH:
             await self._wait_for_idle()
             async with self._prefetch:
                 await obj.source.read_verified(info.blob_id, start, length, verify, prefetch=True)
             self.stats["prefetched_chunks"] += len(run)
+        elif kind == PROFILE:  # beside on-demand reads, within its own budget (replay)
+            if PROFILE_WAITS_FOR_IDLE:
+                await self._wait_for_idle()
+            async with self._profile:
+                await obj.source.read_verified(info.blob_id, start, length, verify, prefetch=True)
+            self.stats["profile_chunks_prefetched"] += len(run)
         else:
             self._ondemand_waiting += 1
             self._idle.clear()
@@ -457,7 +475,7 @@ class Filler:
                 continue
             batch = [c for c in obj.chunk_map.chunks_in(window_start, window_start + self.window)
                      if c.uncompressed_offset not in target.written and c.uncompressed_offset not in target.jobs]
-            jobs = self._start_jobs(obj, target, batch, True, self.window)
+            jobs = self._start_jobs(obj, target, batch, PREFETCH, self.window)
             results = await asyncio.gather(*(asyncio.shield(j) for j in set(jobs.values())), return_exceptions=True)
             if any(isinstance(r, Exception) for r in results):
                 self.stats["prefetch_failed"] += 1
@@ -468,6 +486,56 @@ class Filler:
                 if ahead > 0:
                     await asyncio.sleep(ahead)
         self.stats["prefetch_done"] += 1
+
+
+    async def replay(self, obj: BlobObject, target: FillTarget, order: list[ChunkRef]) -> None:
+        """Fetch a start-up profile's chunks of one blob (`order`: profile order) before the
+        reader asks: consecutive chunks are taken in batches of about PROFILE_BATCH bytes, and a
+        batch's chunks not yet written or in flight are fetched as runs of contiguous stored bytes
+        (up to PROFILE_RUN each), so a batch is a few large requests, started in the order of
+        their first chunk in the profile. The next batch is started
+        while the one before is still being fetched (two batches at most); PROFILE_FETCHES
+        requests are in flight at most, for every replay of the daemon together.
+
+        Unlike `prefetch`, a replay does not wait for on-demand reads to be idle: at start-up the
+        reader's own reads come one after another, and these are the very ranges it is about to
+        read, so waiting behind them would leave the replay behind the reader. On-demand reads
+        keep their own, larger, budget (ONDEMAND_FETCHES) and join a replay's fetch of a chunk
+        they need instead of fetching it again. A failed run is left to on-demand reads."""
+        outstanding: list[asyncio.Future[list[BaseException | None]]] = []
+        i = 0
+        while i < len(order):
+            batch: list[ChunkRef] = []
+            size = 0
+            while i < len(order) and size < PROFILE_BATCH:
+                chunk = order[i]
+                i += 1
+                if chunk.uncompressed_offset in target.written or chunk.uncompressed_offset in target.jobs:
+                    continue
+                batch.append(chunk)
+                size += chunk.uncompressed_size
+            if not batch:
+                continue
+            if target.closed:
+                return
+            # neighbours in the blob merge into one request whatever their order in the batch;
+            # the requests then start in the order of their first chunk in the profile
+            rank = {c.uncompressed_offset: n for n, c in enumerate(batch)}
+            runs = contiguous_runs(sorted(batch, key=lambda c: (c.compressed_offset, c.uncompressed_offset)),
+                                   PROFILE_RUN)
+            runs.sort(key=lambda run: min(rank[c.uncompressed_offset] for c in run))
+            jobs = self._start_jobs(obj, target, [c for run in runs for c in run], PROFILE, PROFILE_RUN)
+            outstanding.append(asyncio.ensure_future(asyncio.gather(
+                *(asyncio.shield(j) for j in set(jobs.values())), return_exceptions=True)))
+            if len(outstanding) >= 2:
+                self._count_failed(await outstanding.pop(0))
+        for waiting in outstanding:
+            self._count_failed(await waiting)
+
+    def _count_failed(self, results: list[BaseException | None]) -> None:
+        failed = sum(1 for r in results if isinstance(r, Exception))
+        if failed:
+            self.stats["profile_failed"] += failed
 
 
 async def settle(tasks: "set[asyncio.Future[None]] | set[asyncio.Task[None]]", timeout: float) -> None:

@@ -15,7 +15,13 @@ fscached's own extensions (top-level fields of the entry):
   `mountpoint=`), on either kernel path;
 - `"ref": "host[:port]/repo:tag"` (or `@sha256:...`) instead of `metadata_path`: the daemon
   pulls the bootstrap from the registry (checked against its digest, then as any bootstrap);
-  the registry backend's host and repo default to the reference's.
+  the registry backend's host and repo default to the reference's;
+- `"record_profile": SECONDS` (a number > 0): record the image's start-up profile, the blob
+  ranges read in the first SECONDS after the mount, into `<work_dir>/profiles/<id>.json` (the
+  image key `record_profile=`, fscached.profile_recorder);
+- `"profile": "auto" | "none" | "/path/to/profile.json"`: the start-up profile to replay at the
+  mount (the image key `profile=`; default "auto": the registry's profile of a `ref` image). A
+  profile that cannot be used is skipped with a warning: it never fails the bind.
 
 Mapping (legacy `config.` / v2 `config_v2.`):
 
@@ -48,8 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from fscached.config import (
-    ConfigError, ImageSpec, PrefetchSpec, ProxySpec, RegistrySpec, check_auth, check_ca_file, check_id,
-    parse_bool, parse_mountpoint, parse_seconds, parse_url, split_repository,
+    ConfigError, ImageSpec, PrefetchSpec, ProfileSpec, ProxySpec, RegistrySpec, check_auth, check_ca_file, check_id,
+    parse_bool, parse_mountpoint, parse_profile, parse_record_seconds, parse_seconds, parse_url, split_repository,
 )
 
 log = logging.getLogger("fscached.api")
@@ -90,6 +96,7 @@ class BindRequest:
     form: str  # "config" (legacy) or "config_v2"
     ignored: list[str] = field(default_factory=list)  # field names only, never values
     registry_token: str | None = field(default=None, repr=False)  # a bearer token: never shown
+    profile: ProfileSpec = ProfileSpec()  # fscached's record_profile / profile fields
 
 
 def check_entry_id(kind: str, value: Any) -> str:
@@ -134,6 +141,7 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
         except ConfigError as exc:
             raise BadBind(str(exc)) from None
     ref = _ref(entry.get("ref"))
+    record_profile, profile = _profile_fields(entry, fsid)
     if entry.get("config_v2") is not None:  # nydusd prefers it when both are given
         parsed = _from_v2(entry["config_v2"], ref is not None)
         form = "config_v2"
@@ -165,7 +173,30 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
         ref=ref.text if ref is not None else None, registry=registry, proxy=proxy, prefetch=parsed.prefetch,
         mountpoint=mountpoint,
     )
-    return BindRequest(spec, form, parsed.ignored, token)
+    return BindRequest(spec, form, parsed.ignored, token, ProfileSpec(record_profile, profile))
+
+
+def _profile_fields(entry: dict[str, Any], fsid: str) -> tuple[float, str]:
+    """fscached's `record_profile` (seconds, a number) and `profile` ("auto", "none", a path)."""
+    where = f"image {fsid}"
+    record = entry.get("record_profile")
+    seconds = 0.0
+    if record is not None:
+        if isinstance(record, bool) or not isinstance(record, (int, float)):
+            raise BadBind(f"{where}: record_profile must be a number of seconds > 0, not {str(record)[:40]!r}")
+        try:
+            seconds = parse_record_seconds(where, record)
+        except ConfigError as exc:
+            raise BadBind(str(exc)) from None
+    value = entry.get("profile", "auto")
+    if not isinstance(value, str) or not value:
+        raise BadBind(f"{where}: profile must be \"auto\", \"none\" or an absolute file path")
+    if value not in ("auto", "none") and not os.path.isabs(value):
+        raise BadBind(f"{where}: profile {value[:200]!r} must be \"auto\", \"none\" or an absolute file path")
+    try:
+        return seconds, parse_profile(where, value)
+    except ConfigError as exc:
+        raise BadBind(str(exc)) from None
 
 
 @dataclass

@@ -32,6 +32,7 @@ from fscached.config import ImageSpec
 from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, VerifyError
 from fscached.logs import request_log
 from fscached.metrics import RequestStats
+from fscached.profile_recorder import ProfileRecorders
 
 log = logging.getLogger("fscached.serve")
 
@@ -62,6 +63,8 @@ class Server:
         # another daemon serves this device too (a hot upgrade's overlap): READs for objects
         # not ours are its own, not an error
         self.device_shared = False
+        # start-up profiles being recorded (fscached.profile_recorder; set by the daemon)
+        self.recorders: ProfileRecorders | None = None
 
     def fileno(self) -> int:
         return self.device.fileno()
@@ -143,16 +146,28 @@ class Server:
         if not self._copen(req.msg_id, served.size):
             self._forget(req.object_id)
             return
-        if isinstance(served, BlobObject) and served.prefetch_order:
+        if isinstance(served, BootstrapObject) and self.recorders is not None:
+            # the kernel opens the bootstrap when the image is mounted: a recording's clock starts
+            self.recorders.started(req.volume_key.removeprefix(VOLUME_PREFIX), served.fsid)
+        if isinstance(served, BlobObject) and (served.profile_order or served.prefetch_order):
+            if self.recorders is not None and self.recorders.recording(served):
+                # a prefetch would fill ranges the kernel then never asks for: not recorded
+                log.info("blob=%s: its reads are being recorded: no profile replay or prefetch now", name)
+                return
             task = asyncio.ensure_future(self._prefetch(live, served))
             live.target.prefetch = task
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
     async def _prefetch(self, live: LiveObject, served: BlobObject) -> None:
+        """At OPEN (the mount): the start-up profile's chunks first, then the prefetch list."""
         try:
-            await self.filler.prefetch(served, live.target, served.prefetch_order, served.prefetch_bandwidth)
-            log.info("prefetch blob=%s done (%d chunks)", live.name, len(served.prefetch_order))
+            if served.profile_order:
+                await self.filler.replay(served, live.target, served.profile_order)
+                log.info("profile replay blob=%s done (%d chunks)", live.name, len(served.profile_order))
+            if served.prefetch_order:
+                await self.filler.prefetch(served, live.target, served.prefetch_order, served.prefetch_bandwidth)
+                log.info("prefetch blob=%s done (%d chunks)", live.name, len(served.prefetch_order))
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -183,6 +198,10 @@ class Server:
             log.error("READ req=msg:%d for unknown object %d", req.msg_id, req.object_id)
             self.requests.observe("failed", 0.0)
             return
+        if self.recorders is not None:
+            live = _live(self.objects.get(req.object_id))
+            if live is not None and isinstance(live.served, BlobObject) and live.served.recorders:
+                self.recorders.note(live.served, req.offset, req.length)  # in the order READs come
         self.reading.add(req.msg_id)
         task = asyncio.ensure_future(self._serve_read(req, time.monotonic()))
         self.tasks.add(task)
@@ -209,7 +228,9 @@ class Server:
                 outcome = "filled"
             else:
                 cached = self.filler.is_filled(live.served, live.target, req.offset, req.length)
-                await self.filler.fill_blob(live.served, live.target, req.offset, req.length)
+                exact = self.recorders is not None and bool(live.served.recorders) and \
+                    self.recorders.recording(live.served)
+                await self.filler.fill_blob(live.served, live.target, req.offset, req.length, exact)
                 outcome = "cached" if cached else "filled"
             self.stats["read_bytes"] += req.length
         except (SourceError, VerifyError, OSError, ValueError) as exc:
