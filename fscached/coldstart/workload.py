@@ -136,10 +136,10 @@ def build_workload(size: str = "small", *, progress: Progress | None = None,
     entry = root / key
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f".{key}.lock"):
+        _remove_dead_builds(root, key)
         if (entry / MARKER).is_file():
             say(f"workload {key}: reusing {entry}")
             return Workload.from_json((entry / MARKER).read_text(), entry)
-        _remove_dead_builds(root, key)
         if entry.exists():  # no marker: an incomplete entry (should not happen: renamed last)
             _remove_tree(entry)
         staging = root / f".tmp-{key}-{os.getpid()}"

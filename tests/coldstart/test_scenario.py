@@ -1,0 +1,108 @@
+"""The cold-start modes on the host kernel, small workload, unshaped network: the right output,
+lazy fetches less than classic, and nothing of the machine's containerd is touched."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from fscached.coldstart import mounts_under, unmount_under
+from fscached.coldstart.containerd import Containerd
+from fscached.coldstart.scenario import ModeResult, Scenario, profile_support
+from fscached.coldstart.workload import Workload
+
+pytestmark = pytest.mark.root
+
+MACHINE_PATHS = [Path("/run/containerd"), Path("/var/lib/containerd"), Path("/opt/containerd")]
+
+
+@pytest.fixture(scope="module")
+def machine_before() -> dict[Path, bool]:
+    return {p: p.exists() for p in MACHINE_PATHS}
+
+
+@pytest.fixture(scope="module")
+def scenario_dir(coldstart_host: None) -> Iterator[Path]:
+    work = Path(tempfile.mkdtemp(prefix="fscd-cs-test-", dir="/var/tmp"))  # ext4, not tmpfs
+    try:
+        yield work
+    finally:
+        unmount_under(work)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def results(small_workload: Workload, machine_before: dict[Path, bool], scenario_dir: Path) -> dict[str, ModeResult]:
+    with Scenario(small_workload, "unshaped", workdir=scenario_dir) as sc:
+        found = {"classic": sc.classic(), "lazy": sc.lazy()}
+        if profile_support() is None:
+            found["lazy_profile"] = sc.lazy_profile()
+    assert not mounts_under(scenario_dir), "the scenario left mounts behind"
+    return found
+
+
+def test_classic_and_lazy_print_the_workloads_line(results: dict[str, ModeResult], small_workload: Workload) -> None:
+    for mode in ("classic", "lazy"):
+        r = results[mode]
+        assert r.output[0] == small_workload.expected_line
+        assert r.seconds is not None and 0 < r.seconds < 120
+        assert r.samples and r.samples[-1][1] >= r.bytes_fetched  # the last sample comes after
+
+
+def test_classic_fetches_the_whole_image(results: dict[str, ModeResult], small_workload: Workload) -> None:
+    r = results["classic"]
+    assert r.bytes_fetched >= small_workload.layer_bytes  # every layer, plus headers
+    assert r.bytes_fetched < small_workload.layer_bytes * 1.1
+
+
+def test_lazy_fetches_less_than_classic(results: dict[str, ModeResult]) -> None:
+    classic, lazy = results["classic"], results["lazy"]
+    assert 0 < lazy.bytes_fetched < classic.bytes_fetched, (lazy.summary(), classic.summary())
+    assert lazy.share < 0.8
+
+
+def test_lazy_with_a_profile(results: dict[str, ModeResult], small_workload: Workload) -> None:
+    if "lazy_profile" not in results:
+        pytest.skip(profile_support() or "")
+    r = results["lazy_profile"]
+    assert r.available and r.output[0] == small_workload.expected_line
+    assert 0 < r.bytes_fetched < results["classic"].bytes_fetched
+
+
+def test_machines_containerd_untouched_and_all_torn_down(results: dict[str, ModeResult],
+                                                         machine_before: dict[Path, bool], scenario_dir: Path) -> None:
+    for path, existed in machine_before.items():
+        if not existed:
+            assert not path.exists(), f"{path} was created by the harness"
+    for pid_dir in Path("/proc").iterdir():
+        if pid_dir.name.isdigit():
+            try:
+                cmd = (pid_dir / "cmdline").read_bytes()
+            except OSError:
+                continue
+            assert str(scenario_dir).encode() not in cmd, f"left running: {cmd!r}"
+    from pyroute2 import netns
+
+    assert not [n for n in netns.listnetns() if n == f"fscd-{os.getpid()}"], "the registry's netns is left"
+
+
+def test_containerd_own_socket_and_failed_start(coldstart_host: None, tmp_path: Path) -> None:
+    from fscached.coldstart import ColdstartError
+
+    work = Path("/var/tmp") / tmp_path.name
+    try:
+        with Containerd(work / "ctd") as ctd:
+            assert ctd.socket.stat().st_mode & 0o777 == 0o600
+            assert ctd.socket.parent.stat().st_mode & 0o777 == 0o700
+            assert "Server:" in ctd.ctr("version")
+            pid = ctd.proc.pid if ctd.proc else 0
+        assert not Path(f"/proc/{pid}").exists() or b"containerd" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert not mounts_under(work)
+        with pytest.raises(ColdstartError, match="too long"):
+            Containerd(work / ("x" * 120)).start()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
