@@ -425,8 +425,11 @@ class FanotifyServer:
     async def _fill(self, cf: CacheFile, offset: int, length: int, kind: str, req: str) -> int:
         """Fill the range; the answer for its event (ALLOW, or EIO)."""
         assert cf.target is not None
+        # while an image records this blob's reads: only the chunks asked for, no read window or
+        # read-ahead, which would put neighbours into the page cache, where reads raise no event
+        exact = bool(cf.blob.recorders) and self.recorders is not None and self.recorders.recording(cf.blob)
         try:
-            await self.filler.fill_blob(cf.blob, cf.target, offset, length)
+            await self.filler.fill_blob(cf.blob, cf.target, offset, length, exact)
             self.stats["read_bytes"] += length
             return FAN_ALLOW
         except (SourceError, VerifyError, OSError, ValueError) as exc:
@@ -519,6 +522,10 @@ class FanotifyServer:
     async def _prefetch(self, cf: CacheFile, profile_only: bool = False) -> None:
         """Once the image is served (its reader armed): the start-up profile's chunks first,
         then the prefetch list."""
+        if self.recorders is not None and self.recorders.recording(cf.blob):
+            # what it filled would be read from the page cache without an event: not recorded
+            log.info("blob=%s: its reads are being recorded: no profile replay or prefetch now", cf.name)
+            return
         try:
             if cf.target is None:
                 # no write fd yet (taken over without one): one read raises the event that brings it

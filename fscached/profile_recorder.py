@@ -16,11 +16,11 @@ daemon stops, to `<work_dir>/profiles/<fsid>.json` (atomically: a temporary file
 
 What the kernel asks for depends on what the cache already holds: record on a node whose cache
 does not hold the image yet. On the cachefiles path the kernel only asks for ranges the cache
-lacks, so while one of a blob's images records, the daemon serves that blob's READs with exactly
-the chunks asked for (no read window around them, no read-ahead) and starts no prefetch or
-profile replay for it: every chunk start-up reads is then asked for, and recorded. On the
-fanotify path every read of a marked cache file raises an event, filled or not (a complete blob
-loses its mark: reads of it are not seen any more).
+lacks; on the fanotify path a read served from the cache file's page cache raises no event (and
+a complete blob loses its mark). So while one of a blob's images records, the daemon serves that
+blob's reads with exactly the chunks asked for (no read window around them, no read-ahead: the
+recording node pays with more, smaller requests) and starts no prefetch or profile replay for
+it: every chunk start-up reads is then asked for, and recorded.
 """
 from __future__ import annotations
 
