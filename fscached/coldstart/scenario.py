@@ -267,7 +267,10 @@ class Scenario:
                             {"pull": pulled - t0})
 
     def lazy(self) -> ModeResult:
-        return self._lazy_run("lazy", self._fresh_dir("lazy"))
+        # no profile replay, even once lazy_profile has pushed one (a daemon without profile
+        # support knows no such key: only sent where it exists)
+        extra = {"profile": "none"} if profile_support() is None else {}
+        return self._lazy_run("lazy", self._fresh_dir("lazy"), **extra)
 
     def lazy_profile(self, record_seconds: float = RECORD_SECONDS) -> ModeResult:
         why = profile_support()
