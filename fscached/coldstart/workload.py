@@ -316,19 +316,22 @@ def _write_app(app: Path, packages: Sequence[str]) -> None:
 
 
 def _first_line_in_chroot(work: Path, layers: list[Path]) -> str:
-    """Run the command in a read-only overlay of the layers (top first): its first line."""
-    mnt = work / "check"
-    mnt.mkdir()
+    """Run the command in a writable overlay of the layers (as a container would: the upper dir
+    is thrown away), its first line."""
+    mnt, upper, scratch = work / "check", work / "check-upper", work / "check-work"
+    for d in (mnt, upper, scratch):
+        d.mkdir()
     lower = ":".join(str(p) for p in reversed(layers))
-    run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lower}", str(mnt)],
-        "overlay of the workload's layers")
+    run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={scratch}",
+         str(mnt)], "overlay of the workload's layers")
     try:
         out = run([shutil.which("chroot") or "/usr/sbin/chroot", str(mnt), *COMMAND], "the workload's command in a chroot", timeout=300,
                   env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root",
                        "PYTHONDONTWRITEBYTECODE": "1"})
     finally:
         unmount_under(mnt)
-        mnt.rmdir()
+        for d in (mnt, upper, scratch):
+            _remove_tree(d)
     lines = out.splitlines()
     if not lines or not lines[0].startswith("numpy "):
         raise ColdstartError(f"the workload's command printed {one_line(out, 200)!r}, not 'numpy ...'")
