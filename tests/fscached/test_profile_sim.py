@@ -302,3 +302,49 @@ def test_profile_keys_in_the_flag_the_file_and_the_bind(tmp_path: Path) -> None:
     for field, value in (("record_profile", "30"), ("record_profile", 0), ("profile", "rel.json"), ("profile", 3)):
         with pytest.raises(BadBind, match=field.split("_")[0]):
             parse_bind_entry({**entry, field: value}, check_files=False)
+
+
+def test_profile_auto_asks_the_registry_for_a_pulled_image(image: Image, work: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """profile=auto: fetcher.referrers.fetch_profile with the manifest digest the pull gave."""
+    import asyncio
+
+    import fetcher.referrers
+    from fscached.config import RegistrySpec
+
+    good = StartupProfile(bootstrap_digest(image.boot),
+                          [ProfileRange(image.blob_id, image.chunk(4).uncompressed_offset, 2 * CHUNK)]).to_json()
+    asked: list[str] = []
+    answers: list[bytes | None | Exception] = [good, None, OSError("registry down"), b"{}"]
+
+    async def fake_fetch(source: object, manifest_digest: str) -> bytes | None:
+        asked.append(manifest_digest)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(fetcher.referrers, "fetch_profile", fake_fetch)
+    caplog.set_level(logging.INFO)
+
+    async def main() -> list[tuple[int, int]]:
+        daemon = Daemon(Config(cache_dir=work / "cache", work_dir=work / "wd"))
+        results = []
+        try:
+            for n in range(4):
+                spec = ImageSpec(f"r{n}", image.boot, None, ref="127.0.0.1:9/team/app:v1",
+                                 registry=RegistrySpec("127.0.0.1:9", "team/app", "http"))
+                daemon.catalog.add_image(spec, image.boot, daemon.pool.chain(spec))
+                daemon.manifest_digests[(spec.volume, spec.fsid)] = f"sha256:{n:064x}"
+                await daemon._start_profiles(spec, image.boot)
+                blob = daemon.catalog.devices[(spec.volume, spec.fsid)][0]
+                results.append((len(blob.profile_order), daemon.counters().get("profile_rejected", 0)))
+        finally:
+            await daemon.pool.close()
+        return results
+
+    assert asyncio.run(main()) == [(2, 0), (0, 0), (0, 0), (0, 1)]
+    assert asked == [f"sha256:{n:064x}" for n in range(4)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "registry down" in warnings[0] and "not a start-up profile" in warnings[1]
