@@ -65,6 +65,10 @@ FRONTEND_COUNTERS = (
     ("orphans_answered", "fscached_orphans_answered", "events a killed daemon had taken, answered by this one"),
     ("orphans_eio", "fscached_orphans_eio", "of those, answered with EIO"),
     ("orphans_gone", "fscached_orphans_gone", "events a killed daemon had taken that were already gone"),
+    ("profile_ranges_loaded", "fscached_profile_ranges_loaded", "ranges of start-up profiles accepted at a bind"),
+    ("profile_chunks_prefetched", "fscached_profile_chunks_prefetched", "chunks fetched by a start-up profile's replay"),
+    ("profile_rejected", "fscached_profile_rejected", "start-up profiles not used (foreign, stale or malformed)"),
+    ("profile_failed", "fscached_profile_failed", "profile replay runs that failed (left to on-demand reads)"),
 )
 
 
