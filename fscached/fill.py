@@ -45,9 +45,13 @@ PROFILE_BATCH = 16 << 20
 PROFILE_RUN = 8 << 20
 PROFILE_FETCHES = 3
 PROFILE_WAITS_FOR_IDLE = False  # True: strictly behind on-demand reads, as prefetch (measured: slower)
-# A sequential reader gets the next READAHEAD_BYTES fetched ahead, in fetches of up to
-# READAHEAD_RUN bytes, topped up each time half of it has been read: few, large requests (a
-# registry costs ~2.5 ms per ranged GET however small) that overlap the reader's own reads.
+# A sequential reader gets bytes fetched ahead of it, in fetches of up to READAHEAD_RUN bytes,
+# topped up each time half of it has been read: few, large requests (a registry costs ~2.5 ms
+# per ranged GET however small) that overlap the reader's own reads. The distance ramps up like
+# the kernel's own read-ahead: READAHEAD_MIN on the first sequential READ, doubled each time the
+# reader goes on, up to READAHEAD_BYTES; a jump elsewhere starts over. Start-up reads many small
+# files that lie side by side in a blob: a fixed 16 MiB ahead fetched 3x the working set there.
+READAHEAD_MIN = 2 << 20
 READAHEAD_BYTES = 16 << 20
 READAHEAD_RUN = 4 << 20
 READ, PREFETCH, PROFILE = "read", "prefetch", "profile"  # what a fetch job is for
@@ -230,7 +234,9 @@ class FillTarget:
         self.jobs: dict[int, asyncio.Future[None]] = {}
         self.prefetch: asyncio.Task[None] | None = None
         self.sequential_end = -1  # where the last READ's window ended: the next one there is sequential
-        self.ahead_end = 0  # how far fetches ahead of the sequential reader reach
+        self.ahead_start = 0  # the read-ahead region [ahead_start, ahead_end): a READ landing in it
+        self.ahead_end = 0  # (its pages may raise no event of their own) is the same reader going on
+        self.ahead_size = 0  # the current read-ahead distance (0: none yet)
         self.closed = False
         # called once, when `written` first holds `chunk_count` chunks (the whole blob)
         self.chunk_count = 0
@@ -332,15 +338,8 @@ class Filler:
         # the window holds the READ's own chunks too (both block aligned, within the blob)
         window = needed if exact else obj.chunk_map.chunks_in(window_start, window_end)
         jobs = self._start_jobs(obj, target, window, READ, self.window)
-        if (not exact and window_start == target.sequential_end and window_end < obj.size
-                and target.ahead_end - window_end < READAHEAD_BYTES // 2):
-            # a sequential reader with less than half the read-ahead left in front of it
-            ahead_start = max(target.ahead_end, window_end)
-            ahead_end = min(window_end + READAHEAD_BYTES, obj.size)
-            self._start_jobs(obj, target, obj.chunk_map.chunks_in(ahead_start, ahead_end), READ,
-                             max(self.window, READAHEAD_RUN))
-            target.ahead_end = ahead_end
-            self.stats["readahead_windows"] += 1  # read-ahead fetches started
+        if not exact:
+            self._read_ahead(obj, target, window_start, window_end)
         target.sequential_end = window_end
         try:
             await self._await_chunks(target, needed, jobs)
@@ -356,6 +355,30 @@ class Filler:
         missing = [c for c in needed if c.uncompressed_offset not in target.written]
         if missing:  # e.g. a job that ended because its object closed: never report success
             raise TargetClosed(f"blob {obj.info.blob_id}: chunk at {missing[0].uncompressed_offset} was not written")
+
+    def _read_ahead(self, obj: BlobObject, target: FillTarget, window_start: int, window_end: int) -> None:
+        """Start fetches ahead of a sequential reader (see READAHEAD_MIN): on its first
+        sequential READ READAHEAD_MIN ahead, doubling up to READAHEAD_BYTES while it goes on."""
+        sequential = (window_start == target.sequential_end
+                      or target.ahead_start <= window_start <= target.ahead_end and target.ahead_size)
+        if not sequential:
+            target.ahead_size = 0  # a jump: the next sequential READ starts small again
+            return
+        if window_end >= obj.size:
+            return
+        if target.ahead_size and target.ahead_end - window_end >= target.ahead_size // 2:
+            return  # more than half of the read-ahead still in front of the reader
+        target.ahead_size = min(max(2 * target.ahead_size, READAHEAD_MIN), READAHEAD_BYTES)
+        ahead_start = max(target.ahead_end, window_end)
+        ahead_end = min(window_end + target.ahead_size, obj.size)
+        if ahead_end <= ahead_start:
+            return
+        self._start_jobs(obj, target, obj.chunk_map.chunks_in(ahead_start, ahead_end), READ,
+                         max(self.window, READAHEAD_RUN))
+        if not (target.ahead_start <= window_start <= target.ahead_end):
+            target.ahead_start = window_end
+        target.ahead_end = ahead_end
+        self.stats["readahead_windows"] += 1  # read-ahead fetches started
 
     async def _write_zeros(self, target: FillTarget, offset: int, length: int) -> None:
         with target.hold() as alive:
