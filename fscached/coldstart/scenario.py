@@ -215,6 +215,7 @@ class Scenario:
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="fscd-cs-", dir=WORK_ROOT))
         self.net: RegistryNetwork | None = None
         self.plain_ref = self.nydus_ref = ""
+        self.profile_path: Path | None = None  # the last profile recorded (inside workdir)
         self._runs = 0
 
     def __enter__(self) -> "Scenario":
@@ -277,7 +278,7 @@ class Scenario:
         if why is not None:
             return ModeResult("lazy_profile", self.network_name, self.kernel_path, None, 0,
                               self._nydus_bytes(), available=False, note=why)
-        profile = self._record_profile(self._fresh_dir("record"), record_seconds)
+        profile = self.profile_path = self._record_profile(self._fresh_dir("record"), record_seconds)
         run_cmd([sys.executable, "-m", "erofs_image.cli", "profile", "push", str(profile), self.nydus_ref,
                  "--plain-http"], f"fscached-image profile push to {self.nydus_ref}", timeout=300)
         return self._lazy_run("lazy_profile", self._fresh_dir("lazy-profile"))
