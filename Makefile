@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h native/build_
 
 venv: $(STAMP)
 
-# Build a sample image, serve it lazily from a local registry, run a command from inside it
-# (offline part only where the kernel lacks fanotify pre-content events): fscached/demo.py.
+# A real container's cold start three ways (classic pull, lazy, lazy + start-up profile) over a
+# shaped network, with a table and a chart: fscached/demo.py.
 demo: deps venv
 	$(PY) -m fscached.demo
 
@@ -37,6 +37,7 @@ bench: deps venv
 	$(PY) bench/build.py
 	$(PY) bench/fanotify.py --json bench-fanotify.json --markdown bench-fanotify.md
 	$(PY) bench/serve.py
+	$(PY) bench/coldstart.py --json bench-coldstart.json --markdown bench-coldstart.md --chart bench-coldstart.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info

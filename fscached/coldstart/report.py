@@ -171,7 +171,7 @@ def chart(runs: list[Mapping[str, Any]], path: Path, title: str = "Cold start: b
 
     nets = networks_of(runs)
     table = _by(runs)
-    fig, axes = plt.subplots(1, len(nets), figsize=(5.2 * len(nets), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(nets), figsize=(max(8.0, 5.2 * len(nets)), 4.6), squeeze=False)
     colors = {"classic": "tab:red", "lazy": "tab:blue", "profile": "tab:green"}
     for ax, net in zip(axes[0], nets):
         for mode in MODES:
@@ -189,7 +189,7 @@ def chart(runs: list[Mapping[str, Any]], path: Path, title: str = "Cold start: b
         ax.set_ylabel("MiB fetched from the registry")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title + "  (dot: the command's first output)")
+    fig.suptitle(title + "\n(dot: the command's first output)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
