@@ -87,11 +87,12 @@ def run_on_host(workload: Any, network: str, path: str, say: Any) -> list[dict[s
 
 def run_in_vm(workload: Any, network: str, say: Any) -> list[dict[str, Any]]:
     sys.path.insert(0, str(REPO_ROOT / "vm-tests"))
-    from vmharness import get_kernel, run_scenario  # the test suite's QEMU harness
+    from vmharness import get_kernel, run_scenario  # type: ignore[import-not-found]  # the test suite's QEMU harness
 
     say("booting the 6.12 kernel under QEMU (software emulation: minutes) ...")
     res = run_scenario(get_kernel("6.12"), "coldstart", {"workload_dir": str(workload.path), "network": network},
-                       timeout=3000, memory_mb=3072, scratch_size="6G", share=[workload.path])
+                       timeout=3000, memory_mb=3072, scratch_size="6G", share=[workload.path],
+                       extra_qemu_args=["-cpu", "max"])  # numpy needs x86-64-v2
     return list(res.result["results"])
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from erofs_image.reader import Bootstrap
 from fscached.chunkmap import chunks_by_blob
@@ -71,7 +71,7 @@ def networks_of(runs: Iterable[Mapping[str, Any]]) -> list[str]:
     return list(dict.fromkeys(str(r["network"]) for r in runs))
 
 
-def ratios(runs: list[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+def ratios(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Per network: speed-up of each lazy mode over classic, and the share of the image fetched."""
     table = _by(runs)
     out: dict[str, dict[str, float]] = {}
@@ -90,7 +90,7 @@ def ratios(runs: list[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def goals(runs: list[Mapping[str, Any]], working_set: int | None) -> list[Goal]:
+def goals(runs: Sequence[Mapping[str, Any]], working_set: int | None) -> list[Goal]:
     """Issue 10's goals on the host kernel: at 100 Mbit/s lazy < 15 % of the image and >= 5x
     faster than classic, with a profile >= 8x and bytes within 10 % of the working set; at
     1 Gbit/s lazy >= 3x."""
@@ -117,7 +117,7 @@ def goals(runs: list[Mapping[str, Any]], working_set: int | None) -> list[Goal]:
     return out
 
 
-def to_json(runs: list[Mapping[str, Any]], meta: Mapping[str, Any], working_set: int | None) -> str:
+def to_json(runs: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], working_set: int | None) -> str:
     doc = {
         **meta,
         "working_set_bytes": working_set,
@@ -128,7 +128,7 @@ def to_json(runs: list[Mapping[str, Any]], meta: Mapping[str, Any], working_set:
     return json.dumps(doc, indent=1) + "\n"
 
 
-def markdown(runs: list[Mapping[str, Any]], working_set: int | None, title: str = "Cold start") -> str:
+def markdown(runs: Sequence[Mapping[str, Any]], working_set: int | None, title: str = "Cold start") -> str:
     r = ratios(runs)
     lines = [f"## {title}", "",
              "| network | mode | first output (s) | vs classic | fetched (MiB) | share of image |",
@@ -161,7 +161,7 @@ def markdown(runs: list[Mapping[str, Any]], working_set: int | None, title: str 
     return "\n".join(lines) + "\n"
 
 
-def chart(runs: list[Mapping[str, Any]], path: Path, title: str = "Cold start: bytes fetched over time") -> Path:
+def chart(runs: Sequence[Mapping[str, Any]], path: Path, title: str = "Cold start: bytes fetched over time") -> Path:
     """One panel per network: MiB fetched from the registry against seconds since start, a line
     per mode, a dot where the command printed its first line."""
     import matplotlib
