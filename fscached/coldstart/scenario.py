@@ -204,8 +204,8 @@ class Scenario:
 
     def __init__(self, workload: Workload, network: str = "unshaped", *, workdir: Path | None = None,
                  repo: str | None = None, kernel_path: str = "fanotify") -> None:
-        if kernel_path != "fanotify":
-            raise ColdstartError(f"kernel path {kernel_path!r}: only 'fanotify' (the host kernel) is built so far")
+        if kernel_path not in ("fanotify", "cachefiles"):
+            raise ColdstartError(f"kernel path {kernel_path!r}: choose fanotify or cachefiles")
         self.workload = workload
         self.network_name = network
         self.kernel_path = kernel_path
@@ -286,7 +286,7 @@ class Scenario:
     # -- lazy helpers -------------------------------------------------------------------------
     def _lazy_run(self, mode: str, d: Path, **bind_extra: Any) -> ModeResult:
         net = self._network
-        daemon = Daemon(d / "fscached")
+        daemon = Daemon(d / "fscached", self.kernel_path)
         try:
             daemon.start()
             with Containerd(d / "ctd") as ctd:
@@ -305,7 +305,7 @@ class Scenario:
 
     def _record_profile(self, d: Path, seconds: float) -> Path:
         """A recording node: bind with record_profile, run, unbind; the profile file."""
-        daemon = Daemon(d / "fscached")
+        daemon = Daemon(d / "fscached", self.kernel_path)
         try:
             daemon.start()
             with Containerd(d / "ctd") as ctd:
