@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                     if result.available:
                         runs.append(record(result))
                     if mode == "lazy_profile" and result.available and working_set is None and sc.profile_path:
-                        working_set = workload.bootstrap_bytes + report.working_set_bytes(
+                        working_set = report.bootstrap_layer_bytes(workload.nydus / "oci") + report.working_set_bytes(
                             StartupProfile.load(sc.profile_path), workload.bootstrap)
     except ColdstartError as exc:
         print(f"coldstart: error: {exc}", file=sys.stderr)

@@ -78,3 +78,17 @@ def test_working_set_counts_each_touched_chunk_once(tmp_path: Path) -> None:
         ProfileRange(blob, first.uncompressed_offset + 8192, 4096),
         ProfileRange(blob, second.uncompressed_offset + 4096, 8192)])
     assert report.working_set_bytes(prof, boot) == first.compressed_size + second.compressed_size
+
+
+def test_bootstrap_layer_is_found_in_a_convert_layout(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(os.urandom(10000))
+    convert(tree, tmp_path / "img", compressor="none")
+    layout = tmp_path / "img" / "oci"
+    size = report.bootstrap_layer_bytes(layout)
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
+    boot = [l for l in manifest["layers"] if l["annotations"].get(report.BOOTSTRAP_ANNOTATION) == "true"]
+    assert [size] == [boot[0]["size"]] and 0 < size < (tmp_path / "img" / "image.boot").stat().st_size
+    assert "goal" not in report.markdown(RUNS, None, with_goals=False)
