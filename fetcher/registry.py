@@ -244,15 +244,7 @@ class RegistrySource:
             return await consume(resp)
 
         async def fail(resp: aiohttp.ClientResponse, where: str) -> NoReturn:
-            status = resp.status
-            detail = await _error_detail(resp)
-            if status == 404:
-                why = f"not found (HTTP 404{detail})"
-            elif status in (401, 403):
-                why = f"HTTP {status} {'unauthorized' if status == 401 else 'forbidden'} at {where}{detail}"
-            else:
-                why = f"unexpected HTTP {status} {resp.reason or ''} at {where}{detail}"
-            raise RegistryError(self.base, name, why, status)
+            raise await _http_error(self.base, name, resp, where)
 
         return await self._retrying(name, lambda: self._exchange(session, url, headers, take, what=name,
                                                                  opener=opener, fail=fail))
@@ -365,15 +357,7 @@ class RegistrySource:
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}
 
         async def fail(resp: aiohttp.ClientResponse, where: str) -> NoReturn:
-            status = resp.status
-            detail = await _error_detail(resp)
-            if status == 404:
-                why = f"not found (HTTP 404{detail})"
-            elif status in (401, 403):
-                why = f"HTTP {status} {'unauthorized' if status == 401 else 'forbidden'} at {where}{detail}"
-            else:
-                why = f"unexpected HTTP {status} {resp.reason or ''} at {method} {where}{detail}"
-            raise RegistryError(self.base, what, why, status)
+            raise await _http_error(self.base, what, resp, f"{method} {where}")
 
         return await self._exchange(session, url, dict(headers or {}), take, what=what, opener=opener,
                                     fail=fail, ok=ok, push=push, follow_redirects=method in ("GET", "HEAD"))
@@ -553,6 +537,19 @@ class RegistrySource:
                                   f"but the blob has {offset - skip + len(buf)} bytes")
             raise RetryableError(f"{what}: short body")
         return bytes(buf[:length])
+
+
+async def _http_error(base: str, what: str, resp: aiohttp.ClientResponse, where: str) -> "RegistryError":
+    """A registry's failed answer as one RegistryError line (404, auth, or anything else)."""
+    status = resp.status
+    detail = await _error_detail(resp)
+    if status == 404:
+        why = f"not found (HTTP 404{detail})"
+    elif status in (401, 403):
+        why = f"HTTP {status} {'unauthorized' if status == 401 else 'forbidden'} at {where}{detail}"
+    else:
+        why = f"unexpected HTTP {status} {resp.reason or ''} at {where}{detail}"
+    return RegistryError(base, what, why, status)
 
 
 async def _error_detail(resp: aiohttp.ClientResponse) -> str:
