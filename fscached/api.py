@@ -56,7 +56,7 @@ from aiohttp import web
 
 from fscached.catalog import BlobObject, CatalogError
 from fscached.config import ConfigError, ImageSpec, check_auth
-from fscached.nydus_config import BindError, check_metadata_path, parse_bind_entry
+from fscached.nydus_config import BindError, check_metadata_file, parse_bind_entry
 
 log = logging.getLogger("fscached.api")
 
@@ -419,7 +419,7 @@ class ApiServer:
             spec = await self._pull(spec)
         self._need_serving()  # parsing (and pulling) ran off the loop: still serving?
         try:
-            await self.daemon.add_image(spec, profile=bind.profile)
+            await self.daemon.add_image(spec, profile=bind.profile, parsed=bind.bootstrap)
         except CatalogError as exc:
             if (spec.volume, spec.fsid) in self.daemon.catalog.images:
                 raise ApiError(400, "ALREADY_EXISTS", f"blob_cache: bootstrap blob already exists: {exc}") from None
@@ -449,7 +449,7 @@ class ApiServer:
         except CatalogError as exc:
             raise ApiError(500, "DAEMON_ERROR", str(exc)) from None
         try:
-            await asyncio.to_thread(check_metadata_path, str(path))
+            await asyncio.to_thread(check_metadata_file, str(path))  # parsed once, by add_image
         except BindError as exc:
             raise ApiError(exc.status, exc.code, f"image {spec.fsid}: pulled from {spec.ref}: {exc}") from None
         return dataclasses.replace(spec, bootstrap=path)

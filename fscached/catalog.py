@@ -67,15 +67,13 @@ class Catalog:
         # names one device per slot, in that order)
         self.devices: dict[tuple[str, str], list[BlobObject]] = {}
 
-    def add_image(self, spec: ImageSpec, bootstrap_path: Path, source: SourceChain) -> None:
+    def add_image(self, spec: ImageSpec, bootstrap_path: Path, source: SourceChain,
+                  parsed: Bootstrap | None = None) -> None:
+        """Serve `spec`. `parsed`: its bootstrap already opened (open_bootstrap, off the event
+        loop: a big image's takes a few hundred ms); else it is opened here."""
         if (spec.volume, spec.fsid) in self.images:
             raise CatalogError(f"image {spec.fsid}: already served in volume {spec.volume}")
-        try:
-            bootstrap = Bootstrap.open(bootstrap_path)
-        except FileNotFoundError:
-            raise CatalogError(f"image {spec.fsid}: bootstrap {bootstrap_path} not found") from None
-        except (ValueError, OSError) as exc:
-            raise CatalogError(f"image {spec.fsid}: bootstrap {bootstrap_path}: {exc}") from None
+        bootstrap = parsed if parsed is not None else open_bootstrap(spec, bootstrap_path)
         if spec.blobs is not None and not spec.blobs.is_dir() and spec.registry is None and bootstrap.blobs:
             raise CatalogError(f"image {spec.fsid}: blob directory {spec.blobs} does not exist")
         devices: list[BlobObject] = []
@@ -168,6 +166,16 @@ class Catalog:
             if isinstance(obj, BlobObject):
                 unique[id(obj.source)] = obj.source
         return list(unique.values())
+
+
+def open_bootstrap(spec: ImageSpec, path: Path) -> Bootstrap:
+    """The image's bootstrap, parsed and validated (CatalogError, worded for the user)."""
+    try:
+        return Bootstrap.open(path)
+    except FileNotFoundError:
+        raise CatalogError(f"image {spec.fsid}: bootstrap {path} not found") from None
+    except (ValueError, OSError) as exc:
+        raise CatalogError(f"image {spec.fsid}: bootstrap {path}: {exc}") from None
 
 
 def prefetch_table_nodes(bootstrap: Bootstrap) -> list[Inode]:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Coroutine, TypeVar, Union
 from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
 from fscached import cache_gc, mounts
 from fscached.backend import choose_backend
-from fscached.catalog import Catalog, CatalogError
+from erofs_image.reader import Bootstrap
+from fscached.catalog import Catalog, CatalogError, open_bootstrap
 from fscached.config import Config, ImageSpec, ProfileSpec
 from fscached.fanotify_frontend import FanotifyServer
 from fscached.handover import FD_CACHEFILES
@@ -278,14 +279,19 @@ class Daemon:
         log.info("image %s mounted on %s", spec.fsid, spec.mountpoint)
 
     # -- images at run time (the control API) ------------------------------------------------
-    async def add_image(self, spec: ImageSpec, profile: ProfileSpec | None = None) -> None:
+    async def add_image(self, spec: ImageSpec, profile: ProfileSpec | None = None,
+                        parsed: Bootstrap | None = None) -> None:
         """Serve one more image while the others are mounted and read (CatalogError, SourceError,
         OSError for a failed mount: then the image is not served). `profile`: its start-up
-        profile keys (the bind's record_profile / profile), kept in config.profiles."""
+        profile keys (the bind's record_profile / profile), kept in config.profiles. `parsed`:
+        its bootstrap if the caller parsed it already; else it is parsed in a worker thread
+        (never on the loop: the other images' reads go on meanwhile)."""
         server = self.server
         assert server is not None
         path = spec.bootstrap if spec.bootstrap is not None else await self.pull_image_bootstrap(spec)
-        self.catalog.add_image(spec, path, self.pool.chain(spec))
+        if parsed is None:
+            parsed = await asyncio.to_thread(open_bootstrap, spec, path)
+        self.catalog.add_image(spec, path, self.pool.chain(spec), parsed)
         if profile is not None:
             if profile == ProfileSpec():
                 self.config.profiles.pop((spec.volume, spec.fsid), None)

@@ -51,12 +51,15 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fscached.config import (
     ConfigError, ImageSpec, PrefetchSpec, ProfileSpec, ProxySpec, RegistrySpec, check_auth, check_ca_file, check_id,
     parse_bool, parse_mountpoint, parse_profile, parse_record_seconds, parse_seconds, parse_url, split_repository,
 )
+
+if TYPE_CHECKING:
+    from erofs_image.reader import Bootstrap
 
 log = logging.getLogger("fscached.api")
 
@@ -97,6 +100,7 @@ class BindRequest:
     ignored: list[str] = field(default_factory=list)  # field names only, never values
     registry_token: str | None = field(default=None, repr=False)  # a bearer token: never shown
     profile: ProfileSpec = ProfileSpec()  # fscached's record_profile / profile fields
+    bootstrap: "Bootstrap | None" = field(default=None, repr=False)  # the checked bootstrap, parsed
 
 
 def check_entry_id(kind: str, value: Any) -> str:
@@ -152,14 +156,15 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
         raise BadBind("blob_cache: missing blob cache configuration information (`config` or `config_v2`)")
     where = f"image {fsid}"
     bootstrap: Path | None = Path(parsed.metadata_path)
+    opened: Bootstrap | None = None  # parsed here (a worker thread), served as it is
     blobs = parsed.blob_dir
     if ref is not None:
         _registry_from_ref(parsed, ref)
         bootstrap = None  # pulled by the daemon
     elif check_files:
-        bootstrap = check_metadata_path(parsed.metadata_path)
+        bootstrap, opened = open_metadata_path(parsed.metadata_path)
         if parsed.blob_file is not None:
-            blobs = link_blob_file(Path(parsed.blob_file), bootstrap, Path(parsed.work_dir))
+            blobs = link_blob_file(Path(parsed.blob_file), bootstrap, Path(parsed.work_dir), opened)
     elif parsed.blob_file is not None:
         blobs = Path(parsed.blob_file).parent
     registry = None
@@ -173,7 +178,7 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
         ref=ref.text if ref is not None else None, registry=registry, proxy=proxy, prefetch=parsed.prefetch,
         mountpoint=mountpoint,
     )
-    return BindRequest(spec, form, parsed.ignored, token, ProfileSpec(record_profile, profile))
+    return BindRequest(spec, form, parsed.ignored, token, ProfileSpec(record_profile, profile), opened)
 
 
 def _profile_fields(entry: dict[str, Any], fsid: str) -> tuple[float, str]:
@@ -417,8 +422,24 @@ def _registry_spec(where: str, backend: dict[str, Any]) -> tuple[RegistrySpec, P
 def check_metadata_path(value: str) -> Path:
     """The bootstrap: an existing regular file holding a RAFS v6 (EROFS) image, as nydusd checks
     it (its messages), plus fscached's reader's own validation."""
+    return open_metadata_path(value)[0]
+
+
+def open_metadata_path(value: str) -> "tuple[Path, Bootstrap]":
+    """check_metadata_path, and the parsed bootstrap (the daemon serves that one: a big
+    bootstrap is parsed once per bind, off the event loop)."""
     from erofs_image.reader import Bootstrap
 
+    path = check_metadata_file(value)
+    try:
+        return path, Bootstrap.open(path)
+    except (ValueError, OSError) as exc:
+        raise BadBind(f"blob_cache: `config.metadata_path={value[:300]}` is not a usable RAFS v6 bootstrap: "
+                      f"{exc}") from None
+
+
+def check_metadata_file(value: str) -> Path:
+    """The cheap part of check_metadata_path: a regular file that is not RAFS v5 (no parse)."""
     try:
         path = Path(value).resolve(strict=True)
     except (OSError, RuntimeError):
@@ -434,15 +455,10 @@ def check_metadata_path(value: str) -> Path:
     if len(head) >= 4 and struct.unpack_from("<I", head)[0] == RAFS_V5_MAGIC:
         raise BadBind(f"blob_cache: RAFSv5 image is not supported ({path}): fscached serves RAFS v6 "
                       "(EROFS) images: build with `nydus-image create --fs-version 6` or fscached-image")
-    try:
-        Bootstrap.open(path)
-    except (ValueError, OSError) as exc:
-        raise BadBind(f"blob_cache: `config.metadata_path={value[:300]}` is not a usable RAFS v6 bootstrap: "
-                      f"{exc}") from None
     return path
 
 
-def link_blob_file(blob_file: Path, bootstrap: Path, work_dir: Path) -> Path:
+def link_blob_file(blob_file: Path, bootstrap: Path, work_dir: Path, parsed: "Bootstrap | None" = None) -> Path:
     """nydusd's localfs `blob_file`: the one data blob of the image, whatever its name. Named by
     its blob id, its directory serves it; otherwise a link named by the blob id is made in
     `<work_dir>/fscached-blobs/` (the bind's own work directory)."""
@@ -450,7 +466,7 @@ def link_blob_file(blob_file: Path, bootstrap: Path, work_dir: Path) -> Path:
 
     if not blob_file.is_file():
         raise BadBind(f"blob_cache: localfs blob_file {str(blob_file)[:300]!r} is not a regular file")
-    blobs = Bootstrap.open(bootstrap).blobs
+    blobs = (parsed or Bootstrap.open(bootstrap)).blobs
     if len(blobs) > 1:
         raise BadBind(f"blob_cache: localfs blob_file serves one data blob, but {bootstrap} names {len(blobs)}: "
                       "give the blob directory as `dir` instead")
