@@ -234,9 +234,14 @@ class FillTarget:
         self.jobs: dict[int, asyncio.Future[None]] = {}
         self.prefetch: asyncio.Task[None] | None = None
         self.sequential_end = -1  # where the last READ's window ended: the next one there is sequential
-        self.ahead_start = 0  # the read-ahead region [ahead_start, ahead_end): a READ landing in it
-        self.ahead_end = 0  # (its pages may raise no event of their own) is the same reader going on
+        # how far fetches ahead of the sequential reader reach: a READ landing between the last
+        # READ's end and there (the pages before it may raise no READ of their own, being
+        # filled) is the same reader going on
+        self.ahead_end = 0
         self.ahead_size = 0  # the current read-ahead distance (0: none yet)
+        # replays of a start-up profile running on this blob: while one runs, READs get no
+        # read-ahead (the profile already names what start-up reads; guesses would only add bytes)
+        self.replaying = 0
         self.closed = False
         # called once, when `written` first holds `chunk_count` chunks (the whole blob)
         self.chunk_count = 0
@@ -359,10 +364,13 @@ class Filler:
     def _read_ahead(self, obj: BlobObject, target: FillTarget, window_start: int, window_end: int) -> None:
         """Start fetches ahead of a sequential reader (see READAHEAD_MIN): on its first
         sequential READ READAHEAD_MIN ahead, doubling up to READAHEAD_BYTES while it goes on."""
+        if target.replaying:
+            return
         sequential = (window_start == target.sequential_end
-                      or target.ahead_start <= window_start <= target.ahead_end and target.ahead_size)
+                      or target.ahead_size and target.sequential_end <= window_start <= target.ahead_end)
         if not sequential:
-            target.ahead_size = 0  # a jump: the next sequential READ starts small again
+            target.ahead_size = 0  # a jump: the next sequential READ starts small again, from there
+            target.ahead_end = 0
             return
         if window_end >= obj.size:
             return
@@ -375,8 +383,6 @@ class Filler:
             return
         self._start_jobs(obj, target, obj.chunk_map.chunks_in(ahead_start, ahead_end), READ,
                          max(self.window, READAHEAD_RUN))
-        if not (target.ahead_start <= window_start <= target.ahead_end):
-            target.ahead_start = window_end
         target.ahead_end = ahead_end
         self.stats["readahead_windows"] += 1  # read-ahead fetches started
 
@@ -524,7 +530,15 @@ class Filler:
         reader's own reads come one after another, and these are the very ranges it is about to
         read, so waiting behind them would leave the replay behind the reader. On-demand reads
         keep their own, larger, budget (ONDEMAND_FETCHES) and join a replay's fetch of a chunk
-        they need instead of fetching it again. A failed run is left to on-demand reads."""
+        they need instead of fetching it again. A failed run is left to on-demand reads. While a
+        replay runs, the blob's READs get no read-ahead (see FillTarget.replaying)."""
+        target.replaying += 1
+        try:
+            await self._replay(obj, target, order)
+        finally:
+            target.replaying -= 1
+
+    async def _replay(self, obj: BlobObject, target: FillTarget, order: list[ChunkRef]) -> None:
         outstanding: list[asyncio.Future[list[BaseException | None]]] = []
         i = 0
         while i < len(order):
