@@ -234,6 +234,7 @@ class FillTarget:
         self.jobs: dict[int, asyncio.Future[None]] = {}
         self.prefetch: asyncio.Task[None] | None = None
         self.sequential_end = -1  # where the last READ's window ended: the next one there is sequential
+        self.window_start = -1  # where the last READ's window started
         # how far fetches ahead of the sequential reader reach: a READ landing between the last
         # READ's end and there (the pages before it may raise no READ of their own, being
         # filled) is the same reader going on
@@ -366,6 +367,9 @@ class Filler:
         sequential READ READAHEAD_MIN ahead, doubling up to READAHEAD_BYTES while it goes on."""
         if target.replaying:
             return
+        if target.window_start <= window_start and window_end <= target.sequential_end:
+            return  # within the last READ's window (a reader of small pieces): no news
+        target.window_start = window_start
         sequential = (window_start == target.sequential_end
                       or target.ahead_size and target.sequential_end <= window_start <= target.ahead_end)
         if not sequential:

@@ -88,6 +88,16 @@ def test_a_read_inside_the_read_ahead_region_is_the_same_reader(tmp_path: Path) 
     assert target.ahead_size == 2 * READAHEAD_MIN, filler.started  # went on, and ramped
 
 
+def test_small_reads_within_one_window_keep_the_reader(tmp_path: Path) -> None:
+    obj = blob(tmp_path, 16 * MiB)
+    filler, target = Recorder(), FillTarget(-1, contextlib.nullcontext)
+    for offset in range(0, 6 * CHUNK, 16 << 10):  # 16 KiB reads: four per window
+        filler._read_ahead(obj, target, offset - offset % CHUNK, offset - offset % CHUNK + CHUNK)
+        target.sequential_end = offset - offset % CHUNK + CHUNK
+    assert len(filler.started) == 1 and target.ahead_size == READAHEAD_MIN, filler.started
+    assert filler.started[0] == (2 * CHUNK, 2 * CHUNK + READAHEAD_MIN)
+
+
 def test_no_read_ahead_while_a_profile_replays(tmp_path: Path) -> None:
     obj = blob(tmp_path, 16 * MiB)
     filler, target = Recorder(), FillTarget(-1, contextlib.nullcontext)
