@@ -269,7 +269,8 @@ def open_source(path: Path, platform: Platform | None = None) -> SourceImage | N
 # --------------------------------------------------------------------------- output
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
+def sha256_file(path: Path) -> tuple[str, int]:
+    """(sha256 hex digest, size) of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     n = 0
     with open(path, "rb") as f:
@@ -328,7 +329,7 @@ def write_nydus_layout(oci_dir: Path, bootstrap: Path, blobs_dir: Path, blob_ids
     diff_ids = []
     for blob_id in blob_ids:
         src = blobs_dir / blob_id
-        hexd, size = _sha256_file(src)
+        hexd, size = sha256_file(src)
         if hexd != blob_id:
             raise BuildError(f"{src}: blob id {blob_id} is not the sha256 of the blob ({hexd})")
         _link_or_copy(src, blobs_out / hexd)

@@ -38,6 +38,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from .oci import sha256_file
 from .oci_media import ANN_NYDUS_BOOTSTRAP, BOOTSTRAP_ENTRY, OCI_MANIFEST
 
 
@@ -271,16 +272,11 @@ def _blob_path(oci: Path, digest: Any, size: Any) -> Path:
     if not isinstance(digest, str) or not digest.startswith("sha256:") or len(digest) != 71:
         raise Failed(f"{oci}: unusable digest {str(digest)[:100]!r}")
     path = oci / "blobs" / "sha256" / digest[7:]
-    h = hashlib.sha256()
-    n = 0
     try:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-                n += len(block)
+        hexd, n = sha256_file(path)
     except OSError as exc:
         raise Failed(f"{path}: {exc.strerror or exc}") from None
-    if "sha256:" + h.hexdigest() != digest or (isinstance(size, int) and n != size):
+    if "sha256:" + hexd != digest or (isinstance(size, int) and n != size):
         raise Failed(f"{path}: does not match its digest and size ({digest}, {size} bytes)")
     return path
 

@@ -20,7 +20,6 @@ image's blobs; problems are ProfileError with one line naming the file and why.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -145,8 +144,6 @@ def _parse_range(item: Any, n: int, where: str) -> ProfileRange:
 
 def bootstrap_digest(path: Path) -> str:
     """"sha256:<hex>" of a bootstrap file: what names an image in its profile."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+    from erofs_image.oci import sha256_file
+
+    return "sha256:" + sha256_file(path)[0]

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from erofs_image.oci import sha256_file
 from fscached.coldstart import ColdstartError, one_line, pid_alive, run, unmount_under
 
 BUILD_VERSION = "2"  # bump when the recipe changes: a new cache key, a new build
@@ -348,19 +349,10 @@ def _write_tar(src: Path, dest: Path) -> None:
             tf.add(src / name, arcname=name, filter=_tar_filter)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
 def _put_blob(blobs: Path, path: Path) -> tuple[str, int]:
-    digest = _sha256_file(path)
-    size = path.stat().st_size
-    os.replace(path, blobs / digest[7:])
-    return digest, size
+    hexd, size = sha256_file(path)
+    os.replace(path, blobs / hexd)
+    return "sha256:" + hexd, size
 
 
 def _put_bytes(blobs: Path, data: bytes) -> tuple[str, int]:
@@ -380,7 +372,7 @@ def write_layout(dest: Path, layer_dirs: list[Path], scratch: Path) -> tuple[int
     for n, src in enumerate(layer_dirs):
         raw, gz = scratch / f"layer{n}.tar", scratch / f"layer{n}.tar.gz"
         _write_tar(src, raw)
-        diff_ids.append(_sha256_file(raw))
+        diff_ids.append("sha256:" + sha256_file(raw)[0])
         uncompressed += raw.stat().st_size
         with open(raw, "rb") as fin, open(gz, "wb") as fout:
             with gzip.GzipFile(fileobj=fout, mode="wb", compresslevel=6, mtime=0) as z:
