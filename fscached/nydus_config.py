@@ -419,15 +419,10 @@ def _registry_spec(where: str, backend: dict[str, Any]) -> tuple[RegistrySpec, P
     return RegistrySpec(host, repo, scheme, auth, ca_file, skip_verify, timeout), proxy
 
 
-def check_metadata_path(value: str) -> Path:
-    """The bootstrap: an existing regular file holding a RAFS v6 (EROFS) image, as nydusd checks
-    it (its messages), plus fscached's reader's own validation."""
-    return open_metadata_path(value)[0]
-
-
 def open_metadata_path(value: str) -> "tuple[Path, Bootstrap]":
-    """check_metadata_path, and the parsed bootstrap (the daemon serves that one: a big
-    bootstrap is parsed once per bind, off the event loop)."""
+    """The bootstrap: an existing regular file holding a RAFS v6 (EROFS) image, as nydusd checks
+    it (its messages), plus fscached's reader's own validation; and the parsed bootstrap (the
+    daemon serves that one: a big bootstrap is parsed once per bind, off the event loop)."""
     from erofs_image.reader import Bootstrap
 
     path = check_metadata_file(value)
@@ -439,7 +434,7 @@ def open_metadata_path(value: str) -> "tuple[Path, Bootstrap]":
 
 
 def check_metadata_file(value: str) -> Path:
-    """The cheap part of check_metadata_path: a regular file that is not RAFS v5 (no parse)."""
+    """The cheap part of open_metadata_path: a regular file that is not RAFS v5 (no parse)."""
     try:
         path = Path(value).resolve(strict=True)
     except (OSError, RuntimeError):
