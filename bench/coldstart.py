@@ -22,20 +22,9 @@ sys.path.insert(0, str(REPO))
 
 from fscached.coldstart import ColdstartError  # noqa: E402
 from fscached.coldstart import report  # noqa: E402
-from fscached.coldstart.scenario import ModeResult, Scenario  # noqa: E402
+from fscached.coldstart.scenario import Scenario  # noqa: E402
 from fscached.coldstart.workload import build_workload  # noqa: E402
 from fscached.profile import StartupProfile  # noqa: E402
-
-MODE_NAMES = {"classic": "classic", "lazy": "lazy", "lazy_profile": "profile"}
-
-
-def record(result: ModeResult) -> dict:
-    """A scenario result in the report's shape."""
-    return {"mode": MODE_NAMES[result.mode], "network": result.network, "path": result.kernel_path,
-            "seconds": result.seconds, "bytes": result.bytes_fetched, "image_bytes": result.image_bytes,
-            "samples": [[round(t, 3), b] for t, b in result.samples], "output": result.output[:3],
-            "phases": {k: round(v, 3) for k, v in result.phases.items()}}
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = getattr(sc, mode)()
                     print(f"{result.summary()}   [{time.monotonic() - t:.0f} s]", flush=True)
                     if result.available:
-                        runs.append(record(result))
+                        runs.append(report.run_record(result.to_json()))
                     if mode == "lazy_profile" and result.available and working_set is None and sc.profile_path:
                         working_set = report.bootstrap_layer_bytes(workload.nydus / "oci") + report.working_set_bytes(
                             StartupProfile.load(sc.profile_path), workload.bootstrap)

@@ -42,7 +42,6 @@ from fscached.coldstart.netns import PROFILES
 DEFAULT_OUT = Path(os.environ.get("FSCACHED_DEMO_DIR", "/var/tmp/fscached-demo"))
 SIZE = "small"  # the test suite's workload too: one cached build serves both
 TOOLS = ("containerd", "ctr", "runc", "skopeo", "docker-registry", "debootstrap")
-MODE_NAMES = {"classic": "classic", "lazy": "lazy", "lazy_profile": "profile"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,19 +65,13 @@ def kernel_path() -> tuple[str, str]:
     return "vm", f"this kernel has neither path ({reason}; no /dev/cachefiles): a QEMU guest serves instead"
 
 
-def record(result: Any) -> dict[str, Any]:
-    return {"mode": MODE_NAMES[result["mode"]], "network": result["network"], "path": result["kernel_path"],
-            "seconds": result["seconds"], "bytes": result["bytes_fetched"], "image_bytes": result["image_bytes"],
-            "samples": result["samples"], "output": result["output"][:3]}
-
-
 def run_on_host(workload: Any, network: str, path: str, say: Any) -> list[dict[str, Any]]:
     from fscached.coldstart.scenario import MODES, Scenario
 
     results = []
     with Scenario(workload, network, kernel_path=path) as sc:
         for mode in MODES:
-            say(f"[bold]{MODE_NAMES[mode]}[/]: starting the container ...")
+            say(f"[bold]{report.SCENARIO_MODES[mode]}[/]: starting the container ...")
             result = getattr(sc, mode)()
             say(f"  {result.summary()}")
             results.append(result.to_json())
@@ -129,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except ColdstartError as exc:
         say(f"fscached demo: error: {exc}")
         return 1
-    runs = [record(r) for r in results if r.get("available", True)]
+    runs = [report.run_record(r) for r in results if r.get("available", True)]
     show_table(console, runs)
     args.out.mkdir(parents=True, exist_ok=True)
     chart = report.chart(runs, args.out / "coldstart.png",

@@ -67,8 +67,6 @@ def test_container_cold_start_through_cachefiles(vm_qemu: Any, workload: Any) ->
     working_set = report.working_set_bytes(profile, workload.bootstrap)
     assert 0 < working_set <= prof["bytes_fetched"], (working_set, prof["bytes_fetched"])
 
-    rows = [{"mode": {"lazy_profile": "profile"}.get(r["mode"], r["mode"]), "network": r["network"],
-             "seconds": r["seconds"], "bytes": r["bytes_fetched"], "image_bytes": r["image_bytes"]}
-            for r in out["results"]]
+    rows = [report.run_record(r) for r in out["results"]]
     print("\n" + report.markdown(rows, working_set + report.bootstrap_layer_bytes(workload.nydus / "oci"),
                                  title=f"Cold start in the {SERIES} guest (cachefiles, TCG)", with_goals=False))

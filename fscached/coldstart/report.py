@@ -25,6 +25,7 @@ from fscached.chunkmap import chunks_by_blob
 from fscached.profile import StartupProfile
 
 MODES = ("classic", "lazy", "profile")
+SCENARIO_MODES = {"classic": "classic", "lazy": "lazy", "lazy_profile": "profile"}  # scenario method -> mode
 MODE_LABELS = {"classic": "classic pull", "lazy": "lazy (fscached)", "profile": "lazy + start-up profile"}
 MiB = 1 << 20
 
@@ -36,6 +37,14 @@ class Goal:
     target: str
     value: float | None
     met: bool | None  # None: not measured in this run
+
+
+def run_record(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A scenario's result (fscached.coldstart.scenario.ModeResult.to_json()) as a run record."""
+    return {"mode": SCENARIO_MODES[result["mode"]], "network": result["network"], "path": result["kernel_path"],
+            "seconds": result["seconds"], "bytes": result["bytes_fetched"], "image_bytes": result["image_bytes"],
+            "samples": [[round(t, 3), b] for t, b in result["samples"]], "output": list(result["output"][:3]),
+            "phases": {k: round(v, 3) for k, v in result["phases"].items()}}
 
 
 def working_set_bytes(profile: StartupProfile, bootstrap_path: Path) -> int:

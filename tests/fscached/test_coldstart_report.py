@@ -92,3 +92,15 @@ def test_bootstrap_layer_is_found_in_a_convert_layout(tmp_path: Path) -> None:
     boot = [l for l in manifest["layers"] if l["annotations"].get(report.BOOTSTRAP_ANNOTATION) == "true"]
     assert [size] == [boot[0]["size"]] and 0 < size < (tmp_path / "img" / "image.boot").stat().st_size
     assert "goal" not in report.markdown(RUNS, None, with_goals=False)
+
+
+def test_run_record_takes_a_scenario_result() -> None:
+    from fscached.coldstart.scenario import ModeResult
+
+    result = ModeResult("lazy_profile", "1gbit", "cachefiles", 1.23456, 1000, 4000, ["numpy 2 sum=1", "x"],
+                        [(0.0, 0), (0.51234, 600)], {"bind": 0.40004})
+    rec = report.run_record(result.to_json())
+    assert rec == {"mode": "profile", "network": "1gbit", "path": "cachefiles", "seconds": 1.23456, "bytes": 1000,
+                   "image_bytes": 4000, "samples": [[0.0, 0], [0.512, 600]], "output": ["numpy 2 sum=1", "x"],
+                   "phases": {"bind": 0.4}}
+    assert report.ratios([rec, {**rec, "mode": "classic", "seconds": 2.46912}])["1gbit"]["profile_speedup"] == 2.0
