@@ -82,5 +82,20 @@ class RegistryServer(RegistryRunner):
                 raise RuntimeError(f"upload finish: HTTP {resp.status}")
         return digest
 
+    def skopeo_push(self, oci: Path, dest: str, tag: str = "latest") -> str:
+        """`skopeo copy oci:OCI:TAG docker://<this registry>/DEST` (with the first user's
+        credentials when it has users); the pushed manifest's digest."""
+        from erofs_image.oci_media import OCI_MANIFEST
+
+        cmd = ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{oci}:{tag}", f"docker://{self.host}/{dest}"]
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            cmd[2:2] = ["--dest-creds", f"{user}:{password}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        repo, _, ref = dest.rpartition(":")
+        with self._request("HEAD", f"{self.url}/v2/{repo}/manifests/{ref}", headers={"Accept": OCI_MANIFEST}) as resp:
+            return str(resp.headers["Docker-Content-Digest"])
+
     def blob_url(self, repo: str, digest_hex: str) -> str:
         return f"{self.url}/v2/{repo}/blobs/sha256:{digest_hex}"

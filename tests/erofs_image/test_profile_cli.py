@@ -212,19 +212,6 @@ def test_convert_with_profile(src, built, tmp_path):
 
 
 # -- push ----------------------------------------------------------------------------------------
-def skopeo_push(oci: Path, reg, dest: str) -> str:
-    if shutil.which("skopeo") is None:
-        pytest.skip("skopeo not installed")
-    cmd = ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{oci}:latest", f"docker://{reg.host}/{dest}"]
-    if reg.users:
-        cmd[2:2] = ["--dest-creds", f"{USER}:{PASSWORD}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    repo, tag = dest.split(":")
-    with reg._request("HEAD", f"{reg.url}/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST}) as resp:
-        return resp.headers["Docker-Content-Digest"]
-
-
 def fetch(reg, repo: str, digest: str) -> bytes | None:
     from fetcher.referrers import fetch_profile
     from fetcher.registry import RegistrySource
@@ -246,7 +233,7 @@ def status(reg, path: str) -> int:
 
 
 def test_push(registry, built, tmp_path):
-    digest = skopeo_push(built / "oci", registry, "cli/app:v1")
+    digest = registry.skopeo_push(built / "oci", "cli/app:v1")
     prof = tmp_path / "p.json"
     data = make_profile(built / "image.boot", prof)
     r = run("profile", "push", prof, f"{registry.host}/cli/app:v1", "--plain-http")
@@ -267,7 +254,7 @@ def test_push(registry, built, tmp_path):
 
 
 def test_push_refuses_a_foreign_profile(registry, built, tmp_path):
-    digest = skopeo_push(built / "oci", registry, "cli/refused:v1")
+    digest = registry.skopeo_push(built / "oci", "cli/refused:v1")
     prof = tmp_path / "p.json"
     data = make_profile(built / "image.boot", prof, digest="sha256:" + "ef" * 32)
     r = run("profile", "push", prof, f"{registry.host}/cli/refused:v1", "--plain-http")
@@ -295,7 +282,7 @@ def test_push_errors(registry, built, tmp_path):
 
 def test_push_with_credentials(auth_registry, built, tmp_path):
     reg = auth_registry
-    digest = skopeo_push(built / "oci", reg, "cli/auth:v1")
+    digest = reg.skopeo_push(built / "oci", "cli/auth:v1")
     prof = tmp_path / "p.json"
     data = make_profile(built / "image.boot", prof)
     ref = f"{reg.host}/cli/auth:v1"

@@ -8,8 +8,6 @@ import base64
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 import urllib.error
 from pathlib import Path
 
@@ -58,22 +56,9 @@ def image(tmp_path_factory):
     return out, p1, p2
 
 
-def skopeo_push(oci: Path, reg, dest: str) -> None:
-    if shutil.which("skopeo") is None:
-        pytest.skip("skopeo not installed")
-    cmd = ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{oci}:latest", f"docker://{reg.host}/{dest}"]
-    if reg.users:
-        cmd[2:2] = ["--dest-creds", f"{USER}:{PASSWORD}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-
-
 def pushed(reg, image, repo: str) -> str:
     """Push the image to `repo`:v1 with skopeo; returns its manifest digest."""
-    skopeo_push(image[0] / "oci", reg, f"{repo}:v1")
-    with reg._request("HEAD", f"{reg.url}/v2/{repo}/manifests/v1",
-                      headers={"Accept": OCI_MANIFEST}) as resp:
-        return resp.headers["Docker-Content-Digest"]
+    return reg.skopeo_push(image[0] / "oci", f"{repo}:v1")
 
 
 def source(reg, repo: str, **kw) -> RegistrySource:

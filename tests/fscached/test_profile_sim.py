@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 import uvloop
@@ -25,18 +25,9 @@ from fscached.nydus_config import BadBind, parse_bind_entry
 from fscached.profile import ProfileRange, StartupProfile, bootstrap_digest
 from simdaemon import expected_blob_space
 from standins.kernel_simulator import KernelSimulator
-from test_daemon_lifetimes import BlobFront
+from test_daemon_lifetimes import BlobFront, wait_for
 
 CHUNK = 64 << 10
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 class Image:
