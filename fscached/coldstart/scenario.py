@@ -8,7 +8,8 @@
 Modes (each with a fresh containerd; the page cache dropped right before t0):
 - `classic`: t0 = start of `ctr images pull <reg>/<repo>:plain` (every layer downloaded and
   unpacked into overlayfs), then `ctr run` of the workload's command.
-- `lazy`: a fresh `fscached --backend fanotify` (real CLI, empty cache, API socket) already
+- `lazy`: a fresh `fscached --backend <kernel_path>` (fanotify on the host, cachefiles in the
+  VM; real CLI, empty cache, API socket) already
   running before t0, as on a node; t0 = the API bind of `<reg>/<repo>:nydus` (`ref=`,
   `scheme=http`, `mountpoint=`: the daemon pulls the bootstrap and mounts), then an overlay
   over the mount and `ctr run --rootfs`.
