@@ -26,9 +26,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h native/build_
 venv: $(STAMP)
 
 # A real container's cold start three ways (classic pull, lazy, lazy + start-up profile) over a
-# shaped network, with a table and a chart: fscached/demo.py.
+# shaped network, with a table and a chart: coldstart/demo.py.
 demo: deps venv
-	$(PY) -m fscached.demo
+	$(PY) -m coldstart.demo
 
 test: deps venv
 	$(PY) -m pytest -q

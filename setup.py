@@ -4,7 +4,7 @@
 - the Python code of the project's protobuf messages (proto/, today the hand-over state),
   generated into fscached/_proto/ with grpcio-tools (a build requirement in pyproject.toml).
   The generated code is not committed: every `pip install` (editable too) writes it afresh,
-  and `import fscached.handover` then finds it in the source tree (editable) or the wheel.
+  and `import fscached.lifecycle.state` then finds it in the source tree (editable) or the wheel.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ PROTO_ROOT = ROOT / "proto"
 GENERATED = ROOT / "fscached" / "_proto"
 # .proto file (relative to proto/) -> the package its code goes into, below fscached/_proto/.
 # The .proto keeps its canonical name (fscached/handover/v1/handover.proto) in the descriptor
-# pool; only the Python module moves (fscached.handover is the module that uses it).
+# pool; only the Python module moves (fscached.lifecycle.state is the module that uses it).
 PROTOS = {
     "fscached/handover/v1/handover.proto": "handover/v1",
 }
@@ -61,7 +61,7 @@ def generate_proto() -> None:
         fresh = GENERATED.with_name("_proto.new")
         shutil.rmtree(fresh, ignore_errors=True)
         fresh.mkdir()
-        # what the code was generated from: fscached.handover warns when proto/ has moved on
+        # what the code was generated from: fscached.lifecycle.state warns when proto/ has moved on
         (fresh / "__init__.py").write_text(GENERATED_NOTE + f"SOURCES = {digests!r}\n")
         for name, package in PROTOS.items():
             target = fresh

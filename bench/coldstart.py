@@ -20,11 +20,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fscached.coldstart import ColdstartError  # noqa: E402
-from fscached.coldstart import report  # noqa: E402
-from fscached.coldstart.scenario import Scenario  # noqa: E402
-from fscached.coldstart.workload import build_workload  # noqa: E402
-from fscached.profile import StartupProfile  # noqa: E402
+from coldstart import ColdstartError  # noqa: E402
+from coldstart import report  # noqa: E402
+from coldstart.scenario import Scenario  # noqa: E402
+from coldstart.workload import build_workload  # noqa: E402
+from fscached.core.profile import StartupProfile  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

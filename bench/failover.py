@@ -15,7 +15,7 @@ exit code is 1. Figures, not assertions: the machines are noisy, and guest times
 10-30x slower than a node (Python's start-up dominates "new proc" to "takeover" there).
 
 Sections (each fills ROW_SOURCES[<path>]):
-  cachefiles  nydus-snapshotter's supervisor protocol (fscached.failover), in a VM per kernel
+  cachefiles  nydus-snapshotter's supervisor protocol (fscached.lifecycle.supervisor), in a VM per kernel
               (vm-tests/scenarios/failover.py): kill -9 under 4 readers streaming a cold file;
               killed again, then the next one killed in the middle of its takeover; a hot
               upgrade (--upgrade) under 4 readers.

@@ -43,7 +43,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "fanotify")
 
 import native  # noqa: E402
 from daemon_proc import FscachedProcess, drop_caches  # noqa: E402
-from fscached import mounts  # noqa: E402
+from fscached.util import mounts  # noqa: E402
 from registry_server import RegistryServer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402

@@ -1,5 +1,5 @@
 """`python -m erofs_image.demo`: the image format's own demo (whiteouts, an opaque directory,
-deduplication), offline. `make demo` runs `fscached.demo`, which serves a sample image lazily
+deduplication), offline. `make demo` runs `coldstart.demo`, which serves a sample image lazily
 and builds its layers with the OCI layout writers below.
 
 1. Make an OCI image layout from a slice of this Python's site-packages (layer 1, plain tar),

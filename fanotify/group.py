@@ -6,7 +6,7 @@ Facts this relies on (shared/docs/kernel-fanotify.md, checked on a 6.18 kernel):
 - an answer is matched by the event fd's NUMBER, so any holder of the group fd can answer an
   event another process read (an unknown number gives ENOENT);
 - with no group left, the kernel allows every access: holes read as zeros. The group fd must
-  outlive the daemon (fscached.keeper).
+  outlive the daemon (fscached.frontends.fanotify.keeper).
 """
 from __future__ import annotations
 

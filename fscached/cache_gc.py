@@ -1,6 +1,6 @@
 """Cache lifecycle: cull one blob's cache on demand, keep the cache dir under a size budget.
 
-`cull(daemon, blob_id)` is what `DELETE /api/v2/blobs?blob_id=` does (fscached.api):
+`cull(daemon, blob_id)` is what `DELETE /api/v2/blobs?blob_id=` does (fscached.api.server):
 
 - cachefiles: the kernel keeps every object as `<cache>/cache/Ierofs,<volume>/@xx/D<cookie key>`
   (cachefiles.naming). For the id as a cookie key, in every erofs volume where it exists: a
@@ -52,10 +52,10 @@ from typing import Any
 
 from cachefiles import naming
 from cachefiles.device import DEFAULT_SPACE_LIMITS, CachefilesDevice, CachefilesError, in_directory
-from fscached.catalog import VOLUME_PREFIX, Catalog
+from fscached.core.catalog import VOLUME_PREFIX, Catalog
 from fscached.config import _ID as FSID_PATTERN
-from fscached.fanotify_frontend import FanotifyServer
-from fscached.serve import Server
+from fscached.frontends.fanotify.frontend import FanotifyServer
+from fscached.frontends.cachefiles import Server
 
 log = logging.getLogger("fscached.cache_gc")
 
@@ -370,7 +370,7 @@ def _mounted_blob_ids() -> set[str] | None:
     """Blob ids of the bootstraps of every file-backed EROFS mount (used only where the
     filesystem refuses leases); None when one cannot be read."""
     from erofs_image.reader import Bootstrap
-    from fscached import mounts
+    from fscached.util import mounts
 
     ids: set[str] = set()
     for source, _ in mounts.erofs_mount_table().values():

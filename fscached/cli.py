@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from fscached.config import Config, ConfigError, build_config, load_toml
 
 if TYPE_CHECKING:
-    from fscached.systemd import Service
+    from fscached.lifecycle.systemd import Service
 
 PROG = "fscached"
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    from fscached.logs import setup_logging
+    from fscached.util.logs import setup_logging
 
     setup_logging(config.log_level)  # journald-aware: no timestamps when stderr is the journal
     import uvloop
@@ -79,12 +79,12 @@ async def start_and_serve(config: "Config", apisock: Path | None = None) -> int:
         # Imported here: a missing native extension is reported as a clean error.
         from cachefiles.device import CachefilesError
         from fanotify.group import FanotifyError
-        from fscached.backend import BackendError
-        from fscached.catalog import CatalogError
+        from fscached.kernel_path import BackendError
+        from fscached.core.catalog import CatalogError
         from fscached.daemon import Daemon
-        from fscached.keeper import KeeperError
-        from fscached.api import ApiServer, ApiSocketError, check_socket_path
-        from fscached.systemd import Service, SystemdError
+        from fscached.frontends.fanotify.keeper import KeeperError
+        from fscached.api.server import ApiServer, ApiSocketError, check_socket_path
+        from fscached.lifecycle.systemd import Service, SystemdError
     except ImportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
@@ -127,7 +127,7 @@ def _under_systemd(service: "Service") -> None:
     import faulthandler
     import logging
 
-    log = logging.getLogger("fscached.systemd")
+    log = logging.getLogger("fscached.lifecycle.systemd")
     log.info("%s", service.describe_start())
     if service.watchdog is not None:
         faulthandler.enable()

@@ -69,12 +69,12 @@ class ImageSpec:
 
 @dataclass(frozen=True)
 class ProfileSpec:
-    """An image's start-up profile keys (fscached.profile): record the blob ranges read in the
+    """An image's start-up profile keys (fscached.core.profile): record the blob ranges read in the
     first `record_seconds` after the mount (image key `record_profile`; 0: no recording); replay
     `replay` (image key `profile`): "auto" (the registry's profile of a `ref=` image, when it has
     one), "none", or a profile file's path.
 
-    Kept beside the ImageSpec, not in it: the hand-over state (fscached.handover) carries every
+    Kept beside the ImageSpec, not in it: the hand-over state (fscached.lifecycle.state) carries every
     ImageSpec field, and a successor taking over mounted images neither records (a recording
     is one process's) nor needs a replay."""
 

@@ -15,26 +15,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Coroutine, TypeVar, Union
 
 from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
-from fscached import cache_gc, mounts
-from fscached.backend import choose_backend
+from fscached import cache_gc
+from fscached.util import mounts
+from fscached.kernel_path import choose_backend
 from erofs_image.reader import Bootstrap
-from fscached.catalog import Catalog, CatalogError, open_bootstrap
+from fscached.core.catalog import Catalog, CatalogError, open_bootstrap
 from fscached.config import Config, ImageSpec, ProfileSpec
-from fscached.fanotify_frontend import FanotifyServer
-from fscached.handover import FD_CACHEFILES
-from fscached.profile import ProfileError, StartupProfile, bootstrap_digest
-from fscached.profile_recorder import ProfileRecorders
-from fscached.serve import Server
-from fscached.sources import SourcePool
+from fscached.frontends.fanotify.frontend import FanotifyServer
+from fscached.lifecycle.state import FD_CACHEFILES
+from fscached.core.profile import ProfileError, StartupProfile, bootstrap_digest
+from fscached.core.profile_recorder import ProfileRecorders
+from fscached.frontends.cachefiles import Server
+from fscached.core.sources import SourcePool
 
 if TYPE_CHECKING:
-    from fscached.systemd import Service
+    from fscached.lifecycle.systemd import Service
 
 log = logging.getLogger("fscached")
 
 WORKER_THREADS = 4
 DRAIN_SECONDS = 10.0
-# a stop that hands over (fscached.failover): READs in flight get this long to finish with their
+# a stop that hands over (fscached.lifecycle.supervisor): READs in flight get this long to finish with their
 # data; the rest are left unanswered for the successor, whose `restore` has the kernel send them again
 HANDOVER_DRAIN_SECONDS = 2.0
 
@@ -54,7 +55,7 @@ class Daemon:
     def __init__(self, config: Config, device: CachefilesDevice | None = None,
                  service: "Service | None" = None) -> None:
         self.config = config
-        # run by systemd (fscached.systemd): fds from its store, READY/WATCHDOG/FDSTORE to it
+        # run by systemd (fscached.lifecycle.systemd): fds from its store, READY/WATCHDOG/FDSTORE to it
         self.service = service
         self._restore = False  # cachefiles: the device came back from the fd store: `restore`
         self._device_kept = False
@@ -74,12 +75,12 @@ class Daemon:
         self._stop_before_start = False
         self.exit_code = 0
         # True from the moment run() answers the kernel (and has mounted what it was asked to)
-        # until it starts stopping: the control API (fscached.api) binds images only then
+        # until it starts stopping: the control API (fscached.api.server) binds images only then
         self.serving = False
         # Another process holds our kernel fd too (a failover supervisor, a successor): a stop
         # is then a hand-over. Its mounts stay, and no READ is completed without its data (a
         # reader would see EIO); the requests left go back to the kernel's queue (`restore`)
-        # for the successor. Set by fscached.failover (sendfd, takeover).
+        # for the successor. Set by fscached.lifecycle.supervisor (sendfd, takeover).
         self.handing_over = False
         # start-up profiles: recordings (record_profile=), and the manifest digest of each pulled
         # image (its profile is a referrer of that manifest in the registry)
@@ -126,7 +127,7 @@ class Daemon:
         why = "asked for"
         service = self.service
         if service is not None:
-            from fscached.systemd import stored_backend
+            from fscached.lifecycle.systemd import stored_backend
 
             self.backend, why = stored_backend(service, self.backend, why)
         if (self.backend == "auto" or self.backend == "fanotify") and why == "asked for":
@@ -134,7 +135,7 @@ class Daemon:
         if self.backend == "fanotify":
             server = FanotifyServer(self.catalog, self.executor, self.config.cache_dir, self.config.read_window)
             if service is not None:
-                from fscached.systemd import FanotifyStore
+                from fscached.lifecycle.systemd import FanotifyStore
 
                 server.open(FanotifyStore(service))  # systemd's fd store instead of the keeper
             else:
@@ -157,7 +158,7 @@ class Daemon:
                 device.bind(str(self.config.cache_dir), self.config.tag,
                             block_limits=(self.config.brun, self.config.bcull, self.config.bstop))
                 if service is not None:
-                    from fscached.systemd import keep_device
+                    from fscached.lifecycle.systemd import keep_device
 
                     keep_device(service, device)
             self.server = Server(device, self.catalog, self.executor, self.config.read_window)
@@ -364,7 +365,7 @@ class Daemon:
                 self._hand_over_to_next()
                 return False
             if isinstance(server, Server) and self.service is not None and self.service.keeps_kernel_fd:
-                from fscached.systemd import fscache_mounts
+                from fscached.lifecycle.systemd import fscache_mounts
 
                 others = fscache_mounts()
                 if not others:  # our unmounts' CLOSEs come in a moment: wait for them, briefly
@@ -407,7 +408,7 @@ class Daemon:
             setattr(self, "handing_over", True)
 
     def _fscache_mount_of(self, spec: ImageSpec) -> bool:
-        from fscached.systemd import fscache_mount_of
+        from fscached.lifecycle.systemd import fscache_mount_of
 
         assert spec.mountpoint is not None
         return fscache_mount_of(spec.mountpoint, spec.fsid, spec.domain)
@@ -459,7 +460,7 @@ class Daemon:
         self.manifest_digests[(spec.volume, spec.fsid)] = pulled.manifest_digest
         return pulled.bootstrap
 
-    # -- start-up profiles (fscached.profile, fscached.profile_recorder) ----------------------
+    # -- start-up profiles (fscached.core.profile, fscached.core.profile_recorder) ----------------------
     async def _start_profiles(self, spec: ImageSpec, bootstrap: Path) -> None:
         """An image was added to the catalog: start recording its reads (`record_profile`), and
         load, check and hand its start-up profile to its blobs (`profile`) so the frontend

@@ -16,7 +16,6 @@ The exposition is the classic text format, `CONTENT_TYPE` (`text/plain; version=
 """
 from __future__ import annotations
 
-import bisect
 import os
 import weakref
 from collections import Counter
@@ -29,16 +28,13 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from fscached.core.stats import LATENCY_BUCKETS, OUTCOMES, RequestStats
+
 if TYPE_CHECKING:
     from fscached.daemon import Daemon
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-OUTCOMES = ("cached", "filled", "failed")
-# seconds from the kernel's request to the daemon's answer: a cached answer takes microseconds,
-# a local fill milliseconds, a registry round trip tens of milliseconds and more
-LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                   2.5, 5.0, 10.0, 30.0)
 SOURCE_RESULTS = ("ok", "failed", "integrity", "skipped")
 
 # (stats key, metric name without _total, help): monotonic counters of the frontend and fill core
@@ -70,31 +66,6 @@ FRONTEND_COUNTERS = (
     ("profile_rejected", "fscached_profile_rejected", "start-up profiles not used (foreign, stale or malformed)"),
     ("profile_failed", "fscached_profile_failed", "profile replay runs that failed (left to on-demand reads)"),
 )
-
-
-class RequestStats:
-    """What happened to the kernel's requests, observed by a frontend when it answers one: its
-    outcome ("cached": answered without fetching; "filled": bytes fetched, verified, written;
-    "failed": the reader saw EIO), seconds from the request to the answer, bytes it covered.
-
-    Plain counters (no locking): written on the event loop, read by a scrape; every update is
-    one attribute or list-item store."""
-
-    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        self.buckets = buckets
-        # per outcome: a count per bucket (not cumulative; the last one is +Inf), sum, bytes
-        self.counts: dict[str, list[int]] = {o: [0] * (len(buckets) + 1) for o in OUTCOMES}
-        self.seconds: dict[str, float] = {o: 0.0 for o in OUTCOMES}
-        self.bytes: dict[str, int] = {o: 0 for o in OUTCOMES}
-
-    def observe(self, outcome: str, seconds: float, nbytes: int = 0) -> None:
-        seconds = max(seconds, 0.0)
-        self.counts[outcome][bisect.bisect_left(self.buckets, seconds)] += 1
-        self.seconds[outcome] += seconds
-        self.bytes[outcome] += nbytes
-
-    def total(self, outcome: str) -> int:
-        return sum(self.counts[outcome])
 
 
 class DaemonMetrics:
@@ -251,8 +222,8 @@ def _le(bound: float) -> str:
 
 
 def _objects_open(server: object) -> int:
-    from fscached.fanotify_frontend import FanotifyServer
-    from fscached.serve import Server
+    from fscached.frontends.fanotify.frontend import FanotifyServer
+    from fscached.frontends.cachefiles import Server
 
     if isinstance(server, Server):
         return len(server.objects)
@@ -263,9 +234,9 @@ def _objects_open(server: object) -> int:
 
 def _prefetch_progress(server: object) -> Iterable[tuple[str, str, int, int]]:
     """(volume, blob id, chunks done, chunks planned) of every open blob with a prefetch list."""
-    from fscached.catalog import VOLUME_PREFIX, BlobObject
-    from fscached.fanotify_frontend import FanotifyServer
-    from fscached.serve import LiveObject, Server
+    from fscached.core.catalog import VOLUME_PREFIX, BlobObject
+    from fscached.frontends.fanotify.frontend import FanotifyServer
+    from fscached.frontends.cachefiles import LiveObject, Server
 
     found: dict[tuple[str, str], tuple[int, int]] = {}
     if isinstance(server, Server):

@@ -7,10 +7,10 @@
 
 It starts fscached's daemon on the cachefiles path (the snapshotter mounts with `-o fsid=`)
 with no image: images are bound at run time through the nydusd API on `--apisock`
-(fscached.api). `--config` may hold nydusd's singleton config, `{"blobs": [<bind entry>...]}`,
+(fscached.api.server). `--config` may hold nydusd's singleton config, `{"blobs": [<bind entry>...]}`,
 bound at start.
 
-Failover (`--supervisor`, fscached.failover): a daemon that finds /dev/cachefiles busy (the
+Failover (`--supervisor`, fscached.lifecycle.supervisor): a daemon that finds /dev/cachefiles busy (the
 supervisor holds it) beside a stale API socket was restarted for failover: it serves the API in
 INIT and waits for `takeover` (then `start`). `--upgrade` (hot upgrade) always starts that way,
 on its new API socket. With `--supervisor`, a normal start asks the kernel for `restore` and
@@ -153,8 +153,8 @@ def read_initial_binds(path: str | None) -> list[Any]:
 
 
 def setup_logging(level: str, log_file: str | None, rotation_mib: int) -> None:
-    """fscached's one logging set-up (fscached.logs): journald-aware on stderr, or the file."""
-    from fscached.logs import setup_logging as setup
+    """fscached's one logging set-up (fscached.util.logs): journald-aware on stderr, or the file."""
+    from fscached.util.logs import setup_logging as setup
 
     setup(level, log_file, rotation_mib=rotation_mib, backups=LOG_BACKUPS)
 
@@ -187,8 +187,8 @@ async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
     log = logging.getLogger("fscached")
     try:  # imported here: a missing native extension is one clean line
         from cachefiles.device import CachefilesError
-        from fscached.api import ApiServer, ApiSocketError, check_socket_path
-        from fscached.catalog import CatalogError
+        from fscached.api.server import ApiServer, ApiSocketError, check_socket_path
+        from fscached.core.catalog import CatalogError
         from fscached.config import Config
         from fscached.daemon import Daemon
     except ImportError as exc:
@@ -225,7 +225,7 @@ async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
     except OSError as exc:
         return fail(args, f"{exc.filename or ''}: {exc.strerror}")
     if args.supervisor:
-        from fscached.failover import check_kernel
+        from fscached.lifecycle.supervisor import check_kernel
 
         check_kernel(daemon)  # says when failover needs a newer kernel (no `restore`)
     api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor)
@@ -255,7 +255,7 @@ def fail(args: argparse.Namespace, message: str) -> int:
 
 async def bind_at_start(daemon: Any, api: Any, entries: list[Any]) -> None:
     """nydusd's `--config` blobs, bound once the daemon serves (each failure logged)."""
-    from fscached.api import ApiError
+    from fscached.api.server import ApiError
 
     log = logging.getLogger("fscached")
     while not daemon.serving:
@@ -270,11 +270,11 @@ async def bind_at_start(daemon: Any, api: Any, entries: list[Any]) -> None:
 
 
 async def wait_for_takeover(daemon: Any, apisock: Path, args: argparse.Namespace, *, upgrade: bool) -> int:
-    """Serve the API in INIT until the supervisor's takeover (fscached.failover), then serve the
+    """Serve the API in INIT until the supervisor's takeover (fscached.lifecycle.supervisor), then serve the
     kernel: at once after a failover restart, at `start` for a hot upgrade (`--upgrade`: the old
     daemon serves until told to exit). Exit (API or signal) while waiting: leave, exit code 0."""
-    from fscached.api import ApiServer, ApiSocketError
-    from fscached.failover import Failover
+    from fscached.api.server import ApiServer, ApiSocketError
+    from fscached.lifecycle.supervisor import Failover
 
     log = logging.getLogger("fscached")
     failover = Failover(daemon, args.supervisor, upgrade=upgrade, waiting=True)

@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from fscached.registry_runner import REGISTRY_BIN, RegistryRunner, free_port
+from coldstart.registry import REGISTRY_BIN, RegistryRunner, free_port
 
 __all__ = ["REGISTRY_BIN", "TEST_PASSWORD", "TEST_USER", "RegistryServer", "free_port",
            "make_self_signed_cert", "registry_available"]
@@ -44,7 +44,7 @@ def make_self_signed_cert(directory: Path) -> tuple[Path, Path]:
 
 
 class RegistryServer(RegistryRunner):
-    """The shipped RegistryRunner (fscached/registry_runner.py: start with port retries,
+    """The shipped RegistryRunner (coldstart/registry.py: start with port retries,
     readiness, stop, log_tail, users / tls) set up for tests: info log with access lines,
     deletes enabled, in pytest's session; plus pushes through the distribution API."""
 

@@ -22,8 +22,8 @@ from vmharness import get_kernel, run_scenario, selected_series
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fscached.coldstart import report  # noqa: E402
-from fscached.profile import StartupProfile, bootstrap_digest  # noqa: E402
+from coldstart import report  # noqa: E402
+from fscached.core.profile import StartupProfile, bootstrap_digest  # noqa: E402
 
 pytestmark = pytest.mark.vm
 SERIES = "6.12"  # the kernel for this path; 6.1 serves the same protocol (test_vm_daemon)
@@ -31,7 +31,7 @@ SERIES = "6.12"  # the issue's kernel for this path; 6.1 serves the same protoco
 
 @pytest.fixture(scope="module")
 def workload() -> Any:
-    from fscached.coldstart.workload import build_workload
+    from coldstart.workload import build_workload
 
     return build_workload("small")
 

@@ -1,4 +1,4 @@
-"""Fixtures for the cold-start harness tests (fscached.coldstart), on the host kernel.
+"""Fixtures for the cold-start harness tests (coldstart), on the host kernel.
 
   coldstart_host   session: skips unless root, with the tools (debootstrap, containerd, runc,
                    skopeo, docker-registry) and a kernel whose /var/tmp takes fanotify
@@ -36,6 +36,6 @@ def coldstart_host() -> None:
 
 @pytest.fixture(scope="session")
 def small_workload(coldstart_host: None):
-    from fscached.coldstart.workload import build_workload
+    from coldstart.workload import build_workload
 
     return build_workload("small")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, netns
 
-from fscached.coldstart.netns import PREFIX, RegistryNetwork, cleanup_leftovers
+from coldstart.netns import PREFIX, RegistryNetwork, cleanup_leftovers
 from netcheck import download_seconds, random_bytes, upload_blob
 
 pytestmark = pytest.mark.root

@@ -10,10 +10,10 @@ from typing import Iterator
 
 import pytest
 
-from fscached.coldstart import mounts_under, unmount_under
-from fscached.coldstart.containerd import Containerd
-from fscached.coldstart.scenario import ModeResult, Scenario, profile_support
-from fscached.coldstart.workload import Workload
+from coldstart import mounts_under, unmount_under
+from coldstart.containerd import Containerd
+from coldstart.scenario import ModeResult, Scenario, profile_support
+from coldstart.workload import Workload
 
 pytestmark = pytest.mark.root
 
@@ -93,7 +93,7 @@ def test_machines_containerd_untouched_and_all_torn_down(results: dict[str, Mode
 
 
 def test_containerd_own_socket_and_failed_start(coldstart_host: None, tmp_path: Path) -> None:
-    from fscached.coldstart import ColdstartError
+    from coldstart import ColdstartError
 
     work = Path("/var/tmp") / tmp_path.name
     try:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fscached.coldstart import ColdstartError
-from fscached.coldstart.workload import (MARKER, Workload, _debian_uris, build_workload, cache_key,
+from coldstart import ColdstartError
+from coldstart.workload import (MARKER, Workload, _debian_uris, build_workload, cache_key,
                                          packages_for)
 
 

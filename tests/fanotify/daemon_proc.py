@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from fscached import keeper, mounts
+from fscached.frontends.fanotify import keeper
+
+from fscached.util import mounts
 
 REPO = Path(__file__).resolve().parents[2]
 WORK_ROOT = Path("/var/tmp")

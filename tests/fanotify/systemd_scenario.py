@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon_proc import REPO
-from fscached import keeper, mounts
+from fscached.frontends.fanotify import keeper
+from fscached.util import mounts
 from standins.systemd import Start, SystemdStandin
 
 READER = r"""

@@ -15,7 +15,7 @@ import aiohttp
 
 from daemon_proc import FscachedProcess, drop_caches
 from erofs_image.builder import convert
-from fscached import mounts
+from fscached.util import mounts
 
 
 def call(sock: Path, method: str, path: str, body: Any = None) -> tuple[int, Any]:

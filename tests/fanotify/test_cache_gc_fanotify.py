@@ -18,7 +18,8 @@ import aiohttp
 
 from daemon_proc import FscachedProcess, drop_caches
 from erofs_image.builder import convert
-from fscached import cache_gc, mounts
+from fscached import cache_gc
+from fscached.util import mounts
 
 
 def call(sock: Path, method: str, path: str, body: Any = None) -> tuple[int, Any]:

@@ -29,7 +29,8 @@ from aiohttp import web
 from daemon_proc import REPO, WORK_ROOT, FscachedProcess, drop_caches
 from erofs_image.reader import Bootstrap
 from erofs_image.tree import ChunkRef, lookup
-from fscached import keeper, mounts
+from fscached.frontends.fanotify import keeper
+from fscached.util import mounts
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -53,9 +54,9 @@ if _WHY_NOT:
 # -- fixtures and helpers (this file's own: conftest.py belongs to someone else) -----------------
 
 def keeper_pids(cache_dir: Path) -> list[int]:
-    """Pids of keepers (`python -m fscached.keeper <cache>/.fscached/keeper.sock`) of this cache."""
+    """Pids of keepers (`python -m fscached.frontends.fanotify.keeper <cache>/.fscached/keeper.sock`) of this cache."""
     sock = cache_dir / ".fscached" / "keeper.sock"
-    found = subprocess.run(["pgrep", "-f", f"fscached.keeper {sock}"], capture_output=True, text=True)
+    found = subprocess.run(["pgrep", "-f", f"fscached.frontends.fanotify.keeper {sock}"], capture_output=True, text=True)
     return [int(p) for p in found.stdout.split()]
 
 

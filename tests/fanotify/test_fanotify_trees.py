@@ -251,7 +251,7 @@ def test_remount_from_filled_cache_fetches_nothing(real: dict[str, Any], fanotif
     # (the killed daemon's keeper and mount are taken down, so the next start is a fresh one)
     third = fscached_daemons(cache, images)
     third.kill()
-    from fscached import keeper
+    from fscached.frontends.fanotify import keeper
 
     keeper.dismiss(cache / ".fscached" / "keeper.sock")
     subprocess.run(["umount", "-l", str(mnt)], check=True)
@@ -381,6 +381,6 @@ def test_backend_auto_picks_fanotify(fanotify_work: Path,
 
 
 def _erofs_mounts() -> dict[str, str]:
-    from fscached import mounts
+    from fscached.util import mounts
 
     return mounts.erofs_mounts()

@@ -14,8 +14,8 @@ import pytest
 
 from fanotify.group import (FAN_ALLOW, FAN_DENY, FAN_PRE_ACCESS, FanotifyError, Group, deny_errno,
                             parse_events, probe)
-from fscached import keeper
-from fscached.event_journal import EventJournal
+from fscached.frontends.fanotify import keeper
+from fscached.frontends.fanotify.journal import EventJournal
 
 WORK_ROOT = Path("/var/tmp")
 
@@ -109,7 +109,7 @@ def test_journal_keeps_pending_events_across_reopen(tmp_path: Path) -> None:
 
 def test_journal_survives_kill_9_of_its_writer(tmp_path: Path) -> None:
     path = tmp_path / "events.journal"
-    code = (f"from fscached.event_journal import EventJournal; import os, signal\n"
+    code = (f"from fscached.frontends.fanotify.journal import EventJournal; import os, signal\n"
             f"j = EventJournal(__import__('pathlib').Path({str(path)!r})); j.record(11, 5, 6, 1 << 20, 65536)\n"
             f"os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", code])

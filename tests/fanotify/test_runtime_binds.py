@@ -21,8 +21,8 @@ sys.path.insert(0, str(REPO / "vm-tests"))
 from ocilayout import layer_tar, write_layout  # noqa: E402
 from trees import convert  # noqa: E402
 
-from fscached import mounts  # noqa: E402
-from fscached.catalog import CatalogError  # noqa: E402
+from fscached.util import mounts  # noqa: E402
+from fscached.core.catalog import CatalogError  # noqa: E402
 from fscached.config import Config, ImageSpec  # noqa: E402
 from fscached.daemon import BusyError, Daemon  # noqa: E402
 

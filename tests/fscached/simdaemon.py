@@ -8,7 +8,7 @@ from pathlib import Path
 import uvloop
 
 from erofs_image.reader import Bootstrap
-from fscached.chunkmap import chunks_by_blob
+from fscached.core.chunkmap import chunks_by_blob
 from fscached.config import Config, ImageSpec
 from fscached.daemon import Daemon
 from standins.kernel_simulator import KernelSimulator

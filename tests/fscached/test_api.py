@@ -1,4 +1,4 @@
-"""The nydusd-compatible control API (fscached.api) against a Daemon answering the kernel
+"""The nydusd-compatible control API (fscached.api.server) against a Daemon answering the kernel
 simulator, spoken to as nydus-snapshotter does: HTTP/1.1 over the unix socket (aiohttp's
 UnixConnector), with the API running on the daemon's own loop."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ import uvloop
 
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
-from fscached.api import KEEPALIVE_SECONDS, ApiServer, ApiSocketError, check_socket_path
+from fscached.api.server import KEEPALIVE_SECONDS, ApiServer, ApiSocketError, check_socket_path
 from fscached.config import Config
 from fscached.daemon import Daemon
 from simdaemon import expected_blob_space, make_tree
@@ -598,7 +598,7 @@ def test_nydusd_accepts_the_snapshotters_command_line() -> None:
 
 
 def test_nydusd_logs_journal_and_file(tmp_path: Path) -> None:
-    """nydusd logs through fscached.logs: on the journal (JOURNAL_STREAM matches stderr) no
+    """nydusd logs through fscached.util.logs: on the journal (JOURNAL_STREAM matches stderr) no
     timestamp and a syslog priority; --log-file with --log-rotation-size: a rotated file."""
     import logging
     import logging.handlers

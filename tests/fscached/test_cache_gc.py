@@ -29,11 +29,11 @@ from cachefiles import naming
 from cachefiles.device import CachefilesDevice, CachefilesError
 from erofs_image.builder import convert
 from fscached import cache_gc
-from fscached.api import ApiServer
+from fscached.api.server import ApiServer
 from fscached.cli import main as cli_main
 from fscached.config import Config, ImageSpec
 from fscached.daemon import Daemon
-from fscached.serve import Server
+from fscached.frontends.cachefiles import Server
 from simdaemon import make_tree
 from standins.kernel_simulator import KernelSimulator, _SimDevice
 

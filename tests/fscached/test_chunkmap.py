@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from erofs_image.tree import ChunkRef
-from fscached.chunkmap import BLOCK, ChunkMap, round_up
+from fscached.core.chunkmap import BLOCK, ChunkMap, round_up
 
 
 def chunk(offset: int, size: int) -> ChunkRef:

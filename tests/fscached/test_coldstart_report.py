@@ -1,4 +1,4 @@
-"""The cold-start report (fscached/coldstart/report.py): ratios from one run, goals judged on
+"""The cold-start report (coldstart/report.py): ratios from one run, goals judged on
 the measured numbers, the working set a profile names, a real PNG chart."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
-from fscached.chunkmap import chunks_by_blob
-from fscached.coldstart import report
-from fscached.profile import ProfileRange, StartupProfile, bootstrap_digest
+from fscached.core.chunkmap import chunks_by_blob
+from coldstart import report
+from fscached.core.profile import ProfileRange, StartupProfile, bootstrap_digest
 
 MiB = 1 << 20
 
@@ -95,7 +95,7 @@ def test_bootstrap_layer_is_found_in_a_convert_layout(tmp_path: Path) -> None:
 
 
 def test_run_record_takes_a_scenario_result() -> None:
-    from fscached.coldstart.scenario import ModeResult
+    from coldstart.scenario import ModeResult
 
     result = ModeResult("lazy_profile", "1gbit", "cachefiles", 1.23456, 1000, 4000, ["numpy 2 sum=1", "x"],
                         [(0.0, 0), (0.51234, 600)], {"bind": 0.40004})

@@ -337,7 +337,7 @@ def test_accepted_specs_build_their_sources(tmp_path: Path) -> None:
     """What the config accepts, the registry and proxy sources accept too (no late ValueError)."""
     import asyncio
 
-    from fscached.sources import SourcePool
+    from fscached.core.sources import SourcePool
 
     secret = tmp_path / "auth"
     secret.write_text("dXNlcjpzM2NyZXQ=\n")

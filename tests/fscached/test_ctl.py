@@ -1,7 +1,7 @@
 """fscachedctl against a stand-in of the daemon's API on a unix socket (aiohttp, the contract
 fscachedctl codes against): every subcommand's request and output, exit codes 1/2/3, and
 `mount` calling mount(2) with the daemon's mount arguments; then the same commands against the
-real API (fscached.api) on a daemon answering the kernel simulator."""
+real API (fscached.api.server) on a daemon answering the kernel simulator."""
 from __future__ import annotations
 
 import asyncio
@@ -429,9 +429,9 @@ def test_default_socket_path() -> None:
     assert ctl.DEFAULT_SOCK == "/run/fscached/api.sock"
 
 
-# -- the real API (fscached.api) with a daemon answering the kernel simulator ---------------------
+# -- the real API (fscached.api.server) with a daemon answering the kernel simulator ---------------------
 def test_against_the_real_api(work: Path, mounts: list[tuple[Any, ...]], capsys: pytest.CaptureFixture[str]) -> None:
-    api_module = pytest.importorskip("fscached.api")
+    api_module = pytest.importorskip("fscached.api.server")
     from erofs_image.builder import convert
     from erofs_image.reader import Bootstrap
     from fscached.config import ImageSpec

@@ -27,7 +27,7 @@ from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from fetcher.dragonfly_grpc import DragonflyGrpcSource
 from fetcher.registry import RegistrySource
-from fscached.chunkmap import chunks_by_blob
+from fscached.core.chunkmap import chunks_by_blob
 from fscached.config import Config, ImageSpec, PrefetchSpec, RegistrySpec
 from fscached.daemon import Daemon
 from simdaemon import Running, expected_blob_space

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
-from fscached.chunkmap import chunks_by_blob
+from fscached.core.chunkmap import chunks_by_blob
 from fscached.config import ImageSpec, ProxySpec, RegistrySpec
 from registry_server import RegistryServer
 from simdaemon import Running, expected_blob_space, make_tree

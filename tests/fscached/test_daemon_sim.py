@@ -15,8 +15,8 @@ import pytest
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from erofs_image.tree import lookup
-from fscached.chunkmap import chunks_by_blob, round_up
-from fscached.fill import READAHEAD_BYTES, READAHEAD_RUN
+from fscached.core.chunkmap import chunks_by_blob, round_up
+from fscached.core.fill import READAHEAD_BYTES, READAHEAD_RUN
 from fscached.config import ImageSpec, PrefetchSpec
 from simdaemon import Running, expected_blob_space, make_tree
 from standins.kernel_simulator import KernelSimulator
@@ -285,7 +285,7 @@ def test_sequential_reader_gets_the_next_window_fetched_ahead(work: Path) -> Non
 def test_bind_and_unbind_at_run_time_on_the_cachefiles_path(work: Path) -> None:
     """An image added while another is served gets its OPENs answered; unbinding it closes its
     objects (their fds), and an unknown unbind says what the snapshotter matches on."""
-    from fscached.catalog import CatalogError
+    from fscached.core.catalog import CatalogError
 
     convert(make_tree(work / "tree1"), work / "built1", compressor="zstd")
     second_tree = work / "tree2"

@@ -1,4 +1,4 @@
-"""`make demo` end to end: `python -m fscached.demo` as the Makefile runs it, judged by what it
+"""`make demo` end to end: `python -m coldstart.demo` as the Makefile runs it, judged by what it
 prints and writes: three cold starts of a real container (classic, lazy, lazy + profile) with
 the right output, lazy fetching less than classic, a real PNG chart and tables, nothing left
 behind (network namespaces, mounts, processes)."""
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fscached.demo import missing_tools
+from coldstart.demo import missing_tools
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 def run_demo(*args: str, timeout: float = 900) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
     env["COLUMNS"] = "140"
-    r = subprocess.run([sys.executable, "-m", "fscached.demo", *args], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-m", "coldstart.demo", *args], cwd=REPO, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     return r.returncode, r.stdout
 

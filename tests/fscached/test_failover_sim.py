@@ -1,4 +1,4 @@
-"""The supervisor protocol (fscached.failover) through the kernel simulator and the
+"""The supervisor protocol (fscached.lifecycle.supervisor) through the kernel simulator and the
 supervisor stand-in (tests/standins/supervisor.py), as nydus-snapshotter drives it:
 sendfd -> the daemon dies -> a new daemon waits in INIT -> takeover (state and fd back from the
 supervisor, binds re-added, `restore`) -> start; the READs the dead daemon had taken come again
@@ -28,12 +28,12 @@ from cachefiles.device import CachefilesDevice
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from fetcher.local import LocalDirectorySource
-from fscached.api import ApiServer
+from fscached.api.server import ApiServer
 from fscached.config import Config, ImageSpec
 from fscached.daemon import Daemon
-from fscached.failover import NEEDS_NEWER_KERNEL, Failover, check_kernel
-from fscached.handover import encode_specs
-from fscached.serve import Server
+from fscached.lifecycle.supervisor import NEEDS_NEWER_KERNEL, Failover, check_kernel
+from fscached.lifecycle.state import encode_specs
+from fscached.frontends.cachefiles import Server
 from simdaemon import expected_blob_space, make_tree
 from standins.kernel_simulator import KernelSimulator, PendingRead, _SimDevice
 from standins.supervisor import Supervisor, call
@@ -409,11 +409,11 @@ def test_a_kernel_without_restore_is_told_at_start_and_refuses_failover(
         work: Path, built: Path, caplog: pytest.LogCaptureFixture) -> None:
     with KernelSimulator(work / "kernel", failover=False) as sim:
         supervisor = Supervisor(work / "supervisor" / "d1.sock")
-        caplog.set_level(logging.INFO, logger="fscached.failover")
+        caplog.set_level(logging.INFO, logger="fscached.lifecycle.supervisor")
         a = Node(sim, work, "a", supervisor.path, bound=True)
         try:
             a.wait_serving()
-            said = [r.getMessage() for r in caplog.records if r.name == "fscached.failover"]
+            said = [r.getMessage() for r in caplog.records if r.name == "fscached.lifecycle.supervisor"]
             assert NEEDS_NEWER_KERNEL in said, said
             assert "6.8" in NEEDS_NEWER_KERNEL and "6.1.95" in NEEDS_NEWER_KERNEL
             assert a.server.device.restore_supported is False
@@ -472,7 +472,7 @@ def test_sendfd_without_a_listening_supervisor_and_takeover_errors(work: Path, b
 def test_supervisor_standin_keeps_state_and_fd_across_takeovers(tmp_path: Path) -> None:
     """pkg/supervisor's contract: one connection each way, read until EOF, exactly one fd kept
     (a newer one replaces it), the kept copy is not consumed by a takeover."""
-    from fscached.failover import receive_states, send_states
+    from fscached.lifecycle.supervisor import receive_states, send_states
 
     supervisor = Supervisor(tmp_path / "sup" / "x.sock")
     r, w = os.pipe()
@@ -503,7 +503,7 @@ def test_a_supervisor_socket_served_by_another_user_is_refused(work: Path) -> No
     the supervisor's path served by a user other than root or the daemon's own is refused."""
     import subprocess
 
-    from fscached.failover import FailoverError, receive_states, send_states
+    from fscached.lifecycle.supervisor import FailoverError, receive_states, send_states
 
     where = work / "open"  # under /var/tmp: a path "nobody" can reach
     where.mkdir()

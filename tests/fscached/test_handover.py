@@ -1,4 +1,4 @@
-"""The hand-over state (fscached.handover, proto/fscached/handover/v1/handover.proto): what a
+"""The hand-over state (fscached.lifecycle.state, proto/fscached/handover/v1/handover.proto): what a
 running daemon captures reads back field for field; an older state is read with defaults; a
 newer one is refused, or its unknown fields are named; other bytes are refused in one line; no
 credential ever shows in a repr, a str, an error or a log line."""
@@ -24,11 +24,12 @@ import uvloop
 
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
-from fscached import handover, mounts
+from fscached.lifecycle import state as handover
+from fscached.util import mounts
 from fscached._proto.handover.v1 import handover_pb2 as pb
 from fscached.config import Config, ImageSpec, PrefetchSpec, ProxySpec, RegistrySpec
 from fscached.daemon import Daemon
-from fscached.handover import (FORMAT_VERSION, Bind, CachefilesInfo, FanotifyPointers, HandoverError,
+from fscached.lifecycle.state import (FORMAT_VERSION, Bind, CachefilesInfo, FanotifyPointers, HandoverError,
                                HandoverState, capture, encode, encode_specs, read_state, state_of)
 from simdaemon import WORK_ROOT, Running, make_tree
 from standins.kernel_simulator import KernelSimulator
@@ -154,7 +155,7 @@ def test_capture_round_trips_every_field(built: Path, work: Path, fake_mounts: l
 def test_capture_takes_the_credentials_in_use(built: Path, work: Path) -> None:
     """Credentials renewed through the API (PUT /api/v1/config) live in the registry source, not
     in the spec: the state carries the renewed ones."""
-    from fscached.api import renew_credentials
+    from fscached.api.server import renew_credentials
 
     spec = every_kind(built, work)[1]
     renewed = base64.b64encode(b"robot:renewed-Pa55").decode()

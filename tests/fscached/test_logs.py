@@ -1,4 +1,4 @@
-"""fscached.logs: the journal is detected by JOURNAL_STREAM matching stderr (then no timestamps,
+"""fscached.util.logs: the journal is detected by JOURNAL_STREAM matching stderr (then no timestamps,
 syslog priority prefixes), a log file gets timestamps, request lines carry req= and blob=."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from fscached.logs import parse_level, request_log, setup_logging, stderr_is_journal
+from fscached.util.logs import parse_level, request_log, setup_logging, stderr_is_journal
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 
@@ -119,7 +119,7 @@ def test_levels() -> None:
 
 def test_request_lines_name_the_request_and_the_blob(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    log = logging.getLogger("fscached.serve")
+    log = logging.getLogger("fscached.frontends.cachefiles")
     request_log(log, "READ", "msg:17", "img1/" + "ab" * 32).error("off=%d len=%d failed: %s", 0, 4096, "no source")
     record = caplog.records[-1]
     assert record.getMessage() == f"READ req=msg:17 blob=img1/{'ab' * 32} off=0 len=4096 failed: no source"

@@ -20,7 +20,7 @@ from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from fetcher.chain import SourceChain
 from fetcher.source import SourceError
-from fscached.chunkmap import chunks_by_blob
+from fscached.core.chunkmap import chunks_by_blob
 from fscached.config import Config, ImageSpec, PrefetchSpec
 from fscached.daemon import Daemon
 from fscached.metrics import CONTENT_TYPE, LATENCY_BUCKETS, RequestStats, cache_bytes, render

@@ -1,4 +1,4 @@
-"""nydusd bind entries -> ImageSpec (fscached.nydus_config): both config forms, every mapped
+"""nydusd bind entries -> ImageSpec (fscached.api.bind_entry): both config forms, every mapped
 field, every refusal (400 / 501), and no credential in any message."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from fscached.config import PrefetchSpec, ProxySpec, RegistrySpec
-from fscached.nydus_config import BadBind, UnsupportedBind, parse_bind_entry
+from fscached.api.bind_entry import BadBind, UnsupportedBind, parse_bind_entry
 
 AUTH = base64.b64encode(b"robot:s3cret-Pa55").decode()
 

@@ -14,15 +14,15 @@ from typing import Iterator
 import pytest
 import uvloop
 
-import fscached.fill
+import fscached.core.fill
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from erofs_image.tree import ChunkRef
-from fscached.chunkmap import chunks_by_blob
+from fscached.core.chunkmap import chunks_by_blob
 from fscached.config import Config, ImageSpec, ProfileSpec, parse_image_flag
 from fscached.daemon import Daemon
-from fscached.nydus_config import BadBind, parse_bind_entry
-from fscached.profile import ProfileRange, StartupProfile, bootstrap_digest
+from fscached.api.bind_entry import BadBind, parse_bind_entry
+from fscached.core.profile import ProfileRange, StartupProfile, bootstrap_digest
 from simdaemon import expected_blob_space
 from standins.kernel_simulator import KernelSimulator
 from test_daemon_lifetimes import BlobFront, wait_for
@@ -181,7 +181,7 @@ def write_profile(path: Path, image: Image, chunk_runs: list[tuple[int, int]], d
 def test_replay_fetches_the_profile_first_in_order_in_few_large_requests(image: Image, front: BlobFront,
                                                                         work: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fscached.fill, "PROFILE_FETCHES", 1)  # one at a time: the order is visible
+    monkeypatch.setattr(fscached.core.fill, "PROFILE_FETCHES", 1)  # one at a time: the order is visible
     # chunks 20-23, then 2-3, then 10, 12 (not adjacent: two requests), then 3 again (a duplicate)
     path = write_profile(work / "p.json", image, [(20, 4), (2, 2), (10, 1), (12, 1), (3, 1)])
     config = Config(cache_dir=work / "cache", work_dir=work / "wd", images=[remote_spec(image, front)],

@@ -1,4 +1,4 @@
-"""The fill core's read-ahead (fscached.fill.Filler._read_ahead): it ramps up like the kernel's,
+"""The fill core's read-ahead (fscached.core.fill.Filler._read_ahead): it ramps up like the kernel's,
 starts over after a jump, takes a READ inside the read-ahead region as the same reader, and
 stays off while a start-up profile replays on the blob (the profile names what start-up reads)."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
-from fscached.catalog import BlobObject
-from fscached.chunkmap import ChunkMap, chunks_by_blob
-from fscached.fill import READAHEAD_BYTES, READAHEAD_MIN, Filler, FillTarget
+from fscached.core.catalog import BlobObject
+from fscached.core.chunkmap import ChunkMap, chunks_by_blob
+from fscached.core.fill import READAHEAD_BYTES, READAHEAD_MIN, Filler, FillTarget
 
 CHUNK = 64 << 10
 MiB = 1 << 20

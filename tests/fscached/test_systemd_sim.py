@@ -265,7 +265,7 @@ def test_a_kernel_without_restore_is_said_at_start(setup) -> None:
 def test_notify_with_fds_over_an_abstract_socket_and_the_store_rules() -> None:
     script = """
 import os, time
-from fscached.systemd import notify
+from fscached.lifecycle.systemd import notify
 r, w = os.pipe()
 r2, w2 = os.pipe()
 assert notify("FDSTORE=1\\nFDNAME=a\\nFDPOLL=0", [r])
@@ -288,13 +288,13 @@ time.sleep(30)
         assert sd.rejected == []
     finally:
         sd.close()
-    from fscached import systemd
+    from fscached.lifecycle import systemd
 
     assert not systemd.notify("READY=1", env={})  # no NOTIFY_SOCKET: nothing sent
 
 
 def test_listen_fds_are_only_for_the_pid_they_name() -> None:
-    from fscached import systemd
+    from fscached.lifecycle import systemd
 
     r, w = os.pipe()
     try:
@@ -311,7 +311,7 @@ def test_listen_fds_are_only_for_the_pid_they_name() -> None:
 
 
 def test_state_memfd_survives_a_torn_write() -> None:
-    from fscached.systemd import StateMemfd
+    from fscached.lifecycle.systemd import StateMemfd
 
     memfd = StateMemfd(capacity=4096)
     try:

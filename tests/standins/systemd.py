@@ -1,6 +1,6 @@
 """A stand-in for systemd's side of a Type=notify service, for tests without systemd.
 
-It speaks what systemd speaks to a service, as fscached.systemd expects it:
+It speaks what systemd speaks to a service, as fscached.lifecycle.systemd expects it:
 - $NOTIFY_SOCKET: a datagram socket (a path, or '@name' in the abstract namespace) on which it
   receives READY=1, STATUS=, STOPPING=1, WATCHDOG=1, FDSTORE=1 / FDNAME= / FDPOLL=0 (fds by
   SCM_RIGHTS) and FDSTOREREMOVE=1, only from the main process (NotifyAccess=main, checked with

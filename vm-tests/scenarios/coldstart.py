@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fscached.coldstart.scenario import MODES, Scenario
-from fscached.coldstart.workload import MARKER, Workload
+from coldstart.scenario import MODES, Scenario
+from coldstart.workload import MARKER, Workload
 
 
 def run(args: dict[str, Any]) -> dict[str, Any]:

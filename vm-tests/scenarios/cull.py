@@ -2,7 +2,7 @@
 
 Two images share one data blob: `img1` (a snapshotter-style hex fsid, no domain: volume
 `erofs,<fsid>`) and `img2` (domain `dom`, one more blob). `fscached --apisock` serves them from
---image flags; every cull is `DELETE /api/v2/blobs?blob_id=` on the socket (fscached.api ->
+--image flags; every cull is `DELETE /api/v2/blobs?blob_id=` on the socket (fscached.api.server ->
 fscached.cache_gc), every answer and what `<cache>/cache/` holds after it is recorded:
 
 phase "cull": cull while mounted and bound (409), the snapshotter's unmount of img1 (unbind,

@@ -9,10 +9,10 @@ or FAN_DENY_ERRNO(EIO): a reader never sees a hole as data.
 Writes go through a non-notifying fd of the cache file: one opened before the file was marked
 (checked on 6.18: such an fd raises no events, even with other files of the filesystem marked),
 or a duplicate of an event's fd. The group fd and those write fds also live in the keeper
-(fscached.keeper), and every event being worked on is journaled (fscached.event_journal), so a
+(fscached.frontends.fanotify.keeper), and every event being worked on is journaled (fscached.frontends.fanotify.journal), so a
 daemon killed with -9 leaves readers waiting, never reading zeros, and its successor answers
 what it left. Run by systemd, systemd's fd store holds them instead of the keeper
-(fscached.systemd.FanotifyStore).
+(fscached.lifecycle.systemd.FanotifyStore).
 """
 from __future__ import annotations
 
@@ -31,14 +31,15 @@ from typing import Any, Callable, Coroutine, Protocol
 
 from fanotify.group import FAN_ALLOW, FAN_Q_OVERFLOW, Event, FanotifyError, Group, deny_errno
 from fetcher.source import SourceError
-from fscached import keeper, mounts
-from fscached.catalog import BlobObject, BootstrapObject, Catalog
+from fscached.frontends.fanotify import keeper
+from fscached.util import mounts
+from fscached.core.catalog import BlobObject, BootstrapObject, Catalog
 from fscached.config import ImageSpec
-from fscached.event_journal import EventJournal, Orphan
-from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, SharedFd, VerifyError
-from fscached.logs import request_log
-from fscached.metrics import RequestStats
-from fscached.profile_recorder import ProfileRecorders
+from fscached.frontends.fanotify.journal import EventJournal, Orphan
+from fscached.core.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, SharedFd, VerifyError
+from fscached.util.logs import request_log
+from fscached.core.stats import RequestStats
+from fscached.core.profile_recorder import ProfileRecorders
 
 log = logging.getLogger("fscached.fanotify")
 
@@ -83,7 +84,7 @@ class FdHolder(Protocol):
 
 
 class KeeperHolder:
-    """The keeper process (fscached.keeper): a daemon not run by systemd."""
+    """The keeper process (fscached.frontends.fanotify.keeper): a daemon not run by systemd."""
 
     what = "the keeper"
 
@@ -126,14 +127,14 @@ class FanotifyServer:
         # served, whoever holds the group later (kept in the state dir beside the journal)
         self.unwatched: dict[str, int] = {}
         self.holder: FdHolder = KeeperHolder(self.keeper_socket)
-        # start-up profiles being recorded (fscached.profile_recorder; set by the daemon)
+        # start-up profiles being recorded (fscached.core.profile_recorder; set by the daemon)
         self.recorders: ProfileRecorders | None = None
 
     # -- start ------------------------------------------------------------------------------
     def open(self, holder: "FdHolder | None" = None) -> None:
         """Take the group back from its holder (a successor) or make a new one; create and mark
         every blob's cache file; hand the fds to the holder: the keeper process, or systemd's fd
-        store when run by systemd (fscached.systemd.FanotifyStore). Errors: FanotifyError,
+        store when run by systemd (fscached.lifecycle.systemd.FanotifyStore). Errors: FanotifyError,
         KeeperError."""
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)

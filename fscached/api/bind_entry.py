@@ -18,7 +18,7 @@ fscached's own extensions (top-level fields of the entry):
   the registry backend's host and repo default to the reference's;
 - `"record_profile": SECONDS` (a number > 0): record the image's start-up profile, the blob
   ranges read in the first SECONDS after the mount, into `<work_dir>/profiles/<id>.json` (the
-  image key `record_profile=`, fscached.profile_recorder);
+  image key `record_profile=`, fscached.core.profile_recorder);
 - `"profile": "auto" | "none" | "/path/to/profile.json"`: the start-up profile to replay at the
   mount (the image key `profile=`; default "auto": the registry's profile of a `ref` image). A
   profile that cannot be used is skipped with a warning: it never fails the bind.
@@ -61,7 +61,7 @@ from fscached.config import (
 if TYPE_CHECKING:
     from erofs_image.reader import Bootstrap
 
-log = logging.getLogger("fscached.api")
+log = logging.getLogger("fscached.api.server")
 
 BOOTSTRAP_TYPE = "bootstrap"
 DATA_BLOB_TYPE = "datablob"

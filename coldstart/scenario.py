@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from fscached.coldstart import ColdstartError, drop_caches, one_line, run as run_cmd, unmount_under
-from fscached.coldstart.containerd import Containerd, RunResult
-from fscached.coldstart.netns import RegistryNetwork
-from fscached.coldstart.workload import Workload, push
+from coldstart import ColdstartError, drop_caches, one_line, run as run_cmd, unmount_under
+from coldstart.containerd import Containerd, RunResult
+from coldstart.netns import RegistryNetwork
+from coldstart.workload import Workload, push
 
 WORK_ROOT = Path(os.environ.get("FSCACHED_COLDSTART_DIR", "/var/tmp"))  # ext4: fanotify marks, overlay
 MODES = ("classic", "lazy", "lazy_profile")
@@ -89,7 +89,7 @@ class ModeResult:
 def profile_support() -> str | None:
     """None when the daemon can record start-up profiles and `fscached-image profile` exists;
     else why not."""
-    for module in ("fscached.profile_recorder", "erofs_image.profile_cli"):
+    for module in ("fscached.core.profile_recorder", "erofs_image.profile_cli"):
         if importlib.util.find_spec(module) is None:
             return f"profile support not available ({module} is not installed)"
     return None
@@ -183,7 +183,7 @@ class Daemon:
 
     def stop(self) -> None:
         """SIGTERM (it unmounts what it mounted), -9 after 30 s; then no mount, no keeper left."""
-        from fscached import keeper
+        from fscached.frontends.fanotify import keeper
 
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -361,8 +361,8 @@ def iter_summaries(results: list[ModeResult]) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fscached.coldstart.scenario [SIZE] [NETWORK] [MODE...]`: print one line per mode."""
-    from fscached.coldstart.workload import build_workload
+    """`python -m coldstart.scenario [SIZE] [NETWORK] [MODE...]`: print one line per mode."""
+    from coldstart.workload import build_workload
 
     args = sys.argv[1:] if argv is None else argv
     size = args[0] if args else "small"

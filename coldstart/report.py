@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from erofs_image.reader import Bootstrap
-from fscached.chunkmap import chunks_by_blob
-from fscached.profile import StartupProfile
+from fscached.core.chunkmap import chunks_by_blob
+from fscached.core.profile import StartupProfile
 
 MODES = ("classic", "lazy", "profile")
 SCENARIO_MODES = {"classic": "classic", "lazy": "lazy", "lazy_profile": "profile"}  # scenario method -> mode
@@ -40,7 +40,7 @@ class Goal:
 
 
 def run_record(result: Mapping[str, Any]) -> dict[str, Any]:
-    """A scenario's result (fscached.coldstart.scenario.ModeResult.to_json()) as a run record."""
+    """A scenario's result (coldstart.scenario.ModeResult.to_json()) as a run record."""
     return {"mode": SCENARIO_MODES[result["mode"]], "network": result["network"], "path": result["kernel_path"],
             "seconds": result["seconds"], "bytes": result["bytes_fetched"], "image_bytes": result["image_bytes"],
             "samples": [[round(t, 3), b] for t, b in result["samples"]], "output": list(result["output"][:3]),

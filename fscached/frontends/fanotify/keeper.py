@@ -7,7 +7,7 @@ listens on a unix socket (0600, in a 0700 directory) and speaks one JSON line pe
   {"op": "put", "names": [...]} + the fds (SCM_RIGHTS)  store them (replacing what it held)
   {"op": "get"}                                          answer {"names": [...]} + the fds
   {"op": "drop"}                                         close everything and exit
-Run as `python -m fscached.keeper SOCKET`; the daemon starts it in a session of its own.
+Run as `python -m fscached.frontends.fanotify.keeper SOCKET`; the daemon starts it in a session of its own.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def start(path: Path, timeout: float = 10) -> None:
     """Start a keeper on `path` (its directory must exist, 0700) and wait until it listens."""
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise KeeperError(f"keeper socket path {path} is longer than {_SUN_PATH_MAX} bytes: use a shorter cache dir")
-    subprocess.Popen([sys.executable, "-m", "fscached.keeper", str(path)], start_new_session=True,
+    subprocess.Popen([sys.executable, "-m", "fscached.frontends.fanotify.keeper", str(path)], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      close_fds=True)
     deadline = time.monotonic() + timeout

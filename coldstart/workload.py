@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from erofs_image.oci import sha256_file
-from fscached.coldstart import ColdstartError, one_line, pid_alive, run, unmount_under
+from coldstart import ColdstartError, one_line, pid_alive, run, unmount_under
 
 BUILD_VERSION = "2"  # bump when the recipe changes: a new cache key, a new build
 SUITE = "bookworm"
@@ -416,7 +416,7 @@ def push(workload: Workload, registry_host: str, repo: str, *, timeout: float = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fscached.coldstart.workload [SIZE]`: build (or find) the workload, print it."""
+    """`python -m coldstart.workload [SIZE]`: build (or find) the workload, print it."""
     args = sys.argv[1:] if argv is None else argv
     try:
         w = build_workload(args[0] if args else "small", progress=lambda m: print(m, file=sys.stderr))

@@ -50,7 +50,7 @@ except Exception as exc:  # google.protobuf.runtime_version.VersionError: genera
     raise ImportError(f"fscached/_proto/ does not fit the installed protobuf runtime ({exc}): "
                       "upgrade protobuf, or install fscached again") from None
 
-log = logging.getLogger("fscached.handover")
+log = logging.getLogger("fscached.lifecycle.state")
 
 
 def _warn_if_stale() -> None:
@@ -284,7 +284,7 @@ def state_of(daemon: "Daemon", *, fd_names: Sequence[str] | None = None) -> Hand
     in bind order, with the credentials in use), its kernel path and where it keeps what
     outlives it. `fd_names` defaults to the fds the daemon holds for its kernel path. Call it
     on the daemon's loop (it reads the catalog the loop changes)."""
-    from fscached.fanotify_frontend import FanotifyServer
+    from fscached.frontends.fanotify.frontend import FanotifyServer
 
     server = daemon.server
     if server is None or daemon.backend not in ("cachefiles", "fanotify"):

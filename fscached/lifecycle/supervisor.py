@@ -6,7 +6,7 @@ wants something: it listens, then asks the daemon through the API, and the daemo
 
     sendfd    PUT /api/v1/daemon/fuse/sendfd (READY or RUNNING). The snapshotter listens, then
               calls it once the daemon is RUNNING and after each mount. The daemon connects,
-              sends its hand-over state (fscached.handover.capture: every bind in order, with
+              sends its hand-over state (fscached.lifecycle.state.capture: every bind in order, with
               its source config) in one sendmsg carrying the /dev/cachefiles fd (SCM_RIGHTS),
               and closes: the supervisor reads until EOF, wants exactly one fd, and keeps both
               (a later state replaces the earlier one). From then on the device outlives this
@@ -49,15 +49,15 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from cachefiles.device import NO_RESTORE, CachefilesDevice, CachefilesError
-from fscached import mounts
-from fscached.catalog import CatalogError
-from fscached.handover import FD_CACHEFILES, HandoverError, HandoverState, capture, read_state
-from fscached.serve import Server
+from fscached.util import mounts
+from fscached.core.catalog import CatalogError
+from fscached.lifecycle.state import FD_CACHEFILES, HandoverError, HandoverState, capture, read_state
+from fscached.frontends.cachefiles import Server
 
 if TYPE_CHECKING:
     from fscached.daemon import Daemon
 
-log = logging.getLogger("fscached.failover")
+log = logging.getLogger("fscached.lifecycle.supervisor")
 
 SUPERVISOR_TIMEOUT = 10.0  # the snapshotter listens for 10 s (SendStatesTimeout)
 MAX_STATE_BYTES = 16 << 20

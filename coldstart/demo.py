@@ -1,4 +1,4 @@
-"""`python -m fscached.demo` (make demo): a container's cold start, three ways, measured.
+"""`python -m coldstart.demo` (make demo): a container's cold start, three ways, measured.
 
 1. Build (first run: a few minutes; later runs reuse it) a real workload image: Debian bookworm
    minbase + python3 (debootstrap) + numpy from PyPI, three gzip layers, and its nydus form made
@@ -36,8 +36,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fscached.coldstart import ColdstartError, report
-from fscached.coldstart.netns import PROFILES
+from coldstart import ColdstartError, report
+from coldstart.netns import PROFILES
 
 DEFAULT_OUT = Path(os.environ.get("FSCACHED_DEMO_DIR", "/var/tmp/fscached-demo"))
 SIZE = "small"  # the test suite's workload too: one cached build serves both
@@ -66,7 +66,7 @@ def kernel_path() -> tuple[str, str]:
 
 
 def run_on_host(workload: Any, network: str, path: str, say: Any) -> list[dict[str, Any]]:
-    from fscached.coldstart.scenario import MODES, Scenario
+    from coldstart.scenario import MODES, Scenario
 
     results = []
     with Scenario(workload, network, kernel_path=path) as sc:
@@ -90,7 +90,7 @@ def run_in_vm(workload: Any, network: str, say: Any) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fscached.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m coldstart.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--network", default="100mbit", choices=sorted(PROFILES),
                    help="the registry's link (default 100mbit: 100 Mbit/s, 2 ms round trip)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where the chart and tables go ({DEFAULT_OUT})")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"[bold]kernel path[/]: {path}: {why}")
     started = time.monotonic()
     try:
-        from fscached.coldstart.workload import build_workload
+        from coldstart.workload import build_workload
 
         workload = build_workload(SIZE, progress=lambda m: say(f"  [dim]{m}[/]"))
         say(f"[bold]image[/]: Debian bookworm + python3 + {', '.join(workload.packages)}: "

@@ -44,8 +44,8 @@ from typing import Any, Iterator
 from pyroute2 import IPRoute, NetNS, netns  # type: ignore[import-untyped]
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
-from fscached.coldstart import ColdstartError, pid_alive
-from fscached.registry_runner import RegistryRunner
+from coldstart import ColdstartError, pid_alive
+from coldstart.registry import RegistryRunner
 
 PREFIX = "fscd-"
 SUBNET = "10.213"
@@ -219,7 +219,7 @@ class RegistryNetwork:
         netns.pushns(self.ns)
         try:
             self.relay = subprocess.Popen(
-                [sys.executable, "-m", "fscached.coldstart.netns", "relay", self.reg_ip, str(self.relay_port),
+                [sys.executable, "-m", "coldstart.netns", "relay", self.reg_ip, str(self.relay_port),
                  str(self.registry.port), repr(rtt)], stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
@@ -434,12 +434,12 @@ async def _serve_relay(listen: str, port: int, upstream: int, rtt: float) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fscached.coldstart.netns relay LISTEN_IP PORT UPSTREAM_PORT RTT_SECONDS`."""
+    """`python -m coldstart.netns relay LISTEN_IP PORT UPSTREAM_PORT RTT_SECONDS`."""
     import asyncio
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 5 or args[0] != "relay":
-        print("usage: python -m fscached.coldstart.netns relay LISTEN_IP PORT UPSTREAM_PORT RTT_SECONDS",
+        print("usage: python -m coldstart.netns relay LISTEN_IP PORT UPSTREAM_PORT RTT_SECONDS",
               file=sys.stderr)
         return 2
     asyncio.run(_serve_relay(args[1], int(args[2]), int(args[3]), float(args[4])))

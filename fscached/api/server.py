@@ -5,7 +5,7 @@ no body; 200 with a JSON body) and error bodies `{"code": "...", "message": "...
 
     GET    /api/v1/daemon, /api/v2/daemon      daemon info (+ "fscached": images, counters)
     PUT    /api/v1/daemon                      {"log_level": "debug"}
-    PUT    /api/v2/blobs                       bind an image (fscached.nydus_config)
+    PUT    /api/v2/blobs                       bind an image (fscached.api.bind_entry)
     GET    /api/v2/blobs?domain_id=D           the entries of a domain
     DELETE /api/v2/blobs?domain_id=D           unbind every image of domain D
     DELETE /api/v2/blobs?domain_id=D&blob_id=B unbind one image ("blob_cache: cache entry not found")
@@ -27,7 +27,7 @@ started with --upgrade, waits there for a takeover), READY (bound and serving, o
 waiting for start), RUNNING (after `PUT /api/v1/daemon/start`, or at once with autostart:
 nydusd's singleton moves itself INIT -> READY -> RUNNING when created, and nydus-snapshotter
 waits for exactly RUNNING), STOPPED (exit asked for, or the daemon is stopping). The supervisor
-protocol (sendfd, takeover, the start after it) is fscached.failover's.
+protocol (sendfd, takeover, the start after it) is fscached.lifecycle.supervisor's.
 
 The socket is 0600 in a directory that is created 0700 when missing; a directory writable by
 others and not ours (or owned by another user) is refused; a stale socket (nobody answers) is
@@ -54,11 +54,11 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from fscached.catalog import BlobObject, CatalogError
+from fscached.core.catalog import BlobObject, CatalogError
 from fscached.config import ConfigError, ImageSpec, check_auth
-from fscached.nydus_config import BindError, check_metadata_file, parse_bind_entry
+from fscached.api.bind_entry import BindError, check_metadata_file, parse_bind_entry
 
-log = logging.getLogger("fscached.api")
+log = logging.getLogger("fscached.api.server")
 
 # an idle connection is never closed by the server (aiohttp needs a finite number: 10 years)
 KEEPALIVE_SECONDS = 10 * 365 * 24 * 3600.0
@@ -149,7 +149,7 @@ class ApiServer:
     def __init__(self, daemon: Any, path: Path, *, daemon_id: str | None = None, supervisor: str | None = None,
                  autostart: bool = True, on_exit: Callable[[], None] | None = None,
                  waiting_for_takeover: bool = False, failover: Any = None) -> None:
-        from fscached.failover import Failover
+        from fscached.lifecycle.supervisor import Failover
 
         self.daemon = daemon
         self.path = Path(path)
@@ -365,7 +365,7 @@ class ApiServer:
         return no_content()
 
     async def send_fd(self, request: web.Request) -> web.Response:
-        from fscached.failover import FailoverError
+        from fscached.lifecycle.supervisor import FailoverError
 
         state = self.state
         if state != READY and state != RUNNING:
@@ -378,7 +378,7 @@ class ApiServer:
         return no_content()
 
     async def take_over(self, request: web.Request) -> web.Response:
-        from fscached.failover import FailoverError
+        from fscached.lifecycle.supervisor import FailoverError
 
         if self._exiting or self.daemon.stopping:
             raise ApiError(503, "NOT_READY", "takeover: the daemon is stopping")

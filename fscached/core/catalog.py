@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 from erofs_image.reader import Bootstrap
 from erofs_image.tree import BlobInfo, ChunkRef, Inode
 from fetcher.chain import SourceChain
-from fscached.chunkmap import ChunkMap, chunks_by_blob, round_up
+from fscached.core.chunkmap import ChunkMap, chunks_by_blob, round_up
 from fscached.config import ImageSpec
-from fscached.profile import StartupProfile
+from fscached.core.profile import StartupProfile
 
 if TYPE_CHECKING:
-    from fscached.profile_recorder import ImageRecorder
+    from fscached.core.profile_recorder import ImageRecorder
 
 VOLUME_PREFIX = "erofs,"
 

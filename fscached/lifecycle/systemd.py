@@ -20,7 +20,7 @@ What the daemon keeps in the store (names in $LISTEN_FDNAMES when it comes back)
     "blob=<volume>/<blob id>"  a cache file's non-notifying write fd (':' is %3A: systemd
                                refuses ':' in a name)
     "cachefiles"               the bound /dev/cachefiles fd: the next process writes `restore`
-    "state"                    a memfd with the hand-over state (fscached.handover), rewritten in
+    "state"                    a memfd with the hand-over state (fscached.lifecycle.state), rewritten in
                                place at every bind and unbind (two slots, the newest valid one wins)
 
 The next process (after `systemctl restart`, a crash, `kill -9`, a watchdog kill) finds them
@@ -40,13 +40,13 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, MutableMapping
 
-from fscached.handover import FD_CACHEFILES, FD_FANOTIFY_GROUP, HandoverError, HandoverState, capture, read_state
+from fscached.lifecycle.state import FD_CACHEFILES, FD_FANOTIFY_GROUP, HandoverError, HandoverState, capture, read_state
 
 if TYPE_CHECKING:
     from cachefiles.device import CachefilesDevice
     from fscached.daemon import Daemon
 
-log = logging.getLogger("fscached.systemd")
+log = logging.getLogger("fscached.lifecycle.systemd")
 
 LISTEN_FDS_START = 3
 FD_STATE = "state"
@@ -411,7 +411,7 @@ class Service:
 
 # -- the fanotify path's holder of its fds ---------------------------------------------------
 class FanotifyStore:
-    """fscached.fanotify_frontend's holder of the group and write fds under systemd (instead
+    """fscached.frontends.fanotify.frontend's holder of the group and write fds under systemd (instead
     of the keeper process, which systemd would kill with the service's cgroup). Names inside
     the frontend are the keeper's: "group" and "blob:<volume>/<blob id>"."""
 

@@ -5,7 +5,7 @@ without (the reader then sees EIO, never a hang); every CLOSE releases the objec
 its READs are done.
 
 Except in a hand-over (`handing_over`: another process holds the device too, a supervisor or a
-successor, fscached.failover): then a READ that ends without its data is left unanswered, never
+successor, fscached.lifecycle.supervisor): then a READ that ends without its data is left unanswered, never
 completed empty. The successor's `restore` makes the kernel send it again (with a new object id
 once the object's anon fd is gone). `restore` re-sends the READs being served as well: a READ
 whose msg_id is already in flight here is a duplicate and is dropped.
@@ -26,15 +26,15 @@ from cachefiles.device import CachefilesDevice, CachefilesError
 from cachefiles.objects import ObjectEntry, ObjectTable
 from cachefiles.messages import CloseRequest, MalformedMessage, OpenRequest, ReadRequest
 from fetcher.source import SourceError
-from fscached.catalog import VOLUME_PREFIX, BlobObject, BootstrapObject, Catalog, Served
-from fscached.chunkmap import round_up
+from fscached.core.catalog import VOLUME_PREFIX, BlobObject, BootstrapObject, Catalog, Served
+from fscached.core.chunkmap import round_up
 from fscached.config import ImageSpec
-from fscached.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, VerifyError
-from fscached.logs import request_log
-from fscached.metrics import RequestStats
-from fscached.profile_recorder import ProfileRecorders
+from fscached.core.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, VerifyError
+from fscached.util.logs import request_log
+from fscached.core.stats import RequestStats
+from fscached.core.profile_recorder import ProfileRecorders
 
-log = logging.getLogger("fscached.serve")
+log = logging.getLogger("fscached.frontends.cachefiles")
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Server:
         # another daemon serves this device too (a hot upgrade's overlap): READs for objects
         # not ours are its own, not an error
         self.device_shared = False
-        # start-up profiles being recorded (fscached.profile_recorder; set by the daemon)
+        # start-up profiles being recorded (fscached.core.profile_recorder; set by the daemon)
         self.recorders: ProfileRecorders | None = None
 
     def fileno(self) -> int:

@@ -29,10 +29,10 @@ import native
 from erofs_image.reader import ChunkVerifyError, digest_matches, verify_chunk
 from erofs_image.tree import BlobInfo, ChunkRef
 from fetcher.source import IntegrityError
-from fscached.catalog import BlobObject, BootstrapObject
-from fscached.chunkmap import BLOCK, contiguous_runs, round_down, round_up
+from fscached.core.catalog import BlobObject, BootstrapObject
+from fscached.core.chunkmap import BLOCK, contiguous_runs, round_down, round_up
 
-log = logging.getLogger("fscached.fill")
+log = logging.getLogger("fscached.core.fill")
 T = TypeVar("T")
 
 DEFAULT_WINDOW = 1 << 20

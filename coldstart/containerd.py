@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
-from fscached.coldstart import ColdstartError, mounts_under, one_line, pid_alive, run as run_cmd, unmount_under
+from coldstart import ColdstartError, mounts_under, one_line, pid_alive, run as run_cmd, unmount_under
 
 NAMESPACE = "fscached-coldstart"
 # what an image's config would give; a --rootfs container has no image config
