@@ -12,7 +12,6 @@ pull of the same network in this run. Goals are printed as met / MISSED, never a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

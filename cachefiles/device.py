@@ -82,7 +82,7 @@ class CachefilesDevice:
 
     @classmethod
     def from_fd(cls, fd: int, *, path: str = DEFAULT_PATH,
-                completer: Completer | None = None) -> "CachefilesDevice":
+                completer: Completer | None = None) -> CachefilesDevice:
         """Adopt an already open device fd (failover hand-over, or the simulator's end).
         The device then owns `fd` and closes it in close()."""
         dev = cls(path, completer=completer)
@@ -125,7 +125,7 @@ class CachefilesDevice:
             fd, self._fd = self._fd, None
             os.close(fd)
 
-    def __enter__(self) -> "CachefilesDevice":
+    def __enter__(self) -> CachefilesDevice:
         if self._fd is None:
             self.open()
         return self

@@ -110,7 +110,7 @@ class Containerd:
         self._ids = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> "Containerd":
+    def start(self) -> Containerd:
         for binary in ("containerd", "ctr", "runc", "unshare", "nsenter"):
             if shutil.which(binary) is None:
                 raise ColdstartError(f"containerd harness: {binary} is not installed (make deps)")
@@ -175,7 +175,7 @@ class Containerd:
         self._bound = False
         self._remove_cgroups()
 
-    def __enter__(self) -> "Containerd":
+    def __enter__(self) -> Containerd:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -313,4 +313,4 @@ def _drain(stream: IO[bytes] | None, into: list[bytes]) -> None:
             into.append(chunk)
 
 
-__all__ = ["Containerd", "RunResult", "ensure_cgroups", "NAMESPACE"]
+__all__ = ["NAMESPACE", "Containerd", "RunResult", "ensure_cgroups"]

@@ -24,7 +24,6 @@ emulated (compare them only with each other).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys

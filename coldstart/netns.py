@@ -99,7 +99,7 @@ class NetnsRegistry(RegistryRunner):
         config.write_text(text.replace(loopback, f"addr: {self.address}:{self.port}"))
         return config
 
-    def start(self) -> "NetnsRegistry":
+    def start(self) -> NetnsRegistry:
         """Fork docker-registry from this thread while it sits in the namespace (setns is per
         thread): the registry lives there, and so does the readiness probe."""
         netns.pushns(self.ns)
@@ -135,7 +135,7 @@ class RegistryNetwork:
         return self.registry.host
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> "RegistryNetwork":
+    def start(self) -> RegistryNetwork:
         cleanup_leftovers()
         try:
             self._create_link()
@@ -166,7 +166,7 @@ class RegistryNetwork:
             self._made_ns = False
         _remove_link(self.host_if)
 
-    def __enter__(self) -> "RegistryNetwork":
+    def __enter__(self) -> RegistryNetwork:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

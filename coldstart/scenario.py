@@ -127,7 +127,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.mountpoints: list[Path] = []
 
-    def start(self, timeout: float = 60) -> "Daemon":
+    def start(self, timeout: float = 60) -> Daemon:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
@@ -219,7 +219,7 @@ class Scenario:
         self.profile_path: Path | None = None  # the last profile recorded (inside workdir)
         self._runs = 0
 
-    def __enter__(self) -> "Scenario":
+    def __enter__(self) -> Scenario:
         try:
             self.net = RegistryNetwork(self.workdir / "net", self.network_name).start()
             self.plain_ref, self.nydus_ref = push(self.workload, self.net.host, self.repo)

@@ -100,7 +100,7 @@ class Workload:
         return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, path: Path) -> "Workload":
+    def from_json(cls, text: str, path: Path) -> Workload:
         doc = json.loads(text)
         doc["path"], doc["oci"], doc["nydus"] = path, path / "oci", path / "nydus"
         return cls(**doc, reused=True)

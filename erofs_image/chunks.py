@@ -20,7 +20,7 @@ import lz4.block
 import zstandard
 
 from erofs_image.layout import BLOCK_SIZE
-from erofs_image.rafs import BLOB_FEATURE_ALIGNED, BlobChunkEntry, BlobMetaHeader, CI_V1_SIZE
+from erofs_image.rafs import BLOB_FEATURE_ALIGNED, BlobChunkEntry, BlobMetaHeader
 from erofs_image.tree import COMPRESSORS, BlobInfo, ChunkRef
 
 MAX_CHUNK_SIZE = 1 << 24  # v1 chunk-info entries hold 24-bit sizes

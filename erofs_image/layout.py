@@ -121,7 +121,7 @@ class Superblock:
         )
 
     @classmethod
-    def unpack(cls, buf: bytes) -> "Superblock":
+    def unpack(cls, buf: bytes) -> Superblock:
         return cls(*_SB.unpack_from(buf, 0))
 
 
@@ -176,7 +176,7 @@ class DiskInode:
                                self.size, 0, self.i_u, self.ino, self.uid, self.gid, 0)
 
     @classmethod
-    def unpack(cls, buf: bytes, off: int, build_time: int = 0, build_time_nsec: int = 0) -> "DiskInode":
+    def unpack(cls, buf: bytes, off: int, build_time: int = 0, build_time_nsec: int = 0) -> DiskInode:
         if off + 2 > len(buf):
             raise ValueError(f"inode at {off} is past the end of the image")
         (fmt,) = struct.unpack_from("<H", buf, off)
@@ -287,7 +287,7 @@ class DeviceSlot:
         return _DEVSLOT.pack(self.tag, self.blocks, self.mapped_blkaddr)
 
     @classmethod
-    def unpack(cls, buf: bytes, off: int = 0) -> "DeviceSlot":
+    def unpack(cls, buf: bytes, off: int = 0) -> DeviceSlot:
         tag, blocks, mapped = _DEVSLOT.unpack_from(buf, off)
         return cls(tag.rstrip(b"\0"), blocks, mapped)
 

@@ -97,7 +97,7 @@ class Platform:
         return f"{self.os}/{self.architecture}" + (f"/{self.variant}" if self.variant else "")
 
     @classmethod
-    def parse(cls, text: str) -> "Platform":
+    def parse(cls, text: str) -> Platform:
         """`os/architecture[/variant]`, e.g. "linux/arm/v7"; ValueError otherwise."""
         parts = text.strip().split("/")
         if len(parts) not in (2, 3) or not all(parts):
@@ -105,7 +105,7 @@ class Platform:
         return cls(parts[0].lower(), parts[1].lower(), parts[2].lower() if len(parts) == 3 else None).normalized()
 
     @classmethod
-    def from_descriptor(cls, desc: dict) -> "Platform | None":
+    def from_descriptor(cls, desc: dict) -> Platform | None:
         """The `platform` of an index entry; None when it says nothing usable."""
         plat = desc.get("platform")
         if not isinstance(plat, dict):
@@ -115,7 +115,7 @@ class Platform:
             return None
         return cls(os_.lower(), arch.lower(), variant.lower() if isinstance(variant, str) and variant else None).normalized()
 
-    def normalized(self) -> "Platform":
+    def normalized(self) -> Platform:
         if self.variant is not None and _DEFAULT_VARIANT.get(self.architecture) == self.variant:
             return Platform(self.os, self.architecture, None)
         return self

@@ -170,7 +170,7 @@ def _auth_from_json(text: str, path: Path, host: str, repo: str) -> str:
         name = name.rstrip("/")
         if name.endswith("/v1") or name.endswith("/v2"):
             name = name[:-3]
-        if name == host or (f"{host}/{repo}" + "/").startswith(name + "/") and name.startswith(host + "/"):
+        if name == host or ((f"{host}/{repo}" + "/").startswith(name + "/") and name.startswith(host + "/")):
             auth = entry.get("auth") if isinstance(entry, dict) else None
             if isinstance(auth, str) and auth and (best is None or len(name) > best[0]):
                 best = (len(name), auth)

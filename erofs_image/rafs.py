@@ -90,7 +90,7 @@ class RafsSuperExt:
                          self.prefetch_table_offset, self.prefetch_table_size, 0)
 
     @classmethod
-    def unpack(cls, buf: bytes, off: int = EXT_SUPER_OFFSET) -> "RafsSuperExt":
+    def unpack(cls, buf: bytes, off: int = EXT_SUPER_OFFSET) -> RafsSuperExt:
         vals = _EXT.unpack_from(buf, off)
         return cls(*vals[:8])
 
@@ -135,13 +135,13 @@ class BlobTableEntry:
                           self.blob_meta_digest, self.blob_meta_size)
 
     @classmethod
-    def unpack(cls, buf: bytes, off: int = 0) -> "BlobTableEntry":
+    def unpack(cls, buf: bytes, off: int = 0) -> BlobTableEntry:
         v = list(_BLOB.unpack_from(buf, off))
         v[0] = v[0].rstrip(b"\0").decode("ascii", errors="replace")
         return cls(*v)
 
     @classmethod
-    def from_blob(cls, blob: BlobInfo, index: int) -> "BlobTableEntry":
+    def from_blob(cls, blob: BlobInfo, index: int) -> BlobTableEntry:
         return cls(blob.blob_id, index, blob.chunk_size, blob.chunk_count,
                    compressor_id(blob.compressor), DIGEST_IDS[blob.digest_algo], blob.features,
                    blob.compressed_size, blob.uncompressed_size, 0, 0, blob.ci_offset,
@@ -186,7 +186,7 @@ class ChunkInfo:
                            self.uncompressed_offset, self.file_offset, self.index, 0)
 
     @classmethod
-    def unpack(cls, buf: bytes, off: int = 0) -> "ChunkInfo":
+    def unpack(cls, buf: bytes, off: int = 0) -> ChunkInfo:
         return cls(*_CHUNK.unpack_from(buf, off)[:9])
 
 
@@ -229,7 +229,7 @@ class BlobChunkEntry:
         return _CI.pack(uncomp, comp)
 
     @classmethod
-    def unpack(cls, buf: bytes, off: int = 0) -> "BlobChunkEntry":
+    def unpack(cls, buf: bytes, off: int = 0) -> BlobChunkEntry:
         uncomp, comp = _CI.unpack_from(buf, off)
         return cls(
             compressed_offset=comp & 0xFF_FFFF_FFFF,
@@ -271,7 +271,7 @@ class BlobMetaHeader:
         return bytes(buf)
 
     @classmethod
-    def unpack(cls, buf: bytes, off: int = 0) -> "BlobMetaHeader":
+    def unpack(cls, buf: bytes, off: int = 0) -> BlobMetaHeader:
         if len(buf) - off < CI_HEADER_SIZE:
             raise ValueError("blob meta header truncated")
         v = _CIH.unpack_from(buf, off)

@@ -118,13 +118,13 @@ class Bootstrap:
 
     # ------------------------------------------------------------------ parsing
     @classmethod
-    def open(cls, path: Path) -> "Bootstrap":
+    def open(cls, path: Path) -> Bootstrap:
         """Read and validate a bootstrap file; BootstrapError (one line) if it is not one."""
         path = Path(path)
         return cls.parse(read_bootstrap_file(path), path)
 
     @classmethod
-    def parse(cls, data: bytes, path: Path = Path("<memory>")) -> "Bootstrap":
+    def parse(cls, data: bytes, path: Path = Path("<memory>")) -> Bootstrap:
         if not isinstance(data, bytes):
             data = bytes(data)
         try:

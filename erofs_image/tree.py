@@ -64,7 +64,7 @@ class Inode:
     chunks: list[ChunkRef | None] = field(default_factory=list)  # regular files; None = hole
     target: bytes = b""  # symlinks
     rdev: int = 0  # char/block devices (os.makedev encoding)
-    children: dict[bytes, "Inode"] = field(default_factory=dict)  # directories
+    children: dict[bytes, Inode] = field(default_factory=dict)  # directories
     nid: int = 0  # filled by the writer / reader
 
     @property

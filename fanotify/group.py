@@ -89,7 +89,7 @@ class Group:
         self.fd = fd
 
     @classmethod
-    def create(cls) -> "Group":
+    def create(cls) -> Group:
         try:
             fd = native.fanotify_init(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK,
                                       os.O_RDWR | os.O_LARGEFILE)
@@ -100,7 +100,7 @@ class Group:
         return cls(fd)
 
     @classmethod
-    def adopt(cls, fd: int) -> "Group":
+    def adopt(cls, fd: int) -> Group:
         """A group fd handed over by a keeper or systemd: made non-blocking, close-on-exec."""
         os.set_blocking(fd, False)
         os.set_inheritable(fd, False)

@@ -216,7 +216,7 @@ class RegistryAuth:
                     body = await resp.json(content_type=None)
                 except ValueError:
                     raise AuthError(self.registry, f"token endpoint {realm_name} sent no JSON") from None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise TransientAuthError(f"token endpoint {realm_name}: {type(exc).__name__}: {exc}") from None
         token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not token or not isinstance(token, str):

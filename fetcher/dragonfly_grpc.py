@@ -158,7 +158,7 @@ class DragonflyGrpcSource:
         priority_prefetch: int = PRIORITY_PREFETCH,
         filtered_query_params: list[str] | None = None,
         piece_cache_bytes: int = DEFAULT_PIECE_CACHE_BYTES,
-        piece_cache: "PieceCache | None" = None,
+        piece_cache: PieceCache | None = None,
     ) -> None:
         if socket_path.startswith("unix:"):
             socket_path = socket_path[len("unix:"):]
@@ -216,7 +216,7 @@ class DragonflyGrpcSource:
             self._channel = None
             self._stub = None
 
-    async def __aenter__(self) -> "DragonflyGrpcSource":
+    async def __aenter__(self) -> DragonflyGrpcSource:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -398,7 +398,7 @@ def _origin_details(exc: grpc.aio.AioRpcError) -> dict | None:
     """dfdaemon's backend error: JSON {message, header, status_code} in grpc-status-details-bin."""
     try:
         trailers = exc.trailing_metadata() or ()
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     for key, value in trailers:
         if key != "grpc-status-details-bin":
@@ -424,7 +424,7 @@ def _gaps(covered: list[tuple[int, int]], start: int, end: int) -> list[tuple[in
     return gaps
 
 
-def dragonfly_for_registry(registry: "RegistrySource", socket_path: str = DEFAULT_SOCKET,
+def dragonfly_for_registry(registry: RegistrySource, socket_path: str = DEFAULT_SOCKET,
                            **kw) -> DragonflyGrpcSource:
     """A DragonflyGrpcSource for the blobs of `registry`: the registry's own blob URLs (so the
     task id is the one every peer pulling that blob uses) and its Authorization, which dfdaemon

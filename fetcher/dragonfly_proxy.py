@@ -154,7 +154,7 @@ class DragonflyProxySource(RegistrySource):
                     async with session.get(self.ping_url, allow_redirects=False) as resp:
                         ok = 200 <= resp.status < 400
                         why = f"ping {where}: HTTP {resp.status}"
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     ok, why = False, f"ping {where}: {type(exc).__name__}"
                 self._set_health(ok, why)
                 await asyncio.sleep(self.check_interval)

@@ -81,7 +81,7 @@ def sha256_digest(data: bytes) -> str:
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def profile_artifact(profile: bytes, subject: dict[str, Any], bootstrap_digest: str,

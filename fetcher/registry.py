@@ -160,7 +160,7 @@ class RegistrySource:
                         status, challenge = resp.status, resp.headers.get("WWW-Authenticate")
                 except aiohttp.ClientSSLError as exc:
                     raise SourceError(f"registry {self.base}: TLS error: {exc}") from None
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     raise SourceError(f"registry {self.base}: cannot reach {url}: {type(exc).__name__}") from None
                 if status == 401:
                     await self._auth.on_unauthorized(challenge, None, session, self.timeout)
@@ -199,7 +199,7 @@ class RegistrySource:
             await self._session.close()
             self._session = None
 
-    async def __aenter__(self) -> "RegistrySource":
+    async def __aenter__(self) -> RegistrySource:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -333,7 +333,7 @@ class RegistrySource:
                 raise RegistryError(self.base, what, exc.why, 401) from None
             except aiohttp.ClientSSLError as exc:  # certificate problems do not heal by retrying
                 raise RegistryError(self.base, what, f"TLS error talking to {where}: {exc}") from None
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 raise RetryableError(f"{where}: {type(exc).__name__}: {exc}" if str(exc) else
                                      f"{where}: {type(exc).__name__}") from None
             except aiohttp.ClientResponseError as exc:
@@ -539,7 +539,7 @@ class RegistrySource:
         return bytes(buf[:length])
 
 
-async def _http_error(base: str, what: str, resp: aiohttp.ClientResponse, where: str) -> "RegistryError":
+async def _http_error(base: str, what: str, resp: aiohttp.ClientResponse, where: str) -> RegistryError:
     """A registry's failed answer as one RegistryError line (404, auth, or anything else)."""
     status = resp.status
     detail = await _error_detail(resp)

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from cachefiles import naming
-from cachefiles.device import DEFAULT_SPACE_LIMITS, CachefilesDevice, CachefilesError, in_directory
+from cachefiles.device import DEFAULT_SPACE_LIMITS, CachefilesDevice, CachefilesError
 from fscached.core.catalog import VOLUME_PREFIX, Catalog
 from fscached.config import _ID as FSID_PATTERN
 from fscached.frontends.fanotify.frontend import FanotifyServer
@@ -122,7 +122,7 @@ class _State:
     last: dict[str, Any] = field(default_factory=dict)  # the latest budget pass, for tests and logs
 
 
-_states: "weakref.WeakKeyDictionary[Any, _State]" = weakref.WeakKeyDictionary()
+_states: weakref.WeakKeyDictionary[Any, _State] = weakref.WeakKeyDictionary()
 
 
 def _state(daemon: Any) -> _State:
@@ -681,7 +681,7 @@ async def _budget_loop(daemon: Any, state: _State, interval: float) -> None:
         try:
             await asyncio.wait_for(state.wake.wait(), interval)
             await asyncio.sleep(UNBIND_SETTLE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         state.wake.clear()
 

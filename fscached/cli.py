@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-async def start_and_serve(config: "Config", apisock: Path | None = None) -> int:
+async def start_and_serve(config: Config, apisock: Path | None = None) -> int:
     try:
         # Imported here: a missing native extension is reported as a clean error.
         from cachefiles.device import CachefilesError
@@ -122,7 +122,7 @@ async def start_and_serve(config: "Config", apisock: Path | None = None) -> int:
         await api.stop()
 
 
-def _under_systemd(service: "Service") -> None:
+def _under_systemd(service: Service) -> None:
     """Log what systemd handed over; a watchdog kill (SIGABRT) prints where the loop was stuck."""
     import faulthandler
     import logging

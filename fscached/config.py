@@ -243,7 +243,6 @@ def parse_url(where: str, key: str, value: str) -> str:
 
 
 def read_auth_file(where: str, value: str) -> str:
-    from fetcher.auth import make_credentials
 
     try:
         auth = Path(value).read_text().strip()

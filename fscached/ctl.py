@@ -74,7 +74,7 @@ class Client:
         self.timeout = timeout
         self._session: Any = None
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         import aiohttp
 
         if not os.path.exists(self.sock):
@@ -103,7 +103,7 @@ class Client:
         except aiohttp.ClientConnectorError as exc:
             why = exc.os_error.strerror if exc.os_error is not None and exc.os_error.strerror else str(exc)
             raise Unreachable(f"cannot reach the daemon at {self.sock}: {_one_line(why)}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Unreachable(f"no answer from the daemon at {self.sock} within {self.timeout:g} s "
                               f"({method} {path})") from None
         except aiohttp.ClientError as exc:

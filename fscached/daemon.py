@@ -53,7 +53,7 @@ class Daemon:
     device_class: type[CachefilesDevice] = CachefilesDevice
 
     def __init__(self, config: Config, device: CachefilesDevice | None = None,
-                 service: "Service | None" = None) -> None:
+                 service: Service | None = None) -> None:
         self.config = config
         # run by systemd (fscached.lifecycle.systemd): fds from its store, READY/WATCHDOG/FDSTORE to it
         self.service = service
@@ -405,7 +405,7 @@ class Daemon:
         """A stop under systemd that leaves mounts to the next process: cachefiles READs in
         flight are not completed without their data (restore has the kernel send them again)."""
         if isinstance(self.server, Server) and hasattr(self, "handing_over"):
-            setattr(self, "handing_over", True)
+            self.handing_over = True
 
     def _fscache_mount_of(self, spec: ImageSpec) -> bool:
         from fscached.lifecycle.systemd import fscache_mount_of
@@ -426,7 +426,7 @@ class Daemon:
             else:
                 self._loop.call_soon_threadsafe(self._stop.set)
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> "concurrent.futures.Future[T]":
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Thread-safe: run a coroutine on the daemon's loop once run() has started (tests,
         embedding)."""
         assert self._loop is not None, "the daemon is not running"

@@ -28,7 +28,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from fscached.core.stats import LATENCY_BUCKETS, OUTCOMES, RequestStats
+from fscached.core.stats import OUTCOMES, RequestStats
 
 if TYPE_CHECKING:
     from fscached.daemon import Daemon
@@ -71,7 +71,7 @@ FRONTEND_COUNTERS = (
 class DaemonMetrics:
     """One daemon's registry (created lazily by `metrics_for`)."""
 
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = DaemonCollector(daemon)
         self.registry.register(self.collector)
@@ -80,10 +80,10 @@ class DaemonMetrics:
         return generate_latest(self.registry)
 
 
-_attached: "weakref.WeakKeyDictionary[Daemon, DaemonMetrics]" = weakref.WeakKeyDictionary()
+_attached: weakref.WeakKeyDictionary[Daemon, DaemonMetrics] = weakref.WeakKeyDictionary()
 
 
-def metrics_for(daemon: "Daemon") -> DaemonMetrics:
+def metrics_for(daemon: Daemon) -> DaemonMetrics:
     """The daemon's metrics object, made on first use."""
     found = _attached.get(daemon)
     if found is None:
@@ -91,7 +91,7 @@ def metrics_for(daemon: "Daemon") -> DaemonMetrics:
     return found
 
 
-def render(daemon: "Daemon") -> bytes:
+def render(daemon: Daemon) -> bytes:
     """The Prometheus text exposition (format 0.0.4, `CONTENT_TYPE`) of the daemon's metrics."""
     return metrics_for(daemon).render()
 
@@ -126,7 +126,7 @@ def _version() -> str:
 
 
 class DaemonCollector(Collector):
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.version = _version()
 

@@ -31,7 +31,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import platform
 import signal
 import sys
@@ -51,7 +50,7 @@ LOG_BACKUPS = 5
 MAX_THREADS = 1024
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_info() -> dict[str, str]:
     """nydusd's BuildTimeInfo for this installation. `git_commit` is a digest of the package
     version and every installed source file (a wheel has no git): the same for one

@@ -22,20 +22,20 @@ BLOCK_SIZE = 4096
 CACHEFILES_IOC_READ_COMPLETE = 0x40049801
 
 __all__ = [
-    "PAGE_SIZE",
     "BLOCK_SIZE",
     "CACHEFILES_IOC_READ_COMPLETE",
+    "PAGE_SIZE",
     "AlignedBuffer",
-    "pwrite_full",
-    "write_aligned",
-    "read_complete",
     "copy_range",
     "copy_ranges",
-    "fs_type",
     "fanotify_init",
     "fanotify_mark",
+    "fs_type",
     "mount",
+    "pwrite_full",
+    "read_complete",
     "umount",
+    "write_aligned",
 ]
 
 
@@ -55,7 +55,7 @@ class AlignedBuffer:
     a tail can be padded in place (`capacity`).  Suitable for O_DIRECT writes.
     """
 
-    __slots__ = ("size", "capacity", "_ptr", "_view")
+    __slots__ = ("_ptr", "_view", "capacity", "size")
 
     def __init__(self, size: int) -> None:
         if size < 0:

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: registry_server, standins
 
-from registry_server import (TEST_PASSWORD, TEST_USER, RegistryServer,  # noqa: E402
+from registry_server import (TEST_PASSWORD, TEST_USER, RegistryServer,
                              make_self_signed_cert, registry_available)
 
 

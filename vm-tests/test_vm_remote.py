@@ -21,7 +21,7 @@ from ocilayout import layer_tar, write_layout
 from trees import REPO, assert_verified, convert, make_real_tree, manifest, run, whole_second_mtimes
 
 sys.path.insert(0, str(REPO))
-from tests.registry_server import RegistryServer  # noqa: E402
+from tests.registry_server import RegistryServer
 
 pytestmark = pytest.mark.vm
 

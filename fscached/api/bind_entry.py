@@ -100,7 +100,7 @@ class BindRequest:
     ignored: list[str] = field(default_factory=list)  # field names only, never values
     registry_token: str | None = field(default=None, repr=False)  # a bearer token: never shown
     profile: ProfileSpec = ProfileSpec()  # fscached's record_profile / profile fields
-    bootstrap: "Bootstrap | None" = field(default=None, repr=False)  # the checked bootstrap, parsed
+    bootstrap: Bootstrap | None = field(default=None, repr=False)  # the checked bootstrap, parsed
 
 
 def check_entry_id(kind: str, value: Any) -> str:
@@ -225,7 +225,7 @@ def _ref(value: Any) -> _Ref | None:
     return _Ref(value, parsed.host, parsed.repo)
 
 
-def _registry_from_ref(parsed: "_Parsed", ref: _Ref) -> None:
+def _registry_from_ref(parsed: _Parsed, ref: _Ref) -> None:
     """`ref` gives the bootstrap; blobs come from its registry (the backend's fields, when a
     registry backend is given, must name the same repository)."""
     if parsed.metadata_path:
@@ -419,7 +419,7 @@ def _registry_spec(where: str, backend: dict[str, Any]) -> tuple[RegistrySpec, P
     return RegistrySpec(host, repo, scheme, auth, ca_file, skip_verify, timeout), proxy
 
 
-def open_metadata_path(value: str) -> "tuple[Path, Bootstrap]":
+def open_metadata_path(value: str) -> tuple[Path, Bootstrap]:
     """The bootstrap: an existing regular file holding a RAFS v6 (EROFS) image, as nydusd checks
     it (its messages), plus fscached's reader's own validation; and the parsed bootstrap (the
     daemon serves that one: a big bootstrap is parsed once per bind, off the event loop)."""
@@ -453,7 +453,7 @@ def check_metadata_file(value: str) -> Path:
     return path
 
 
-def link_blob_file(blob_file: Path, bootstrap: Path, work_dir: Path, parsed: "Bootstrap | None" = None) -> Path:
+def link_blob_file(blob_file: Path, bootstrap: Path, work_dir: Path, parsed: Bootstrap | None = None) -> Path:
     """nydusd's localfs `blob_file`: the one data blob of the image, whatever its name. Named by
     its blob id, its directory serves it; otherwise a link named by the blob id is made in
     `<work_dir>/fscached-blobs/` (the bind's own work directory)."""

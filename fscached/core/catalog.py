@@ -49,7 +49,7 @@ class BlobObject:
     # a start-up profile's chunks of this blob, in profile order (replayed before prefetch_order;
     # a blob shared in a domain: every profile's chunks, the first image's first)
     profile_order: list[ChunkRef] = field(default_factory=list)
-    recorders: list["ImageRecorder"] = field(default_factory=list)  # images recording its reads
+    recorders: list[ImageRecorder] = field(default_factory=list)  # images recording its reads
 
     @property
     def size(self) -> int:

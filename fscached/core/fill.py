@@ -85,7 +85,7 @@ def decode_run(info: BlobInfo, run: list[ChunkRef], raw: bytes) -> list[bytes]:
 _buffers = threading.local()
 
 
-def thread_buffer(size: int) -> "native.AlignedBuffer":
+def thread_buffer(size: int) -> native.AlignedBuffer:
     """This worker thread's reusable aligned buffer, at least `size` bytes. Reuse matters: a
     fresh buffer costs more in page faults than the copy into it."""
     buf = getattr(_buffers, "buf", None)
@@ -371,7 +371,7 @@ class Filler:
             return  # within the last READ's window (a reader of small pieces): no news
         target.window_start = window_start
         sequential = (window_start == target.sequential_end
-                      or target.ahead_size and target.sequential_end <= window_start <= target.ahead_end)
+                      or (target.ahead_size and target.sequential_end <= window_start <= target.ahead_end))
         if not sequential:
             target.ahead_size = 0  # a jump: the next sequential READ starts small again, from there
             target.ahead_end = 0
@@ -579,7 +579,7 @@ class Filler:
             self.stats["profile_failed"] += failed
 
 
-async def settle(tasks: "set[asyncio.Future[None]] | set[asyncio.Task[None]]", timeout: float) -> None:
+async def settle(tasks: set[asyncio.Future[None]] | set[asyncio.Task[None]], timeout: float) -> None:
     """Give `tasks` `timeout` seconds to finish, then cancel what is left and wait for it: a
     frontend's requests (each answered, with data or an error) or the filler's jobs."""
     if tasks:

@@ -88,7 +88,7 @@ class StartupProfile:
                                    f"blob {r.blob_id[:12]}'s {size} bytes")
 
     @classmethod
-    def from_json(cls, data: bytes, where: str = "profile") -> "StartupProfile":
+    def from_json(cls, data: bytes, where: str = "profile") -> StartupProfile:
         """Parse and check the shape and bounds (not the image: see check_against)."""
         if len(data) > MAX_PROFILE_BYTES:
             raise ProfileError(f"{where}: {len(data)} bytes, more than a profile may be ({MAX_PROFILE_BYTES})")
@@ -116,7 +116,7 @@ class StartupProfile:
         return cls(digest, ranges, float(seconds), str(image)[:1000])
 
     @classmethod
-    def load(cls, path: Path) -> "StartupProfile":
+    def load(cls, path: Path) -> StartupProfile:
         try:
             with open(path, "rb") as f:
                 data = f.read(MAX_PROFILE_BYTES + 1)

@@ -57,7 +57,7 @@ class ImageRecorder:
     # (blob id, chunk offset) -> (chunk length, ms after the mount), in first-read order
     seen: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     timer: asyncio.TimerHandle | None = None
-    writing: "asyncio.Task[Path | None] | None" = None
+    writing: asyncio.Task[Path | None] | None = None
 
     @property
     def recording(self) -> bool:

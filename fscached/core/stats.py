@@ -23,8 +23,8 @@ class RequestStats:
         self.buckets = buckets
         # per outcome: a count per bucket (not cumulative; the last one is +Inf), sum, bytes
         self.counts: dict[str, list[int]] = {o: [0] * (len(buckets) + 1) for o in OUTCOMES}
-        self.seconds: dict[str, float] = {o: 0.0 for o in OUTCOMES}
-        self.bytes: dict[str, int] = {o: 0 for o in OUTCOMES}
+        self.seconds: dict[str, float] = dict.fromkeys(OUTCOMES, 0.0)
+        self.bytes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
 
     def observe(self, outcome: str, seconds: float, nbytes: int = 0) -> None:
         seconds = max(seconds, 0.0)

@@ -279,7 +279,7 @@ def encode_specs(backend: str, specs: Iterable[ImageSpec], *, cache_dir: Path, w
                                 daemon_version))
 
 
-def state_of(daemon: "Daemon", *, fd_names: Sequence[str] | None = None) -> HandoverState:
+def state_of(daemon: Daemon, *, fd_names: Sequence[str] | None = None) -> HandoverState:
     """The running daemon's state: every image it serves (configured and bound at run time,
     in bind order, with the credentials in use), its kernel path and where it keeps what
     outlives it. `fd_names` defaults to the fds the daemon holds for its kernel path. Call it
@@ -323,12 +323,12 @@ def state_of(daemon: "Daemon", *, fd_names: Sequence[str] | None = None) -> Hand
     )
 
 
-def capture(daemon: "Daemon", *, fd_names: Sequence[str] | None = None) -> bytes:
+def capture(daemon: Daemon, *, fd_names: Sequence[str] | None = None) -> bytes:
     """The running daemon's hand-over state, encoded (see state_of)."""
     return encode(state_of(daemon, fd_names=fd_names))
 
 
-def _with_auth_in_use(daemon: "Daemon", spec: ImageSpec) -> ImageSpec:
+def _with_auth_in_use(daemon: Daemon, spec: ImageSpec) -> ImageSpec:
     """The spec with the registry credentials its source uses now: PUT /api/v1/config renews
     them in the source, not in the spec, and a successor must not fall back to stale ones."""
     if spec.registry is None:

@@ -167,7 +167,7 @@ def _close_all(fds: list[int]) -> None:
 
 
 # -- the daemon's side --------------------------------------------------------------------------
-def check_kernel(daemon: "Daemon") -> bool:
+def check_kernel(daemon: Daemon) -> bool:
     """At start, on the cachefiles path, once bound: whether this kernel can fail over
     (`restore`). Says so in the log either way (a warning when it cannot)."""
     server = daemon.server
@@ -197,7 +197,7 @@ class Failover:
     new process (the old one still serves until told to exit: read the device only at start).
     `device_factory` makes the device of a received fd (tests: the kernel simulator's)."""
 
-    def __init__(self, daemon: "Daemon", supervisor: str | None, *, upgrade: bool = False, waiting: bool = False,
+    def __init__(self, daemon: Daemon, supervisor: str | None, *, upgrade: bool = False, waiting: bool = False,
                  device_factory: Callable[[int], CachefilesDevice] | None = None,
                  timeout: float = SUPERVISOR_TIMEOUT) -> None:
         self.daemon = daemon

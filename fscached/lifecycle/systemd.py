@@ -230,7 +230,7 @@ class Service:
         self._read_state()
 
     @classmethod
-    def from_environment(cls) -> "Service | None":
+    def from_environment(cls) -> Service | None:
         """The service when systemd runs us ($NOTIFY_SOCKET, or fds passed for this pid)."""
         inherited = listen_fds()
         if not inherited and _notify_address(os.environ) is None:
@@ -352,7 +352,7 @@ class Service:
             if self._store_fd(name, fd):
                 room -= 1
 
-    def store_state(self, daemon: "Daemon") -> None:
+    def store_state(self, daemon: Daemon) -> None:
         """Write the daemon's hand-over state into the memfd (stored once, then rewritten in
         place). Call it on the daemon's loop, after every bind and unbind."""
         if not self.can_store:
@@ -467,7 +467,7 @@ def stored_backend(service: Service, backend: str, why: str) -> tuple[str, str]:
 
 
 # -- cachefiles ------------------------------------------------------------------------------
-def keep_device(service: Service, device: "CachefilesDevice") -> None:
+def keep_device(service: Service, device: CachefilesDevice) -> None:
     """After `bind`: keep the device in systemd's fd store when the kernel can hand it over
     (`restore`); say at start when it cannot."""
     from cachefiles.device import NO_RESTORE

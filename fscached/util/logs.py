@@ -100,7 +100,7 @@ def setup_logging(level: str | int = "info", log_file: str | os.PathLike[str] | 
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JournalFormatter() if stderr_is_journal() else logging.Formatter(PLAIN_FORMAT))
-    setattr(handler, "_fscached", True)
+    handler._fscached = True
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_fscached", False):

@@ -1,7 +1,6 @@
 """The nydus-built fixture decodes as documented (docs: erofs-format.md, "Decoded fixture")."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -26,10 +26,9 @@ import tempfile
 import textwrap
 import time
 import tracemalloc
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -98,7 +97,7 @@ def _converted_image(tmp: Path) -> bytes:
     return (tmp / "out/image.boot").read_bytes()
 
 
-@lru_cache(maxsize=None)
+@cache
 def seeds() -> dict[str, bytes]:
     out = {}
     fixture = FIXTURE_DIR / "rafs-v6-2.2.boot"
@@ -158,7 +157,7 @@ def _fields(data: bytes) -> tuple[list[tuple[int, int]], list[int]]:
     return out, sorted(nids)
 
 
-@lru_cache(maxsize=None)
+@cache
 def fields(name: str) -> tuple[list[tuple[int, int]], list[int]]:
     return _fields(seeds()[name])
 

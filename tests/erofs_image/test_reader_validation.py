@@ -163,7 +163,7 @@ def test_not_a_regular_file(tmp_path, kind) -> None:
         try:
             Bootstrap.open(p)
             result.append(None)
-        except BaseException as e:  # noqa: BLE001 - inspected below
+        except BaseException as e:
             result.append(e)
 
     t = threading.Thread(target=attempt, daemon=True)

@@ -44,7 +44,7 @@ class FscachedProcess:
         self.args += extra or []
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60) -> "FscachedProcess":
+    def start(self, timeout: float = 60) -> FscachedProcess:
         self.ready.unlink(missing_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

@@ -249,7 +249,7 @@ class FlakyFront:
         self.faults = 0
         self.forwarded = 0
 
-    async def __aenter__(self) -> "FlakyFront":
+    async def __aenter__(self) -> FlakyFront:
         import aiohttp
 
         self.client = aiohttp.ClientSession(auto_decompress=False)

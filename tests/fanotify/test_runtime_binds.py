@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -18,13 +17,13 @@ import uvloop
 from daemon_proc import REPO, drop_caches
 
 sys.path.insert(0, str(REPO / "vm-tests"))
-from ocilayout import layer_tar, write_layout  # noqa: E402
-from trees import convert  # noqa: E402
+from ocilayout import layer_tar, write_layout
+from trees import convert
 
-from fscached.util import mounts  # noqa: E402
-from fscached.core.catalog import CatalogError  # noqa: E402
-from fscached.config import Config, ImageSpec  # noqa: E402
-from fscached.daemon import BusyError, Daemon  # noqa: E402
+from fscached.util import mounts
+from fscached.core.catalog import CatalogError
+from fscached.config import Config, ImageSpec
+from fscached.daemon import BusyError, Daemon
 
 
 class InThread:

@@ -36,7 +36,7 @@ class FrontServer:
     def url(self) -> str:
         return f"http://{self.host}"
 
-    async def __aenter__(self) -> "FrontServer":
+    async def __aenter__(self) -> FrontServer:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)

@@ -16,13 +16,13 @@ import pytest
 
 pytest.importorskip("dragonfly_api")
 
-from dragonfly_api import common_pb2  # noqa: E402
-from registry_server import TEST_PASSWORD as PASSWORD, TEST_USER as USER  # noqa: E402
-from standins.dfdaemon import Faults, start_standin, task_id_for  # noqa: E402
+from dragonfly_api import common_pb2
+from registry_server import TEST_PASSWORD as PASSWORD, TEST_USER as USER
+from standins.dfdaemon import Faults, start_standin, task_id_for
 
-from fetcher.dragonfly_grpc import DragonflyGrpcSource, PieceCache, dragonfly_for_registry  # noqa: E402
-from fetcher.registry import RegistrySource  # noqa: E402
-from fetcher.source import BlobSource, SourceError  # noqa: E402
+from fetcher.dragonfly_grpc import DragonflyGrpcSource, PieceCache, dragonfly_for_registry
+from fetcher.registry import RegistrySource
+from fetcher.source import BlobSource, SourceError
 
 pytestmark = pytest.mark.timeout(120)
 

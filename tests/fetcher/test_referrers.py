@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("aiohttp")
-from aiohttp import web  # noqa: E402
+from aiohttp import web
 
-from frontserver import FrontServer  # noqa: E402
-from registry_server import TEST_PASSWORD as PASSWORD, TEST_USER as USER  # noqa: E402
-from fetcher.referrers import (ANN_BOOTSTRAP, ANN_CREATED, EMPTY_DATA, EMPTY_DIGEST,  # noqa: E402
+from frontserver import FrontServer
+from registry_server import TEST_PASSWORD as PASSWORD, TEST_USER as USER
+from fetcher.referrers import (ANN_BOOTSTRAP, ANN_CREATED, EMPTY_DATA, EMPTY_DIGEST,
                                ReferrerError, fallback_tag, fetch_profile, manifest_descriptor,
                                profile_artifact, push_profile)
-from fetcher.registry import RegistrySource  # noqa: E402
-from fetcher.source import IntegrityError, SourceError  # noqa: E402
-from fscached.core.profile import MEDIA_TYPE, ProfileRange, StartupProfile, bootstrap_digest  # noqa: E402
+from fetcher.registry import RegistrySource
+from fetcher.source import IntegrityError, SourceError
+from fscached.core.profile import MEDIA_TYPE, ProfileRange, StartupProfile, bootstrap_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -220,7 +220,7 @@ def test_timeouts_are_retried_and_bounded(registry, blob):
     async def behaviour(front, request):
         try:
             await asyncio.wait_for(front.state["release"].wait(), 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         return web.Response(status=500)
 

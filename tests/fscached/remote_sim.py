@@ -32,8 +32,8 @@ if __name__ == "__main__":  # the daemon process: the repository and tests/ on t
     _here = Path(__file__).resolve()
     sys.path[:0] = [str(_here.parents[2]), str(_here.parents[1])]
 
-from cachefiles.device import CachefilesDevice, CachefilesError  # noqa: E402
-from cachefiles.messages import CACHEFILES_MSG_MAX_SIZE, parse_message  # noqa: E402
+from cachefiles.device import CachefilesDevice, CachefilesError
+from cachefiles.messages import CACHEFILES_MSG_MAX_SIZE, parse_message
 
 _HEADER = struct.Struct("<IIII")  # msg_id, opcode, len, object_id
 _OPEN_FD_AT = _HEADER.size + 8  # volume_key_size, cookie_key_size, then fd

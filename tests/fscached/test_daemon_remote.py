@@ -20,7 +20,7 @@ from fscached.core.chunkmap import chunks_by_blob
 from fscached.config import ImageSpec, ProxySpec, RegistrySpec
 from registry_server import RegistryServer
 from simdaemon import Running, expected_blob_space, make_tree
-from standins.dfdaemon import Faults, start_standin
+from standins.dfdaemon import start_standin
 from standins.kernel_simulator import KernelSimulator
 
 CHUNK = 64 << 10

@@ -10,7 +10,6 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
 
 import pytest
 import uvloop
@@ -23,7 +22,8 @@ from fetcher.source import SourceError
 from fscached.core.chunkmap import chunks_by_blob
 from fscached.config import Config, ImageSpec, PrefetchSpec
 from fscached.daemon import Daemon
-from fscached.metrics import CONTENT_TYPE, LATENCY_BUCKETS, RequestStats, cache_bytes, render
+from fscached.core.stats import LATENCY_BUCKETS, RequestStats
+from fscached.metrics import CONTENT_TYPE, cache_bytes, render
 from simdaemon import WORK_ROOT, Running, expected_blob_space, make_tree
 from standins.kernel_simulator import KernelSimulator
 

@@ -307,7 +307,7 @@ def test_profile_auto_asks_the_registry_for_a_pulled_image(image: Image, work: P
     good = StartupProfile(bootstrap_digest(image.boot),
                           [ProfileRange(image.blob_id, image.chunk(4).uncompressed_offset, 2 * CHUNK)]).to_json()
     asked: list[str] = []
-    answers: list[bytes | None | Exception] = [good, None, OSError("registry down"), b"{}"]
+    answers: list[bytes | Exception | None] = [good, None, OSError("registry down"), b"{}"]
 
     async def fake_fetch(source: object, manifest_digest: str) -> bytes | None:
         asked.append(manifest_digest)

@@ -49,7 +49,6 @@ import re
 import signal
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -129,7 +128,7 @@ class _Task:
 
 
 class _Servicer(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
-    def __init__(self, handle: "StandinHandle") -> None:
+    def __init__(self, handle: StandinHandle) -> None:
         self.h = handle
 
     # -- origin ------------------------------------------------------------------------------
@@ -147,7 +146,7 @@ class _Servicer(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
             body = b""
             try:
                 body = exc.read()[:1024]
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             status = exc.code
             self.h._log_origin(task_id, what, method, hdrs, status)
@@ -200,7 +199,7 @@ class _Servicer(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
         if owner:
             try:
                 fut.set_result(self._fetch_piece(task, number))
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 with task.lock:
                     task.pieces.pop(number, None)  # a failed fetch is not cached
                 fut.set_exception(exc)
@@ -213,7 +212,7 @@ class _Servicer(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
                 if self.h._stopping.is_set():
                     return
                 self._piece(task, n)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.info("prefetch of task %s failed: %s", task.id, exc)
 
     # -- the rpc -----------------------------------------------------------------------------
@@ -372,7 +371,7 @@ class StandinHandle:
             self.origin_log.append({"task_id": task_id, "what": what, "method": method,
                                     "headers": dict(headers), "status": status})
 
-    def start(self) -> "StandinHandle":
+    def start(self) -> StandinHandle:
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
@@ -399,7 +398,7 @@ class StandinHandle:
             self.requests.clear()
             self.origin_log.clear()
 
-    def __enter__(self) -> "StandinHandle":
+    def __enter__(self) -> StandinHandle:
         return self
 
     def __exit__(self, *exc) -> None:

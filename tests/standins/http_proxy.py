@@ -79,7 +79,7 @@ class ProxyStandIn:
         return [r for r in self.requests if "/blobs/" in r.url]
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def __aenter__(self) -> "ProxyStandIn":
+    async def __aenter__(self) -> ProxyStandIn:
         self._client = aiohttp.ClientSession(auto_decompress=False, trust_env=False)
         health = web.Application()
         health.router.add_get("/healthy", self._healthy)
@@ -119,7 +119,7 @@ class ProxyStandIn:
         return web.Response(status=self.health_status, text="ok" if self.health_status < 400 else "down")
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        target = getattr(request, "_message").url
+        target = request._message.url
         rec = ProxiedRequest(request.method, str(target), dict(request.headers),
                              {k: v for k, v in request.headers.items() if k.lower().startswith("x-dragonfly-")})
         self.requests.append(rec)

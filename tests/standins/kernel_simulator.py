@@ -100,7 +100,7 @@ class _Pending:
 class PendingRead:
     """A READ in flight; `result()` waits for completion and returns the bytes."""
 
-    def __init__(self, sim: "KernelSimulator", obj: SimObject, offset: int, length: int,
+    def __init__(self, sim: KernelSimulator, obj: SimObject, offset: int, length: int,
                  req: _Pending) -> None:
         self._sim, self.obj, self.offset, self.length, self._req = sim, obj, offset, length, req
 
@@ -116,7 +116,7 @@ class _SimDevice(CachefilesDevice):
     """The daemon's end of the simulator: a CachefilesDevice whose command writes can be made to
     fail like the kernel's (see KernelSimulator.fail_copen)."""
 
-    sim: "KernelSimulator"
+    sim: KernelSimulator
 
     def _command(self, text: str) -> None:
         err = self.sim._injected_failure(text)
@@ -563,7 +563,7 @@ class KernelSimulator:
             os.close(self._daemon_fd)
         self._daemon_fd = None
 
-    def __enter__(self) -> "KernelSimulator":
+    def __enter__(self) -> KernelSimulator:
         return self
 
     def __exit__(self, *exc: object) -> None:

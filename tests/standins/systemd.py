@@ -111,7 +111,7 @@ class SystemdStandin:
         self._monitor: threading.Thread | None = None
 
     # -- the service's life ------------------------------------------------------------------
-    def start(self) -> "SystemdStandin":
+    def start(self) -> SystemdStandin:
         with self._cond:
             self._spawn()
         self._monitor = threading.Thread(target=self._watch, name="sd-monitor", daemon=True)
@@ -224,7 +224,7 @@ class SystemdStandin:
         except OSError:
             pass
 
-    def __enter__(self) -> "SystemdStandin":
+    def __enter__(self) -> SystemdStandin:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 from vmharness.guest import scratch_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from systemd_failover import FSID, Reader, start_readers, wait_into  # noqa: E402
+from systemd_failover import FSID, Reader, start_readers, wait_into
 
 RUNTIME = Path("/run/user/0")
 UNIT = "fscached.service"

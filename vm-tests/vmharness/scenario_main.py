@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         if not isinstance(result, dict):
             raise TypeError(f"scenarios.{name}.run returned {type(result).__name__}, not dict")
         rc = 0
-    except BaseException as e:  # noqa: BLE001 - report everything to the host
+    except BaseException as e:
         traceback.print_exc()
         result = {"_error": f"{type(e).__name__}: {e}", "_traceback": traceback.format_exc()}
         rc = 1

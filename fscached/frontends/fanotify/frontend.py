@@ -60,7 +60,7 @@ class CacheFile:
         self.marked = False
         self.reverify = False  # the file held bytes before this process: check before trusting
 
-    def adopt(self, fd: int, on_complete: Callable[["CacheFile"], None]) -> FillTarget:
+    def adopt(self, fd: int, on_complete: Callable[[CacheFile], None]) -> FillTarget:
         """Take `fd` (non-notifying, read-write) as the file's write fd. `on_complete` runs
         once every chunk of the blob holds verified bytes, whichever job wrote the last one."""
         self.write_fd = SharedFd(fd)
@@ -131,7 +131,7 @@ class FanotifyServer:
         self.recorders: ProfileRecorders | None = None
 
     # -- start ------------------------------------------------------------------------------
-    def open(self, holder: "FdHolder | None" = None) -> None:
+    def open(self, holder: FdHolder | None = None) -> None:
         """Take the group back from its holder (a successor) or make a new one; create and mark
         every blob's cache file; hand the fds to the holder: the keeper process, or systemd's fd
         store when run by systemd (fscached.lifecycle.systemd.FanotifyStore). Errors: FanotifyError,
@@ -505,7 +505,7 @@ class FanotifyServer:
                 try:
                     response = await asyncio.wait_for(
                         self._fill(cf, orphan.offset, orphan.count, "orphan", f"fd:{orphan.fd}"), ORPHAN_SECONDS)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     request_log(log, "orphan", f"fd:{orphan.fd}", cf.name).error(
                         "not filled within %.0f s: EIO", ORPHAN_SECONDS)
         finally:
