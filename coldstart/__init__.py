@@ -19,6 +19,10 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
+from fscached.util.mounts import mounts_under
+
+__all__ = ["mounts_under"]
+
 
 class ColdstartError(RuntimeError):
     """A harness step that failed; the message is one line naming what and why."""
@@ -45,22 +49,6 @@ def run(cmd: Sequence[str], what: str, *, timeout: float = 600, **kwargs: object
         raise ColdstartError(f"{what}: {cmd[0]} exited {r.returncode}: "
                              f"{one_line(r.stderr or r.stdout)}")
     return str(r.stdout)
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below `path` (from /proc/self/mounts), deepest first."""
-    root = str(Path(path).resolve())
-    found = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            target = _unescape(line.split()[1])
-            if target == root or target.startswith(root.rstrip("/") + "/"):
-                found.append(target)
-    return sorted(set(found), key=lambda p: p.count("/"), reverse=True)
 
 
 def unmount_under(path: Path) -> list[str]:

@@ -42,7 +42,6 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import shutil
 import time
 import weakref
@@ -53,7 +52,9 @@ from typing import Any
 from cachefiles import naming
 from cachefiles.device import DEFAULT_SPACE_LIMITS, CachefilesDevice, CachefilesError
 from fscached.core.catalog import VOLUME_PREFIX, Catalog
-from fscached.config import _ID as FSID_PATTERN
+from fscached.util import mounts
+from fscached.util.ids import BLOB_ID, FSID as FSID_PATTERN
+from fscached.util.units import human_bytes
 from fscached.frontends.fanotify.frontend import FanotifyServer
 from fscached.frontends.cachefiles import Server
 
@@ -64,7 +65,6 @@ UNBIND_SETTLE = 1.0  # seconds after an unbind before its check: the snapshotter
 COMMIT_GRACE = 3.0  # seconds a just-unbound object may take to be linked under its name by the kernel
 RECENT_SECONDS = 60.0  # an unbind this recent makes a cull wait (up to COMMIT_GRACE) for the link
 RETRY_SECONDS = 0.2
-_BLOB_ID = re.compile(r"[0-9a-f]{64}")
 
 
 class CullError(Exception):
@@ -233,19 +233,9 @@ def _kernel_cull(device: CachefilesDevice, directory: Path, name: str, level: in
         raise CullFailed(exc.errno or errno.EIO, f"{directory / name}: {exc}") from None
 
 
-def fscache_mounts() -> list[tuple[str, str, str | None]]:
+def _fscache_mounts() -> list[tuple[str, str, str | None]]:
     """(mount point, fsid, domain or None) of every EROFS mount in fscache mode."""
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            if len(fields) < 5 or len(tail) < 3 or tail[0] != "erofs":
-                continue
-            opts = dict(o.partition("=")[::2] for o in tail[2].split(","))
-            if opts.get("fsid"):
-                found.append((fields[4], opts["fsid"], opts.get("domain_id") or None))
-    return found
+    return [(m.mountpoint, m.option("fsid") or "", m.option("domain_id") or None) for m in mounts.fscache_mounts()]
 
 
 def _bound_volumes(catalog: Catalog, blob_id: str) -> dict[str, list[str]]:
@@ -290,7 +280,7 @@ async def _cull_cachefiles_once(daemon: Any, server: Server, cache_dir: Path, bl
     outcome = _Outcome()
     bound = _bound_volumes(daemon.catalog, blob_id)
     opened = _open_volumes(server, key)
-    present, mounted = await asyncio.to_thread(lambda: (_find_objects(cache_dir, key), fscache_mounts()))
+    present, mounted = await asyncio.to_thread(lambda: (_find_objects(cache_dir, key), _fscache_mounts()))
     mounted_volumes = {domain or fsid for _, fsid, domain in mounted}
     for volume in sorted(set(present) | opened):
         where = f"volume erofs,{volume}"
@@ -370,8 +360,6 @@ def _mounted_blob_ids() -> set[str] | None:
     """Blob ids of the bootstraps of every file-backed EROFS mount (used only where the
     filesystem refuses leases); None when one cannot be read."""
     from erofs_image.reader import Bootstrap
-    from fscached.util import mounts
-
     ids: set[str] = set()
     for source, _ in mounts.erofs_mount_table().values():
         if not source.startswith("/"):
@@ -445,7 +433,7 @@ def _fanotify_files(cache_dir: Path, blob_id: str | None = None) -> list[tuple[s
                 found.append((volume.name, path))
             continue
         for entry in os.scandir(volume.path):
-            if _BLOB_ID.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            if BLOB_ID.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 found.append((volume.name, Path(entry.path)))
     return found
 
@@ -463,7 +451,7 @@ def _take_fanotify(server: FanotifyServer, cache_dir: Path, volume: str, path: P
 async def _cull_fanotify(daemon: Any, server: FanotifyServer, blob_id: str) -> None:
     cache_dir = Path(daemon.config.cache_dir)
     outcome = _Outcome()
-    files = await asyncio.to_thread(_fanotify_files, cache_dir, blob_id) if _BLOB_ID.fullmatch(blob_id) else []
+    files = await asyncio.to_thread(_fanotify_files, cache_dir, blob_id) if BLOB_ID.fullmatch(blob_id) else []
     mounted_ids = await asyncio.to_thread(_mounted_blob_ids) if files else set()
     for volume, path in files:
         result = _take_fanotify(server, cache_dir, volume, path, mounted_ids)
@@ -610,10 +598,10 @@ async def check_budget(daemon: Any) -> dict[str, Any]:
         report["usage_after"] = await asyncio.to_thread(allocated_bytes, cache_dir)
         if report["culled"]:
             log.info("cache %s: %s over its limit: culled %d unused file(s) (%s), least recently used first",
-                     cache_dir, human(to_free), len(report["culled"]), human(freed))
+                     cache_dir, human_bytes(to_free), len(report["culled"]), human_bytes(freed))
         if report["usage_after"] > (budget or report["usage_after"]) or (space and freed < to_free):
             log.warning("cache %s: holds %s, over its limit: everything left is in use", cache_dir,
-                        human(report["usage_after"]))
+                        human_bytes(report["usage_after"]))
         state.last = report
         return report
 
@@ -636,19 +624,12 @@ async def _cull_unused_volumes(daemon: Any, server: Server, cache_dir: Path) -> 
     volumes = await asyncio.to_thread(_erofs_volumes, cache_dir)
     bound = {v for v, _ in daemon.catalog.images}
     opened = {e.volume_key[len(VOLUME_PREFIX):] for e in server.objects.entries()}
-    mounted = {domain or fsid for _, fsid, domain in await asyncio.to_thread(fscache_mounts)}
+    mounted = {domain or fsid for _, fsid, domain in await asyncio.to_thread(_fscache_mounts)}
     for volume in sorted(set(volumes) - bound - opened - mounted):
         try:
             await asyncio.to_thread(_cull_empty_volume, server.device, cache_dir, volume)
         except CullFailed as exc:
             log.warning("culling volume erofs,%s: %s", volume, exc)
-
-
-def human(size: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size >= 1 << shift:
-            return f"{size / (1 << shift):.1f} {unit}"
-    return f"{size} bytes"
 
 
 def budget_wanted(daemon: Any) -> bool:

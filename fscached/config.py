@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fscached.util.ids import FSID
+
 # fsid and domain_id travel in mount options and cachefiles volume keys: no ',', '/', '='.
-_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -108,7 +109,7 @@ class Config:
 
 
 def check_id(kind: str, value: str, where: str | None = None) -> str:
-    if not _ID.fullmatch(value):
+    if not FSID.fullmatch(value):
         prefix = f"{where}: " if where else ""
         raise ConfigError(
             f"{prefix}invalid {kind} {value!r}: use 1-128 letters, digits, '_', '.', ':' or '-'"

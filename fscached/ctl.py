@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fscached.util.units import human_bytes
+
 PROG = "fscachedctl"
 DEFAULT_SOCK = "/run/fscached/api.sock"
 DEFAULT_WORK_DIR = "/var/lib/fscached"
@@ -187,15 +189,6 @@ def summarize(info: dict[str, Any], metrics: dict[str, dict[tuple[tuple[str, str
     }
 
 
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # not reached
 
 
 def _blob_ids(blobs: Any) -> list[str]:

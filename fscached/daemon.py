@@ -27,6 +27,7 @@ from fscached.core.profile import ProfileError, StartupProfile, bootstrap_digest
 from fscached.core.profile_recorder import ProfileRecorders
 from fscached.frontends.cachefiles import Server
 from fscached.core.sources import SourcePool
+from fscached.util.files import write_atomic
 
 if TYPE_CHECKING:
     from fscached.lifecycle.systemd import Service
@@ -212,7 +213,7 @@ class Daemon:
                 self.service.store_state(self)
                 self.service.ready(f"serving {len(self.catalog.images)} image(s) through {self.backend}")
             if self.config.ready_file and not self._stop.is_set():
-                _write_atomic(self.config.ready_file, f"{os.getpid()}\n")
+                write_atomic(self.config.ready_file, f"{os.getpid()}\n", mode=0o644)
             cache_gc.start(self)  # the cache budget's periodic check, when one is configured
             let_go = await self._serve_until_unmounted(server)
         finally:
@@ -365,9 +366,8 @@ class Daemon:
                 self._hand_over_to_next()
                 return False
             if isinstance(server, Server) and self.service is not None and self.service.keeps_kernel_fd:
-                from fscached.lifecycle.systemd import fscache_mounts
 
-                others = fscache_mounts()
+                others = [m.mountpoint for m in mounts.fscache_mounts()]
                 if not others:  # our unmounts' CLOSEs come in a moment: wait for them, briefly
                     deadline = asyncio.get_running_loop().time() + 3.0
                     while (any(True for _ in server.objects.entries())
@@ -408,10 +408,8 @@ class Daemon:
             self.handing_over = True
 
     def _fscache_mount_of(self, spec: ImageSpec) -> bool:
-        from fscached.lifecycle.systemd import fscache_mount_of
-
         assert spec.mountpoint is not None
-        return fscache_mount_of(spec.mountpoint, spec.fsid, spec.domain)
+        return mounts.fscache_mount_of(spec.mountpoint, spec.fsid, spec.domain)
 
     @property
     def stopping(self) -> bool:
@@ -442,7 +440,7 @@ class Daemon:
 
     def write_stats(self) -> None:
         if self.config.stats_file:
-            _write_atomic(self.config.stats_file, json.dumps(self.counters(), sort_keys=True) + "\n")
+            write_atomic(self.config.stats_file, json.dumps(self.counters(), sort_keys=True) + "\n", mode=0o644)
 
     async def pull_image_bootstrap(self, spec: ImageSpec) -> Path:
         """The bootstrap of a registry image, pulled (verified) into work_dir/bootstraps."""
@@ -534,9 +532,3 @@ def _requeue_for_successor(server: Server) -> None:
     except CachefilesError as exc:
         log.warning("hand-over: could not give the requests left back to the kernel (%s): the successor's "
                     "takeover does it", exc)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

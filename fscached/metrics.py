@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import weakref
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -28,6 +27,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from fscached.util.buildinfo import package_version
 from fscached.core.stats import OUTCOMES, RequestStats
 
 if TYPE_CHECKING:
@@ -118,17 +118,10 @@ def cache_bytes(path: Path) -> int:
     return total
 
 
-def _version() -> str:
-    try:
-        return metadata.version("fscached")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 class DaemonCollector(Collector):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.version = _version()
+        self.version = package_version()
 
     def collect(self) -> Iterator[Metric]:
         daemon = self.daemon

@@ -25,60 +25,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import functools
-import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import logging
-import platform
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from fscached.config import ConfigError
+from fscached.util.buildinfo import build_info
 
 PROG = "nydusd"
-# the code a `git_commit` stands for: every installed source of these packages
-PACKAGES = ("fscached", "erofs_image", "cachefiles", "fanotify", "native", "fetcher")
-HASHED_SUFFIXES = (".py", ".c", ".h", ".so")
 LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning", "warning": "warning",
               "error": "error"}
 LOG_BACKUPS = 5
 MAX_THREADS = 1024
-
-
-@functools.cache
-def build_info() -> dict[str, str]:
-    """nydusd's BuildTimeInfo for this installation. `git_commit` is a digest of the package
-    version and every installed source file (a wheel has no git): the same for one
-    installation, different as soon as any code differs. Computed once per process."""
-    try:
-        version = importlib.metadata.version("fscached")
-    except importlib.metadata.PackageNotFoundError:
-        version = "0.0.0"
-    digest = hashlib.sha256(f"fscached {version}\0".encode())
-    newest = 0.0
-    for package in PACKAGES:
-        spec = importlib.util.find_spec(package)
-        for root in (spec.submodule_search_locations or []) if spec is not None else []:
-            base = Path(root)
-            for path in sorted(base.rglob("*")):
-                if path.suffix not in HASHED_SUFFIXES or "__pycache__" in path.parts or not path.is_file():
-                    continue
-                data = path.read_bytes()
-                digest.update(f"{package}/{path.relative_to(base)}\0{len(data)}\0".encode())
-                digest.update(data)
-                newest = max(newest, path.stat().st_mtime)
-    return {
-        "package_ver": version,
-        "git_commit": digest.hexdigest()[:40],
-        "build_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest)),
-        "profile": "release",
-        "rustc": f"none (fscached on Python {platform.python_version()})",
-    }
 
 
 def version_text() -> str:

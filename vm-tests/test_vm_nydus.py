@@ -42,7 +42,7 @@ def make_tree(root: Path, name: str) -> Path:
 
 
 def test_nydus_snapshotter_call_sequence(vm_kernel: Any, tmp_path: Path) -> None:
-    from fscached.nydusd_cli import build_info
+    from fscached.util.buildinfo import build_info
 
     assert NYDUSD.exists(), f"{NYDUSD}: the nydusd console script is not installed in this venv"
     images = []

@@ -164,7 +164,7 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
         self._socket_ino: tuple[int, int] | None = None
         self.app = self._make_app()
-        from fscached.nydusd_cli import build_info
+        from fscached.util.buildinfo import build_info
 
         build_info()  # the code this process runs: hashed now, not at the first request
 
@@ -317,7 +317,7 @@ class ApiServer:
 
     # -- daemon -------------------------------------------------------------------------------
     async def get_daemon(self, request: web.Request) -> web.Response:
-        from fscached.nydusd_cli import build_info
+        from fscached.util.buildinfo import build_info
 
         daemon = self.daemon
         images = [self._image_json(spec) for _, spec in sorted(daemon.catalog.images.items())]

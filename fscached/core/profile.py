@@ -21,18 +21,17 @@ image's blobs; problems are ProfileError with one line naming the file and why.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from fscached.util.ids import BLOB_ID, SHA256_DIGEST
 
 FORMAT = "fscached-startup-profile"
 VERSION = 1
 MEDIA_TYPE = "application/vnd.fscached.startup-profile.v1+json"  # the artifact's layer and artifactType
 MAX_PROFILE_BYTES = 16 << 20
 MAX_RANGES = 200_000
-_BLOB_ID = re.compile(r"[0-9a-f]{64}")
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class ProfileError(ValueError):
@@ -101,7 +100,7 @@ class StartupProfile:
         if doc.get("version") != VERSION:
             raise ProfileError(f"{where}: version {doc.get('version')!r} is not supported (this daemon reads {VERSION})")
         digest = doc.get("bootstrap_digest")
-        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        if not isinstance(digest, str) or not SHA256_DIGEST.fullmatch(digest):
             raise ProfileError(f"{where}: bootstrap_digest must be sha256:<64 hex>, not {str(digest)[:80]!r}")
         raw_ranges = doc.get("ranges")
         if not isinstance(raw_ranges, list):
@@ -129,7 +128,7 @@ def _parse_range(item: Any, n: int, where: str) -> ProfileRange:
     if not isinstance(item, dict):
         raise ProfileError(f"{where}: range {n} is not an object")
     blob = item.get("blob")
-    if not isinstance(blob, str) or not _BLOB_ID.fullmatch(blob):
+    if not isinstance(blob, str) or not BLOB_ID.fullmatch(blob):
         raise ProfileError(f"{where}: range {n}: blob must be 64 lowercase hex digits")
     values = []
     for key in ("offset", "length", "at_ms"):

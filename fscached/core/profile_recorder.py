@@ -34,6 +34,7 @@ from pathlib import Path
 from fscached.core.catalog import BlobObject
 from fscached.core.chunkmap import BLOCK, round_down, round_up
 from fscached.core.profile import MAX_RANGES, ProfileRange, StartupProfile, bootstrap_digest
+from fscached.util.files import write_atomic
 
 log = logging.getLogger("fscached.core.profile")
 
@@ -199,14 +200,4 @@ class ProfileRecorders:
 def _write_profile(path: Path, data: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.fchmod(fd, 0o644)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o644, fsync=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
-import importlib.metadata
 import logging
 import os
 import warnings
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from fscached.util.buildinfo import package_version
 from fscached.config import ConfigError, ImageSpec, PrefetchSpec, ProxySpec, RegistrySpec, check_auth, check_id
 
 if TYPE_CHECKING:
@@ -197,13 +197,6 @@ def _path(value: bytes) -> Path | None:
     return Path(os.fsdecode(value)) if value else None
 
 
-def _daemon_version() -> str:
-    try:
-        return importlib.metadata.version("fscached")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _bind_message(bind: Bind, out: Any) -> None:
     spec = bind.spec
     out.fsid = spec.fsid
@@ -245,7 +238,7 @@ def encode(state: HandoverState) -> bytes:
     if state.backend not in backends:
         raise HandoverError(f"backend {state.backend!r} has no hand-over form: cachefiles or fanotify")
     msg = pb.HandoverState(format_version=FORMAT_VERSION, magic=MAGIC,
-                           daemon_version=state.daemon_version or _daemon_version(),
+                           daemon_version=state.daemon_version or package_version(),
                            backend=backends[state.backend], cache_dir=_path_bytes(state.cache_dir),
                            work_dir=_path_bytes(state.work_dir))
     for bind in state.binds:
@@ -319,7 +312,7 @@ def state_of(daemon: Daemon, *, fd_names: Sequence[str] | None = None) -> Handov
         fd_names=tuple(names if fd_names is None else fd_names),
         fanotify=fanotify,
         cachefiles=cachefiles,
-        daemon_version=_daemon_version(),
+        daemon_version=package_version(),
     )
 
 
@@ -361,7 +354,7 @@ def read_state(data: bytes) -> HandoverState:
     if msg.format_version > FORMAT_VERSION:
         raise HandoverError(
             f"hand-over state format {msg.format_version} (written by {writer}) is newer than this daemon "
-            f"reads (format {FORMAT_VERSION}, fscached {_daemon_version()}): this daemon is older than the one "
+            f"reads (format {FORMAT_VERSION}, fscached {package_version()}): this daemon is older than the one "
             "that wrote it; run that version or a newer one to take over")
     if msg.backend not in _BACKENDS:
         raise HandoverError(_unknown_value("the kernel path (backend)", msg.backend, _BACKENDS.values(), writer))
@@ -405,7 +398,7 @@ def read_state(data: bytes) -> HandoverState:
 
 
 def _unknown_value(what: str, number: int, known: Iterable[str], writer: str) -> str:
-    return (f"hand-over state: {what} value {number} is unknown to this daemon (fscached {_daemon_version()} "
+    return (f"hand-over state: {what} value {number} is unknown to this daemon (fscached {package_version()} "
             f"knows {', '.join(known)}): written by {writer}, a newer daemon")
 
 

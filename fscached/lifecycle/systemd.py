@@ -33,11 +33,9 @@ import asyncio
 import logging
 import os
 import platform
-import re
 import socket
 import struct
 import zlib
-from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, MutableMapping
 
 from fscached.lifecycle.state import FD_CACHEFILES, FD_FANOTIFY_GROUP, HandoverError, HandoverState, capture, read_state
@@ -479,46 +477,6 @@ def keep_device(service: Service, device: CachefilesDevice) -> None:
         log.warning("failover needs a newer kernel: %s; this kernel is %s. /dev/cachefiles is not kept in "
                     "systemd's fd store: after a restart or a crash the mounts it serves fail with EIO and "
                     "must be mounted again", NO_RESTORE, platform.release())
-
-
-_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def fscache_mounts() -> list[str]:
-    """Mount points of EROFS mounts in fscache mode (`fsid=` in their options): the holder of
-    /dev/cachefiles (one per machine) serves them all."""
-    found: list[str] = []
-    try:
-        text = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return found
-    for line in text.splitlines():
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) >= 5 and len(tail) >= 3 and tail[0] == "erofs":
-            if any(opt.startswith("fsid=") for opt in tail[2].split(",")):
-                found.append(_unescape(fields[4]))
-    return found
-
-
-def fscache_mount_of(mountpoint: Path, fsid: str, domain: str | None) -> bool:
-    """Whether `mountpoint` holds an EROFS fscache mount of this fsid (and domain)."""
-    try:
-        text = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) >= 5 and len(tail) >= 3 and tail[0] == "erofs" and _unescape(fields[4]) == str(mountpoint):
-            options = tail[2].split(",")
-            if f"fsid={fsid}" in options and (domain is None or f"domain_id={domain}" in options):
-                return True
-    return False
 
 
 def _short(names: list[str]) -> list[str]:

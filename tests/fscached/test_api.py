@@ -200,7 +200,7 @@ def test_states_init_ready_running_then_exit(work: Path, built: Path) -> None:
 
 
 def test_daemon_info_fields(running: tuple[ApiDaemon, KernelSimulator], built: Path, work: Path) -> None:
-    from fscached.nydusd_cli import build_info
+    from fscached.util.buildinfo import build_info
 
     api, _ = running
     assert call(api.sock, "PUT", "/api/v2/blobs", legacy_entry("img", built, work))[0] == 204

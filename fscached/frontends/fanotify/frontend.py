@@ -22,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter
 from concurrent.futures import Executor
@@ -37,13 +36,13 @@ from fscached.core.catalog import BlobObject, BootstrapObject, Catalog
 from fscached.config import ImageSpec
 from fscached.frontends.fanotify.journal import EventJournal, Orphan
 from fscached.core.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, SharedFd, VerifyError
+from fscached.util.ids import BLOB_ID
 from fscached.util.logs import request_log
 from fscached.core.stats import RequestStats
 from fscached.core.profile_recorder import ProfileRecorders
 
 log = logging.getLogger("fscached.fanotify")
 
-_BLOB_ID = re.compile(r"[0-9a-f]{64}")
 ORPHAN_SECONDS = 10.0  # an orphan not filled by then is answered EIO: no reader waits longer
 
 
@@ -187,7 +186,7 @@ class FanotifyServer:
     def _open_cache_file(self, volume: str, blob: BlobObject, handed: dict[str, int]) -> None:
         assert self.group is not None
         blob_id = blob.info.blob_id
-        if not _BLOB_ID.fullmatch(blob_id):
+        if not BLOB_ID.fullmatch(blob_id):
             raise FanotifyError(f"blob id {blob_id!r} is not 64 hex digits: refusing to name a cache file after it")
         directory = self.cache_dir / "blobs" / volume
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
