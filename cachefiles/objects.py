@@ -10,11 +10,12 @@ cannot be reused under a running pwrite (which would write into someone else's f
 """
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from fscached.util.shared_fd import SharedFd
 
 U32_MAX = 0xFFFFFFFF
 
@@ -33,8 +34,10 @@ class ObjectEntry:
     size: int
     payload: object = None
     removed: bool = False
-    _users: int = field(default=0, repr=False)
-    _fd_closed: bool = field(default=False, repr=False)
+    fd: SharedFd = field(init=False, repr=False)  # the anon fd, closed after its last user
+
+    def __post_init__(self) -> None:
+        self.fd = SharedFd(self.anon_fd)
 
 
 def _check_id(object_id: int) -> int:
@@ -68,35 +71,18 @@ class ObjectTable:
         """Hold an entry (its fd stays open) for the duration of the block; None if unknown."""
         with self._lock:
             entry = self._entries.get(object_id)
-            if entry is not None:
-                entry._users += 1
-        try:
-            yield entry
-        finally:
-            if entry is not None:
-                with self._lock:
-                    entry._users -= 1
-                    close_now = entry.removed and entry._users == 0
-                if close_now:
-                    self._close_fd(entry)
+        if entry is None:
+            yield None
+            return
+        with entry.fd.hold() as alive:
+            yield entry if alive else None
 
     @contextmanager
     def hold(self, entry: ObjectEntry) -> Iterator[bool]:
         """Hold a known entry (not an id: the kernel reuses ids) so its fd stays open for the
         block; yields False when the entry was already removed."""
-        with self._lock:
-            alive = not entry.removed
-            if alive:
-                entry._users += 1
-        try:
+        with entry.fd.hold() as alive:
             yield alive
-        finally:
-            if alive:
-                with self._lock:
-                    entry._users -= 1
-                    close_now = entry.removed and entry._users == 0
-                if close_now:
-                    self._close_fd(entry)
 
     def remove(self, object_id: int) -> ObjectEntry | None:
         """Forget the object; its fd is closed now, or when the last `use` ends."""
@@ -105,9 +91,7 @@ class ObjectTable:
             if entry is None:
                 return None
             entry.removed = True
-            close_now = entry._users == 0
-        if close_now:
-            self._close_fd(entry)
+        entry.fd.close()
         return entry
 
     def close_all(self) -> None:
@@ -115,16 +99,6 @@ class ObjectTable:
             ids = list(self._entries)
         for object_id in ids:
             self.remove(object_id)
-
-    def _close_fd(self, entry: ObjectEntry) -> None:
-        with self._lock:
-            if entry._fd_closed:
-                return
-            entry._fd_closed = True
-        try:
-            os.close(entry.anon_fd)
-        except OSError:
-            pass  # EBADF would mean someone else closed it; nothing more we can do
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -22,8 +22,7 @@ import os
 import threading
 from collections import Counter
 from concurrent.futures import Executor
-from contextlib import contextmanager
-from typing import Any, Awaitable, Callable, ContextManager, Iterator, Sequence, TypeVar, cast
+from typing import Any, Awaitable, Callable, ContextManager, Sequence, TypeVar, cast
 
 import native
 from erofs_image.reader import ChunkVerifyError, digest_matches, verify_chunk
@@ -31,6 +30,7 @@ from erofs_image.tree import BlobInfo, ChunkRef
 from fetcher.source import IntegrityError
 from fscached.core.catalog import BlobObject, BootstrapObject
 from fscached.core.chunkmap import BLOCK, contiguous_runs, round_down, round_up
+from fscached.core.extents import chunks_with_data
 
 log = logging.getLogger("fscached.core.fill")
 T = TypeVar("T")
@@ -150,62 +150,13 @@ def write_zeros(fd: int, offset: int, length: int) -> None:
     native.write_aligned(fd, buf, offset, length)
 
 
-def chunks_in_cache(fd: int, run: list[ChunkRef]) -> list[ChunkRef]:
-    """The chunks of `run` whose bytes are already in the cache file behind `fd` and match
-    their digest. Holes are found with SEEK_DATA without reading; anything else is read back
-    and hashed, so a torn or zeroed range (a crash, a power cut) never counts as filled."""
-    good: list[ChunkRef] = []
-    for ref in run:
-        start = ref.uncompressed_offset
-        try:
-            data_at = os.lseek(fd, start, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only holes from here to the end of the file
-                break
-            raise
-        if data_at >= start + ref.uncompressed_size:
-            continue
-        data = os.pread(fd, ref.uncompressed_size, start)
-        if digest_matches(ref, data):
-            good.append(ref)
-    return good
-
-
-class SharedFd:
-    """An fd written by worker threads: close() closes it only after the last holder lets go,
-    so its number can never be reused under a running pwrite."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._users = 0
-        self._closing = False
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def hold(self) -> Iterator[bool]:
-        """Keep the fd open for the block; yields False when it is already closing."""
-        with self._lock:
-            alive = not self._closing
-            if alive:
-                self._users += 1
-        try:
-            yield alive
-        finally:
-            if alive:
-                with self._lock:
-                    self._users -= 1
-                    close_now = self._closing and self._users == 0
-                if close_now:
-                    os.close(self.fd)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closing:
-                return
-            self._closing = True
-            close_now = self._users == 0
-        if close_now:
-            os.close(self.fd)
+def chunks_in_cache(fd: int, size: int, run: list[ChunkRef]) -> list[ChunkRef]:
+    """The chunks of `run` whose bytes are already in the cache file behind `fd` (of `size`
+    bytes) and match their digest. Holes are skipped without reading (core.extents); anything
+    else is read back and hashed, so a torn or zeroed range (a crash, a power cut) never
+    counts as filled."""
+    return [ref for ref in chunks_with_data(fd, size, run, whole=False)
+            if digest_matches(ref, os.pread(fd, ref.uncompressed_size, ref.uncompressed_offset))]
 
 
 class FillTarget:
@@ -437,7 +388,7 @@ class Filler:
             if not alive or target.closed:
                 raise TargetClosed(f"blob {obj.info.blob_id} was closed before its fetch began")
             if target.reverify:
-                present = await self.blocking(chunks_in_cache, target.fd, run)
+                present = await self.blocking(chunks_in_cache, target.fd, obj.size, run)
                 target.mark_written(present)
                 self.stats["reverified_chunks"] += len(present)
                 run = [c for c in run if c.uncompressed_offset not in target.written]

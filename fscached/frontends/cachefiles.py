@@ -13,7 +13,6 @@ whose msg_id is already in flight here is a duplicate and is dropped.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import errno
 import logging
 import os
@@ -27,7 +26,7 @@ from cachefiles.objects import ObjectEntry, ObjectTable
 from cachefiles.messages import CloseRequest, MalformedMessage, OpenRequest, ReadRequest
 from fetcher.source import SourceError
 from fscached.core.catalog import VOLUME_PREFIX, BlobObject, BootstrapObject, Catalog, Served
-from fscached.core.chunkmap import round_up
+from fscached.core.extents import chunks_with_data
 from fscached.config import ImageSpec
 from fscached.core.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, VerifyError
 from fscached.util.logs import request_log
@@ -299,34 +298,12 @@ class Server:
 
 def _filled_chunks(fd: int, blob: BlobObject) -> list[int]:
     """Offsets of the chunks whose whole blocks are data in the object's cache file (what a
-    daemon wrote, always verified first). Found with SEEK_DATA / SEEK_HOLE, as nydusd does at
-    OPEN; an fd that cannot seek so gives nothing."""
-    extents: list[tuple[int, int]] = []
-    pos = 0
+    daemon wrote, always verified first), as nydusd derives it at OPEN; an fd that cannot seek
+    so gives nothing."""
     try:
-        while pos < blob.size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            extents.append((start, end))
-            pos = end
+        return [c.uncompressed_offset for c in chunks_with_data(fd, blob.size, blob.chunk_map.chunks, whole=True)]
     except OSError:
         return []
-    if not extents:
-        return []
-    starts = [start for start, _ in extents]
-    filled = []
-    for chunk in blob.chunk_map.chunks:
-        begin = chunk.uncompressed_offset
-        finish = begin + round_up(chunk.uncompressed_size)
-        i = bisect.bisect_right(starts, begin) - 1
-        if i >= 0 and extents[i][1] >= min(finish, round_up(blob.size)):
-            filled.append(begin)
-    return filled
 
 
 def _live(entry: ObjectEntry | None) -> LiveObject | None:

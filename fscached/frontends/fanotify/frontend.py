@@ -35,7 +35,8 @@ from fscached.util import mounts
 from fscached.core.catalog import BlobObject, BootstrapObject, Catalog
 from fscached.config import ImageSpec
 from fscached.frontends.fanotify.journal import EventJournal, Orphan
-from fscached.core.fill import DEFAULT_WINDOW, Filler, FillTarget, settle, SharedFd, VerifyError
+from fscached.core.fill import DEFAULT_WINDOW, Filler, FillTarget, VerifyError, settle
+from fscached.util.shared_fd import SharedFd
 from fscached.util.ids import BLOB_ID
 from fscached.util.logs import request_log
 from fscached.core.stats import RequestStats

@@ -6,13 +6,25 @@ zeros); a new `fscached` with the same cache dir takes the fds back and serves t
 listens on a unix socket (0600, in a 0700 directory) and speaks one JSON line per request:
   {"op": "put", "names": [...]} + the fds (SCM_RIGHTS)  store them (replacing what it held)
   {"op": "get"}                                          answer {"names": [...]} + the fds
+  {"op": "attach"}                                       the daemon's lifeline: it keeps this
+                                                         connection open while it lives
   {"op": "drop"}                                         close everything and exit
-Run as `python -m fscached.frontends.fanotify.keeper SOCKET`; the daemon starts it in a session of its own.
+  {"op": "ping"}                                         answer {"ok": true}
+
+It exits by itself once nothing needs it: no daemon is attached (none ever came, or the one
+that did died) and no cache file under its blobs directory is open anywhere else (a mount,
+mounted or detached with `umount -l`, holds its blob files open: fscached.util.leases). A
+reader waiting on a dead daemon's mount therefore keeps it, and so do mounts nobody reads;
+a keeper whose daemon died with nothing mounted leaves within a few seconds.
+
+Run as `python -m fscached.frontends.fanotify.keeper SOCKET [BLOBS_DIR]`; the daemon starts it in
+a session of its own.
 """
 from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -20,14 +32,21 @@ import sys
 import time
 from pathlib import Path
 
+from fscached.lifecycle import fdnames
+from fscached.util.ids import is_blob_id
+from fscached.util.leases import held_elsewhere, path_held_elsewhere
+
 MAX_FDS = 250  # SCM_RIGHTS carries at most 253 fds per message
 _SUN_PATH_MAX = 107
+PROBE_SECONDS = 2.0  # without a daemon: how often the keeper asks whether anything still reads
+QUIET_SECONDS = 5.0  # no probe this soon after a request (a successor may be taking over)
 
 
 class KeeperError(Exception):
     """Talking to the keeper failed, worded for the user."""
 
 
+# -- the daemon's side -------------------------------------------------------------------------
 def _request(path: Path, request: dict[str, object], fds: tuple[int, ...] = (), timeout: float = 10) -> tuple[dict[str, object], list[int]]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
@@ -45,8 +64,8 @@ def _request(path: Path, request: dict[str, object], fds: tuple[int, ...] = (), 
 
 
 def take(path: Path) -> dict[str, int] | None:
-    """The fds a running keeper holds, by name (the caller owns the copies); None when no
-    keeper listens there."""
+    """The fds a running keeper holds, by name (the caller owns the copies; legacy names are
+    translated, fscached.lifecycle.fdnames); None when no keeper listens there."""
     if not path.exists():
         return None
     try:
@@ -60,33 +79,56 @@ def take(path: Path) -> dict[str, int] | None:
         for fd in fds:
             os.close(fd)
         raise KeeperError(f"keeper at {path} sent {len(fds)} fds for names {names!r}")
-    return dict(zip((str(n) for n in names), fds))
+    return {fdnames.normalize(str(n)): fd for n, fd in zip(names, fds)}
 
 
 def give(path: Path, fds: dict[str, int]) -> None:
     """Hand `fds` (copies; the caller keeps its own) to the keeper, replacing what it held."""
     if len(fds) > MAX_FDS:
         raise KeeperError(f"the keeper holds at most {MAX_FDS} fds, not {len(fds)}")
-    answer, _ = _request(path, {"op": "put", "names": list(fds)}, tuple(fds.values()))
+    try:
+        answer, _ = _request(path, {"op": "put", "names": list(fds)}, tuple(fds.values()))
+    except OSError as exc:
+        raise KeeperError(f"keeper at {path}: {exc.strerror or exc}") from None
     if answer.get("ok") is not True:
         raise KeeperError(f"keeper at {path} refused the fds: {answer!r}")
 
 
+def attach(path: Path) -> socket.socket:
+    """The daemon's lifeline: a connection the keeper watches; the daemon keeps it open (and
+    close-on-exec) while it lives. The kernel closes it when the daemon dies, however it dies."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"op": "attach", "pid": os.getpid()}).encode() + b"\n")
+        answer = sock.recv(256)
+        if not answer.startswith(b'{"ok": true'):
+            raise KeeperError(f"keeper at {path} did not take the lifeline: {answer!r}")
+    except OSError as exc:
+        sock.close()
+        raise KeeperError(f"keeper at {path}: {exc.strerror or exc}") from None
+    return sock
+
+
 def dismiss(path: Path) -> None:
-    """Tell the keeper to let go and exit (a clean stop, once nothing marked is mounted)."""
+    """Tell the keeper to let go and exit (a clean stop, once nothing marked is read any more)."""
     try:
         _request(path, {"op": "drop"})
-    except (ConnectionRefusedError, FileNotFoundError):
+    except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError):
         pass
 
 
-def start(path: Path, timeout: float = 10) -> None:
-    """Start a keeper on `path` (its directory must exist, 0700) and wait until it listens."""
+def start(path: Path, blobs_dir: Path | None = None, timeout: float = 10) -> None:
+    """Start a keeper on `path` (its directory must exist, 0700) and wait until it listens.
+    `blobs_dir`: the cache files it watches to decide when nothing needs it any more."""
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise KeeperError(f"keeper socket path {path} is longer than {_SUN_PATH_MAX} bytes: use a shorter cache dir")
-    subprocess.Popen([sys.executable, "-m", "fscached.frontends.fanotify.keeper", str(path)], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     close_fds=True)
+    argv = [sys.executable, "-m", "fscached.frontends.fanotify.keeper", str(path)]
+    if blobs_dir is not None:
+        argv.append(str(blobs_dir))
+    subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, close_fds=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -97,57 +139,139 @@ def start(path: Path, timeout: float = 10) -> None:
     raise KeeperError(f"the keeper did not start listening on {path} within {timeout:.0f} s")
 
 
-def serve(path: Path) -> None:
+# -- the keeper process ------------------------------------------------------------------------
+class Keeper:
+    def __init__(self, path: Path, blobs_dir: Path | None) -> None:
+        self.path = path
+        self.blobs_dir = blobs_dir
+        self.held: dict[str, int] = {}
+        self.lifelines: set[socket.socket] = set()
+        self.last_request = time.monotonic()
+        self.selector = selectors.DefaultSelector()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def listen(self) -> None:
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            self.listener.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        self.listener.listen(8)
+        self.selector.register(self.listener, selectors.EVENT_READ)
+
+    def serve(self) -> None:
+        self.listen()
+        next_probe = time.monotonic() + PROBE_SECONDS
+        while True:
+            timeout = max(0.0, next_probe - time.monotonic())
+            for key, _ in self.selector.select(timeout):
+                if key.fileobj is self.listener:
+                    conn, _ = self.listener.accept()
+                    if self._handle(conn) == "exit":
+                        return
+                else:  # a lifeline: readable means its daemon closed it (or died)
+                    lifeline = key.fileobj
+                    assert isinstance(lifeline, socket.socket)
+                    self.selector.unregister(lifeline)
+                    self.lifelines.discard(lifeline)
+                    lifeline.close()
+                    self.last_request = time.monotonic()
+            if time.monotonic() >= next_probe:
+                next_probe = time.monotonic() + PROBE_SECONDS
+                if self._unneeded():
+                    self._let_go()
+                    return
+
+    def _handle(self, conn: socket.socket) -> str | None:
+        self.last_request = time.monotonic()
+        keep_open = False
+        try:
+            conn.settimeout(10)
+            data, fds, _, _ = socket.recv_fds(conn, 1 << 16, MAX_FDS)
+            request = json.loads(data or b"{}")
+            op = request.get("op")
+            if op == "put":
+                names = request.get("names", [])
+                if not isinstance(names, list) or len(names) != len(fds):
+                    for fd in fds:
+                        os.close(fd)
+                    conn.sendall(b'{"ok": false, "error": "names and fds differ"}\n')
+                    return None
+                old = self.held
+                self.held = {fdnames.normalize(str(n)): fd for n, fd in zip(names, fds)}
+                for fd in old.values():
+                    os.close(fd)  # after the new ones are held: the group never lapses
+                conn.sendall(b'{"ok": true}\n')
+            elif op == "get":
+                socket.send_fds(conn, [json.dumps({"names": list(self.held)}).encode() + b"\n"],
+                                list(self.held.values()))
+            elif op == "attach":
+                conn.sendall(b'{"ok": true}\n')
+                conn.setblocking(False)
+                self.selector.register(conn, selectors.EVENT_READ)
+                self.lifelines.add(conn)
+                keep_open = True
+            elif op == "drop":
+                self._let_go()
+                conn.sendall(b'{"ok": true}\n')
+                return "exit"
+            else:
+                for fd in fds:
+                    os.close(fd)
+                conn.sendall(b'{"ok": true}\n')
+        except (OSError, ValueError, AttributeError):
+            pass  # one bad client never takes the held fds down
+        finally:
+            if not keep_open:
+                conn.close()
+        return None
+
+    def _unneeded(self) -> bool:
+        """No daemon attached, none asked for a while, and no cache file is read by anyone."""
+        if self.lifelines or time.monotonic() - self.last_request < QUIET_SECONDS:
+            return False
+        return not self._files_in_use()
+
+    def _files_in_use(self) -> bool:
+        if self.blobs_dir is None:
+            return fdnames.FANOTIFY_GROUP in self.held  # cannot tell: keep what a reader may need
+        by_key = {key: fd for name, fd in self.held.items() if (key := fdnames.blob_key(name)) is not None}
+        try:
+            volumes = [v for v in os.scandir(self.blobs_dir) if v.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        for volume in volumes:
+            try:
+                entries = list(os.scandir(volume.path))
+            except OSError:
+                return True
+            for entry in entries:
+                if not is_blob_id(entry.name):
+                    continue
+                fd = by_key.get(f"{volume.name}/{entry.name}")
+                held = held_elsewhere(fd) if fd is not None else path_held_elsewhere(entry.path, write=True)
+                if held:
+                    return True
+        return False
+
+    def _let_go(self) -> None:
+        for fd in self.held.values():
+            os.close(fd)
+        self.held = {}
+        self.path.unlink(missing_ok=True)  # nobody connects to a keeper that is leaving
+
+
+def serve(path: Path, blobs_dir: Path | None = None) -> None:
     """The keeper process itself."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    held: dict[str, int] = {}
-    if path.exists() or path.is_symlink():
-        path.unlink()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    listener.listen(8)
-    while True:
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(10)
-            try:
-                data, fds, _, _ = socket.recv_fds(conn, 1 << 16, MAX_FDS)
-                request = json.loads(data or b"{}")
-                op = request.get("op")
-                if op == "put":
-                    names = request.get("names", [])
-                    if not isinstance(names, list) or len(names) != len(fds):
-                        for fd in fds:
-                            os.close(fd)
-                        conn.sendall(b'{"ok": false, "error": "names and fds differ"}\n')
-                        continue
-                    old = held
-                    held = dict(zip((str(n) for n in names), fds))
-                    for fd in old.values():
-                        os.close(fd)  # after the new ones are held: the group never lapses
-                    conn.sendall(b'{"ok": true}\n')
-                elif op == "get":
-                    socket.send_fds(conn, [json.dumps({"names": list(held)}).encode() + b"\n"], list(held.values()))
-                elif op == "drop":
-                    for fd in held.values():
-                        os.close(fd)
-                    held = {}
-                    path.unlink(missing_ok=True)  # before answering: nobody connects to a keeper that is leaving
-                    conn.sendall(b'{"ok": true}\n')
-                    return
-                else:
-                    for fd in fds:
-                        os.close(fd)
-                    conn.sendall(b'{"ok": true}\n')
-            except (OSError, ValueError):
-                continue  # one bad client never takes the held fds down
+    Keeper(path, blobs_dir).serve()
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    serve(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
