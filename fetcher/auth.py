@@ -45,9 +45,12 @@ class Credentials:
     username: str
     password: str = field(repr=False)
 
+    def as_auth(self) -> str:
+        """The docker config.json style `auth`: base64 of "user:password" (make_credentials' input)."""
+        return base64.b64encode(f"{self.username}:{self.password}".encode()).decode("ascii")
+
     def basic_header(self) -> str:
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode("ascii")
+        return "Basic " + self.as_auth()
 
     def __repr__(self) -> str:  # never show the password
         return f"Credentials(username={self.username!r}, password=***)"
@@ -179,6 +182,20 @@ class RegistryAuth:
                 await self._fetch_token(session, timeout)
                 return
             raise self.denied(f"unsupported auth scheme {scheme!r}")
+
+    def renew(self, credentials: Credentials | None) -> None:
+        """New credentials (nydusd's PUT /api/v1/config): the token the old ones bought is
+        dropped, so the next request authenticates again with the new ones."""
+        self.credentials = credentials
+        self._token = None
+        self._token_expires = 0.0
+
+    def seed_token(self, token: str) -> None:
+        """nydusd's `registry_token`: sent as a Bearer token until the registry answers 401,
+        when the usual challenge (with the credentials, or anonymous) gets a new one."""
+        self.scheme = "bearer"
+        self._token = token
+        self._token_expires = float("inf")
 
     def _who(self) -> str:
         return f" for user {self.credentials.username!r}" if self.credentials else " (anonymous)"

@@ -40,7 +40,7 @@ from typing import Any, AsyncContextManager, Awaitable, Callable, NoReturn, Type
 import aiohttp
 from yarl import URL
 
-from fetcher.auth import (AuthError, RegistryAuth, TransientAuthError, make_credentials,
+from fetcher.auth import (AuthError, Credentials, RegistryAuth, TransientAuthError, make_credentials,
                           parse_retry_after, strip_query)
 from fetcher.source import SourceError, check_blob_id
 
@@ -145,6 +145,20 @@ class RegistrySource:
 
     # -- credentials for helpers that fetch on our behalf ------------------------------------
     _auth_probed = False
+
+    @property
+    def credentials(self) -> Credentials | None:
+        """The credentials this source authenticates with now (renewed ones included)."""
+        return self._auth.credentials
+
+    def renew_credentials(self, credentials: Credentials | None) -> None:
+        """New credentials for reads and writes alike (RegistryAuth.renew)."""
+        self._auth.renew(credentials)
+        self._push_auth.renew(credentials)
+
+    def seed_token(self, token: str) -> None:
+        """A bearer token for reads, given by the caller (RegistryAuth.seed_token)."""
+        self._auth.seed_token(token)
 
     async def auth_headers(self) -> dict[str, str]:
         """The Authorization header for this repository's blobs, for a helper that fetches them

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fscached.config import Config, ConfigError, build_config, load_toml
+from fscached.config import Config, ConfigError, OneLineParser, build_config, load_toml
 
 if TYPE_CHECKING:
     from fscached.lifecycle.systemd import Service
@@ -14,21 +14,17 @@ if TYPE_CHECKING:
 PROG = "fscached"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, like every other config error
-        raise ConfigError(message)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="Serve EROFS images to the kernel on demand, through fanotify pre-content "
                     "events (Linux 6.14+) or cachefiles on-demand (/dev/cachefiles).",
     )
     parser.add_argument("--config", help="TOML config file (flags override it)")
     parser.add_argument("--cache-dir", help="cache directory (ext4/xfs/btrfs, not tmpfs)")
-    parser.add_argument("--backend", help="kernel path: auto (default: fanotify when the kernel has "
-                        "pre-content events, else cachefiles), cachefiles or fanotify")
+    parser.add_argument("--kernel-path", "--backend", dest="kernel_path",
+                        help="auto (default: fanotify when the kernel has pre-content events, else cachefiles), "
+                        "cachefiles or fanotify (--backend is its older name)")
     parser.add_argument("--tag", help="cachefiles tag (default: the kernel's)")
     parser.add_argument(
         "--image",
@@ -52,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         file_values = load_toml(args.config) if args.config else {}
-        apisock = args.apisock or file_values.pop("apisock", None)  # the API is not the daemon's config
-        if apisock is not None and (not isinstance(apisock, str) or not apisock):
-            raise ConfigError(f"apisock must be a path, not {apisock!r}")
+        apisock = args.apisock if args.apisock is not None else file_values.pop("apisock", None)
+        if apisock is not None and (not isinstance(apisock, str) or not apisock.strip()):
+            raise ConfigError(f"apisock must be a path, not {apisock!r} (leave it out to serve no API)")
         config = build_config(
             file_values, args.cache_dir, args.tag, args.log_level, args.image,
             args.ready_file, args.stats_file, args.device, args.work_dir, args.read_window,
-            args.backend,
+            args.kernel_path,
         )
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -79,12 +75,14 @@ async def start_and_serve(config: Config, apisock: Path | None = None) -> int:
         # Imported here: a missing native extension is reported as a clean error.
         from cachefiles.device import CachefilesError
         from fanotify.group import FanotifyError
-        from fscached.kernel_path import BackendError
+        from fscached.kernel_path import KernelPathError
         from fscached.core.catalog import CatalogError
         from fscached.daemon import Daemon
         from fscached.frontends.fanotify.keeper import KeeperError
         from fscached.api.server import ApiServer, ApiSocketError, check_socket_path
+        from fetcher.source import SourceError
         from fscached.lifecycle.systemd import Service, SystemdError
+        from fscached.util.files import describe_os_error
     except ImportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
@@ -98,13 +96,13 @@ async def start_and_serve(config: Config, apisock: Path | None = None) -> int:
             check_socket_path(apisock)  # before the kernel is involved
         daemon = Daemon(config, service=service)
         await daemon.load()  # every image is readable before the kernel is involved
-        daemon.bind()
-    except (CatalogError, CachefilesError, FanotifyError, BackendError, KeeperError, ApiSocketError,
-            SystemdError) as exc:
+        daemon.take_kernel_path()
+    except (CatalogError, CachefilesError, FanotifyError, KernelPathError, KeeperError, ApiSocketError,
+            SystemdError, SourceError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        print(f"{PROG}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     if apisock is None:
         return await daemon.run()
@@ -113,7 +111,7 @@ async def start_and_serve(config: Config, apisock: Path | None = None) -> int:
         await api.start()
     except ApiSocketError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        daemon.stop()  # let run() release what bind() took (keeper, device), then exit 1
+        daemon.stop()  # let run() release what take_kernel_path() took (keeper, device), then exit 1
         await daemon.run()
         return 1
     try:
@@ -127,7 +125,7 @@ def _under_systemd(service: Service) -> None:
     import faulthandler
     import logging
 
-    log = logging.getLogger("fscached.lifecycle.systemd")
+    log = logging.getLogger("fscached.systemd")
     log.info("%s", service.describe_start())
     if service.watchdog is not None:
         faulthandler.enable()

@@ -1,6 +1,7 @@
 """Daemon configuration: a TOML file, then command-line flags on top."""
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import ssl
@@ -8,7 +9,7 @@ import tomllib
 from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fscached.util.ids import FSID
 
@@ -21,6 +22,13 @@ class ConfigError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split("\n")))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line, exit code 2) instead of printing usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,7 @@ class Config:
     device: Path = Path("/dev/cachefiles")
     work_dir: Path = Path("/var/lib/fscached")  # pulled bootstraps
     read_window: int = 1 << 20
-    backend: str = "auto"  # auto | cachefiles | fanotify
+    kernel_path: str = "auto"  # auto | cachefiles | fanotify (fscached.kernel_path)
     # bytes the cache dir may hold (allocated blocks); past it, unused blobs are culled (LRU)
     cache_budget: int | None = None
     # cachefiles: free-space limits for blocks, in percent (None: the kernel's 7 / 5 / 1)
@@ -124,6 +132,11 @@ def parse_image_spec(text: str) -> ImageSpec:
 
 def parse_image_flag(text: str) -> tuple[ImageSpec, ProfileSpec]:
     """The --image flag: the image, and its start-up profile keys."""
+    if any(part.partition("=")[0].strip() == "auth" for part in text.split(",")):
+        # refused before anything else: no message may echo the flag, which holds the secret
+        raise ConfigError("--image: auth= on the command line is visible to every local user (ps, /proc): put "
+                          "the base64 user:password in a file of mode 0600 and give auth_file=PATH (or auth in the "
+                          "config file)")
     where = f"--image {text!r}"
     fields: dict[str, str] = {}
     for part in text.split(","):
@@ -423,7 +436,7 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 FILE_KEYS = {"cache_dir", "tag", "log_level", "image", "ready_file", "stats_file", "device", "work_dir",
-             "read_window", "backend", "cache_budget", "brun", "bcull", "bstop"}
+             "read_window", "kernel_path", "backend", "cache_budget", "brun", "bcull", "bstop"}
 SPACE_LIMIT_KEYS = ("brun", "bcull", "bstop")
 KERNEL_SPACE_LIMITS = {"brun": 7, "bcull": 5, "bstop": 1}  # cachefiles' defaults
 
@@ -470,7 +483,7 @@ def build_config(
     device: str | None,
     work_dir: str | None = None,
     read_window: str | None = None,
-    backend: str | None = None,
+    kernel_path: str | None = None,
 ) -> Config:
     """Merge the file's values with flags (flags win; images from both are served)."""
     unknown = set(file_values) - FILE_KEYS
@@ -496,9 +509,12 @@ def build_config(
     images = [image for image, _ in parsed]
     check_unique(images)
     profiles = {(image.volume, image.fsid): profile for image, profile in parsed if profile != ProfileSpec()}
-    chosen_backend = str(backend or file_values.get("backend") or "auto")
-    if chosen_backend not in ("auto", "cachefiles", "fanotify"):
-        raise ConfigError(f"invalid backend {chosen_backend!r}: use auto, cachefiles or fanotify")
+    if file_values.get("kernel_path") is not None and file_values.get("backend") is not None:
+        raise ConfigError("config file: kernel_path and backend (its older name) both given: give one")
+    chosen = str(kernel_path or file_values.get("kernel_path") or file_values.get("backend") or "auto")
+    if chosen not in ("auto", "cachefiles", "fanotify"):
+        raise ConfigError(f"invalid kernel path (--kernel-path, formerly --backend) {chosen!r}: use auto, cachefiles "
+                          "or fanotify")
     ready = ready_file or file_values.get("ready_file")
     stats = stats_file or file_values.get("stats_file")
     if read_window:
@@ -519,7 +535,7 @@ def build_config(
         stats_file=Path(stats) if stats else None,
         device=Path(device or file_values.get("device") or "/dev/cachefiles"),
         work_dir=Path(str(work_dir or file_values.get("work_dir") or "/var/lib/fscached")).resolve(),
-        backend=chosen_backend,
+        kernel_path=chosen,
         read_window=window,
         cache_budget=budget,
         brun=limits["brun"],

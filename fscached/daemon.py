@@ -1,174 +1,501 @@
-"""The daemon: load the images, take a kernel path (fanotify or cachefiles), mount what it was
-asked to, serve until told to stop."""
+"""The daemon: take a kernel path (fanotify or cachefiles), serve the images bound to it, mount
+what it was asked to, survive restarts, stop without ever leaving a reader to holes.
+
+    INIT ──> READY ──> RUNNING ──> STOPPING ──> STOPPED
+      │        │                      ^
+      └────────┴──────────────────────┘
+
+INIT: loading, or waiting for a takeover (a failover restart, a hot upgrade). READY: the kernel
+path is served and the images bound, not yet started (nydusd's `start`; a hot upgrade waits
+here while its predecessor still serves). RUNNING. STOPPING: a stop was asked for; no new bind
+is taken; the daemon serves until nothing it must watch is read (or hands over). STOPPED.
+
+Images are `fscached.images.Image` state machines in `self.images`; the catalog
+(fscached.core.catalog) holds what the frontend serves. Every restart, however it comes (a
+keeper or systemd's fd store kept the kernel fds, nydus-snapshotter's supervisor gives them
+back at a takeover), goes through one path: the carried fds and the hand-over state are taken
+(`_take_carried`), the binds of the state are put back (`_restore_binds`), and the mounts still
+there are adopted by the same code that mounts (`_mount`).
+"""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import enum
+import errno
 import json
 import logging
 import os
 import signal
+import stat
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Coroutine, TypeVar, Union
+from typing import Any, TypeVar
 
 from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
-from fscached import cache_gc
-from fscached.util import mounts
-from fscached.kernel_path import choose_backend
 from erofs_image.reader import Bootstrap
-from fscached.core.catalog import Catalog, CatalogError, open_bootstrap
+from fetcher.auth import make_credentials
+from fetcher.registry import RegistrySource
+from fscached.cache_gc import CacheJanitor
 from fscached.config import Config, ImageSpec, ProfileSpec
-from fscached.frontends.fanotify.frontend import FanotifyServer
-from fscached.lifecycle.state import FD_CACHEFILES
+from fscached.core.catalog import Catalog, CatalogError, open_bootstrap
 from fscached.core.profile import ProfileError, StartupProfile, bootstrap_digest
 from fscached.core.profile_recorder import ProfileRecorders
-from fscached.frontends.cachefiles import Server
 from fscached.core.sources import SourcePool
-from fscached.util.files import write_atomic
-
-if TYPE_CHECKING:
-    from fscached.lifecycle.systemd import Service
+from fscached.frontends.base import Frontend, KernelPathLost
+from fscached.frontends.cachefiles import CachefilesFrontend, RestoreUnsupported
+from fscached.frontends.cachefiles.frontend import NEEDS_NEWER_KERNEL
+from fscached.frontends.fanotify.frontend import FanotifyFrontend
+from fscached.images import AlreadyBound, BusyError, Image, ImageState, ImageTable, MountpointTaken, NotBound
+from fscached.kernel_path import choose_kernel_path
+from fscached.lifecycle import fdnames
+from fscached.lifecycle.carriers import FdCarrier, KeeperCarrier, SystemdStore, close_all
+from fscached.lifecycle.state import (Bind, CachefilesInfo, FanotifyPointers, HandoverError, HandoverState, encode,
+                                      read_state)
+from fscached.lifecycle.state_memfd import StateMemfd
+from fscached.lifecycle.supervisor import FailoverError, Supervisor
+from fscached.lifecycle.systemd import Service, SystemdError
+from fscached.util import mounts
+from fscached.util.buildinfo import package_version
+from fscached.util.files import check_writable, write_atomic
 
 log = logging.getLogger("fscached")
+supervisor_log = logging.getLogger("fscached.supervisor")
 
 WORKER_THREADS = 4
 DRAIN_SECONDS = 10.0
-# a stop that hands over (fscached.lifecycle.supervisor): READs in flight get this long to finish with their
-# data; the rest are left unanswered for the successor, whose `restore` has the kernel send them again
+# a stop that hands over: READs in flight get this long to finish with their data; the rest
+# are left unanswered for the successor
 HANDOVER_DRAIN_SECONDS = 2.0
-
-Frontend = Union[Server, FanotifyServer]
+# a stop that must go on serving (a busy mount, a detached mount still read): how often it
+# looks again whether nothing reads any more
+STILL_SERVING_POLL = 1.0
 T = TypeVar("T")
 
+__all__ = ["AlreadyBound", "BusyError", "Daemon", "DaemonState", "MountpointTaken", "NotBound"]
 
-class BusyError(Exception):
-    """An image cannot be dropped now: it is mounted and in use."""
+
+class DaemonState(enum.Enum):
+    INIT = "INIT"
+    READY = "READY"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+
+
+_DAEMON_MOVES = {
+    DaemonState.INIT: {DaemonState.READY, DaemonState.STOPPING},
+    DaemonState.READY: {DaemonState.RUNNING, DaemonState.STOPPING},
+    DaemonState.RUNNING: {DaemonState.STOPPING},
+    DaemonState.STOPPING: {DaemonState.STOPPED},
+    DaemonState.STOPPED: set(),
+}
+
+
+class NotServing(Exception):
+    """A request that needs the daemon READY or RUNNING came in another state."""
 
 
 class Daemon:
-    # how the cachefiles device is made: from its path, or from an fd systemd kept (tests put a
-    # simulator's device class here)
+    # how the cachefiles device is made: from its path, or from an fd a carrier kept (tests put
+    # a simulator's device class here)
     device_class: type[CachefilesDevice] = CachefilesDevice
 
     def __init__(self, config: Config, device: CachefilesDevice | None = None,
-                 service: Service | None = None) -> None:
+                 service: Service | None = None, *, autostart: bool = True) -> None:
         self.config = config
-        # run by systemd (fscached.lifecycle.systemd): fds from its store, READY/WATCHDOG/FDSTORE to it
-        self.service = service
-        self._restore = False  # cachefiles: the device came back from the fd store: `restore`
-        self._device_kept = False
-        # images a predecessor bound at run time (from its hand-over state in the fd store)
-        self.restored_images: list[ImageSpec] = []
+        self.service = service  # run by systemd: READY/WATCHDOG/FDSTORE to it
+        self.autostart = autostart  # READY -> RUNNING at once (nydusd's singleton does it itself)
+        self.upgrade = False  # a hot upgrade's new process: a takeover waits for start to read the kernel path
         self.catalog = Catalog()
+        self.images = ImageTable()
         self.pool = SourcePool()
-        self.loaded = False
-        self._given_device = device  # tests and failover: an already open device (cachefiles)
-        self.backend = "cachefiles" if device is not None else config.backend
+        self.janitor = CacheJanitor(config)
+        self.recorders = ProfileRecorders(config.work_dir)
         self.executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="fscached-io")
-        self.server: Frontend | None = None
-        self.mounted: list[Path] = []
+        self.kernel_path = "cachefiles" if device is not None else config.kernel_path
+        self.frontend: Frontend | None = None
+        self.exit_code = 0
+        self.loaded = False
+        self._state = DaemonState.INIT
+        self._given_device = device  # tests and a takeover: an already open device (cachefiles)
+        # what outlives this process: its carrier (keeper / systemd's fd store), the state it
+        # keeps, and nydus-snapshotter's supervisor when there is one
+        self.carrier: FdCarrier | None = SystemdStore(service) if service is not None else None
+        # the keeper (fanotify outside systemd): asked at start whether it holds a group
+        self.keeper = KeeperCarrier(config.cache_dir / ".fscached" / "keeper.sock", config.cache_dir / "blobs")
+        self._from_keeper = False  # run by systemd for the first time, the keeper of a manual run held the group
+        self.supervisor: Supervisor | None = None
+        # a takeover's device from the supervisor's fd (tests: the kernel simulator's)
+        self.device_factory: Callable[[int], CachefilesDevice] | None = None
+        self._carried: dict[str, int] = {}
+        self._state_memfd: StateMemfd | None = None
+        self._restored: HandoverState | None = None
+        # another process holds our kernel fd too (a supervisor, a successor): a stop is then a
+        # hand-over; mounts stay, and nothing is answered without its data
+        self._handing_over = False
+        self._taken_over = False
         self._stop = asyncio.Event()
+        self._started = asyncio.Event()  # READY -> RUNNING (a hot upgrade waits for it)
+        self._took_over = asyncio.Event()
+        self._armed = False  # run() reads the kernel path
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._stop_before_start = False
-        self.exit_code = 0
-        # True from the moment run() answers the kernel (and has mounted what it was asked to)
-        # until it starts stopping: the control API (fscached.api.server) binds images only then
-        self.serving = False
-        # Another process holds our kernel fd too (a failover supervisor, a successor): a stop
-        # is then a hand-over. Its mounts stay, and no READ is completed without its data (a
-        # reader would see EIO); the requests left go back to the kernel's queue (`restore`)
-        # for the successor. Set by fscached.lifecycle.supervisor (sendfd, takeover).
-        self.handing_over = False
-        # start-up profiles: recordings (record_profile=), and the manifest digest of each pulled
-        # image (its profile is a referrer of that manifest in the registry)
-        self.recorders = ProfileRecorders(config.work_dir)
+        self._operations: set[asyncio.Task[Any]] = set()  # binds and unbinds in progress
+        # start-up profiles: the manifest digest of each pulled image (its profile is a
+        # referrer of that manifest in the registry); counters before a frontend exists
         self.manifest_digests: dict[tuple[str, str], str] = {}
-        # profile_ranges_loaded / profile_rejected before a frontend exists (then its stats)
         self.profile_stats: Counter[str] = Counter()
 
+    # -- the daemon's state ---------------------------------------------------------------------
+    @property
+    def state(self) -> DaemonState:
+        return self._state
+
+    def _move(self, to: DaemonState) -> None:
+        if to == self._state:
+            return
+        if to not in _DAEMON_MOVES[self._state]:
+            raise AssertionError(f"daemon: {self._state.value} -> {to.value} is not a transition")
+        log.debug("daemon: %s -> %s", self._state.value, to.value)
+        self._state = to
+
+    @property
+    def serving(self) -> bool:
+        """READY or RUNNING with the kernel path read: binds are taken. (A hot upgrade's new
+        process is READY after its takeover, but reads nothing until start.)"""
+        return self._armed and self._state in (DaemonState.READY, DaemonState.RUNNING)
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for (the daemon may still be unmounting and draining)."""
+        return self._stop.is_set() or self._stop_before_start or self._state in (DaemonState.STOPPING,
+                                                                                   DaemonState.STOPPED)
+
+    @property
+    def handing_over(self) -> bool:
+        return self._handing_over
+
+    @property
+    def taken_over(self) -> bool:
+        return self._taken_over
+
+    def start_service(self) -> None:
+        """nydusd's `start`: READY -> RUNNING. A hot upgrade's new process writes `restore`
+        now (the old one was told to exit) and starts reading the kernel path."""
+        if self._state == DaemonState.RUNNING:
+            return
+        if self._state != DaemonState.READY:
+            raise NotServing(f"cannot start from state {self._state.value}")
+        self._move(DaemonState.RUNNING)
+        if self.frontend is not None:
+            self.frontend.started()
+        if not self._started.is_set():
+            self._started.set()
+
+    # -- start: what a predecessor left, the configured images ------------------------------------
     async def load(self) -> None:
-        """Open every image's bootstrap (pulling it from its registry when needed) and build
-        its sources. Errors are CatalogError / SourceError, worded for the user."""
+        """Check the output files, take what a carrier kept (fds and the hand-over state), and
+        open every configured image's bootstrap (pulling it when needed) and every image a
+        predecessor bound at run time. Errors are user-worded (CatalogError, SourceError,
+        FileWriteError, SystemdError)."""
+        for path, what in ((self.config.ready_file, "--ready-file"), (self.config.stats_file, "--stats-file")):
+            if path is not None:
+                check_writable(path, what)  # before anything is mounted
+        self._take_carried()
         for spec in self.config.images:
-            path = spec.bootstrap
-            if path is None:
-                path = await self.pull_image_bootstrap(spec)
-            self.catalog.add_image(spec, path, self.pool.chain(spec))
-            await self._start_profiles(spec, path)
-        if self.service is not None and self.service.state is not None:
-            await self._bind_restored(self.service.state.run_time_images)
+            image = self.images.reserve(spec, run_time=False)
+            try:
+                await self._add_to_catalog(image)
+            except BaseException:
+                image.move(ImageState.FAILED)
+                self.images.forget(image)
+                raise
+        if self._restored is not None:
+            await self._restore_binds(self._restored)
         self.loaded = True
 
-    async def _bind_restored(self, specs: tuple[ImageSpec, ...]) -> None:
-        """The images a predecessor bound at run time, bound again before the kernel asks."""
-        for spec in specs:
-            if (spec.volume, spec.fsid) in self.catalog.images:
-                continue  # configured now
-            try:
-                path = spec.bootstrap if spec.bootstrap is not None else await self.pull_image_bootstrap(spec)
-                self.catalog.add_image(spec, path, self.pool.chain(spec))
-            except Exception as exc:  # one image that cannot come back must not stop the others
-                log.error("image %s, bound at run time before the restart, cannot be bound again: %s", spec.fsid, exc)
+    def _take_carried(self) -> None:
+        """What a carrier kept for us (a restart): the kernel fds, by name, and the state."""
+        fanotify_possible = self._given_device is None and self.kernel_path in ("auto", "fanotify")
+        carried = self.carrier.take() if self.carrier is not None else {}
+        if fanotify_possible and fdnames.FANOTIFY_GROUP not in carried:
+            from_keeper = self.keeper.take()  # a keeper kept the group of a daemon that died
+            if fdnames.FANOTIFY_GROUP in from_keeper:
+                close_all(carried)
+                carried = from_keeper
+                self._from_keeper = self.carrier is not None  # under systemd now: the keeper goes later
+                if self.carrier is None:
+                    self.carrier = self.keeper
+            else:
+                close_all(from_keeper)
+        if not carried:
+            return
+        what = self.keeper.what if self._from_keeper or self.carrier is None else self.carrier.what
+        state_fd = carried.pop(fdnames.STATE, None)
+        if state_fd is not None:
+            memfd = StateMemfd.adopt(state_fd)
+            got = StateMemfd.read(state_fd) if memfd is not None else None
+            if memfd is None or got is None:
+                os.close(state_fd)
+                log.warning("the hand-over state %s kept cannot be read: images bound at run time are not "
+                            "bound again", what)
+            else:
+                self._state_memfd = memfd
+                try:
+                    self._restored = read_state(got[1])
+                except HandoverError as exc:
+                    log.error("%s: images bound at run time are not bound again", exc)
+        self._carried = carried
+        for name, path in ((fdnames.FANOTIFY_GROUP, "fanotify"), (fdnames.CACHEFILES, "cachefiles")):
+            if name in carried:
+                if self.kernel_path not in ("auto", path):
+                    close_all(carried)
+                    self._carried = {}
+                    raise SystemdError(f"{what} holds a {path} kernel fd (a previous fscached served "
+                                       f"through {path}) but the kernel path asked for is {self.kernel_path}: run "
+                                       f"with --kernel-path {path}, or stop the service, unmount its images and "
+                                       "start it again")
+                self.kernel_path = path
+
+    async def _restore_binds(self, state: HandoverState) -> None:
+        """The one rebind path after any restart: the images a predecessor bound at run time
+        (or all of them, at a takeover), put back in the catalog before the kernel path is
+        taken, so no request for them finds them unknown. One that cannot come back is logged
+        (its mounts get errors) and the others are served."""
+        restored = []
+        for bind in state.binds:
+            spec = bind.spec
+            if not bind.run_time and not self._taken_over:
+                continue  # configured: this daemon's own configuration says what it serves
+            if self.images.get(spec.volume, spec.fsid) is not None:
                 continue
+            try:
+                image = self.images.reserve(spec, run_time=True)
+            except (AlreadyBound, MountpointTaken) as exc:
+                log.error("image %s, bound before the restart, cannot be bound again: %s", spec.fsid, exc)
+                continue
+            try:
+                path = bind.served_bootstrap if bind.served_bootstrap is not None and bind.served_bootstrap.is_file() \
+                    else None
+                await self._add_to_catalog(image, path)
+            except Exception as exc:  # one image that cannot come back must not stop the others
+                log.error("image %s, bound before the restart, cannot be bound again: %s", spec.fsid, exc)
+                image.move(ImageState.FAILED)
+                self.images.forget(image)
+                continue
+            got = tuple(blob.info.blob_id for blob in self.catalog.devices.get(image.key, []))
+            if bind.blob_ids and got != bind.blob_ids:
+                log.warning("image %s: its bootstrap now names other blobs than the previous daemon served "
+                            "(%d vs %d): was it replaced?", spec.fsid, len(got), len(bind.blob_ids))
+            restored.append(spec.fsid)
+        if restored:
+            log.info("bound again %d image(s) bound at run time before the restart: %s", len(restored),
+                     ", ".join(restored))
+
+    async def _add_to_catalog(self, image: Image, bootstrap: Path | None = None,
+                              parsed: Bootstrap | None = None) -> Path:
+        """Pull (a `ref`) and parse (in a worker thread: never on the loop) the image's
+        bootstrap, serve it in the catalog, start its profiles. Returns the bootstrap served."""
+        spec = image.spec
+        path = bootstrap or spec.bootstrap
+        if path is None:
+            path = await self.pull_image_bootstrap(spec)
+        if parsed is None:
+            parsed = await asyncio.to_thread(open_bootstrap, spec, path)
+        self.catalog.add_image(spec, path, self.pool.chain(spec), parsed)
+        try:
             await self._start_profiles(spec, path)
-            self.restored_images.append(spec)
-        if self.restored_images:
-            log.info("bound again %d image(s) bound at run time before the restart: %s",
-                     len(self.restored_images), ", ".join(spec.fsid for spec in self.restored_images))
+        except BaseException:
+            self._drop_from_catalog(spec)
+            raise
+        return path
 
-    def bind(self) -> None:
+    def _drop_from_catalog(self, spec: ImageSpec) -> list[str]:
+        boot, dropped = self.catalog.remove_image(spec.volume, spec.fsid)
+        if self.frontend is not None:
+            self.frontend.image_removed(boot, dropped)
+        return [blob.info.blob_id for blob in dropped]
+
+    # -- the kernel path ------------------------------------------------------------------------
+    def take_kernel_path(self) -> None:
         """Choose the kernel path and take it: the device bound (cachefiles), or the group made
-        or taken back and every cache file marked (fanotify). Errors are user-worded
-        (CachefilesError, FanotifyError, BackendError, KeeperError)."""
-        self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        or taken back and every cache file marked (fanotify); then hand what must outlive this
+        process to its carrier. Errors are user-worded (CachefilesError, FanotifyError,
+        KernelPathError, KeeperError, OSError); a failed start leaves no cache dir it made."""
+        cache_dir = self.config.cache_dir
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"cache dir {cache_dir} is not a directory", str(cache_dir))
         why = "asked for"
-        service = self.service
-        if service is not None:
-            from fscached.lifecycle.systemd import stored_backend
-
-            self.backend, why = stored_backend(service, self.backend, why)
-        if (self.backend == "auto" or self.backend == "fanotify") and why == "asked for":
-            self.backend, why = choose_backend(self.backend, self.config.cache_dir, self.config.device)
-        if self.backend == "fanotify":
-            server = FanotifyServer(self.catalog, self.executor, self.config.cache_dir, self.config.read_window)
-            if service is not None:
-                from fscached.lifecycle.systemd import FanotifyStore
-
-                server.open(FanotifyStore(service))  # systemd's fd store instead of the keeper
-            else:
-                server.open()
-            self.server = server
-        else:
-            check_cache_dir(str(self.config.cache_dir))  # the most specific error first
-            kept = service.take(FD_CACHEFILES) if service is not None else None
-            if kept is not None:
-                # bound by a predecessor, kept by systemd: no dir/bind again, `restore` once the
-                # reader is armed (run())
-                device = self.device_class.from_fd(kept, path=str(self.config.device))
-                self._restore = self._device_kept = True
-                log.info("took %s back from systemd's fd store: the requests in flight come again (restore)",
-                         self.config.device)
-            else:
-                device = self._given_device or self.device_class(str(self.config.device))
-                if not device.is_open:  # not handed over already open (simulator, failover)
-                    device.open()
-                device.bind(str(self.config.cache_dir), self.config.tag,
-                            block_limits=(self.config.brun, self.config.bcull, self.config.bstop))
-                if service is not None:
-                    from fscached.lifecycle.systemd import keep_device
-
-                    keep_device(service, device)
-            self.server = Server(device, self.catalog, self.executor, self.config.read_window)
-        self.server.recorders = self.recorders
-        self.server.stats.update(self.profile_stats)  # counted while loading: the frontend's from now on
-        self.profile_stats = self.server.stats
+        made = _missing_dirs(cache_dir)
+        try:
+            if fdnames.FANOTIFY_GROUP in self._carried or fdnames.CACHEFILES in self._carried:
+                why = f"taken back from {self.carrier.what if self.carrier else 'a predecessor'}"
+            elif self.kernel_path in ("auto", "fanotify") and self._given_device is None:
+                cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the probe marks a file in it
+                self.kernel_path, why = choose_kernel_path(self.kernel_path, cache_dir, self.config.device)
+            self._take_kernel_path()
+        except BaseException:
+            for directory in made:  # deepest first; only while empty
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+            raise
         # logged once it worked: a start-up error stays the one line on stderr
-        log.info("kernel path: %s (%s)", self.backend, why)
+        log.info("kernel path: %s (%s)", self.kernel_path, why)
 
+    def _take_kernel_path(self) -> None:
+        if self.kernel_path == "fanotify":
+            self._take_fanotify()
+        else:
+            self._take_cachefiles()
+        assert self.frontend is not None
+        self.frontend.recorders = self.recorders
+        self.frontend.stats.update(self.profile_stats)  # counted while loading: the frontend's from now on
+        self.profile_stats = self.frontend.stats
+        self.janitor.attach(self.frontend)
+
+    def _take_fanotify(self) -> None:
+        if self.carrier is None:
+            self.carrier = self.keeper
+        frontend = FanotifyFrontend(self.catalog, self.executor, self.config.cache_dir, self.config.read_window)
+        carried, self._carried = self._carried, {}
+        took_group = fdnames.FANOTIFY_GROUP in carried
+        frontend.open(carried)
+        if took_group:
+            log.info("took the fanotify group back from %s (%d write fds)",
+                     self.keeper.what if self._from_keeper or self.carrier is self.keeper else self.carrier.what,
+                     sum(1 for cf in frontend.files.values() if cf.write_fd is not None))
+        else:
+            self.carrier.start()
+        self.frontend = frontend
+        frontend.on_fds_changed = self._keep_fds
+        self._keep_state()  # the group is carried before anything can mount its files
+        if self._from_keeper:
+            # systemd holds the group now: the keeper of the manual run lets go (it never lapses)
+            self.keeper.dismiss()
+
+    def _take_cachefiles(self, device: CachefilesDevice | None = None, *, taken_over: bool = False,
+                         shared: bool = False) -> CachefilesFrontend:
+        if self.carrier is self.keeper:
+            self.carrier = None  # the keeper carries the fanotify path only
+        kept_fd = self._carried.pop(fdnames.CACHEFILES, None)
+        close_all(self._carried)
+        self._carried = {}
+        restarted = device is None and kept_fd is not None
+        if device is None and kept_fd is not None:
+            # bound by a predecessor, kept by a carrier: no dir/bind again, `restore` once the
+            # reader is armed (start_background)
+            device = self.device_class.from_fd(kept_fd, path=str(self.config.device))
+            log.info("took %s back from %s: the requests in flight come again (restore)", self.config.device,
+                     self.carrier.what if self.carrier else "a predecessor")
+        if device is None:
+            device = self._given_device or self.device_class(str(self.config.device))
+            if not device.is_open:  # not handed over already open (simulator): no cache dir made before
+                device.open()
+            self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            check_cache_dir(str(self.config.cache_dir))  # the most specific error first
+            device.bind(str(self.config.cache_dir), self.config.tag,
+                        block_limits=(self.config.brun, self.config.bcull, self.config.bstop))
+        frontend = CachefilesFrontend(device, self.catalog, self.executor, self.config.cache_dir,
+                                      self.config.read_window, kept=restarted or taken_over,
+                                      requeue_at_start=restarted, shared=shared,
+                                      space_limits=(self.config.brun, self.config.bcull, self.config.bstop))
+        self.frontend = frontend
+        if self.carrier is not None:
+            why_not = frontend.resumable()
+            if why_not is None:
+                self._keep_state()
+            else:
+                self.carrier = None
+                log.warning("%s: the device is not kept for the next process: after a restart or a crash the "
+                            "mounts it serves fail with EIO and must be mounted again", why_not)
+        return frontend
+
+    # -- what outlives this process ---------------------------------------------------------------
+    def handover_state(self, fd_names: list[str] | None = None) -> HandoverState:
+        """The running daemon's hand-over state: every image it serves (configured and bound at
+        run time, in bind order, with the credentials in use), its kernel path and where it
+        keeps what outlives it. Call it on the daemon's loop."""
+        frontend = self.frontend
+        if frontend is None:
+            raise HandoverError("the daemon has not taken a kernel path yet: nothing to hand over")
+        binds = []
+        for image in self.images:
+            if image.key not in self.catalog.images:
+                continue
+            binds.append(Bind(
+                self._with_credentials_in_use(image.spec),
+                run_time=image.run_time,
+                served_bootstrap=self.catalog.bootstrap_of(image.spec).path,
+                blob_ids=tuple(blob.info.blob_id for blob in self.catalog.devices.get(image.key, [])),
+            ))
+        pointers = frontend.pointers()
+        fanotify = cachefiles = None
+        if frontend.kernel_path == "fanotify":
+            fanotify = FanotifyPointers(**pointers)
+        else:
+            cachefiles = CachefilesInfo(self.config.device, self.config.tag)
+        names = list(frontend.carried_fds()) if fd_names is None else fd_names
+        return HandoverState(frontend.kernel_path, self.config.cache_dir, tuple(binds), self.config.work_dir,
+                             tuple(names), fanotify, cachefiles, package_version())
+
+    def capture_state(self, fd_names: list[str] | None = None) -> bytes:
+        return encode(self.handover_state(fd_names))
+
+    def _with_credentials_in_use(self, spec: ImageSpec) -> ImageSpec:
+        """The spec with the registry credentials its source uses now (PUT /api/v1/config
+        renews them in the source, not in the spec; a successor must not fall back to stale
+        ones)."""
+        if spec.registry is None:
+            return spec
+        credentials = self.pool.registry(spec.registry).credentials
+        if credentials is None:
+            return spec
+        auth = credentials.as_auth()
+        if auth == spec.registry.auth:
+            return spec
+        return dataclasses.replace(spec, registry=dataclasses.replace(spec.registry, auth=auth))
+
+    def _keep_state(self) -> None:
+        """Write the hand-over state into its memfd and give the carrier everything a
+        successor needs. After every bind and unbind, on the daemon's loop."""
+        if self.carrier is None or self.frontend is None:
+            return
+        try:
+            data = self.capture_state()
+        except HandoverError as exc:
+            log.error("the hand-over state cannot be written: %s", exc)
+            data = b""
+        memfd = self._state_memfd
+        if data and (memfd is None or not memfd.holds(data)):
+            bigger = StateMemfd(max(64 << 10, 1 << (2 * len(data)).bit_length()))
+            if memfd is not None:
+                memfd.close()
+            memfd = self._state_memfd = bigger
+        if data and memfd is not None:
+            memfd.write(data)
+        self._keep_fds()
+
+    def _keep_fds(self) -> None:
+        if self.carrier is None or self.frontend is None:
+            return
+        fds = self.frontend.carried_fds()
+        if self._state_memfd is not None:
+            fds[fdnames.STATE] = self._state_memfd.fd
+        try:
+            self.carrier.give(fds)
+        except Exception as exc:  # a keeper that went away: readers still have this daemon
+            log.error("%s could not take the fds a successor needs: %s", self.carrier.what, exc)
+
+    # -- run --------------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         with self._loop_lock:
@@ -177,244 +504,320 @@ class Daemon:
                 self._stop.set()
         if not self.loaded:
             await self.load()
-        if self.server is None:
-            self.bind()
-        server = self.server
-        assert server is not None
-        fd = server.fileno()
+        if self.frontend is None:
+            self.take_kernel_path()
+        frontend = self.frontend
+        assert frontend is not None
+        fd = frontend.fileno()
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_readable)
+        self._armed = True
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop.set)
+                loop.add_signal_handler(sig, self.stop)
             loop.add_signal_handler(signal.SIGUSR1, self.write_stats)
         self._on_readable()  # anything queued before the reader was armed
-        if self._restore and isinstance(server, Server):
-            self._restore = False
-            try:
-                server.device.restore()  # the READs the dead daemon had taken come again
-            except CachefilesError as exc:
-                log.error("%s", exc)
-        server.start_background()
+        frontend.start_background()
         let_go = True
         try:
             try:
-                await self._mount_all(server)
-            except (OSError, ValueError) as exc:
+                await self._mount_all()
+            except (OSError, ValueError, CatalogError) as exc:
                 log.error("%s", exc)
                 self.exit_code = 1
                 self._stop.set()
-            images = ", ".join(f"{s.fsid}" + (f" (domain {s.domain})" if s.domain else "") for s in self.config.images)
-            log.info("serving %d image(s) from cache %s through %s: %s", len(self.config.images),
-                     self.config.cache_dir, self.backend, images or "none")
-            self.serving = not self._stop.is_set()
-            if self.service is not None and self.serving:
-                self.service.close_unused()
-                self.service.store_state(self)
-                self.service.ready(f"serving {len(self.catalog.images)} image(s) through {self.backend}")
-            if self.config.ready_file and not self._stop.is_set():
-                write_atomic(self.config.ready_file, f"{os.getpid()}\n", mode=0o644)
-            cache_gc.start(self)  # the cache budget's periodic check, when one is configured
-            let_go = await self._serve_until_unmounted(server)
+            specs = [image.spec for image in self.images]
+            names = ", ".join(f"{s.fsid}" + (f" (domain {s.domain})" if s.domain else "") for s in specs)
+            log.info("serving %d image(s) from cache %s through %s: %s", len(specs), self.config.cache_dir,
+                     self.kernel_path, names or "none")
+            if not self._stop.is_set():
+                if self._state == DaemonState.INIT:
+                    self._move(DaemonState.READY)
+                if self.autostart:
+                    self.start_service()
+                self._keep_state()
+                if self.service is not None:
+                    self.service.close_unused()
+                    self.service.ready(f"serving {len(self.catalog.images)} image(s) through {self.kernel_path}")
+                if self.config.ready_file:
+                    write_atomic(self.config.ready_file, f"{os.getpid()}\n", mode=0o644)
+            self.janitor.start()  # the cache budget's periodic check, when one is configured
+            let_go = await self._serve_until_nothing_reads()
         finally:
-            self.serving = False
-            await cache_gc.stop(self)
-            await self.recorders.finish_all("the daemon stops")
-            handing_over = self.handing_over and isinstance(server, Server)
-            loop.remove_reader(fd)
-            if handing_over:
-                assert isinstance(server, Server)
-                server.handing_over = True  # from now on a READ without its data is left, not completed
-                log.info("stopping for a hand-over: %d request(s) in flight get %.0f s to finish with their data, "
-                         "the rest are left to the successor", len(server.tasks), HANDOVER_DRAIN_SECONDS)
-                await server.drain(HANDOVER_DRAIN_SECONDS)
-            else:
-                log.info("stopping: completing %d request(s) in flight", len(server.tasks))
-                await server.drain(DRAIN_SECONDS)
-            # no write into a cache fd is left running; waited for off the event loop
-            await asyncio.to_thread(self.executor.shutdown, True)
-            if isinstance(server, FanotifyServer):
-                server.release_all(let_go=let_go)
-            else:
-                server.release_all()
-                if handing_over:
-                    _requeue_for_successor(server)
-                if self.service is not None and let_go:
-                    self.service.release()  # nothing mounted: the next start binds afresh
-                server.device.close()
-            if self.service is not None:
-                if not let_go and self.service.can_store:
-                    log.info("systemd's fd store keeps the kernel fd and the state: the next start takes them back")
-                self.service.stop_watchdog()
-            self.write_stats()
-            if self.pool.sources():  # none when no image was ever served (an API-only start)
-                await self.pool.close()
-            log.info("stopped")
+            await self._finish(frontend, let_go)
         return self.exit_code
 
-    async def _mount_all(self, server: Frontend) -> None:
-        """Mount every image with a mountpoint, once the kernel's questions can be answered."""
-        for spec in [*self.config.images, *self.restored_images]:
-            await self._mount(server, spec)
-
-    async def _mount(self, server: Frontend, spec: ImageSpec) -> None:
-        if spec.mountpoint is None:
-            return
-        source, options = server.mount_args(spec)
-        present = mounts.erofs_mount_table()
-        if str(spec.mountpoint) in present:
-            there, mount_id = present[str(spec.mountpoint)]
-            if (isinstance(server, FanotifyServer) and server.takeover and there == source
-                    and server.is_watched(str(spec.mountpoint), mount_id)):
-                log.info("image %s: still mounted on %s, served again", spec.fsid, spec.mountpoint)
-                self.mounted.append(spec.mountpoint)
-                return
-            if isinstance(server, Server) and self._device_kept and self._fscache_mount_of(spec):
-                log.info("image %s: still mounted on %s, served again", spec.fsid, spec.mountpoint)
-                self.mounted.append(spec.mountpoint)
-                return
-            raise OSError(f"image {spec.fsid}: {spec.mountpoint} is already mounted (from {there}), "
-                          f"not by a daemon whose watch is still alive; unmount it first (umount {spec.mountpoint})")
-        await asyncio.to_thread(mounts.mount_erofs, source, spec.mountpoint, options)
-        self.mounted.append(spec.mountpoint)
-        self.recorders.started(spec.volume, spec.fsid)  # a recording's clock starts at the mount
-        log.info("image %s mounted on %s", spec.fsid, spec.mountpoint)
-
-    # -- images at run time (the control API) ------------------------------------------------
-    async def add_image(self, spec: ImageSpec, profile: ProfileSpec | None = None,
-                        parsed: Bootstrap | None = None) -> None:
-        """Serve one more image while the others are mounted and read (CatalogError, SourceError,
-        OSError for a failed mount: then the image is not served). `profile`: its start-up
-        profile keys (the bind's record_profile / profile), kept in config.profiles. `parsed`:
-        its bootstrap if the caller parsed it already; else it is parsed in a worker thread
-        (never on the loop: the other images' reads go on meanwhile)."""
-        server = self.server
-        assert server is not None
-        path = spec.bootstrap if spec.bootstrap is not None else await self.pull_image_bootstrap(spec)
-        if parsed is None:
-            parsed = await asyncio.to_thread(open_bootstrap, spec, path)
-        self.catalog.add_image(spec, path, self.pool.chain(spec), parsed)
-        if profile is not None:
-            if profile == ProfileSpec():
-                self.config.profiles.pop((spec.volume, spec.fsid), None)
+    async def _finish(self, frontend: Frontend, let_go: bool) -> None:
+        if self._state != DaemonState.STOPPING:
+            self._move(DaemonState.STOPPING)
+        await self.janitor.stop()
+        await self.recorders.finish_all("the daemon stops")
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(frontend.fileno())
+        self._armed = False
+        if self._handing_over:
+            frontend.begin_hand_over()  # from now on a request without its data is left, not failed
+        await frontend.drain(HANDOVER_DRAIN_SECONDS if self._handing_over else DRAIN_SECONDS)
+        # no write into a cache fd is left running; waited for off the event loop
+        await asyncio.to_thread(self.executor.shutdown, True)
+        frontend.close(let_go=let_go)
+        if self.carrier is not None:
+            if let_go:
+                self.carrier.dismiss()  # nothing reads through us: the next start is fresh
             else:
-                self.config.profiles[(spec.volume, spec.fsid)] = profile
-        try:
-            await self._start_profiles(spec, path)  # before image_added: it starts the replay
-            server.image_added(spec)
-            await self._mount(server, spec)
-        except BaseException:
-            await self.recorders.finish(spec.volume, spec.fsid, "the bind failed")
-            boot, dropped = self.catalog.remove_image(spec.volume, spec.fsid)
-            server.image_removed(boot, dropped)
-            raise
-        log.info("image %s bound%s", spec.fsid, f" (domain {spec.domain})" if spec.domain else "")
+                log.info("%s keeps the kernel fd and the state: the next start takes them back", self.carrier.what)
+                self.carrier.leave()  # this process ends: the carrier watches from now on
+        if self._state_memfd is not None:
+            self._state_memfd.close()
+            self._state_memfd = None
         if self.service is not None:
-            self.service.store_state(self)  # a restarted daemon binds it again
-
-    async def remove_image(self, volume: str, fsid: str) -> ImageSpec:
-        """Stop serving an image: unmount it if the daemon mounted it, close its objects, drop
-        its blobs' references (a blob shared in a domain stays while another image uses it).
-        CatalogError when unknown (its message holds "blob_cache: cache entry not found");
-        BusyError while it is mounted and in use."""
-        server = self.server
-        assert server is not None
-        spec = self.catalog.images.get((volume, fsid))
-        if spec is None:
-            raise CatalogError(f"blob_cache: cache entry not found: image {fsid} in {volume}")
-        if spec.mountpoint is not None and spec.mountpoint in self.mounted:
-            if not await asyncio.to_thread(mounts.unmount, spec.mountpoint):
-                raise BusyError(f"image {fsid}: {spec.mountpoint} is busy")
-            self.mounted.remove(spec.mountpoint)
-        if isinstance(server, FanotifyServer) and server.serving_mounts_of(spec):
-            # its blobs' marks are all that stands between those readers and holes
-            raise BusyError(f"image {fsid}: still mounted on {', '.join(server.serving_mounts_of(spec))}")
-        await self.recorders.finish(volume, fsid, "the image is unbound")
-        boot, dropped = self.catalog.remove_image(volume, fsid)
-        server.image_removed(boot, dropped)
-        cache_gc.image_released(self, fsid, [blob.info.blob_id for blob in dropped])
-        log.info("image %s unbound (%d blob(s) no longer used)", fsid, len(dropped))
-        if spec in self.restored_images:
-            self.restored_images.remove(spec)
-        if self.service is not None:
-            self.service.store_state(self)
-        return spec
-
-    async def _serve_until_unmounted(self, server: Frontend) -> bool:
-        """Serve until told to stop and what we mounted is unmounted. A busy mount keeps the
-        daemon serving it (it never leaves a mount unwatched). Returns whether nothing of ours
-        is mounted any more (fanotify: the keeper may then let the group go)."""
-        while True:
-            await self._stop.wait()
-            if self.service is not None:
-                self.service.stopping()
-            if self.handing_over:  # the successor serves them: they stay mounted
-                if self.mounted:
-                    log.info("hand-over: %s stay mounted for the successor", ", ".join(map(str, self.mounted)))
-                return False
-            busy = []
-            for mountpoint in list(self.mounted):
-                if await asyncio.to_thread(mounts.unmount, mountpoint):
-                    self.mounted.remove(mountpoint)
-                    log.info("unmounted %s", mountpoint)
-                else:
-                    busy.append(str(mountpoint))
-            if busy and self.service is not None and self.service.keeps_kernel_fd:
-                # run by systemd: its fd store keeps the kernel fd, the next start serves them
-                log.warning("%s busy: left mounted for the next fscached (systemd's fd store keeps the kernel "
-                            "fd; `systemctl stop` drops the store)", ", ".join(busy))
-                self._hand_over_to_next()
-                return False
-            if isinstance(server, Server) and self.service is not None and self.service.keeps_kernel_fd:
-
-                others = [m.mountpoint for m in mounts.fscache_mounts()]
-                if not others:  # our unmounts' CLOSEs come in a moment: wait for them, briefly
-                    deadline = asyncio.get_running_loop().time() + 3.0
-                    while (any(True for _ in server.objects.entries())
-                           and asyncio.get_running_loop().time() < deadline):
-                        await asyncio.sleep(0.05)
-                    if any(True for _ in server.objects.entries()):
-                        others = ["objects the kernel still has open"]  # mounted elsewhere (a namespace)
-                if others:
-                    log.warning("%s still mounted: left to the next fscached (systemd's fd store keeps "
-                                "/dev/cachefiles)", ", ".join(others))
-                    self._hand_over_to_next()
-                    return False
-            if busy:
-                log.error("still serving: %s busy (stop what uses it, then signal again)", ", ".join(busy))
-                self._stop.clear()
-                continue
-            if isinstance(server, FanotifyServer):
-                others = server.still_mounted()
-                if others:
-                    log.warning("%s still mounted: the keeper keeps the fanotify group, so its readers "
-                                "wait for the next fscached instead of reading holes", ", ".join(others))
-                    return False
-            return True
+            self.service.stop_watchdog()
+        self.write_stats()
+        if self.pool.sources():  # none when no image was ever served (an API-only start)
+            await self.pool.close()
+        self._move(DaemonState.STOPPED)
+        log.info("stopped")
 
     def _on_readable(self) -> None:
-        assert self.server is not None
+        assert self.frontend is not None
         try:
-            self.server.on_readable()
-        except CachefilesError as exc:  # the cache died under us: nothing more can be served
+            self.frontend.on_readable()
+        except KernelPathLost as exc:  # the cache died under us: nothing more can be served
             log.error("%s", exc)
             self.exit_code = 1
             self._stop.set()
 
-    def _hand_over_to_next(self) -> None:
-        """A stop under systemd that leaves mounts to the next process: cachefiles READs in
-        flight are not completed without their data (restore has the kernel send them again)."""
-        if isinstance(self.server, Server) and hasattr(self, "handing_over"):
-            self.handing_over = True
+    # -- mounts -------------------------------------------------------------------------------------
+    async def _mount_all(self) -> None:
+        """Mount (or adopt) every image with a mountpoint, once the kernel's questions can be
+        answered; every image then is BOUND."""
+        for image in self.images:
+            if image.state != ImageState.BINDING:
+                continue
+            async with image.lock:
+                try:
+                    await self._mount(image)
+                except BaseException:
+                    if image.run_time:  # restored: the others are served all the same
+                        log.error("image %s, bound before the restart, cannot be mounted again", image.spec.fsid)
+                        self._fail_bind(image)
+                        continue
+                    raise
+                image.move(ImageState.BOUND)
 
-    def _fscache_mount_of(self, spec: ImageSpec) -> bool:
-        assert spec.mountpoint is not None
-        return mounts.fscache_mount_of(spec.mountpoint, spec.fsid, spec.domain)
+    async def _mount(self, image: Image) -> None:
+        spec = image.spec
+        frontend = self.frontend
+        if spec.mountpoint is None or frontend is None:
+            return
+        if self.stopping:
+            raise asyncio.CancelledError()
+        mountpoint = spec.mountpoint
+        await asyncio.to_thread(_check_mountpoint, spec, mountpoint)
+        if await asyncio.to_thread(mounts.is_mountpoint, mountpoint):
+            if frontend.still_ours(spec, mountpoint):
+                log.info("image %s: still mounted on %s, served again", spec.fsid, mountpoint)
+                image.mounted_at = mountpoint
+                return
+            there = mounts.erofs_mounts().get(str(mountpoint))
+            what = f"from {there}" if there is not None else "another filesystem"
+            raise ValueError(f"image {spec.fsid}: {mountpoint} is already a mount point ({what}), not one this "
+                             f"daemon serves; unmount it first (umount {mountpoint})")
+        source, options = frontend.mount_args(spec)
+        await asyncio.to_thread(mounts.mount_erofs, source, mountpoint, options)
+        image.mounted_at = mountpoint
+        self.recorders.started(spec.volume, spec.fsid)  # a recording's clock starts at the mount
+        log.info("image %s mounted on %s", spec.fsid, mountpoint)
 
-    @property
-    def stopping(self) -> bool:
-        """A stop was asked for (the daemon may still be unmounting and draining)."""
-        return self._stop.is_set() or self._stop_before_start
+    # -- images at run time (the control API) ---------------------------------------------------
+    async def bind_image(self, spec: ImageSpec, profile: ProfileSpec | None = None,
+                         parsed: Bootstrap | None = None) -> ImageSpec:
+        """Serve one more image while the others are mounted and read. AlreadyBound (a live
+        bind of the id), MountpointTaken, NotServing, CatalogError, SourceError, ValueError
+        (a bad mountpoint), OSError (a failed mount). Whatever fails, nothing of the bind is
+        left: its mount removed, its blobs no longer served. `profile`: its start-up profile
+        keys; `parsed`: its bootstrap if the caller parsed it already."""
+        if not self.serving or self.frontend is None:
+            raise NotServing(f"the daemon is not serving the kernel (state {self._state.value})")
+        image = self.images.reserve(spec, run_time=True)  # synchronous: a second bind is refused
+        task = asyncio.current_task()
+        if task is not None:
+            self._operations.add(task)
+        try:
+            async with image.lock:
+                await self._bind(image, profile, parsed)
+        finally:
+            if task is not None:
+                self._operations.discard(task)
+        return image.spec
+
+    async def _bind(self, image: Image, profile: ProfileSpec | None, parsed: Bootstrap | None) -> None:
+        spec = image.spec
+        if profile is not None:
+            if profile == ProfileSpec():
+                self.config.profiles.pop(image.key, None)
+            else:
+                self.config.profiles[image.key] = profile
+        created = _missing_dirs(self.config.cache_dir / "blobs" / spec.volume)
+        in_catalog = False
+        try:
+            if self.stopping:
+                raise NotServing("the daemon is stopping")
+            await self._add_to_catalog(image, parsed=parsed)
+            in_catalog = True
+            assert self.frontend is not None
+            self.frontend.image_added(spec)
+            await self._mount(image)
+            if self.stopping:  # a stop came while it was mounting: it unmounts what is BOUND
+                log.info("image %s: bound while the daemon stops", spec.fsid)
+        except BaseException:
+            await self._undo_bind(image, in_catalog, created)
+            raise
+        image.move(ImageState.BOUND)
+        log.info("image %s bound%s", spec.fsid, f" (domain {spec.domain})" if spec.domain else "")
+        self._keep_state()  # a restarted daemon binds it again
+
+    async def _undo_bind(self, image: Image, in_catalog: bool, created: list[Path]) -> None:
+        spec = image.spec
+        if image.mounted_at is not None:
+            mountpoint = image.mounted_at
+            if await asyncio.to_thread(mounts.unmount, mountpoint):
+                image.mounted_at = None
+            else:  # read already: its blobs stay watched, it stays bound; unbind it later
+                log.error("image %s: the bind failed after its mount and %s is busy: left mounted and served",
+                          spec.fsid, mountpoint)
+                image.move(ImageState.BOUND)
+                return
+        await self.recorders.finish(spec.volume, spec.fsid, "the bind failed")
+        if in_catalog:
+            self._drop_from_catalog(spec)
+        for directory in created:  # the cache's volume directory this bind made, when empty
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+        self._fail_bind(image)
+
+    def _fail_bind(self, image: Image) -> None:
+        if image.key in self.catalog.images:
+            self._drop_from_catalog(image.spec)
+        image.move(ImageState.FAILED)
+        self.images.forget(image)
+
+    async def unbind_image(self, volume: str, fsid: str) -> ImageSpec:
+        """Stop serving an image: unmount it if the daemon mounted it, close its objects, drop
+        its blobs' references (a blob shared in a domain stays while another image uses it).
+        NotBound when unknown (its message holds "blob_cache: cache entry not found"); Busy
+        while it is mounted and in use, or its blobs are still read (a mount by hand, a
+        detached mount): then it stays bound. A bind of the same id in progress is waited for."""
+        image = self.images.get(volume, fsid)
+        if image is None:
+            raise NotBound(f"blob_cache: cache entry not found: image {fsid} in {volume}")
+        task = asyncio.current_task()
+        if task is not None:
+            self._operations.add(task)
+        try:
+            async with image.lock:
+                if image.state != ImageState.BOUND:
+                    raise NotBound(f"blob_cache: cache entry not found: image {fsid} in {volume} "
+                                   f"({image.state.value})")
+                image.move(ImageState.UNBINDING)
+                try:
+                    await self._unbind(image)
+                except BaseException:
+                    image.move(ImageState.BOUND)
+                    raise
+                image.move(ImageState.GONE)
+                self.images.forget(image)
+        finally:
+            if task is not None:
+                self._operations.discard(task)
+        return image.spec
+
+    async def _unbind(self, image: Image) -> None:
+        spec = image.spec
+        frontend = self.frontend
+        assert frontend is not None
+        if image.mounted_at is not None:
+            if not await asyncio.to_thread(mounts.unmount, image.mounted_at):
+                raise BusyError(f"image {spec.fsid}: {image.mounted_at} is busy")
+            log.info("unmounted %s", image.mounted_at)
+            image.mounted_at = None
+        # the blobs this unbind would stop serving: nothing else may still read them
+        dropped = [blob for blob in self.catalog.devices.get(image.key, []) if blob.users <= {spec.fsid}]
+        readers = frontend.readers_of(spec, dropped)
+        if readers:
+            raise BusyError(f"image {spec.fsid}: still read through {', '.join(readers)} (a mount by hand, or one "
+                       "detached with umount -l that a process still reads): unmount it, or stop what reads it")
+        await self.recorders.finish(spec.volume, spec.fsid, "the image is unbound")
+        dropped_ids = self._drop_from_catalog(spec)
+        self.janitor.image_released(spec.fsid, dropped_ids)
+        log.info("image %s unbound (%d blob(s) no longer used)", spec.fsid, len(dropped_ids))
+        self._keep_state()
+
+    # -- stop ---------------------------------------------------------------------------------------
+    async def _serve_until_nothing_reads(self) -> bool:
+        """Serve until told to stop; then unmount what we mounted and decide: let the kernel
+        path go (nothing reads through us: True), hand it to whoever carries it for the next
+        process (False), or go on serving what is still read (a busy mount, a mount detached
+        with `umount -l` whose files are open, a mount by hand) until nothing is."""
+        frontend = self.frontend
+        assert frontend is not None
+        await self._stop.wait()
+        self._move(DaemonState.STOPPING)
+        if self.service is not None:
+            self.service.stopping()
+        await self._end_operations()
+        said: str | None = None
+        while True:
+            if self._handing_over:  # the successor serves them: they stay mounted
+                mounted = [str(image.mounted_at) for image in self.images.mounted()]
+                if mounted:
+                    log.info("hand-over: %s stay mounted for the successor", ", ".join(mounted))
+                return False
+            busy = []
+            for image in self.images.mounted():
+                assert image.mounted_at is not None
+                if await asyncio.to_thread(mounts.unmount, image.mounted_at):
+                    log.info("unmounted %s", image.mounted_at)
+                    image.mounted_at = None
+                else:
+                    busy.append(str(image.mounted_at))
+            if not busy and frontend.closing_fails_readers and not self._carries_for_next():
+                return True  # what others mounted gets EIO when the device closes, never holes
+            left = await frontend.readers_left()
+            if not busy and not left:
+                return True
+            if self._carries_for_next():
+                assert self.carrier is not None
+                log.warning("%s busy: left mounted for the next fscached (%s keeps the kernel fd; a stop of the "
+                            "service drops it)", ", ".join(busy + left), self.carrier.what)
+                self._handing_over = True
+                return False
+            what = ", ".join(f"{b} busy" for b in busy) or ", ".join(left) + " still read"
+            if what != said:
+                log.error("still serving: %s (stop what uses it: the daemon stops once nothing does)", what)
+                said = what
+            try:
+                await asyncio.wait_for(self._wait_next_stop(), STILL_SERVING_POLL)
+            except TimeoutError:
+                pass
+
+    async def _wait_next_stop(self) -> None:
+        self._stop.clear()
+        await self._stop.wait()
+
+    def _carries_for_next(self) -> bool:
+        """A carrier that keeps the kernel fd for the next process (systemd's fd store)."""
+        return (self.carrier is not None and self.carrier.hands_to_next_process
+                and (self.service is None or self.service.can_store))
+
+    async def _end_operations(self) -> None:
+        """At a stop: binds in progress are cancelled (each undoes itself), unbinds finish."""
+        for task in list(self._operations):
+            task.cancel()
+        if self._operations:
+            await asyncio.wait(list(self._operations), timeout=DRAIN_SECONDS)
 
     def stop(self) -> None:
         """Thread-safe: ask the daemon to stop (also before run() has started)."""
@@ -430,9 +833,193 @@ class Daemon:
         assert self._loop is not None, "the daemon is not running"
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
+    # -- nydus-snapshotter's supervisor (recover_policy = "failover", hot upgrade) ---------------
+    async def send_fd(self) -> int:
+        """sendfd: give the supervisor the state and the one kernel fd it keeps. Returns the
+        state's size. FailoverError."""
+        if self.supervisor is None:
+            raise FailoverError("sendfd: this daemon has no supervisor: start it with --supervisor PATH "
+                                "(nydus-snapshotter does, with recover_policy = \"failover\")", 400, "BAD_REQUEST")
+        frontend = self.frontend
+        if not self.serving or frontend is None:
+            raise FailoverError(f"sendfd: the daemon is not serving the kernel (state {self._state.value})",
+                                503, "NOT_READY")
+        why_not = frontend.resumable()
+        if why_not is not None:
+            raise FailoverError(f"sendfd refused: {why_not}", 501, "UNSUPPORTED")
+        name = frontend.handover_fd_name  # the supervisor keeps one fd (fanotify: write fds come from events)
+        fd = frontend.carried_fds()[name]
+        try:
+            data = self.capture_state([name])
+        except HandoverError as exc:
+            raise FailoverError(f"sendfd: {exc}") from None
+        await self.supervisor.send(data, fd)
+        self._handing_over = True  # the supervisor holds the kernel fd too: stops hand over
+        log.info("sendfd: state (%d bytes, %d image(s)) and %s given to the supervisor %s", len(data),
+                 len(self.catalog.images), name, self.supervisor.path)
+        return len(data)
+
+    def check_failover_support(self) -> bool:
+        """At start, with a supervisor: say whether a successor could take over (cachefiles
+        needs the kernel's `restore`); True when it could."""
+        why_not = self.frontend.resumable() if self.frontend is not None else "no kernel path taken"
+        if why_not is None:
+            supervisor_log.info("failover: a successor can take over through the supervisor: sendfd / takeover "
+                                "supported")
+            return True
+        supervisor_log.warning("%s", why_not)
+        return False
+
+    async def take_over(self, *, upgrade: bool = False) -> HandoverState:
+        """takeover: receive the state and the kernel fd from the supervisor, bind what the
+        previous daemon served, and (a failover, not a hot upgrade) write `restore`.
+        FailoverError (one line; the daemon stays in INIT, nothing of it kept)."""
+        if self._taken_over:
+            raise FailoverError("takeover: this daemon has already taken over", 400, "BAD_REQUEST")
+        if self._state != DaemonState.INIT or self.frontend is not None:
+            raise FailoverError("takeover: this daemon is not waiting for one (it took the kernel path itself); "
+                                "a daemon restarted for failover waits in INIT", 400, "BAD_REQUEST")
+        if self.supervisor is None:
+            raise FailoverError("takeover: this daemon has no supervisor: start it with --supervisor PATH",
+                                400, "BAD_REQUEST")
+        started = time.monotonic()
+        data, fds = await self.supervisor.receive()
+        try:
+            state, fd = self._check_takeover(data, fds)
+        except BaseException:
+            close_all({str(n): fd for n, fd in enumerate(fds)})
+            raise
+        try:
+            self._taken_over = True
+            self._adopt_config(state)
+            await self._restore_binds(state)
+            device = (self.device_factory or (lambda f: self.device_class.from_fd(f, path=str(self.config.device))))(fd)
+            frontend = self._take_cachefiles(device, taken_over=True, shared=upgrade)
+            self.janitor.attach(frontend)
+            frontend.recorders = self.recorders
+            self._handing_over = True  # the supervisor holds the device too
+            if not upgrade:
+                frontend.requeue("takeover", required=True)
+        except BaseException as exc:
+            self._roll_back_takeover(fd)
+            if isinstance(exc, RestoreUnsupported):
+                raise FailoverError(f"takeover: {NEEDS_NEWER_KERNEL}", 501, "UNSUPPORTED") from None
+            if isinstance(exc, CachefilesError):
+                raise FailoverError(f"takeover: {exc}") from None
+            raise
+        self.loaded = True
+        self._move(DaemonState.READY)
+        self._took_over.set()
+        log.info("takeover: %d image(s) served again from the state of fscached %s, %s (%.0f ms)",
+                 len(self.catalog.images), state.daemon_version or "?",
+                 "restore waits for start (hot upgrade)" if upgrade else "restore written",
+                 (time.monotonic() - started) * 1000)
+        return state
+
+    def _check_takeover(self, data: bytes, fds: list[int]) -> tuple[HandoverState, int]:
+        where = f"takeover from the supervisor {self.supervisor.path if self.supervisor else '?'}"
+        if not data and not fds:
+            raise FailoverError(f"{where}: it had nothing to give (no daemon ever sent it a state: sendfd)")
+        try:
+            state = read_state(data)
+        except HandoverError as exc:
+            raise FailoverError(f"{where}: {exc}", 400, "BAD_REQUEST") from None
+        if state.backend != "cachefiles":
+            raise FailoverError(f"{where}: the state is a {state.backend} daemon's; this one takes over "
+                                "/dev/cachefiles (cachefiles) only", 400, "BAD_REQUEST")
+        if len(fds) != 1:
+            raise FailoverError(f"{where}: expected exactly one fd (/dev/cachefiles), got {len(fds)}",
+                                400, "BAD_REQUEST")
+        if state.fd_names and fdnames.CACHEFILES not in state.fd_names:
+            raise FailoverError(f"{where}: the state names its fds {', '.join(state.fd_names)}, not "
+                                f"{fdnames.CACHEFILES}", 400, "BAD_REQUEST")
+        mode = os.fstat(fds[0]).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            raise FailoverError(f"{where}: the fd is a {'file' if stat.S_ISREG(mode) else 'directory'}, "
+                                "not /dev/cachefiles", 400, "BAD_REQUEST")
+        return state, fds[0]
+
+    def _adopt_config(self, state: HandoverState) -> None:
+        config = self.config
+        if state.cache_dir != config.cache_dir:
+            log.warning("takeover: the device is bound to the cache %s (the state's), not %s: serving %s",
+                        state.cache_dir, config.cache_dir, state.cache_dir)
+            config.cache_dir = state.cache_dir
+        if state.work_dir is not None:
+            config.work_dir = state.work_dir
+        if state.cachefiles is not None:
+            config.tag = state.cachefiles.tag
+            if state.cachefiles.device is not None:
+                config.device = state.cachefiles.device
+
+    def _roll_back_takeover(self, fd: int) -> None:
+        """A takeover that failed half-way: back to INIT with nothing of it kept (the
+        supervisor still holds the device: the next takeover starts from scratch)."""
+        for image in list(self.images):
+            if image.key in self.catalog.images:
+                self._drop_from_catalog(image.spec)
+            if image.state == ImageState.BINDING:
+                image.move(ImageState.FAILED)
+                self.images.forget(image)
+        if self.frontend is not None:
+            self.frontend.close(let_go=True)
+            self.frontend = None
+        else:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._handing_over = False
+        self._taken_over = False
+
+    async def wait_for_takeover(self) -> bool:
+        """In INIT (a failover restart, a hot upgrade): wait for the takeover, and for a hot
+        upgrade then for start. False when told to stop instead."""
+        with self._loop_lock:
+            self._loop = asyncio.get_running_loop()
+            if self._stop_before_start:
+                self._stop.set()
+        if not await self._first(self._took_over):
+            return False
+        return not self.upgrade or await self._first(self._started)
+
+    async def _first(self, event: asyncio.Event) -> bool:
+        """Wait for `event` or a stop; whether it was the event."""
+        waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._stop.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        return event.is_set() and not self._stop.is_set()
+
+    # -- credentials (PUT /api/v1/config, nydusd's registry_token) ----------------------------------
+    def _registry_sources(self, spec: ImageSpec) -> list[RegistrySource]:
+        found: dict[int, RegistrySource] = {}
+        for blob in self.catalog.devices.get((spec.volume, spec.fsid), []):
+            for source in blob.source.sources:
+                if isinstance(source, RegistrySource):
+                    found.setdefault(id(source), source)
+        return list(found.values())
+
+    def renew_credentials(self, spec: ImageSpec, auth: str) -> int:
+        """New registry credentials for the sources behind an image (the token the old ones
+        bought is dropped); how many sources were renewed."""
+        credentials = make_credentials(auth=auth)
+        sources = self._registry_sources(spec)
+        for source in sources:
+            source.renew_credentials(credentials)
+        self._keep_state()  # a successor fetches with the new ones
+        return len(sources)
+
+    def seed_registry_token(self, spec: ImageSpec, token: str) -> int:
+        sources = self._registry_sources(spec)
+        for source in sources:
+            source.seed_token(token)
+        return len(sources)
+
+    # -- counters ---------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         """The daemon's counters plus each source's, as "source:<name>:<ok|failed|...>"."""
-        merged = dict(self.server.stats) if self.server is not None else dict(self.profile_stats)
+        merged = dict(self.frontend.stats) if self.frontend is not None else dict(self.profile_stats)
         for chain in self.catalog.sources():
             for key, value in chain.stats.items():
                 merged[f"source:{key}"] = merged.get(f"source:{key}", 0) + value
@@ -440,7 +1027,10 @@ class Daemon:
 
     def write_stats(self) -> None:
         if self.config.stats_file:
-            write_atomic(self.config.stats_file, json.dumps(self.counters(), sort_keys=True) + "\n", mode=0o644)
+            try:
+                write_atomic(self.config.stats_file, json.dumps(self.counters(), sort_keys=True) + "\n", mode=0o644)
+            except OSError as exc:
+                log.error("%s", exc)
 
     async def pull_image_bootstrap(self, spec: ImageSpec) -> Path:
         """The bootstrap of a registry image, pulled (verified) into work_dir/bootstraps."""
@@ -458,7 +1048,7 @@ class Daemon:
         self.manifest_digests[(spec.volume, spec.fsid)] = pulled.manifest_digest
         return pulled.bootstrap
 
-    # -- start-up profiles (fscached.core.profile, fscached.core.profile_recorder) ----------------------
+    # -- start-up profiles (fscached.core.profile, fscached.core.profile_recorder) ----------------
     async def _start_profiles(self, spec: ImageSpec, bootstrap: Path) -> None:
         """An image was added to the catalog: start recording its reads (`record_profile`), and
         load, check and hand its start-up profile to its blobs (`profile`) so the frontend
@@ -505,14 +1095,11 @@ class Daemon:
 
     async def _registry_profile(self, spec: ImageSpec) -> bytes | None:
         """profile=auto: the profile the registry holds for a `ref=` image (a referrer of its
-        manifest), through fetcher.referrers when that module exists."""
+        manifest)."""
+        from fetcher.referrers import fetch_profile
+
         digest = self.manifest_digests.get((spec.volume, spec.fsid))
         if spec.ref is None or spec.registry is None or digest is None:
-            return None
-        try:
-            from fetcher.referrers import fetch_profile  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            log.debug("image %s: no registry profile lookup in this build (fetcher.referrers)", spec.fsid)
             return None
         data: bytes | None = await fetch_profile(self.pool.registry(spec.registry), digest)
         if data is None:
@@ -520,15 +1107,24 @@ class Daemon:
         return data
 
 
-def _requeue_for_successor(server: Server) -> None:
-    """A hand-over stop, once every anon fd of ours is closed: `restore` marks the requests we
-    took and left as new, so the successor gets them (the kernel re-opens their objects with new
-    object ids first). Before the close, it would re-send them with ids only we knew."""
-    if server.device.restore_supported is False:
-        return
+def _check_mountpoint(spec: ImageSpec, mountpoint: Path) -> None:
+    """A mountpoint that can be one: a directory (made when missing), not below a file."""
     try:
-        server.device.restore()
-        log.info("hand-over: the requests left were given back to the kernel's queue (restore)")
-    except CachefilesError as exc:
-        log.warning("hand-over: could not give the requests left back to the kernel (%s): the successor's "
-                    "takeover does it", exc)
+        if mountpoint.exists() and not mountpoint.is_dir():
+            raise ValueError(f"image {spec.fsid}: mountpoint {mountpoint} is not a directory")
+        mountpoint.mkdir(parents=True, exist_ok=True)
+    except NotADirectoryError:
+        raise ValueError(f"image {spec.fsid}: mountpoint {mountpoint} is below a file, not a directory") from None
+    except FileExistsError:
+        raise ValueError(f"image {spec.fsid}: mountpoint {mountpoint} is not a directory") from None
+    except OSError as exc:
+        raise ValueError(f"image {spec.fsid}: mountpoint {mountpoint}: {exc.strerror}") from None
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The directories from `path` up that do not exist yet (deepest first)."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing

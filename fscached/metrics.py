@@ -32,6 +32,7 @@ from fscached.core.stats import OUTCOMES, RequestStats
 
 if TYPE_CHECKING:
     from fscached.daemon import Daemon
+    from fscached.frontends.base import Frontend
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -125,17 +126,17 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         daemon = self.daemon
-        server = daemon.server
-        stats: dict[str, int] = dict(server.stats) if server is not None else {}
+        frontend = daemon.frontend
+        stats: dict[str, int] = dict(frontend.stats) if frontend is not None else {}
 
         info = GaugeMetricFamily("fscached_info", "the daemon: package version and kernel path",
                                  labels=["version", "backend"])
-        info.add_metric([self.version, daemon.backend], 1)
+        info.add_metric([self.version, daemon.kernel_path], 1)
         yield info
         yield GaugeMetricFamily("fscached_images", "images served", value=len(daemon.catalog.images))
 
         # -- the kernel's requests ------------------------------------------------------------
-        requests: RequestStats | None = getattr(server, "requests", None)
+        requests: RequestStats | None = frontend.requests if frontend is not None else None
         reads = CounterMetricFamily("fscached_reads", "READs (cachefiles) or pre-access events (fanotify) "
                                     "answered, by outcome: cached (no fetch needed), filled (fetched, verified, "
                                     "written), failed (the reader saw EIO)", labels=["outcome"])
@@ -196,12 +197,12 @@ class DaemonCollector(Collector):
 
         # -- objects, prefetch, the cache -----------------------------------------------------
         yield GaugeMetricFamily("fscached_objects_open", "open kernel objects (cachefiles) or cache files "
-                                "(fanotify)", value=_objects_open(server))
+                                "(fanotify)", value=frontend.objects_open() if frontend is not None else 0)
         done_family = GaugeMetricFamily("fscached_prefetch_chunks_done", "chunks of a blob's prefetch list "
                                         "that hold verified bytes", labels=["volume", "blob"])
         planned_family = GaugeMetricFamily("fscached_prefetch_chunks", "chunks in a blob's prefetch list",
                                            labels=["volume", "blob"])
-        for volume, blob_id, done, planned in _prefetch_progress(server):
+        for volume, blob_id, done, planned in _prefetch_progress(frontend):
             done_family.add_metric([volume, blob_id], done)
             planned_family.add_metric([volume, blob_id], planned)
         yield done_family
@@ -214,38 +215,13 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-def _objects_open(server: object) -> int:
-    from fscached.frontends.fanotify.frontend import FanotifyServer
-    from fscached.frontends.cachefiles import Server
-
-    if isinstance(server, Server):
-        return len(server.objects)
-    if isinstance(server, FanotifyServer):
-        return len(server.files)
-    return 0
-
-
-def _prefetch_progress(server: object) -> Iterable[tuple[str, str, int, int]]:
+def _prefetch_progress(frontend: Frontend | None) -> Iterable[tuple[str, str, int, int]]:
     """(volume, blob id, chunks done, chunks planned) of every open blob with a prefetch list."""
-    from fscached.core.catalog import VOLUME_PREFIX, BlobObject
-    from fscached.frontends.fanotify.frontend import FanotifyServer
-    from fscached.frontends.cachefiles import LiveObject, Server
-
     found: dict[tuple[str, str], tuple[int, int]] = {}
-    if isinstance(server, Server):
-        for entry in server.objects.entries():
-            live = entry.payload
-            if isinstance(live, LiveObject) and isinstance(live.served, BlobObject) and live.served.prefetch_order:
-                volume = entry.volume_key.removeprefix(VOLUME_PREFIX)
-                found[(volume, live.served.info.blob_id)] = _progress(live.served, live.target.written)
-    elif isinstance(server, FanotifyServer):
-        for cf in list(server.files.values()):
-            if cf.blob.prefetch_order:
-                written: set[int] = cf.target.written if cf.target is not None else set()
-                found[(cf.volume, cf.blob.info.blob_id)] = _progress(cf.blob, written)
+    for fill in frontend.open_blobs() if frontend is not None else []:
+        order = fill.blob.prefetch_order
+        if order:
+            written: set[int] = fill.target.written if fill.target is not None else set()
+            found[(fill.volume, fill.blob.info.blob_id)] = (sum(1 for c in order if c.uncompressed_offset in written),
+                                                            len(order))
     return [(volume, blob_id, done, planned) for (volume, blob_id), (done, planned) in sorted(found.items())]
-
-
-def _progress(blob: object, written: set[int]) -> tuple[int, int]:
-    order = blob.prefetch_order  # type: ignore[attr-defined]
-    return sum(1 for c in order if c.uncompressed_offset in written), len(order)

@@ -30,10 +30,14 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fscached.config import ConfigError
+from fscached.config import ConfigError, OneLineParser
 from fscached.util.buildinfo import build_info
+
+if TYPE_CHECKING:
+    from fscached.api.server import ApiServer
+    from fscached.daemon import Daemon
 
 PROG = "nydusd"
 LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning", "warning": "warning",
@@ -52,13 +56,8 @@ def version_text() -> str:
             f"Rustc: \t{info['rustc']}\n")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]  # one line, exit code 2
-        raise ConfigError(message)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description="fscached answering as nydusd (singleton, fscache) for nydus-snapshotter.")
+    p = OneLineParser(prog=PROG, description="fscached answering as nydusd (singleton, fscache) for nydus-snapshotter.")
     p.add_argument("mode", nargs="?", help="singleton (the only mode: nydus-snapshotter's fscache driver)")
     p.add_argument("--version", "-V", action="store_true", help="print the version (Git Commit: ...) and exit")
     p.add_argument("--fscache", metavar="DIR", help="the cache directory (cachefiles `dir`)")
@@ -148,17 +147,20 @@ async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
     try:  # imported here: a missing native extension is one clean line
         from cachefiles.device import CachefilesError
         from fscached.api.server import ApiServer, ApiSocketError, check_socket_path
-        from fscached.core.catalog import CatalogError
         from fscached.config import Config
+        from fscached.core.catalog import CatalogError
         from fscached.daemon import Daemon
+        from fscached.lifecycle.supervisor import Supervisor
     except ImportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     apisock = Path(args.apisock).absolute()
-    config = Config(cache_dir=Path(args.fscache).resolve(), tag=args.fscache_tag, backend="cachefiles",
+    config = Config(cache_dir=Path(args.fscache).resolve(), tag=args.fscache_tag, kernel_path="cachefiles",
                     log_level=LOG_LEVELS[args.log_level.lower()],
                     ready_file=Path(args.ready_file) if args.ready_file else None)
     daemon = Daemon(config)
+    if args.supervisor:
+        daemon.supervisor = Supervisor(args.supervisor)
     info = build_info()
     log.info("nydusd (fscached %s, git_commit %s) singleton: cache %s, API %s", info["package_ver"],
              info["git_commit"], config.cache_dir, apisock)
@@ -170,7 +172,7 @@ async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
     try:
         check_socket_path(apisock)  # before the device is taken: nothing to undo (a live socket: refused)
         await daemon.load()
-        daemon.bind()
+        daemon.take_kernel_path()
     except CachefilesError as exc:
         if getattr(exc, "errno", None) == errno.EBUSY and stale_socket:
             if args.supervisor:
@@ -185,16 +187,14 @@ async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
     except OSError as exc:
         return fail(args, f"{exc.filename or ''}: {exc.strerror}")
     if args.supervisor:
-        from fscached.lifecycle.supervisor import check_kernel
-
-        check_kernel(daemon)  # says when failover needs a newer kernel (no `restore`)
+        daemon.check_failover_support()  # says at start when failover needs a newer kernel
     api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor)
     try:
         await api.start()
     except ApiSocketError as exc:
         fail(args, str(exc))
-        if daemon.server is not None and hasattr(daemon.server, "device"):
-            daemon.server.device.close()
+        if daemon.frontend is not None:
+            daemon.frontend.close(let_go=True)
         return 1
     binder = asyncio.ensure_future(bind_at_start(daemon, api, initial)) if initial else None
     try:
@@ -213,7 +213,7 @@ def fail(args: argparse.Namespace, message: str) -> int:
     return 1
 
 
-async def bind_at_start(daemon: Any, api: Any, entries: list[Any]) -> None:
+async def bind_at_start(daemon: Daemon, api: ApiServer, entries: list[Any]) -> None:
     """nydusd's `--config` blobs, bound once the daemon serves (each failure logged)."""
     from fscached.api.server import ApiError
 
@@ -229,29 +229,23 @@ async def bind_at_start(daemon: Any, api: Any, entries: list[Any]) -> None:
             log.error("--config blobs[%d]: %s", n, exc.message)
 
 
-async def wait_for_takeover(daemon: Any, apisock: Path, args: argparse.Namespace, *, upgrade: bool) -> int:
-    """Serve the API in INIT until the supervisor's takeover (fscached.lifecycle.supervisor), then serve the
-    kernel: at once after a failover restart, at `start` for a hot upgrade (`--upgrade`: the old
-    daemon serves until told to exit). Exit (API or signal) while waiting: leave, exit code 0."""
+async def wait_for_takeover(daemon: Daemon, apisock: Path, args: argparse.Namespace, *, upgrade: bool) -> int:
+    """Serve the API in INIT until the supervisor's takeover (Daemon.take_over), then serve the
+    kernel: at once after a failover restart, at `start` for a hot upgrade (`--upgrade`: the
+    old daemon serves until told to exit). Exit (API or signal) while waiting: leave, exit 0."""
     from fscached.api.server import ApiServer, ApiSocketError
-    from fscached.lifecycle.supervisor import Failover
 
     log = logging.getLogger("fscached")
-    failover = Failover(daemon, args.supervisor, upgrade=upgrade, waiting=True)
-
-    def leave() -> None:
-        failover.abort()
-        daemon.stop()
-
-    api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor, autostart=False,
-                    on_exit=leave, failover=failover)
+    daemon.upgrade = upgrade
+    daemon.autostart = False
+    api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor)
     try:
         await api.start()
     except ApiSocketError as exc:
         return fail(args, str(exc))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, leave)
+        loop.add_signal_handler(sig, daemon.stop)
     if args.supervisor is None:
         log.warning("%s: waiting in INIT for a takeover, but without --supervisor there is nothing to take over "
                     "from (exit through the API)", "--upgrade" if upgrade else "restart")
@@ -259,7 +253,7 @@ async def wait_for_takeover(daemon: Any, apisock: Path, args: argparse.Namespace
         log.info("%s: waiting in INIT for a takeover from the supervisor %s",
                  "hot upgrade" if upgrade else "failover restart", args.supervisor)
     try:
-        if not await failover.wait_until_serving():
+        if not await daemon.wait_for_takeover():
             return 0
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)  # daemon.run() installs its own

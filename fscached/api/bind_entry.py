@@ -61,7 +61,7 @@ from fscached.config import (
 if TYPE_CHECKING:
     from erofs_image.reader import Bootstrap
 
-log = logging.getLogger("fscached.api.server")
+log = logging.getLogger("fscached.api")
 
 BOOTSTRAP_TYPE = "bootstrap"
 DATA_BLOB_TYPE = "datablob"

@@ -19,15 +19,19 @@ no body; 200 with a JSON body) and error bodies `{"code": "...", "message": "...
     GET    /metrics                            Prometheus text (fscached.metrics.render)
 
 Errors: 400 bad request (a broken rule, bad JSON, a wrong method), 404 unknown route
-("NO_ROUTE") or unknown entry ("NOT_FOUND"), 409 an image mounted by the daemon and in use
-("BUSY"), 500 daemon error, 501 unsupported, 503 not ready (INIT / STOPPED).
+("NO_ROUTE") or unknown entry ("NOT_FOUND"), 409 an image mounted by the daemon and in use, or
+still read ("BUSY"), 500 daemon error, 501 unsupported, 503 not ready (INIT, STOPPING,
+STOPPED). A bind of an id already bound, or being bound, gets nydusd's 400 "ALREADY_EXISTS".
 
-States: INIT (not answering the kernel yet: binds get 503; a daemon restarted for failover, or
-started with --upgrade, waits there for a takeover), READY (bound and serving, or taken over and
-waiting for start), RUNNING (after `PUT /api/v1/daemon/start`, or at once with autostart:
-nydusd's singleton moves itself INIT -> READY -> RUNNING when created, and nydus-snapshotter
-waits for exactly RUNNING), STOPPED (exit asked for, or the daemon is stopping). The supervisor
-protocol (sendfd, takeover, the start after it) is fscached.lifecycle.supervisor's.
+The state is the daemon's own (fscached.daemon.DaemonState): INIT (not answering the kernel yet:
+binds get 503; a daemon restarted for failover, or started with --upgrade, waits there for a
+takeover), READY (bound and serving, or taken over and waiting for start), RUNNING (after `PUT
+/api/v1/daemon/start`, or at once with autostart: nydusd's singleton moves itself INIT -> READY
+-> RUNNING when created, and nydus-snapshotter waits for exactly RUNNING), STOPPING (a stop was
+asked for: the daemon serves what is still read, takes no bind), STOPPED.
+
+This module turns HTTP into calls on the daemon's public methods and their errors into nydusd's
+answers; it holds no state of its own beyond the socket.
 
 The socket is 0600 in a directory that is created 0700 when missing; a directory writable by
 others and not ours (or owned by another user) is refused; a stale socket (nobody answers) is
@@ -38,11 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import hashlib
-import importlib
-import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -54,11 +54,19 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from fscached.core.catalog import BlobObject, CatalogError
-from fscached.config import ConfigError, ImageSpec, check_auth
+from fetcher.source import SourceError
 from fscached.api.bind_entry import BindError, check_metadata_file, parse_bind_entry
+from fscached.config import ConfigError, ImageSpec, check_auth
+from fscached.core.catalog import BlobObject, CatalogError
+from fscached.daemon import Daemon, DaemonState, NotServing
+from fscached.frontends.base import CullBusy, CullFailed
+from fscached.images import AlreadyBound, BusyError, MountpointTaken, NotBound
+from fscached.lifecycle.supervisor import FailoverError, Supervisor
+from fscached.metrics import render as render_metrics
+from fscached.util import mounts
+from fscached.util.buildinfo import build_info
 
-log = logging.getLogger("fscached.api.server")
+log = logging.getLogger("fscached.api")
 
 # an idle connection is never closed by the server (aiohttp needs a finite number: 10 years)
 KEEPALIVE_SECONDS = 10 * 365 * 24 * 3600.0
@@ -71,9 +79,6 @@ LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.IN
 NYDUSD_UNSUPPORTED = ("/api/v1/mount", "/api/v1/metrics", "/api/v1/metrics/files", "/api/v1/metrics/pattern",
                       "/api/v1/metrics/backend", "/api/v1/metrics/inflight", "/api/v1/daemon/events",
                       "/api/v1/daemon/backend", "/api/v1/daemon/fuse/resend")
-
-INIT, READY, RUNNING, STOPPED = "INIT", "READY", "RUNNING", "STOPPED"
-
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -144,28 +149,24 @@ class ApiServer:
     """The API of one Daemon, served on the daemon's own event loop.
 
     `start()` / `stop()` run on that loop (before / after `daemon.run()`, or from a task beside
-    it). `on_exit` is what `PUT /api/v1/daemon/exit` does (default: `daemon.stop()`)."""
+    it). `on_exit` is what `PUT /api/v1/daemon/exit` does (default: `daemon.stop()`).
+    `supervisor`: nydus-snapshotter's supervisor socket (sendfd / takeover); `autostart`:
+    READY -> RUNNING at once (otherwise at `PUT /api/v1/daemon/start`)."""
 
-    def __init__(self, daemon: Any, path: Path, *, daemon_id: str | None = None, supervisor: str | None = None,
-                 autostart: bool = True, on_exit: Callable[[], None] | None = None,
-                 waiting_for_takeover: bool = False, failover: Any = None) -> None:
-        from fscached.lifecycle.supervisor import Failover
-
+    def __init__(self, daemon: Daemon, path: Path, *, daemon_id: str | None = None, supervisor: str | None = None,
+                 autostart: bool | None = None, on_exit: Callable[[], None] | None = None) -> None:
         self.daemon = daemon
         self.path = Path(path)
         self.daemon_id = daemon_id
+        if supervisor is not None and daemon.supervisor is None:
+            daemon.supervisor = Supervisor(supervisor)
         self.supervisor = supervisor
-        self.autostart = autostart
+        if autostart is not None:
+            daemon.autostart = autostart
         self.on_exit = on_exit or daemon.stop
-        # the supervisor protocol (sendfd, takeover); waiting in INIT for a takeover
-        self.failover: Failover = failover or Failover(daemon, supervisor, waiting=waiting_for_takeover)
-        self._started = autostart
-        self._exiting = False
         self._runner: web.AppRunner | None = None
         self._socket_ino: tuple[int, int] | None = None
         self.app = self._make_app()
-        from fscached.util.buildinfo import build_info
-
         build_info()  # the code this process runs: hashed now, not at the first request
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -199,7 +200,6 @@ class ApiServer:
         runner, self._runner = self._runner, None
         if runner is None:
             return
-        self._exiting = True
         await runner.cleanup()
         try:  # ours still (not a successor's): remove it, the snapshotter reads a leftover as a crash
             st = os.stat(self.path)
@@ -213,18 +213,8 @@ class ApiServer:
         return self._runner
 
     @property
-    def waiting_for_takeover(self) -> bool:
-        return bool(self.failover.waiting and not self.failover.taken_over)
-
-    @property
     def state(self) -> str:
-        if self._exiting or self.daemon.stopping:
-            return STOPPED
-        if self.failover.ready and not self.daemon.serving:
-            return READY  # taken over: a hot upgrade waits for start, a failover starts serving
-        if self.waiting_for_takeover or self.daemon.server is None or not self.daemon.serving:
-            return INIT
-        return RUNNING if self._started else READY
+        return self.daemon.state.value
 
     # -- routing ------------------------------------------------------------------------------
     def _make_app(self) -> web.Application:
@@ -261,6 +251,9 @@ class ApiServer:
         except web.HTTPException as exc:
             response = error_response(exc.status, "BAD_REQUEST" if exc.status < 500 else "DAEMON_ERROR",
                                       exc.reason or f"HTTP {exc.status}")
+        except (ConnectionResetError, asyncio.IncompleteReadError) as exc:  # the client went away
+            log.info("API %s %s: the client went away (%s)", request.method, request.path, type(exc).__name__)
+            raise
         except Exception as exc:  # a bug: the caller gets a 500, the daemon keeps serving
             log.exception("API %s %s failed", request.method, request.path)
             response = error_response(500, "DAEMON_ERROR", f"internal error: {type(exc).__name__}: {exc}")
@@ -277,11 +270,12 @@ class ApiServer:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "BAD_REQUEST", f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "BAD_REQUEST", "the request body is JSON nested too deeply") from None
 
     def _need_serving(self) -> None:
-        state = self.state
-        if state != READY and state != RUNNING:
-            raise ApiError(503, "NOT_READY", f"the daemon is not serving the kernel (state {state}): try again "
+        if not self.daemon.serving:
+            raise ApiError(503, "NOT_READY", f"the daemon is not serving the kernel (state {self.state}): try again "
                                              "once it is READY or RUNNING")
 
     def _images_with_id(self, wanted: str) -> list[ImageSpec]:
@@ -303,8 +297,8 @@ class ApiServer:
         except KeyError:
             pass
         mount = None
-        if daemon.server is not None:
-            source, options = daemon.server.mount_args(spec)
+        if daemon.frontend is not None:
+            source, options = daemon.frontend.mount_args(spec)
             mount = {"source": str(source), "fstype": "erofs", "options": options}
         return {
             "id": spec.fsid,
@@ -317,8 +311,6 @@ class ApiServer:
 
     # -- daemon -------------------------------------------------------------------------------
     async def get_daemon(self, request: web.Request) -> web.Response:
-        from fscached.util.buildinfo import build_info
-
         daemon = self.daemon
         images = [self._image_json(spec) for _, spec in sorted(daemon.catalog.images.items())]
         body = {
@@ -328,7 +320,7 @@ class ApiServer:
             "state": self.state,
             "backend_collection": {},
             "fscached": {
-                "backend": daemon.backend,
+                "backend": daemon.kernel_path,  # the kernel path (a field name API clients read)
                 "kernel": platform.release(),
                 "cache_dir": str(daemon.config.cache_dir),
                 "images": images,
@@ -347,43 +339,33 @@ class ApiServer:
         return no_content()
 
     async def start_service(self, request: web.Request) -> web.Response:
-        state = self.state
-        if state == INIT or state == STOPPED:
-            raise ApiError(503, "NOT_READY", f"cannot start from state {state}"
-                           + (": waiting for a takeover (PUT /api/v1/daemon/fuse/takeover)"
-                              if self.waiting_for_takeover else ""))
-        self.failover.start()  # after a takeover: a hot upgrade's new daemon reads the device from now on
-        self._started = True
+        try:
+            self.daemon.start_service()
+        except NotServing as exc:
+            waiting = self.daemon.state == DaemonState.INIT and self.daemon.supervisor is not None
+            raise ApiError(503, "NOT_READY", str(exc) + (": waiting for a takeover (PUT /api/v1/daemon/fuse/takeover)"
+                                                         if waiting else "")) from None
         return no_content()
 
     async def exit(self, request: web.Request) -> web.Response:
         log.info("exit asked for through the API%s",
-                 " (a hand-over: the supervisor holds the device)" if getattr(self.daemon, "handing_over", False) else "")
-        self._exiting = True
-        self.failover.abort()  # a daemon waiting in INIT (or for start) leaves
+                 " (a hand-over: the supervisor holds the kernel fd)" if self.daemon.handing_over else "")
         asyncio.get_running_loop().call_soon(self.on_exit)  # after this answer is on its way
         return no_content()
 
     async def send_fd(self, request: web.Request) -> web.Response:
-        from fscached.lifecycle.supervisor import FailoverError
-
-        state = self.state
-        if state != READY and state != RUNNING:
-            raise ApiError(503, "NOT_READY", f"sendfd: the daemon is not serving the kernel (state {state})")
         try:
-            await self.failover.send_fd()
+            await self.daemon.send_fd()
         except FailoverError as exc:
             log.error("%s", exc)
             raise ApiError(exc.status, exc.code, str(exc)) from None
         return no_content()
 
     async def take_over(self, request: web.Request) -> web.Response:
-        from fscached.lifecycle.supervisor import FailoverError
-
-        if self._exiting or self.daemon.stopping:
+        if self.daemon.stopping:
             raise ApiError(503, "NOT_READY", "takeover: the daemon is stopping")
         try:
-            await self.failover.take_over()
+            await self.daemon.take_over(upgrade=self.daemon.upgrade)
         except FailoverError as exc:
             log.error("%s", exc)
             raise ApiError(exc.status, exc.code, str(exc)) from None
@@ -410,46 +392,41 @@ class ApiServer:
         spec = bind.spec
         if bind.ignored:
             log.info("image %s: bind fields not used by fscached: %s", spec.fsid, ", ".join(bind.ignored))
-        if spec.mountpoint is not None:
-            for other in self.daemon.catalog.images.values():
-                if other.mountpoint == spec.mountpoint:
-                    raise ApiError(400, "BAD_REQUEST", f"image {spec.fsid}: mountpoint {spec.mountpoint} is already "
-                                                       f"the mountpoint of image {other.fsid}")
+        if self.daemon.images.get(spec.volume, spec.fsid) is not None:
+            raise ApiError(400, "ALREADY_EXISTS", f"blob_cache: bootstrap blob already exists: image {spec.fsid} "
+                                                  f"in {spec.volume}")
+        claimed = any(image.spec.mountpoint == spec.mountpoint for image in self.daemon.images)
+        if spec.mountpoint is not None and not claimed and await asyncio.to_thread(mounts.is_mountpoint,
+                                                                                    spec.mountpoint):
+            raise ApiError(400, "BAD_REQUEST", f"image {spec.fsid}: mountpoint {spec.mountpoint} is already a mount "
+                                               "point: give an empty directory")
         if spec.bootstrap is None:  # fscached's "ref": pull the bootstrap, then check it as any other
             spec = await self._pull(spec)
-        self._need_serving()  # parsing (and pulling) ran off the loop: still serving?
         try:
-            await self.daemon.add_image(spec, profile=bind.profile, parsed=bind.bootstrap)
-        except CatalogError as exc:
-            if (spec.volume, spec.fsid) in self.daemon.catalog.images:
-                raise ApiError(400, "ALREADY_EXISTS", f"blob_cache: bootstrap blob already exists: {exc}") from None
-            raise ApiError(400, "BAD_REQUEST", str(exc)) from None
-        except ValueError as exc:
+            spec = await self.daemon.bind_image(spec, profile=bind.profile, parsed=bind.bootstrap)
+        except AlreadyBound as exc:
+            raise ApiError(400, "ALREADY_EXISTS", str(exc)) from None
+        except NotServing as exc:
+            raise ApiError(503, "NOT_READY", f"image {spec.fsid}: {exc}") from None
+        except (MountpointTaken, CatalogError, ValueError) as exc:
             raise ApiError(400, "BAD_REQUEST", str(exc)) from None
         except OSError as exc:
             raise ApiError(500, "DAEMON_ERROR", f"image {spec.fsid}: {exc.strerror or exc}"
                            + (f" ({exc.filename})" if exc.filename else "")) from None
-        except Exception as exc:
-            from fetcher.source import SourceError
-
-            if isinstance(exc, SourceError):
-                raise ApiError(500, "DAEMON_ERROR", f"image {spec.fsid}: {exc}") from None
-            raise
+        except SourceError as exc:
+            raise ApiError(500, "DAEMON_ERROR", f"image {spec.fsid}: {exc}") from None
         if bind.registry_token:
-            seed_registry_token(self.daemon, spec, bind.registry_token)
+            self.daemon.seed_registry_token(spec, bind.registry_token)
         log.info("bound image %s%s (%s form)", spec.fsid, f" in domain {spec.domain}" if spec.domain else "", bind.form)
         return spec
 
     async def _pull(self, spec: ImageSpec) -> ImageSpec:
-        if (spec.volume, spec.fsid) in self.daemon.catalog.images:
-            raise ApiError(400, "ALREADY_EXISTS", f"blob_cache: bootstrap blob already exists: image {spec.fsid} "
-                                                  f"in {spec.volume}")
         try:
             path = await self.daemon.pull_image_bootstrap(spec)
         except CatalogError as exc:
             raise ApiError(500, "DAEMON_ERROR", str(exc)) from None
         try:
-            await asyncio.to_thread(check_metadata_file, str(path))  # parsed once, by add_image
+            await asyncio.to_thread(check_metadata_file, str(path))  # parsed once, by the bind
         except BindError as exc:
             raise ApiError(exc.status, exc.code, f"image {spec.fsid}: pulled from {spec.ref}: {exc}") from None
         return dataclasses.replace(spec, bootstrap=path)
@@ -463,31 +440,29 @@ class ApiServer:
         return web.json_response(entries)
 
     async def unbind(self, request: web.Request) -> web.Response:
-        from fscached.daemon import BusyError
-
         domain_id = request.query.get("domain_id") or ""
         blob_id = request.query.get("blob_id") or ""
         if not domain_id and not blob_id:
             raise ApiError(400, "BAD_REQUEST", "DELETE /api/v2/blobs needs ?domain_id= and/or ?blob_id=")
-        if not domain_id:
-            if self.daemon.server is None:
-                raise ApiError(503, "NOT_READY", f"the daemon is not bound to the kernel (state {self.state})")
-            return await self._cull(blob_id)
-        if self.daemon.server is None:
+        if self.daemon.frontend is None:
             raise ApiError(503, "NOT_READY", f"the daemon is not serving the kernel (state {self.state})")
+        if not domain_id:
+            return await self._cull(blob_id)
         if blob_id:
             targets = [(domain_id, blob_id)]
         else:  # nydusd: every entry of the domain; none is not an error
-            targets = [key for key in sorted(self.daemon.catalog.images) if key[0] == domain_id]
+            targets = [image.key for image in self.daemon.images if image.key[0] == domain_id]
         for volume, fsid in targets:
-            if (volume, fsid) not in self.daemon.catalog.images and any(
+            if self.daemon.images.get(volume, fsid) is None and any(
                     blob.info.blob_id == fsid for v, blob in self.daemon.catalog.blobs() if v == volume):
                 raise ApiError(400, "BAD_REQUEST", f"blob_cache: {fsid} is a data blob of domain {volume}: unbind "
                                                    "the images that use it (their bootstrap ids)")
             try:
-                await self.daemon.remove_image(volume, fsid)
-            except CatalogError as exc:
-                raise ApiError(404, "NOT_FOUND", str(exc)) from None
+                await self.daemon.unbind_image(volume, fsid)
+            except NotBound as exc:
+                if blob_id:
+                    raise ApiError(404, "NOT_FOUND", str(exc)) from None
+                continue  # unbound by a request beside this one: the domain is empty all the same
             except BusyError as exc:
                 raise ApiError(409, "BUSY", str(exc)) from None
             except OSError as exc:
@@ -496,30 +471,18 @@ class ApiServer:
         return no_content()
 
     async def _cull(self, blob_id: str) -> web.Response:
-        if importlib.util.find_spec("fscached.cache_gc") is None:
-            raise ApiError(501, "UNSUPPORTED", f"culling a blob's cache ({blob_id}) is not available in this "
-                                               "fscached: fscached.cache_gc is not installed")
-        cache_gc = importlib.import_module("fscached.cache_gc")
         try:
-            result = cache_gc.cull(self.daemon, blob_id)
-            if inspect.isawaitable(result):
-                await result
-        except CatalogError as exc:
-            raise ApiError(404, "NOT_FOUND", str(exc)) from None
-        except (ValueError, ConfigError) as exc:
+            await self.daemon.janitor.cull(blob_id)
+        except CullBusy as exc:
+            raise ApiError(409, "BUSY", f"blob {blob_id}: {exc}") from None
+        except CullFailed as exc:
+            raise ApiError(500, "DAEMON_ERROR", f"culling {blob_id}: {exc}") from None
+        except ValueError as exc:
             raise ApiError(400, "BAD_REQUEST", str(exc)) from None
         except LookupError as exc:
             raise ApiError(404, "NOT_FOUND", f"blob_cache: cache entry not found: {exc}") from None
         except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                raise ApiError(409, "BUSY", f"blob {blob_id}: {exc.strerror or exc}") from None
             raise ApiError(500, "DAEMON_ERROR", f"culling {blob_id}: {exc.strerror or exc}") from None
-        except Exception as exc:
-            from cachefiles.device import CachefilesError
-
-            if isinstance(exc, CachefilesError):
-                raise ApiError(500, "DAEMON_ERROR", f"culling {blob_id}: {exc}") from None
-            raise
         return no_content()
 
     # -- metrics and credentials ------------------------------------------------------------------
@@ -558,7 +521,7 @@ class ApiServer:
             "prefetch_end_time_secs": 0,
             "buffered_backend_size": 0,
             # fscached's own: what each blob holds now
-            "backend": daemon.backend,
+            "backend": daemon.kernel_path,  # the kernel path (a field name API clients read)
             "images": [{"id": spec.fsid, "domain_id": spec.domain or ""} for spec in specs],
             "blobs": blobs,
             "size": sum(b["size"] for b in blobs),
@@ -567,20 +530,12 @@ class ApiServer:
         }
 
     def _blob_metrics(self, volume: str, blob: BlobObject) -> dict[str, Any]:
-        server = self.daemon.server
-        target = None
+        frontend = self.daemon.frontend
         cache_file = f"{volume}/{blob.info.blob_id}"
-        if server is not None and hasattr(server, "files"):  # fanotify: one sparse cache file per blob
-            cf = server.files.get(cache_file)
-            if cf is not None:
-                cache_file = str(cf.path)
-                target = cf.target
-        elif server is not None and hasattr(server, "objects"):  # cachefiles: the kernel's open object
-            for entry in server.objects.entries():
-                live = entry.payload
-                if live is not None and getattr(live, "served", None) is blob:
-                    target = live.target
-                    break
+        target = None
+        if frontend is not None:
+            fill = frontend.blob_fill(volume, blob)
+            cache_file, target = fill.cache_file, fill.target
         written = set(target.written) if target is not None else set()
         filled = [c for c in blob.chunk_map.chunks if c.uncompressed_offset in written]
         return {
@@ -614,58 +569,9 @@ class ApiServer:
         for spec in specs:
             if spec.registry is None:
                 raise ApiError(400, "BAD_REQUEST", f"image {wanted} has no registry backend: no credentials to renew")
-            renewed += renew_credentials(self.daemon, spec, auth)
+            renewed += self.daemon.renew_credentials(spec, auth)
         log.info("image %s: registry credentials renewed (%d source(s))", wanted, renewed)
         return no_content()
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        if importlib.util.find_spec("fscached.metrics") is None:
-            raise ApiError(501, "UNSUPPORTED", "Prometheus metrics are not available in this fscached: "
-                                               "fscached.metrics is not installed")
-        metrics = importlib.import_module("fscached.metrics")
-        render = getattr(metrics, "render", None)
-        if render is None:
-            raise ApiError(501, "UNSUPPORTED", "fscached.metrics has no render(daemon)")
-        text = render(self.daemon)
-        if inspect.isawaitable(text):
-            text = await text
-        data = text.encode() if isinstance(text, str) else bytes(text)
-        return web.Response(body=data, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
-
-
-def _auth_states(daemon: Any, spec: ImageSpec) -> list[Any]:
-    """The registry auth state(s) behind an image's blobs (a Dragonfly proxy source is a
-    RegistrySource sharing its registry's state; a peer asks the registry source for headers)."""
-    from fetcher.registry import RegistrySource
-
-    states: dict[int, Any] = {}
-    for blob in daemon.catalog.devices.get((spec.volume, spec.fsid), []):
-        for source in getattr(blob.source, "sources", []):
-            if isinstance(source, RegistrySource):
-                states.setdefault(id(source._auth), source._auth)
-    return list(states.values())
-
-
-def renew_credentials(daemon: Any, spec: ImageSpec, auth: str) -> int:
-    """Give the registry source(s) behind an image new credentials; the old token is dropped:
-    the next request authenticates again. Returns how many auth states were renewed."""
-    from fetcher.auth import make_credentials
-
-    credentials = make_credentials(auth=auth)
-    states = _auth_states(daemon, spec)
-    for state in states:
-        state.credentials = credentials
-        state._token = None
-        state._token_expires = 0.0
-    return len(states)
-
-
-def seed_registry_token(daemon: Any, spec: ImageSpec, token: str) -> int:
-    """nydusd's `registry_token`: sent as a Bearer token until the registry answers 401, when
-    the usual challenge (with `auth`, or anonymous) gets a new one."""
-    states = _auth_states(daemon, spec)
-    for state in states:
-        state.scheme = "bearer"
-        state._token = token
-        state._token_expires = float("inf")
-    return len(states)
+        return web.Response(body=render_metrics(self.daemon), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})

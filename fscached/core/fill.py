@@ -32,7 +32,7 @@ from fscached.core.catalog import BlobObject, BootstrapObject
 from fscached.core.chunkmap import BLOCK, contiguous_runs, round_down, round_up
 from fscached.core.extents import chunks_with_data
 
-log = logging.getLogger("fscached.core.fill")
+log = logging.getLogger("fscached.fill")
 T = TypeVar("T")
 
 DEFAULT_WINDOW = 1 << 20

@@ -36,7 +36,7 @@ from fscached.core.chunkmap import BLOCK, round_down, round_up
 from fscached.core.profile import MAX_RANGES, ProfileRange, StartupProfile, bootstrap_digest
 from fscached.util.files import write_atomic
 
-log = logging.getLogger("fscached.core.profile")
+log = logging.getLogger("fscached.profile")
 
 PROFILE_DIR = "profiles"
 

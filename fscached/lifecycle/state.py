@@ -6,8 +6,7 @@ fscached/_proto/). They travel beside the kernel fds: to nydus-snapshotter's sup
 (sendfd / takeover), to a hot-upgraded successor, or into systemd's fd store. The fds are named
 in `fd_names`, in the order they travel.
 
-    capture(daemon) -> bytes          the running daemon's state (call it on the daemon's loop)
-    state_of(daemon) -> HandoverState the same, as the view below (not encoded)
+    Daemon.handover_state()           the running daemon's state, as the view below (fscached.daemon)
     encode(state) / encode_specs(...) the view -> bytes (no daemon needed)
     read_state(data) -> HandoverState the bytes -> the view, or HandoverError (one line)
 
@@ -19,7 +18,6 @@ but never reach a log: the view's repr leaves them out, and no message holds a f
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import logging
@@ -27,14 +25,12 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from fscached.lifecycle import fdnames
 from fscached.util.buildinfo import package_version
 from fscached.config import ConfigError, ImageSpec, PrefetchSpec, ProxySpec, RegistrySpec, check_auth, check_id
-
-if TYPE_CHECKING:
-    from fscached.daemon import Daemon
 
 try:
     from google.protobuf.message import DecodeError  # type: ignore[import-untyped, unused-ignore]
@@ -50,7 +46,7 @@ except Exception as exc:  # google.protobuf.runtime_version.VersionError: genera
     raise ImportError(f"fscached/_proto/ does not fit the installed protobuf runtime ({exc}): "
                       "upgrade protobuf, or install fscached again") from None
 
-log = logging.getLogger("fscached.lifecycle.state")
+log = logging.getLogger("fscached.handover")
 
 
 def _warn_if_stale() -> None:
@@ -76,15 +72,9 @@ _warn_if_stale()
 FORMAT_VERSION = 1
 MAGIC = "fscached-handover"
 
-# Names of the fds that travel beside the state (HandoverState.fd_names).
-FD_CACHEFILES = "cachefiles"
-FD_FANOTIFY_GROUP = "fanotify-group"
-BLOB_FD_PREFIX = "blob:"
-
-
-def blob_fd_name(volume: str, blob_id: str) -> str:
-    """A fanotify cache file's write fd: "blob:<volume>/<blob id>"."""
-    return f"{BLOB_FD_PREFIX}{volume}/{blob_id}"
+# Names of the fds that travel beside the state (HandoverState.fd_names): fscached.lifecycle.fdnames.
+FD_CACHEFILES = fdnames.CACHEFILES
+FD_FANOTIFY_GROUP = fdnames.FANOTIFY_GROUP
 
 
 class HandoverError(Exception):
@@ -270,70 +260,6 @@ def encode_specs(backend: str, specs: Iterable[ImageSpec], *, cache_dir: Path, w
                        tuple((blob_ids or {}).get(spec.fsid, ()))) for spec in specs)
     return encode(HandoverState(backend, cache_dir, binds, work_dir, tuple(fd_names), fanotify, cachefiles,
                                 daemon_version))
-
-
-def state_of(daemon: Daemon, *, fd_names: Sequence[str] | None = None) -> HandoverState:
-    """The running daemon's state: every image it serves (configured and bound at run time,
-    in bind order, with the credentials in use), its kernel path and where it keeps what
-    outlives it. `fd_names` defaults to the fds the daemon holds for its kernel path. Call it
-    on the daemon's loop (it reads the catalog the loop changes)."""
-    from fscached.frontends.fanotify.frontend import FanotifyServer
-
-    server = daemon.server
-    if server is None or daemon.backend not in ("cachefiles", "fanotify"):
-        raise HandoverError("the daemon has not taken a kernel path yet: nothing to hand over")
-    configured = {(spec.volume, spec.fsid): spec for spec in daemon.config.images}
-    binds = []
-    for key, spec in daemon.catalog.images.items():
-        binds.append(Bind(
-            _with_auth_in_use(daemon, spec),
-            run_time=configured.get(key) != spec,
-            served_bootstrap=daemon.catalog.bootstrap_of(spec).path,
-            blob_ids=tuple(blob.info.blob_id for blob in daemon.catalog.devices.get(key, [])),
-        ))
-    fanotify = cachefiles = None
-    if isinstance(server, FanotifyServer):
-        names = [FD_FANOTIFY_GROUP] + [blob_fd_name(cf.volume, cf.blob.info.blob_id)
-                                       for cf in server.files.values() if cf.write_fd is not None]
-        fanotify = FanotifyPointers(
-            state_dir=server.state_dir,
-            event_journal=server.journal.path if server.journal is not None else None,
-            clean_stop_record=server._record_path,
-            keeper_socket=server.keeper_socket,
-        )
-    else:
-        names = [FD_CACHEFILES]
-        cachefiles = CachefilesInfo(daemon.config.device, daemon.config.tag)
-    return HandoverState(
-        backend=daemon.backend,
-        cache_dir=daemon.config.cache_dir,
-        binds=tuple(binds),
-        work_dir=daemon.config.work_dir,
-        fd_names=tuple(names if fd_names is None else fd_names),
-        fanotify=fanotify,
-        cachefiles=cachefiles,
-        daemon_version=package_version(),
-    )
-
-
-def capture(daemon: Daemon, *, fd_names: Sequence[str] | None = None) -> bytes:
-    """The running daemon's hand-over state, encoded (see state_of)."""
-    return encode(state_of(daemon, fd_names=fd_names))
-
-
-def _with_auth_in_use(daemon: Daemon, spec: ImageSpec) -> ImageSpec:
-    """The spec with the registry credentials its source uses now: PUT /api/v1/config renews
-    them in the source, not in the spec, and a successor must not fall back to stale ones."""
-    if spec.registry is None:
-        return spec
-    source = daemon.pool.registry(spec.registry)  # the one the image's chain shares
-    credentials = getattr(getattr(source, "_auth", None), "credentials", None)
-    if credentials is None:
-        return spec
-    auth = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode("ascii")
-    if auth == spec.registry.auth:
-        return spec
-    return dataclasses.replace(spec, registry=dataclasses.replace(spec.registry, auth=auth))
 
 
 # -- reading --------------------------------------------------------------------------------

@@ -38,33 +38,16 @@ from __future__ import annotations
 
 import array
 import asyncio
-import errno
 import logging
 import os
-import platform
 import socket
-import stat
 import struct
-import time
-from typing import TYPE_CHECKING, Callable
 
-from cachefiles.device import NO_RESTORE, CachefilesDevice, CachefilesError
-from fscached.util import mounts
-from fscached.core.catalog import CatalogError
-from fscached.lifecycle.state import FD_CACHEFILES, HandoverError, HandoverState, capture, read_state
-from fscached.frontends.cachefiles import Server
-
-if TYPE_CHECKING:
-    from fscached.daemon import Daemon
-
-log = logging.getLogger("fscached.lifecycle.supervisor")
+log = logging.getLogger("fscached.supervisor")
 
 SUPERVISOR_TIMEOUT = 10.0  # the snapshotter listens for 10 s (SendStatesTimeout)
 MAX_STATE_BYTES = 16 << 20
 MAX_FDS = 64  # the snapshotter's receive buffer holds 64 fds
-NEEDS_NEWER_KERNEL = (f"failover needs a newer kernel: {NO_RESTORE}; this kernel is {platform.release()}. "
-                      "sendfd and takeover are refused: a restarted daemon could not resume the mounts "
-                      "(set recover_policy = \"restart\" in nydus-snapshotter)")
 
 
 class FailoverError(Exception):
@@ -166,252 +149,17 @@ def _close_all(fds: list[int]) -> None:
     fds.clear()
 
 
-# -- the daemon's side --------------------------------------------------------------------------
-def check_kernel(daemon: Daemon) -> bool:
-    """At start, on the cachefiles path, once bound: whether this kernel can fail over
-    (`restore`). Says so in the log either way (a warning when it cannot)."""
-    server = daemon.server
-    if not isinstance(server, Server):
-        log.warning("failover (sendfd / takeover) hands over /dev/cachefiles: the %s path has none", daemon.backend)
-        return False
-    try:
-        supported = server.device.probe_restore()
-    except CachefilesError as exc:
-        log.warning("failover: could not ask the kernel for `restore`: %s", exc)
-        return False
-    if supported:
-        log.info("failover: the kernel has cachefiles `restore`: sendfd / takeover supported")
-    else:
-        log.warning("%s", NEEDS_NEWER_KERNEL)
-    return supported
+class Supervisor:
+    """The daemon's end of one supervisor socket (`--supervisor PATH`)."""
 
-
-def _default_device(fd: int) -> CachefilesDevice:
-    return CachefilesDevice.from_fd(fd)
-
-
-class Failover:
-    """The supervisor protocol of one daemon (the API's sendfd / takeover / start call it).
-
-    `waiting`: the daemon serves the API in INIT until a takeover. `upgrade`: a hot upgrade's
-    new process (the old one still serves until told to exit: read the device only at start).
-    `device_factory` makes the device of a received fd (tests: the kernel simulator's)."""
-
-    def __init__(self, daemon: Daemon, supervisor: str | None, *, upgrade: bool = False, waiting: bool = False,
-                 device_factory: Callable[[int], CachefilesDevice] | None = None,
-                 timeout: float = SUPERVISOR_TIMEOUT) -> None:
-        self.daemon = daemon
-        self.supervisor = supervisor
-        self.upgrade = upgrade
-        self.waiting = waiting
-        self.device_factory = device_factory or _default_device
+    def __init__(self, path: str, timeout: float = SUPERVISOR_TIMEOUT) -> None:
+        self.path = path
         self.timeout = timeout
-        self.taken_over = False
-        self.started = False
-        self.state: HandoverState | None = None
-        self.sends = 0
-        self.takeover_seconds: float | None = None
-        self._busy = False
-        self._aborted = False
-        self._go = asyncio.Event()
 
-    # -- sendfd ------------------------------------------------------------------------------
-    async def send_fd(self) -> int:
-        """Give the supervisor the state and the device fd. Returns the state's size."""
-        if self.supervisor is None:
-            raise FailoverError("sendfd: this daemon has no supervisor: start it with --supervisor PATH "
-                                "(nydus-snapshotter does, with recover_policy = \"failover\")", 400, "BAD_REQUEST")
-        server = self.daemon.server
-        if not isinstance(server, Server):
-            raise FailoverError(f"sendfd hands over /dev/cachefiles: this daemon serves the {self.daemon.backend} "
-                                "path", 501, "UNSUPPORTED")
-        device = server.device
-        if device.restore_supported is None:
-            try:  # not asked at start (a daemon embedded without nydusd_cli): a duplicate READ is dropped
-                device.probe_restore()
-            except CachefilesError as exc:
-                raise FailoverError(f"sendfd: {exc}") from None
-        if not device.restore_supported:
-            raise FailoverError(f"sendfd refused: {NEEDS_NEWER_KERNEL}", 501, "UNSUPPORTED")
-        try:
-            data = capture(self.daemon, fd_names=[FD_CACHEFILES])
-        except HandoverError as exc:
-            raise FailoverError(f"sendfd: {exc}") from None
-        assert self.supervisor is not None
-        await asyncio.to_thread(send_states, self.supervisor, data, device.fileno(), self.timeout)
-        self.daemon.handing_over = True  # the supervisor holds the device too: stops hand over
-        self.sends += 1
-        log.info("sendfd: state (%d bytes, %d image(s)) and /dev/cachefiles given to the supervisor %s",
-                 len(data), len(self.daemon.catalog.images), self.supervisor)
-        return len(data)
+    async def send(self, state: bytes, fd: int) -> None:
+        """sendfd: the state and the one kernel fd the snapshotter keeps (FailoverError)."""
+        await asyncio.to_thread(send_states, self.path, state, fd, self.timeout)
 
-    # -- takeover ----------------------------------------------------------------------------
-    async def take_over(self) -> HandoverState:
-        """Receive the state and the device fd from the supervisor and serve what the previous
-        daemon served. FailoverError (one line; the daemon stays in INIT) when it cannot."""
-        if self.taken_over:
-            raise FailoverError("takeover: this daemon has already taken over", 400, "BAD_REQUEST")
-        if not self.waiting:
-            raise FailoverError("takeover: this daemon is not waiting for one (it bound /dev/cachefiles itself); "
-                                "a daemon restarted for failover waits in INIT", 400, "BAD_REQUEST")
-        if self.supervisor is None:
-            raise FailoverError("takeover: this daemon has no supervisor: start it with --supervisor PATH",
-                                400, "BAD_REQUEST")
-        if self._busy:
-            raise FailoverError("takeover: one is already in progress", 409, "BUSY")
-        self._busy = True
-        started = time.monotonic()
-        try:
-            data, fds = await asyncio.to_thread(receive_states, self.supervisor, self.timeout)
-            try:
-                state, fd = self._check(data, fds)
-            except BaseException:
-                _close_all(fds)
-                raise
-            try:
-                device = self.device_factory(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                await self._adopt(state, device)
-            except BaseException:
-                self._roll_back(device)
-                raise
-        finally:
-            self._busy = False
-        self.state = state
-        self.taken_over = True
-        self.takeover_seconds = time.monotonic() - started
-        log.info("takeover: %d image(s) served again from the state of fscached %s, %s (%.0f ms)",
-                 len(self.daemon.catalog.images), state.daemon_version or "?",
-                 "restore waits for start (hot upgrade)" if self.upgrade else "restore written",
-                 self.takeover_seconds * 1000)
-        if not self.upgrade:
-            self._go.set()
-        return state
-
-    def _check(self, data: bytes, fds: list[int]) -> tuple[HandoverState, int]:
-        where = f"takeover from the supervisor {self.supervisor}"
-        if not data and not fds:
-            raise FailoverError(f"{where}: it had nothing to give (no daemon ever sent it a state: sendfd)")
-        try:
-            state = read_state(data)
-        except HandoverError as exc:
-            raise FailoverError(f"{where}: {exc}", 400, "BAD_REQUEST") from None
-        if state.backend != "cachefiles":
-            raise FailoverError(f"{where}: the state is a {state.backend} daemon's; this one takes over "
-                                "/dev/cachefiles (cachefiles) only", 400, "BAD_REQUEST")
-        if len(fds) != 1:
-            raise FailoverError(f"{where}: expected exactly one fd (/dev/cachefiles), got {len(fds)}",
-                                400, "BAD_REQUEST")
-        if state.fd_names and FD_CACHEFILES not in state.fd_names:
-            raise FailoverError(f"{where}: the state names its fds {', '.join(state.fd_names)}, not "
-                                f"{FD_CACHEFILES}", 400, "BAD_REQUEST")
-        mode = os.fstat(fds[0]).st_mode
-        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-            raise FailoverError(f"{where}: the fd is a {'file' if stat.S_ISREG(mode) else 'directory'}, "
-                                "not /dev/cachefiles", 400, "BAD_REQUEST")
-        return state, fds[0]
-
-    async def _adopt(self, state: HandoverState, device: CachefilesDevice) -> None:
-        daemon = self.daemon
-        config = daemon.config
-        if state.cache_dir != config.cache_dir:
-            log.warning("takeover: the device is bound to the cache %s (the state's), not %s: serving %s",
-                        state.cache_dir, config.cache_dir, state.cache_dir)
-            config.cache_dir = state.cache_dir
-        if state.work_dir is not None:
-            config.work_dir = state.work_dir
-        if state.cachefiles is not None:
-            config.tag = state.cachefiles.tag
-            if state.cachefiles.device is not None:
-                config.device = state.cachefiles.device
-        for bind in state.binds:
-            spec = bind.spec
-            if (spec.volume, spec.fsid) in daemon.catalog.images:
-                continue  # configured on this daemon's own command line: served already
-            try:
-                path = bind.served_bootstrap if bind.served_bootstrap is not None and bind.served_bootstrap.is_file() \
-                    else spec.bootstrap
-                if path is None or not path.is_file():
-                    if spec.ref is None:
-                        raise CatalogError(f"image {spec.fsid}: bootstrap {path} not found")
-                    path = await daemon.pull_image_bootstrap(spec)
-                daemon.catalog.add_image(spec, path, daemon.pool.chain(spec))
-            except (CatalogError, OSError, ValueError) as exc:
-                # the others are still served: this image's mounts get errors, not a hang
-                log.error("takeover: image %s cannot be served again: %s", spec.fsid, exc)
-                continue
-            got = tuple(blob.info.blob_id for blob in daemon.catalog.devices.get((spec.volume, spec.fsid), []))
-            if bind.blob_ids and got != bind.blob_ids:
-                log.warning("takeover: image %s: its bootstrap now names other blobs than the previous daemon "
-                            "served (%d vs %d): was it replaced?", spec.fsid, len(got), len(bind.blob_ids))
-        server = Server(device, daemon.catalog, daemon.executor, config.read_window)
-        server.device_shared = self.upgrade
-        daemon.backend = "cachefiles"
-        daemon.loaded = True
-        daemon.server = server
-        daemon.handing_over = True  # the supervisor holds the device too
-        table = mounts.erofs_mount_table()
-        for spec in daemon.catalog.images.values():
-            if spec.mountpoint is not None and str(spec.mountpoint) in table and spec.mountpoint not in daemon.mounted:
-                daemon.mounted.append(spec.mountpoint)  # still mounted: unmounted at a clean stop as before
-        if not self.upgrade:
-            self._restore(device)
-
-    def _restore(self, device: CachefilesDevice) -> None:
-        try:
-            device.restore()
-        except CachefilesError as exc:
-            if exc.errno == errno.EOPNOTSUPP:
-                raise FailoverError(f"takeover: {NEEDS_NEWER_KERNEL}", 501, "UNSUPPORTED") from None
-            raise FailoverError(f"takeover: {exc}") from None
-
-    def _roll_back(self, device: CachefilesDevice) -> None:
-        """A takeover that failed half-way: back to INIT with nothing of it kept (the
-        supervisor still holds the device: the next takeover starts from scratch)."""
-        daemon = self.daemon
-        for volume, fsid in list(daemon.catalog.images):
-            try:
-                daemon.catalog.remove_image(volume, fsid)
-            except CatalogError:
-                pass
-        if daemon.server is not None and getattr(daemon.server, "device", None) is device:
-            daemon.server = None
-        daemon.mounted.clear()
-        daemon.handing_over = False
-        device.close()
-
-    # -- start -------------------------------------------------------------------------------
-    def start(self) -> None:
-        """PUT /api/v1/daemon/start after a takeover. A hot upgrade's new process writes
-        `restore` now (the old one was told to exit) and starts reading the device."""
-        if not self.taken_over or self.started:
-            return
-        self.started = True
-        if self.upgrade:
-            server = self.daemon.server
-            assert isinstance(server, Server)
-            try:
-                server.device.restore()
-            except CachefilesError as exc:
-                log.warning("start: restore failed (%s): READs the old daemon left wait for it to exit", exc)
-            self._go.set()
-
-    def abort(self) -> None:
-        """Exit asked for while waiting (INIT, or an upgrade waiting for start). On the
-        daemon's loop (an asyncio.Event)."""
-        self._aborted = True
-        self._go.set()
-
-    async def wait_until_serving(self) -> bool:
-        """In INIT: wait for the takeover (and, for a hot upgrade, for start). False when the
-        daemon was told to exit instead."""
-        await self._go.wait()
-        return not self._aborted
-
-    @property
-    def ready(self) -> bool:
-        """Taken over and waiting for start, or starting to serve: the snapshotter sees READY."""
-        return self.taken_over and not self._aborted
+    async def receive(self) -> tuple[bytes, list[int]]:
+        """takeover: the state and the fds the supervisor kept (FailoverError)."""
+        return await asyncio.to_thread(receive_states, self.path, self.timeout)

@@ -59,3 +59,16 @@ def check_writable(path: Path, what: str) -> None:
         raise FileWriteError(errno.EACCES, f"{what}: directory {parent} is not writable", str(path))
     if path.exists() and not os.access(path, os.W_OK) and not os.access(parent, os.W_OK):
         raise FileWriteError(errno.EACCES, f"{what} {path} is not writable", str(path))
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line naming the file and why: "PATH: No space left on device" (never ": reason")."""
+    if isinstance(exc, FileWriteError):
+        return str(exc)
+    reason = exc.strerror or str(exc)
+    where = exc.filename if exc.filename is not None else None
+    if where is None:
+        return reason
+    if exc.filename2 is not None:
+        return f"{where} -> {exc.filename2}: {reason}"
+    return f"{where}: {reason}"

@@ -9,27 +9,55 @@ refused on a cache file means "something still reads it", and granted means "not
 Checked on Linux 6.18: mounted, detached with an open reader, another O_RDONLY or O_RDWR open:
 refused; after the last of them is closed: granted.
 
-The lease is taken and given back at once: an open(2) by someone else in between waits only
-for that.
+The lease is held only for the moment of the question (or of a cull's rename). An open(2) by
+someone else in that moment waits for it and "breaks" the lease: the kernel then signals the
+holder, with SIGIO unless told otherwise, and SIGIO's default action ends the process. Every
+lease here asks for SIGURG instead (F_SETSIG), which is ignored by default: a probe racing a
+mount never kills the daemon or the keeper.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
+BREAK_SIGNAL = signal.SIGURG  # default action: ignore
+
+
+class LeasesUnsupported(OSError):
+    """The filesystem (or the fd) takes no lease: nothing can be told by one."""
+
+
+@contextmanager
+def exclusive_lease(fd: int) -> Iterator[bool]:
+    """Hold a write lease on `fd` for the block: yields True when it was granted (nobody else
+    has the file open), False when refused. LeasesUnsupported when none can be taken here."""
+    try:
+        fcntl.fcntl(fd, F_SETSIG, BREAK_SIGNAL)  # a break must not send SIGIO (it would end us)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EBUSY):
+            yield False
+            return
+        raise LeasesUnsupported(exc.errno, exc.strerror) from None
+    try:
+        yield True
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
 
 
 def held_elsewhere(fd: int) -> bool:
     """Whether the file behind `fd` (ours: O_RDWR, or O_RDONLY when we hold no writer) is open
     by anyone else. Filesystems without leases answer as if it were (the safe side)."""
     try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EBUSY):
-            return True
-        return True  # no leases here (EINVAL, ENOLCK): cannot tell, so assume in use
-    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-    return False
+        with exclusive_lease(fd) as granted:
+            return not granted
+    except LeasesUnsupported:
+        return True  # cannot tell: assume in use
 
 
 def path_held_elsewhere(path: str | os.PathLike[str], *, write: bool = False) -> bool | None:

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping
 
+OUR_HANDLER = "fscached"  # the handler setup_logging installs (replaced by the next call)
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,
@@ -100,10 +101,10 @@ def setup_logging(level: str | int = "info", log_file: str | os.PathLike[str] | 
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JournalFormatter() if stderr_is_journal() else logging.Formatter(PLAIN_FORMAT))
-    handler._fscached = True
+    handler.set_name(OUR_HANDLER)
     root = logging.getLogger()
     for old in list(root.handlers):
-        if getattr(old, "_fscached", False):
+        if old.get_name() == OUR_HANDLER:
             root.removeHandler(old)
             old.close()
     root.addHandler(handler)
@@ -111,7 +112,7 @@ def setup_logging(level: str | int = "info", log_file: str | os.PathLike[str] | 
     return handler
 
 
-class RequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+class RequestLog(logging.LoggerAdapter[logging.Logger]):
     """Lines about one request: `<kind> req=<req> blob=<blob> <message>`."""
 
     def __init__(self, logger: logging.Logger, kind: str, req: str, blob: str) -> None:

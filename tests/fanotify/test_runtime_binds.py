@@ -41,7 +41,7 @@ class InThread:
     def _run(self) -> None:
         async def main() -> int:
             await self.daemon.load()
-            self.daemon.bind()
+            self.daemon.take_kernel_path()
             self.loop = asyncio.get_running_loop()
             self.loop.call_soon(self.ready.set)
             return await self.daemon.run()
@@ -92,7 +92,7 @@ def test_bind_and_unbind_while_another_image_is_read(fanotify_work: Path, two_im
     mnt_a, mnt_b = fanotify_work / "mnt-a", fanotify_work / "mnt-b"
     want = tree_digests(src)
     cache = fanotify_work / "cache"
-    daemon = InThread(Config(cache_dir=cache, images=[spec("a", built_a, mnt_a)], backend="fanotify"))
+    daemon = InThread(Config(cache_dir=cache, images=[spec("a", built_a, mnt_a)], kernel_path="fanotify"))
     stop_reading = threading.Event()
     errors: list[str] = []
 
@@ -109,18 +109,18 @@ def test_bind_and_unbind_while_another_image_is_read(fanotify_work: Path, two_im
     try:
         drop_caches()
         reader.start()
-        daemon.call(daemon.daemon.add_image(spec("b", built_b, mnt_b)))
+        daemon.call(daemon.daemon.bind_image(spec("b", built_b, mnt_b)))
         assert str(mnt_b) in mounts.erofs_mounts()
         for name in ("common/data.bin", "b-only/data.bin", "b-only/note.txt"):
             assert hashlib.sha256((mnt_b / name).read_bytes()).hexdigest() == want[name]
         shared = sorted((cache / "blobs" / "shared").iterdir())
         assert len(shared) == 3, shared  # the common layer's blob once, one per image-only layer
         with pytest.raises(CatalogError, match="already served"):
-            daemon.call(daemon.daemon.add_image(spec("b", built_b, mnt_b)))
+            daemon.call(daemon.daemon.bind_image(spec("b", built_b, mnt_b)))
         # unbinding b unmounts it; the shared blob keeps serving a, b's own blob loses its mark
-        daemon.call(daemon.daemon.remove_image("shared", "b"))
+        daemon.call(daemon.daemon.unbind_image("shared", "b"))
         assert str(mnt_b) not in mounts.erofs_mounts()
-        server = daemon.daemon.server
+        server = daemon.daemon.frontend
         names = {cf.blob.info.blob_id for cf in server.files.values()}  # type: ignore[union-attr]
         b_only = {p.name for p in (built_b / "blobs").iterdir()} - {p.name for p in (built_a / "blobs").iterdir()}
         assert b_only and not (b_only & names), "b's own blob is still served after its unbind"
@@ -130,13 +130,13 @@ def test_bind_and_unbind_while_another_image_is_read(fanotify_work: Path, two_im
         assert not errors, errors[:5]
         assert tree_digests(mnt_a / "common") == {k[len("common/"):]: v for k, v in want.items() if k.startswith("common/")}
         with pytest.raises(CatalogError, match="blob_cache: cache entry not found"):
-            daemon.call(daemon.daemon.remove_image("shared", "b"))
+            daemon.call(daemon.daemon.unbind_image("shared", "b"))
         # a busy image is not dropped: its mount stays watched
         with open(mnt_a / "a-only" / "note.txt", "rb"):
             with pytest.raises(BusyError):
-                daemon.call(daemon.daemon.remove_image("shared", "a"))
+                daemon.call(daemon.daemon.unbind_image("shared", "a"))
         assert str(mnt_a) in mounts.erofs_mounts()
-        daemon.call(daemon.daemon.remove_image("shared", "a"))
+        daemon.call(daemon.daemon.unbind_image("shared", "a"))
         assert not server.files, "every blob dropped with the last image"  # type: ignore[union-attr]
         assert daemon.daemon.catalog.images == {}
     finally:

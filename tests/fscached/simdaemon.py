@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import uvloop
@@ -41,10 +42,14 @@ class Running:
 
     def __init__(self, sim: KernelSimulator, images: list[ImageSpec], cache: Path, read_window: int = 1 << 20) -> None:
         self.daemon = Daemon(Config(cache_dir=cache, images=images, read_window=read_window), device=sim.device())
-        self.daemon.bind()
+        self.daemon.take_kernel_path()
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+        deadline = time.monotonic() + 30  # serving: its images are bound and the device is read
+        while not self.daemon.serving and self.exit_code is None:
+            assert time.monotonic() < deadline, "the daemon did not start serving"
+            time.sleep(0.005)
 
     def _run(self) -> None:
         self.exit_code = uvloop.run(self.daemon.run())
@@ -57,7 +62,7 @@ class Running:
 
     @property
     def stats(self) -> dict[str, int]:
-        return self.daemon.server.stats
+        return self.daemon.frontend.stats
 
     def counters(self) -> dict[str, int]:
         return self.daemon.counters()

@@ -72,7 +72,7 @@ class ApiDaemon:
                 await self.go.wait()
                 if self.daemon.stopping:
                     return 0
-                self.daemon.bind()
+                self.daemon.take_kernel_path()
                 return await self.daemon.run()
             finally:
                 await self.api.stop()

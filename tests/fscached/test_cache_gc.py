@@ -33,7 +33,8 @@ from fscached.api.server import ApiServer
 from fscached.cli import main as cli_main
 from fscached.config import Config, ImageSpec
 from fscached.daemon import Daemon
-from fscached.frontends.cachefiles import Server
+from fscached.frontends.cachefiles import CachefilesFrontend
+from fscached.frontends.cachefiles import cull as cachefiles_cull
 from simdaemon import make_tree
 from standins.kernel_simulator import KernelSimulator, _SimDevice
 
@@ -85,7 +86,7 @@ class Run:
         device.__class__ = CullingDevice  # the simulator's device, answering inuse/cull as well
         self.kernel = device.kernel = CullingKernel(config.cache_dir)  # type: ignore[attr-defined]
         self.daemon = Daemon(config, device=device)
-        self.daemon.bind()
+        self.daemon.take_kernel_path()
         self.thread = threading.Thread(target=lambda: uvloop.run(self.daemon.run()), daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -97,10 +98,10 @@ class Run:
         return self.daemon.submit(coro).result(timeout)
 
     def cull(self, blob_id: str) -> None:
-        self.call(cache_gc.cull(self.daemon, blob_id))
+        self.call(self.daemon.janitor.cull(blob_id))
 
     def unbind(self, spec: ImageSpec) -> None:
-        self.call(self.daemon.remove_image(spec.volume, spec.fsid))
+        self.call(self.daemon.unbind_image(spec.volume, spec.fsid))
 
     def stop(self) -> None:
         self.daemon.stop()
@@ -110,8 +111,8 @@ class Run:
 
 @pytest.fixture(autouse=True)
 def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache_gc, "COMMIT_GRACE", 0.6)
-    monkeypatch.setattr(cache_gc, "RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(cachefiles_cull, "COMMIT_GRACE", 0.6)
+    monkeypatch.setattr(cachefiles_cull, "RETRY_SECONDS", 0.05)
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +211,8 @@ def test_an_open_object_is_busy_before_it_has_a_name(run_factory: Any, built: Pa
     run.sim.mount("erofs,a", blob_id.encode())
     with pytest.raises(cache_gc.CullBusy, match="volume erofs,a: bound"):
         run.cull(blob_id)
-    server = run.daemon.server
-    assert isinstance(server, Server) and cache_gc._open_volumes(server, blob_id.encode()) == {"a"}
+    server = run.daemon.frontend
+    assert isinstance(server, CachefilesFrontend) and server.open_volumes(blob_id.encode()) == {"a"}
 
 
 def test_fsid_culls_its_bootstrap_then_its_empty_volume(run_factory: Any, built: Path, blob_id: str) -> None:
@@ -332,16 +333,16 @@ def test_budget_culls_unused_objects_least_recently_used_first(run_factory: Any,
     bound = linked(cache, "a", blob_id, 256 << 10)
     os.utime(bound, (now - 5000, now - 5000))  # the oldest, but image a is bound
     run.kernel.in_use.add(objects["older-busy"])
-    cache_gc.image_released(run.daemon, "x", ["old"])  # unbound just now: counts as just used
+    run.daemon.janitor.image_released("x", ["old"])  # unbound just now: counts as just used
     usage = cache_gc.allocated_bytes(cache)
     run.daemon.config.cache_budget = usage - (300 << 10)  # two objects must go
-    report = run.call(cache_gc.check_budget(run.daemon))
+    report = run.call(run.daemon.janitor.check_budget())
     assert report["culled"] == [str(objects["mid"]), str(objects["new"])], report
     assert report["busy"] == [str(objects["older-busy"])]
     assert all(objects[k].exists() for k in ("old", "older-busy", "newest")) and bound.exists()
     assert report["usage_after"] <= run.daemon.config.cache_budget
     # within budget: nothing to do
-    report = run.call(cache_gc.check_budget(run.daemon))
+    report = run.call(run.daemon.janitor.check_budget())
     assert report["culled"] == [] and report["to_free"] <= 0
 
 
@@ -368,7 +369,7 @@ def test_free_space_below_bcull_culls_until_brun(run_factory: Any, built: Path, 
     # the pass an unbind brings forward must not run beside the ones called below
     monkeypatch.setattr(cache_gc, "UNBIND_SETTLE", 3600.0)
     run = run_factory([a], bcull=10, brun=20)  # no size budget: free-space limits only
-    assert cache_gc.budget_wanted(run.daemon)
+    assert run.daemon.janitor.budget_wanted()
     cache = run.daemon.config.cache_dir
     run.unbind(a)
     first, second = linked(cache, "a", "first", 256 << 10), linked(cache, "a", "second", 256 << 10)
@@ -377,12 +378,12 @@ def test_free_space_below_bcull_culls_until_brun(run_factory: Any, built: Path, 
     class Full:
         f_blocks, f_bavail, f_frsize = 10_000, 950, 4096  # 9.5 % free, below bcull 10 %
 
-    monkeypatch.setattr(cache_gc, "statvfs", lambda path: Full)
-    report = run.call(cache_gc.check_budget(run.daemon))
+    monkeypatch.setattr(cachefiles_cull, "statvfs", lambda path: Full)
+    report = run.call(run.daemon.janitor.check_budget())
     assert report["to_free"] == (2000 - 950) * 4096  # back to brun 20 %
     assert report["culled"] == [str(first), str(second)]
     Full.f_bavail = 1500  # 15 %: between bcull and brun, nothing to do
-    assert run.call(cache_gc.check_budget(run.daemon))["culled"] == []
+    assert run.call(run.daemon.janitor.check_budget())["culled"] == []
 
 
 # -- brun / bcull / bstop ----------------------------------------------------------------------
@@ -429,11 +430,11 @@ def test_daemon_sends_the_limits_before_bind_ondemand(tmp_path: Path, built: Pat
     try:
         device = RecordingDevice()
         daemon = Daemon(Config(cache_dir=cache, brun=20, bcull=10, bstop=5), device=device)
-        daemon.bind()
+        daemon.take_kernel_path()
         assert device.commands == [f"dir {cache}", "brun 99%", "bstop 0%", "bcull 10%", "bstop 5%", "brun 20%",
                                    "bind ondemand"]
         device = RecordingDevice()
-        Daemon(Config(cache_dir=cache), device=device).bind()  # none configured: the kernel's own
+        Daemon(Config(cache_dir=cache), device=device).take_kernel_path()  # none configured: the kernel's own
         assert device.commands == [f"dir {cache}", "bind ondemand"]
     finally:
         shutil.rmtree(cache, ignore_errors=True)

@@ -106,7 +106,7 @@ def test_cli_names_a_missing_device_and_a_tmpfs_cache(tmp_path: Path, capsys: py
         assert main(["--cache-dir", str(cache), "--image", image, "--backend", "fanotify"]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("fscached: error:") and "tmpfs" in err and "\n" not in err
-        cache.rmdir()
+        assert not cache.exists(), "a start that failed left the cache dir it made"
 
 
 def test_backend_must_be_known(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -179,7 +179,6 @@ BAD_IMAGE_VALUES = [
     (REG + ",auth_file={tmp}/binary", "auth_file"),
     (REG + ",auth_file={tmp}/empty", "auth_file"),
     (REG + ",auth_file={tmp}/not-base64", "auth_file"),
-    (REG + ",auth=not-base64", "auth"),
     (REG + ",ca_file={tmp}/missing", "ca_file"),
     (REG + ",ca_file={tmp}/not-pem", "ca_file"),
     (LOCAL + ",fsid=b", "fsid"),  # given twice

@@ -243,7 +243,7 @@ def test_failed_copen_forgets_the_object_and_starts_no_prefetch(work: Path) -> N
     before = open_fds()
     with KernelSimulator(work / "kernel") as sim:
         daemon = Running(sim, [spec], work / "cache")
-        server = daemon.daemon.server
+        server = daemon.daemon.frontend
         assert server is not None
         try:
             sim.fail_copen(errno.EINVAL)  # the kernel dropped the OPEN before the copen came
@@ -326,7 +326,7 @@ def test_close_stops_a_bandwidth_limited_prefetch(work: Path) -> None:
     try:
         with KernelSimulator(work / "kernel") as sim:
             daemon = Running(sim, [spec], work / "cache", read_window=2 * CHUNK)
-            server = daemon.daemon.server
+            server = daemon.daemon.frontend
             assert server is not None
             try:
                 blob = sim.mount("erofs,a", a.blob_id.encode())

@@ -237,7 +237,7 @@ def test_prefetch_table_fetches_the_listed_files_only(work: Path) -> None:
             while daemon.stats["prefetch_done"] < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert daemon.stats["prefetch_done"] == 1
-            written = daemon.daemon.server.objects.entries()[0].payload.target.written
+            written = daemon.daemon.frontend.objects.entries()[0].payload.target.written
             assert listed <= written, "every chunk of the listed file was prefetched"
             assert daemon.stats["prefetched_chunks"] < len(chunks_by_blob(boot.image)[0]), "and not the whole blob"
         finally:
@@ -299,16 +299,16 @@ def test_bind_and_unbind_at_run_time_on_the_cachefiles_path(work: Path) -> None:
         daemon = Running(sim, [spec1], work / "cache")
         try:
             assert sim.mount("erofs,img2", b"img2").copen_result == -errno.ENOENT  # not bound yet
-            daemon.daemon.submit(daemon.daemon.add_image(spec2)).result(30)
+            daemon.daemon.submit(daemon.daemon.bind_image(spec2)).result(30)
             meta = sim.mount("erofs,img2", b"img2")
             blob = sim.mount("erofs,img2", boot2.blobs[0].blob_id.encode())
             want = expected_blob_space(boot2, spec2.blobs, 0)
             assert sim.read(blob, 0, 65536) == want[:65536]
             assert sim.anon_fd_open(blob) and sim.anon_fd_open(meta)
-            daemon.daemon.submit(daemon.daemon.remove_image("img2", "img2")).result(30)
+            daemon.daemon.submit(daemon.daemon.unbind_image("img2", "img2")).result(30)
             assert not sim.anon_fd_open(blob) and not sim.anon_fd_open(meta), "unbind closes the objects"
             with pytest.raises(CatalogError, match="blob_cache: cache entry not found"):
-                daemon.daemon.submit(daemon.daemon.remove_image("img2", "img2")).result(30)
+                daemon.daemon.submit(daemon.daemon.unbind_image("img2", "img2")).result(30)
             # the first image is untouched
             boot1 = Bootstrap.open(spec1.bootstrap)
             blob1 = sim.mount("erofs,img1", boot1.blobs[0].blob_id.encode())

@@ -31,9 +31,9 @@ from fetcher.local import LocalDirectorySource
 from fscached.api.server import ApiServer
 from fscached.config import Config, ImageSpec
 from fscached.daemon import Daemon
-from fscached.lifecycle.supervisor import NEEDS_NEWER_KERNEL, Failover, check_kernel
+from fscached.frontends.cachefiles.frontend import NEEDS_NEWER_KERNEL
 from fscached.lifecycle.state import encode_specs
-from fscached.frontends.cachefiles import Server
+from fscached.frontends.cachefiles import CachefilesFrontend
 from simdaemon import expected_blob_space, make_tree
 from standins.kernel_simulator import KernelSimulator, PendingRead, _SimDevice
 from standins.supervisor import Supervisor, call
@@ -58,10 +58,10 @@ class Node:
         self.sock = work / "run" / f"{name}.sock"
         self.daemon = Daemon(Config(cache_dir=work / "cache", work_dir=work / "state"),
                              device=sim.device() if bound else None)
-        self.failover = Failover(self.daemon, str(supervisor), upgrade=upgrade, waiting=not bound,
-                                 device_factory=lambda fd: sim_device(sim, fd))
+        self.daemon.upgrade = upgrade
+        self.daemon.device_factory = lambda fd: sim_device(sim, fd)
         self.api = ApiServer(self.daemon, self.sock, daemon_id="d1", supervisor=str(supervisor), autostart=bound,
-                             failover=self.failover, on_exit=self._leave)
+                             on_exit=self._leave)
         self.bound = bound
         self.loop: asyncio.AbstractEventLoop | None = None
         self.exit_code: int | None = None
@@ -74,7 +74,6 @@ class Node:
             raise self.error
 
     def _leave(self) -> None:
-        self.failover.abort()
         self.daemon.stop()
 
     def _run(self) -> None:
@@ -83,15 +82,15 @@ class Node:
             try:
                 await self.api.start()
                 if self.bound:
-                    self.daemon.bind()
-                    check_kernel(self.daemon)
+                    self.daemon.take_kernel_path()
+                    self.daemon.check_failover_support()
             except BaseException as exc:
                 self.error = exc
                 self.started.set()
                 return 1
             self.started.set()
             try:
-                if not self.bound and not await self.failover.wait_until_serving():
+                if not self.bound and not await self.daemon.wait_for_takeover():
                     return 0
                 return await self.daemon.run()
             finally:
@@ -111,9 +110,9 @@ class Node:
             time.sleep(0.01)
 
     @property
-    def server(self) -> Server:
-        server = self.daemon.server
-        assert isinstance(server, Server)
+    def server(self) -> CachefilesFrontend:
+        server = self.daemon.frontend
+        assert isinstance(server, CachefilesFrontend)
         return server
 
     def crash(self) -> None:
@@ -261,7 +260,7 @@ def test_sendfd_kill_takeover_restore_start_serves_the_reads_again(
         # what the dead daemon had written (the tail's window) is not fetched again: the new
         # daemon found it in the cache file when the object was re-opened (counted once the
         # fetches the READ above started in the background have landed)
-        wait_for(lambda: b.daemon.server.filler.jobs_in_flight == 0, "the fetches in flight to land")
+        wait_for(lambda: b.daemon.frontend.filler.jobs_in_flight == 0, "the fetches in flight to land")
         fetched = b.daemon.counters().get("fetched_chunks", 0)
         assert sim.read(blob, len(want) - 8192, 4096) == want[-8192:-4096]
         assert b.daemon.counters().get("fetched_chunks", 0) == fetched
@@ -389,7 +388,7 @@ def test_takeover_of_a_bad_state_is_refused_and_the_daemon_stays_in_init(
         status, body = call(b.sock, "PUT", "/api/v1/daemon/fuse/takeover")
         assert status == 400 and body["code"] == "BAD_REQUEST", body
         assert text in body["message"] and body["message"].count("\n") == 0, body
-        assert b.state() == "INIT" and b.daemon.server is None and not b.daemon.catalog.images
+        assert b.state() == "INIT" and b.daemon.frontend is None and not b.daemon.catalog.images
         supervisor.wait_sent()
         time.sleep(0.1)
         assert len(os.listdir("/proc/self/fd")) <= fds_before, "a refused takeover leaked the fds it received"
@@ -409,11 +408,11 @@ def test_a_kernel_without_restore_is_told_at_start_and_refuses_failover(
         work: Path, built: Path, caplog: pytest.LogCaptureFixture) -> None:
     with KernelSimulator(work / "kernel", failover=False) as sim:
         supervisor = Supervisor(work / "supervisor" / "d1.sock")
-        caplog.set_level(logging.INFO, logger="fscached.lifecycle.supervisor")
+        caplog.set_level(logging.INFO, logger="fscached.supervisor")
         a = Node(sim, work, "a", supervisor.path, bound=True)
         try:
             a.wait_serving()
-            said = [r.getMessage() for r in caplog.records if r.name == "fscached.lifecycle.supervisor"]
+            said = [r.getMessage() for r in caplog.records if r.name == "fscached.supervisor"]
             assert NEEDS_NEWER_KERNEL in said, said
             assert "6.8" in NEEDS_NEWER_KERNEL and "6.1.95" in NEEDS_NEWER_KERNEL
             assert a.server.device.restore_supported is False
@@ -438,7 +437,7 @@ def test_takeover_on_a_kernel_without_restore_is_refused(work: Path, built: Path
             supervisor.send_states(10.0)
             status, body = call(b.sock, "PUT", "/api/v1/daemon/fuse/takeover")
             assert status == 501 and "newer kernel" in body["message"], body
-            assert b.state() == "INIT" and b.daemon.server is None and not b.daemon.catalog.images
+            assert b.state() == "INIT" and b.daemon.frontend is None and not b.daemon.catalog.images
         finally:
             assert b.stop() == 0
             supervisor.close()

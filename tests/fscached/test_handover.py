@@ -30,7 +30,7 @@ from fscached._proto.handover.v1 import handover_pb2 as pb
 from fscached.config import Config, ImageSpec, PrefetchSpec, ProxySpec, RegistrySpec
 from fscached.daemon import Daemon
 from fscached.lifecycle.state import (FORMAT_VERSION, Bind, CachefilesInfo, FanotifyPointers, HandoverError,
-                               HandoverState, capture, encode, encode_specs, read_state, state_of)
+                               HandoverState, encode, encode_specs, read_state)
 from simdaemon import WORK_ROOT, Running, make_tree
 from standins.kernel_simulator import KernelSimulator
 
@@ -122,10 +122,10 @@ def test_capture_round_trips_every_field(built: Path, work: Path, fake_mounts: l
         try:
             wait_serving(running)
             daemon = running.daemon
-            daemon.submit(daemon.add_image(late)).result(30)  # a bind at run time
+            daemon.submit(daemon.bind_image(late)).result(30)  # a bind at run time
             assert [m[1] for m in fake_mounts] == [work / "mnt", work / "mnt-late"]
-            data = on_loop(running, lambda: capture(daemon))
-            expected = on_loop(running, lambda: state_of(daemon))
+            data = on_loop(running, lambda: daemon.capture_state())
+            expected = on_loop(running, lambda: daemon.handover_state())
             state = read_state(data)
         finally:
             assert running.stop() == 0
@@ -155,8 +155,7 @@ def test_capture_round_trips_every_field(built: Path, work: Path, fake_mounts: l
 def test_capture_takes_the_credentials_in_use(built: Path, work: Path) -> None:
     """Credentials renewed through the API (PUT /api/v1/config) live in the registry source, not
     in the spec: the state carries the renewed ones."""
-    from fscached.api.server import renew_credentials
-
+    
     spec = every_kind(built, work)[1]
     renewed = base64.b64encode(b"robot:renewed-Pa55").decode()
     with KernelSimulator(work / "kernel") as sim:
@@ -164,9 +163,9 @@ def test_capture_takes_the_credentials_in_use(built: Path, work: Path) -> None:
         try:
             wait_serving(running)
             daemon = running.daemon
-            assert read_state(on_loop(running, lambda: capture(daemon))).images[0].registry.auth == AUTH
-            assert on_loop(running, lambda: renew_credentials(daemon, spec, renewed)) >= 1
-            state = read_state(on_loop(running, lambda: capture(daemon)))
+            assert read_state(on_loop(running, lambda: daemon.capture_state())).images[0].registry.auth == AUTH
+            assert on_loop(running, lambda: daemon.renew_credentials(spec, renewed)) >= 1
+            state = read_state(on_loop(running, lambda: daemon.capture_state()))
         finally:
             assert running.stop() == 0
     registry = state.images[0].registry
@@ -197,8 +196,8 @@ def test_capture_of_an_image_pulled_at_run_time(built: Path, work: Path, auth_re
         try:
             running.daemon.config.work_dir = work / "state"
             wait_serving(running)
-            running.daemon.submit(running.daemon.add_image(pulled)).result(60)
-            data = on_loop(running, lambda: capture(running.daemon))
+            running.daemon.submit(running.daemon.bind_image(pulled)).result(60)
+            data = on_loop(running, lambda: running.daemon.capture_state())
         finally:
             assert running.stop() == 0
     state = read_state(data)
@@ -232,13 +231,13 @@ def test_capture_on_the_fanotify_path(fanotify_work: Path) -> None:
     convert(make_tree(work / "tree"), out, compressor="zstd", chunk_size=64 << 10)
     specs = [ImageSpec("one", out / "image.boot", out / "blobs"),
              ImageSpec("two", out / "image.boot", out / "blobs", domain="dom")]
-    daemon = Daemon(Config(cache_dir=work / "cache", images=specs, backend="fanotify"))
+    daemon = Daemon(Config(cache_dir=work / "cache", images=specs, kernel_path="fanotify"))
     loop_ready = threading.Event()
     result: list[int] = []
 
     async def main() -> int:
         await daemon.load()
-        daemon.bind()
+        daemon.take_kernel_path()
         asyncio.get_running_loop().call_soon(loop_ready.set)
         return await daemon.run()
 
@@ -252,7 +251,7 @@ def test_capture_on_the_fanotify_path(fanotify_work: Path) -> None:
             time.sleep(0.02)
 
         async def take() -> bytes:
-            return capture(daemon)
+            return daemon.capture_state()
         state = read_state(daemon.submit(take()).result(30))
     finally:
         daemon.stop()
@@ -261,7 +260,7 @@ def test_capture_on_the_fanotify_path(fanotify_work: Path) -> None:
     blob_id = Bootstrap.open(out / "image.boot").blobs[0].blob_id
     assert state.backend == "fanotify" and state.cachefiles is None
     assert state.images == tuple(specs)
-    assert state.fd_names == (handover.FD_FANOTIFY_GROUP, f"blob:one/{blob_id}", f"blob:dom/{blob_id}")
+    assert state.fd_names == (handover.FD_FANOTIFY_GROUP, f"blob=one/{blob_id}", f"blob=dom/{blob_id}")
     state_dir = work / "cache" / ".fscached"
     assert state.fanotify == FanotifyPointers(state_dir, state_dir / "events.journal",
                                               state_dir / "verified-at-clean-stop.json", state_dir / "keeper.sock")

@@ -323,7 +323,7 @@ class InThread:
         async def main() -> int:
             try:
                 await self.daemon.load()
-                self.daemon.bind()
+                self.daemon.take_kernel_path()
             except BaseException as exc:
                 self.error = exc
                 self.ready.set()
@@ -360,7 +360,7 @@ def test_fanotify_metrics(fanotify_work: Path) -> None:
     mnt = work / "mnt"
     spec = ImageSpec("img1", out / "image.boot", out / "blobs", mountpoint=mnt)
     cache = work / "cache"
-    daemon = InThread(Config(cache_dir=cache, images=[spec], backend="fanotify"))
+    daemon = InThread(Config(cache_dir=cache, images=[spec], kernel_path="fanotify"))
     source = f"local {out / 'blobs'}"
     try:
         deadline = time.monotonic() + 30

@@ -54,7 +54,7 @@ class Daemonized:
 
     def __init__(self, sim: KernelSimulator, config: Config) -> None:
         self.daemon = Daemon(config, device=sim.device())
-        self.daemon.bind()
+        self.daemon.take_kernel_path()
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=lambda: setattr(self, "exit_code", uvloop.run(self.daemon.run())),
                                        daemon=True)
@@ -63,8 +63,8 @@ class Daemonized:
 
     @property
     def stats(self) -> dict[str, int]:
-        assert self.daemon.server is not None
-        return self.daemon.server.stats
+        assert self.daemon.frontend is not None
+        return self.daemon.frontend.stats
 
     def stop(self) -> int | None:
         self.daemon.stop()
@@ -154,11 +154,11 @@ def test_record_is_written_at_unbind_and_at_stop_before_its_time(image: Image, f
             sim.read(blob, image.chunk(7).uncompressed_offset, 4096)
             # a second image bound at run time (the API's path), recording too; then unbound
             spec_b = ImageSpec("b", image.boot, None, domain="dom", registry=front.registry())
-            d.daemon.submit(d.daemon.add_image(spec_b, ProfileSpec(record_seconds=600))).result(30)
+            d.daemon.submit(d.daemon.bind_image(spec_b, ProfileSpec(record_seconds=600))).result(30)
             sim.mount("erofs,dom", b"b")
             blob_b = sim.mount("erofs,dom", image.blob_id.encode())
             sim.read(blob_b, image.chunk(1).uncompressed_offset, 4096)
-            d.daemon.submit(d.daemon.remove_image("dom", "b")).result(30)
+            d.daemon.submit(d.daemon.unbind_image("dom", "b")).result(30)
             out_b = work / "wd" / "profiles" / "b.json"
             assert out_b.exists(), "no profile written at unbind"
             assert [(r.offset, r.length) for r in StartupProfile.load(out_b).ranges] == \
@@ -208,7 +208,7 @@ def test_replay_fetches_the_profile_first_in_order_in_few_large_requests(image: 
                 (c(2).uncompressed_offset, c(4).uncompressed_offset),
                 (c(10).uncompressed_offset, c(11).uncompressed_offset),
                 (c(12).uncompressed_offset, c(13).uncompressed_offset)}
-            server = d.daemon.server
+            server = d.daemon.frontend
             assert server is not None
             for n in profile_chunks:  # the reader finds them there: answered without a fetch
                 off = c(n).uncompressed_offset

@@ -311,7 +311,7 @@ def test_listen_fds_are_only_for_the_pid_they_name() -> None:
 
 
 def test_state_memfd_survives_a_torn_write() -> None:
-    from fscached.lifecycle.systemd import StateMemfd
+    from fscached.lifecycle.state_memfd import StateMemfd
 
     memfd = StateMemfd(capacity=4096)
     try:

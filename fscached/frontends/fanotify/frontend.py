@@ -1,18 +1,16 @@
 """The fanotify frontend: serve file-backed EROFS mounts whose blobs are sparse cache files.
 
-Per data blob (a domain's blob once) one sparse file of the blob's uncompressed size lives in
-`<cache_dir>/blobs/<volume>/<blob id>`, marked FAN_PRE_ACCESS before anything can mount it. A
-read of the mount that misses EROFS's page cache raises an event for a range of that file; the
-fill core makes the range hold verified bytes (or fails), and the event is answered FAN_ALLOW,
-or FAN_DENY_ERRNO(EIO): a reader never sees a hole as data.
+A read of the mount that misses EROFS's page cache raises an event for a range of a blob's
+cache file (fanotify.cache_file); the fill core makes the range hold verified bytes (or
+fails), and the event is answered FAN_ALLOW, or FAN_DENY_ERRNO(EIO): a reader never sees a
+hole as data.
 
-Writes go through a non-notifying fd of the cache file: one opened before the file was marked
-(checked on 6.18: such an fd raises no events, even with other files of the filesystem marked),
-or a duplicate of an event's fd. The group fd and those write fds also live in the keeper
-(fscached.frontends.fanotify.keeper), and every event being worked on is journaled (fscached.frontends.fanotify.journal), so a
-daemon killed with -9 leaves readers waiting, never reading zeros, and its successor answers
-what it left. Run by systemd, systemd's fd store holds them instead of the keeper
-(fscached.lifecycle.systemd.FanotifyStore).
+The group fd and the write fds outlive the daemon in a carrier (the keeper process, or
+systemd's fd store: fscached.lifecycle.carriers), and every event being worked on is journaled
+(fanotify.journal), so a daemon killed with -9 leaves readers waiting, never reading zeros, and
+its successor answers what it left. The frontend knows nothing of carriers: it is handed the
+fds a carrier kept (`open`), says what it holds (`carried_fds`) and calls `on_fds_changed`
+whenever that changes.
 """
 from __future__ import annotations
 
@@ -24,93 +22,44 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Protocol
+from typing import Any
 
 from fanotify.group import FAN_ALLOW, FAN_Q_OVERFLOW, Event, FanotifyError, Group, deny_errno
-from fetcher.source import SourceError
-from fscached.frontends.fanotify import keeper
-from fscached.util import mounts
-from fscached.core.catalog import BlobObject, BootstrapObject, Catalog
 from fscached.config import ImageSpec
-from fscached.frontends.fanotify.journal import EventJournal, Orphan
-from fscached.core.fill import DEFAULT_WINDOW, Filler, FillTarget, VerifyError, settle
-from fscached.util.shared_fd import SharedFd
-from fscached.util.ids import BLOB_ID
-from fscached.util.logs import request_log
-from fscached.core.stats import RequestStats
+from fscached.core.catalog import BlobObject, BootstrapObject, Catalog
+from fscached.core.fill import DEFAULT_WINDOW, Filler, settle
 from fscached.core.profile_recorder import ProfileRecorders
+from fscached.core.stats import RequestStats
+from fscached.frontends.base import BlobFill, exact_fill, fill_outcome, prefetch_blob, wants_background
+from fscached.frontends.fanotify.cache_file import (CacheFile, create_or_open, take_clean_stop_record,
+                                                    trust_clean_stop_record, write_clean_stop_record)
+from fscached.frontends.fanotify.cull import FanotifyCuller
+from fscached.frontends.fanotify.journal import EventJournal, Orphan
+from fscached.lifecycle import fdnames
+from fscached.util import mounts
+from fscached.util.files import FileWriteError, write_atomic
+from fscached.util.ids import BLOB_ID
+from fscached.util.units import human_bytes
 
 log = logging.getLogger("fscached.fanotify")
 
 ORPHAN_SECONDS = 10.0  # an orphan not filled by then is answered EIO: no reader waits longer
 
 
-class CacheFile:
-    """One blob's sparse cache file and its fill state."""
+class FanotifyFrontend:
+    kernel_path = "fanotify"
+    handover_fd_name = fdnames.FANOTIFY_GROUP  # write fds come back from events
+    closing_fails_readers = False  # with no group left, the kernel lets reads of holes through
 
-    def __init__(self, volume: str, blob: BlobObject, path: Path) -> None:
-        self.volume = volume
-        self.blob = blob
-        self.path = path
-        self.name = f"{volume}/{blob.info.blob_id}"
-        self.write_fd: SharedFd | None = None
-        self.target: FillTarget | None = None
-        self.marked = False
-        self.reverify = False  # the file held bytes before this process: check before trusting
-
-    def adopt(self, fd: int, on_complete: Callable[[CacheFile], None]) -> FillTarget:
-        """Take `fd` (non-notifying, read-write) as the file's write fd. `on_complete` runs
-        once every chunk of the blob holds verified bytes, whichever job wrote the last one."""
-        self.write_fd = SharedFd(fd)
-        self.target = FillTarget(fd, self.write_fd.hold, holes_read_as_zeros=True, buffered=True,
-                                 reverify=self.reverify)
-        self.target.chunk_count = len(self.blob.chunk_map.chunks)
-        self.target.on_complete = lambda: on_complete(self)
-        return self.target
-
-
-class FdHolder(Protocol):
-    """Who holds the group and the write fds while no daemon does. Names: "group",
-    "blob:<volume>/<blob id>"."""
-
-    what: str
-
-    def take(self) -> dict[str, int] | None: ...
-    def start(self) -> None: ...
-    def give(self, fds: dict[str, int]) -> None: ...
-    def dismiss(self) -> None: ...
-
-
-class KeeperHolder:
-    """The keeper process (fscached.frontends.fanotify.keeper): a daemon not run by systemd."""
-
-    what = "the keeper"
-
-    def __init__(self, sock: Path) -> None:
-        self.sock = sock
-
-    def take(self) -> dict[str, int] | None:
-        return keeper.take(self.sock)
-
-    def start(self) -> None:
-        keeper.start(self.sock)
-
-    def give(self, fds: dict[str, int]) -> None:
-        keeper.give(self.sock, fds)
-
-    def dismiss(self) -> None:
-        keeper.dismiss(self.sock)
-
-
-class FanotifyServer:
     def __init__(self, catalog: Catalog, executor: Executor, cache_dir: Path,
                  read_window: int = DEFAULT_WINDOW) -> None:
         self.catalog = catalog
         self.cache_dir = cache_dir
         self.state_dir = cache_dir / ".fscached"
-        self.keeper_socket = self.state_dir / "keeper.sock"
+        self.blobs_dir = cache_dir / "blobs"
         self.stats: Counter[str] = Counter()
         self.filler = Filler(executor, self.stats, read_window)
         self.requests = RequestStats()  # outcome, latency and bytes of every event answered
@@ -120,45 +69,46 @@ class FanotifyServer:
         self.group: Group | None = None
         self.journal: EventJournal | None = None
         self.takeover = False
+        self.handing_over = False
         self.orphans: list[Orphan] = []
         self._placeholders: set[int] = set()
         # mount ids of EROFS mounts of our images that were there before this group existed:
         # nothing watched their blobs, their page cache may hold holes read as zeros; never
         # served, whoever holds the group later (kept in the state dir beside the journal)
         self.unwatched: dict[str, int] = {}
-        self.holder: FdHolder = KeeperHolder(self.keeper_socket)
-        # start-up profiles being recorded (fscached.core.profile_recorder; set by the daemon)
         self.recorders: ProfileRecorders | None = None
+        self.culler = FanotifyCuller(self)
+        # called whenever the fds a successor needs change (a carrier must hold them again)
+        self.on_fds_changed: Callable[[], None] = lambda: None
 
-    # -- start ------------------------------------------------------------------------------
-    def open(self, holder: FdHolder | None = None) -> None:
-        """Take the group back from its holder (a successor) or make a new one; create and mark
-        every blob's cache file; hand the fds to the holder: the keeper process, or systemd's fd
-        store when run by systemd (fscached.lifecycle.systemd.FanotifyStore). Errors: FanotifyError,
-        KeeperError."""
+    @property
+    def record_path(self) -> Path:
+        return self.state_dir / "verified-at-clean-stop.json"
+
+    @property
+    def unwatched_path(self) -> Path:
+        return self.state_dir / "unwatched-mounts.json"
+
+    # -- start ----------------------------------------------------------------------------------
+    def open(self, handed: dict[str, int]) -> None:
+        """Take the group back from what a carrier kept (`handed`, by fdnames name: a successor)
+        or make a new one; create and mark every blob's cache file. FanotifyError."""
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
-        self.holder = holder or KeeperHolder(self.keeper_socket)
-        handed = self.holder.take() or {}
-        from_keeper = False
-        if "group" not in handed and not isinstance(self.holder, KeeperHolder):
-            # run by systemd for the first time while a keeper of a manual run holds the group
-            handed = keeper.take(self.keeper_socket) or {}
-            from_keeper = "group" in handed
-        group_fd = handed.pop("group", None)
+        group_fd = handed.pop(fdnames.FANOTIFY_GROUP, None)
         if group_fd is not None:
             self.group = Group.adopt(group_fd)
             self.takeover = True
-            log.info("took the fanotify group back from %s (%d write fds)",
-                     "the keeper" if from_keeper else self.holder.what, len(handed))
         else:
             self.group = Group.create()
         self.journal = EventJournal(self.state_dir / "events.journal")
-        unwatched_file = self.state_dir / "unwatched-mounts.json"
+        if not self.journal.durable:
+            log.warning("event journal %s: the events in flight at a kill -9 will be answered EIO by the next "
+                        "daemon, not with their bytes", self.journal.error)
         if self.takeover:
             self.orphans = self.journal.pending()
             try:
-                self.unwatched = {str(k): int(v) for k, v in json.loads(unwatched_file.read_text()).items()}
+                self.unwatched = {str(k): int(v) for k, v in json.loads(self.unwatched_path.read_text()).items()}
             except (OSError, ValueError, AttributeError):
                 self.unwatched = {}
         else:
@@ -166,137 +116,75 @@ class FanotifyServer:
             ours = self.bootstraps()
             self.unwatched = {mp: mount_id for mp, (source, mount_id) in mounts.erofs_mount_table().items()
                               if source in ours}
-            tmp = unwatched_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.unwatched))
-            os.replace(tmp, unwatched_file)
-        verified = self._take_clean_stop_record()
+            self._save_unwatched()
+        verified = take_clean_stop_record(self.record_path)
+        blob_fds = {key: fd for name, fd in list(handed.items())
+                    if (key := fdnames.blob_key(name)) is not None and handed.pop(name) is not None}
         for volume, blob in self.catalog.blobs():
-            self._open_cache_file(volume, blob, handed)
-            self._trust_clean_stop_record(self.files[f"{volume}/{blob.info.blob_id}"], verified)
-        for fd in handed.values():  # blobs no image of this configuration uses
+            cf = self._open_cache_file(volume, blob, blob_fds)
+            self.stats["trusted_chunks"] += trust_clean_stop_record(cf, verified)
+        for fd in blob_fds.values():  # blobs no image of this configuration uses
             os.close(fd)
-        if not self.takeover:
-            self.holder.start()
-        else:
+        if self.takeover:
             # before any event is read: a new event must not get an orphan's fd number
             self._reserve_orphan_numbers()
-        self._give_to_keeper()
-        if from_keeper:
-            keeper.dismiss(self.keeper_socket)  # after systemd holds the group: it never lapses
+        self._warn_if_full()
 
-    def _open_cache_file(self, volume: str, blob: BlobObject, handed: dict[str, int]) -> None:
+    def _save_unwatched(self) -> None:
+        try:
+            write_atomic(self.unwatched_path, json.dumps(self.unwatched))
+        except FileWriteError as exc:  # kept in memory: this daemon still refuses them
+            log.warning("%s: a successor will not know which mounts predate the group", exc)
+
+    def _warn_if_full(self) -> None:
+        try:
+            st = os.statvfs(self.cache_dir)
+        except OSError:
+            return
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            log.warning("cache dir %s is full (%s free): what is cached is served, reads of the rest fail with EIO "
+                        "until there is room", self.cache_dir, human_bytes(st.f_bavail * st.f_frsize))
+
+    def _open_cache_file(self, volume: str, blob: BlobObject, handed: dict[str, int]) -> CacheFile:
         assert self.group is not None
         blob_id = blob.info.blob_id
         if not BLOB_ID.fullmatch(blob_id):
             raise FanotifyError(f"blob id {blob_id!r} is not 64 hex digits: refusing to name a cache file after it")
-        directory = self.cache_dir / "blobs" / volume
+        directory = self.blobs_dir / volume
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = directory / blob_id
         mounts.check_mount_path(path)
         cf = CacheFile(volume, blob, path)
-        handed_fd = handed.pop(f"blob:{cf.name}", None)
-        try:
-            existing = os.stat(path).st_size
-        except FileNotFoundError:
-            existing = -1
-        if existing not in (-1, blob.size):
-            log.warning("cache file %s has %d bytes, not %d: starting it afresh", path, existing, blob.size)
-            path.unlink()
-            existing = -1
-        cf.reverify = existing >= 0
-        if existing < 0:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.ftruncate(fd, blob.size)  # sparse: every byte a hole
-            if handed_fd is not None:
-                os.close(handed_fd)
-            cf.adopt(fd, self._unmark)  # opened before its mark: raises no events
-        elif handed_fd is not None:
-            cf.adopt(handed_fd, self._unmark)
-        elif not self.takeover:
-            # a fresh group: no mark of ours can be on the file yet
-            cf.adopt(os.open(path, os.O_RDWR | os.O_CLOEXEC), self._unmark)
-        # else: marked by the group we took over, its write fd lost: the first event brings one
+        fd, cf.reverify = create_or_open(path, blob.size, handed.pop(cf.name, None), fresh_group=not self.takeover)
+        if fd is not None:
+            cf.adopt(fd, self._unmark)
         self.group.mark(path)
         cf.marked = True
         st = os.stat(path)
         self.files[cf.name] = cf
         self.by_inode[(st.st_dev, st.st_ino)] = cf
-
-    # -- what a clean stop verified -----------------------------------------------------------
-    # A clean stop fsyncs every cache file, then records which chunks each held verified bytes
-    # and the file's identity. The next start consumes the record (deletes it before serving:
-    # after a crash there is none) and trusts it only for a file still the same (inode, size,
-    # mtime); everything else is re-verified against the digests before it counts as filled.
-    @property
-    def _record_path(self) -> Path:
-        return self.state_dir / "verified-at-clean-stop.json"
-
-    def _take_clean_stop_record(self) -> dict[str, Any]:
-        try:
-            record = json.loads(self._record_path.read_text())
-        except (OSError, ValueError):
-            record = {}
-        self._record_path.unlink(missing_ok=True)
-        return record if isinstance(record, dict) else {}
-
-    def _trust_clean_stop_record(self, cf: CacheFile, record: dict[str, Any]) -> None:
-        entry = record.get(cf.name)
-        if cf.target is None or not cf.reverify or not isinstance(entry, dict):
-            return
-        st = os.stat(cf.path)
-        if [entry.get("ino"), entry.get("size"), entry.get("mtime_ns")] != [st.st_ino, st.st_size, st.st_mtime_ns]:
-            return
-        offsets = set(entry.get("chunks", []))
-        trusted = [c for c in cf.blob.chunk_map.chunks if c.uncompressed_offset in offsets]
-        cf.target.mark_written(trusted)
-        self.stats["trusted_chunks"] += len(trusted)
-
-    def _write_clean_stop_record(self) -> None:
-        record: dict[str, Any] = {}
-        for cf in self.files.values():
-            if cf.target is None or cf.write_fd is None or not cf.target.written:
-                continue
-            os.fsync(cf.write_fd.fd)  # the bytes are on disk before the record says so
-            st = os.fstat(cf.write_fd.fd)
-            record[cf.name] = {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                               "chunks": sorted(cf.target.written)}
-        tmp = self._record_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._record_path)
-
-    def _give_to_keeper(self) -> None:
-        """The group, and as many write fds as one message carries (a write fd the holder does
-        not hold is taken from the blob's first event by a successor instead)."""
-        assert self.group is not None
-        fds = {"group": self.group.fd}
-        for cf in self.files.values():
-            if cf.write_fd is not None and len(fds) < keeper.MAX_FDS:
-                fds[f"blob:{cf.name}"] = cf.write_fd.fd
-        self.holder.give(fds)
+        return cf
 
     def fileno(self) -> int:
         assert self.group is not None
         return self.group.fd
 
+    # -- images ---------------------------------------------------------------------------------
     def image_added(self, spec: ImageSpec) -> None:
         """A bind at run time: cache files (marked) for the blobs the image brings."""
         for blob in self.catalog.devices[(spec.volume, spec.fsid)]:
             cf = self.files.get(f"{spec.volume}/{blob.info.blob_id}")
             if cf is None:
-                self._open_cache_file(spec.volume, blob, {})
-                cf = self.files[f"{spec.volume}/{blob.info.blob_id}"]
-                if blob.prefetch_order or blob.profile_order:
+                cf = self._open_cache_file(spec.volume, blob, {})
+                if wants_background(blob):
                     self._spawn(self._prefetch(cf))
             elif blob.profile_order and (cf.target is None or cf.target.prefetch is None
                                          or cf.target.prefetch.done()):
                 # a domain's blob already served: the new image's profile may name more of it
                 self._spawn(self._prefetch(cf, profile_only=True))
-        self._give_to_keeper()
+        self.on_fds_changed()
 
-    def image_removed(self, boot: BootstrapObject, dropped: list[BlobObject]) -> None:
+    def image_removed(self, boot: BootstrapObject, dropped: Sequence[BlobObject]) -> None:
         """An unbind: the blobs no image uses any more lose their mark and their fetches. The
         cache files stay (a later bind finds them filled); culling removes them."""
         for blob in dropped:
@@ -305,23 +193,33 @@ class FanotifyServer:
                 continue
             del self.files[cf.name]
             self.by_inode = {k: v for k, v in self.by_inode.items() if v is not cf}
-            if cf.target is not None:
-                cf.target.close()
             if cf.marked and self.group is not None:
                 self.group.unmark(cf.path)
                 cf.marked = False
-            if cf.write_fd is not None:
-                cf.write_fd.close()
-        self._give_to_keeper()
+            cf.close()
+        self.on_fds_changed()
 
-    def serving_mounts_of(self, spec: ImageSpec) -> list[str]:
-        """Watched mounts of this image's bootstrap (by us or by hand)."""
-        source = str(self.catalog.bootstrap_of(spec).path)
-        return sorted(mp for mp, (there, mount_id) in mounts.erofs_mount_table().items()
-                      if there == source and self.is_watched(mp, mount_id))
+    def readers_of(self, spec: ImageSpec, blobs: Sequence[BlobObject]) -> list[str]:
+        """Cache files of these blobs that something besides this daemon has open: a mount of
+        the image by hand, a mount detached with `umount -l` whose files are still read, in any
+        mount namespace. Their marks are all that stands between those readers and holes."""
+        wanted = {id(blob) for blob in blobs}
+        return sorted(str(cf.path) for cf in self.files.values() if id(cf.blob) in wanted and cf.held_elsewhere())
 
-    def cache_file(self, volume: str, blob: BlobObject) -> CacheFile:
-        return self.files[f"{volume}/{blob.info.blob_id}"]
+    def still_ours(self, spec: ImageSpec, mountpoint: Path) -> bool:
+        """A mount found at start: this image's bootstrap, mounted while a group we took back
+        watched it (not before it existed), holding this image's own cache files (another
+        daemon's mount of the same bootstrap holds another cache dir's files)."""
+        if not self.takeover:
+            return False
+        found = mounts.erofs_mount_table().get(str(mountpoint))
+        if found is None:
+            return False
+        source, mount_id = found
+        if source != str(self.catalog.bootstrap_of(spec).path) or not self.is_watched(str(mountpoint), mount_id):
+            return False
+        files = [self.files[f"{spec.volume}/{blob.info.blob_id}"] for blob in self.catalog.devices[(spec.volume, spec.fsid)]]
+        return not files or all(cf.held_elsewhere() for cf in files)
 
     def start_background(self) -> None:
         """After the reader is armed: resolve a dead predecessor's orphans, start prefetches."""
@@ -332,7 +230,7 @@ class FanotifyServer:
                 self._spawn(self._resolve_orphan(orphan))
             self.orphans = []
         for cf in self.files.values():
-            if cf.blob.prefetch_order or cf.blob.profile_order:
+            if wants_background(cf.blob):
                 self._spawn(self._prefetch(cf))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -341,9 +239,10 @@ class FanotifyServer:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    # -- mounts -----------------------------------------------------------------------------
+    # -- mounts ---------------------------------------------------------------------------------
     def mount_args(self, spec: ImageSpec) -> tuple[str, str]:
-        devices = [self.cache_file(spec.volume, blob).path for blob in self.catalog.devices[(spec.volume, spec.fsid)]]
+        devices = [self.files[f"{spec.volume}/{blob.info.blob_id}"].path
+                   for blob in self.catalog.devices[(spec.volume, spec.fsid)]]
         boot = self.catalog.bootstrap_of(spec).path
         mounts.check_mount_path(boot)
         return str(boot), ",".join(f"device={path}" for path in devices)
@@ -351,7 +250,11 @@ class FanotifyServer:
     def bootstraps(self) -> set[str]:
         return {str(self.catalog.bootstrap_of(spec).path) for spec in self.catalog.images.values()}
 
-    # -- events -----------------------------------------------------------------------------
+    def is_watched(self, mountpoint: str, mount_id: int) -> bool:
+        """False for a mount that predates the group: its reads may already have seen holes."""
+        return self.unwatched.get(mountpoint) != mount_id
+
+    # -- events ---------------------------------------------------------------------------------
     def on_readable(self) -> None:
         assert self.group is not None
         while True:
@@ -410,7 +313,7 @@ class FanotifyServer:
             return
         if cf.target is None:
             cf.adopt(os.dup(event.fd), self._unmark)  # the kernel opened it without notification
-            self._give_to_keeper()
+            self.on_fds_changed()
         assert cf.target is not None
         count = event.count if event.count >= 0 else cf.blob.size - event.offset
         if cf.blob.recorders and self.recorders is not None and count > 0:
@@ -423,37 +326,32 @@ class FanotifyServer:
         self.journal.record(event.fd, st.st_dev, st.st_ino, event.offset, count)
         self._spawn(self._fill_and_answer(cf, event.fd, event.offset, count, started))
 
-    async def _fill(self, cf: CacheFile, offset: int, length: int, kind: str, req: str) -> int:
-        """Fill the range; the answer for its event (ALLOW, or EIO)."""
+    async def _fill(self, cf: CacheFile, offset: int, length: int, kind: str, req: str) -> bool:
+        """Fill the range; True when its bytes are in place."""
         assert cf.target is not None
-        # while an image records this blob's reads: only the chunks asked for, no read window or
-        # read-ahead, which would put neighbours into the page cache, where reads raise no event
-        exact = bool(cf.blob.recorders) and self.recorders is not None and self.recorders.recording(cf.blob)
-        try:
-            await self.filler.fill_blob(cf.blob, cf.target, offset, length, exact)
+        done = await fill_outcome(
+            self.filler.fill_blob(cf.blob, cf.target, offset, length, exact_fill(self.recorders, cf.blob)),
+            log, kind, req, cf.name, offset, length, quiet=lambda: self.handing_over)
+        if done:
             self.stats["read_bytes"] += length
-            return FAN_ALLOW
-        except (SourceError, VerifyError, OSError, ValueError) as exc:
+        elif not self.handing_over:
             self.stats["read_failed"] += 1
-            request_log(log, kind, req, cf.name).error("off=%d len=%d failed: %s", offset, length, exc)
-        except asyncio.CancelledError:
-            self.stats["read_failed"] += 1
-            request_log(log, kind, req, cf.name).warning("off=%d len=%d cancelled at shutdown", offset, length)
-        except Exception:  # a bug must still not hang the reader
-            self.stats["read_failed"] += 1
-            request_log(log, kind, req, cf.name).exception("off=%d len=%d: unexpected error", offset, length)
-        return deny_errno(errno.EIO)
+        return done
 
     async def _fill_and_answer(self, cf: CacheFile, event_fd: int, offset: int, length: int,
                                started: float) -> None:
-        response = deny_errno(errno.EIO)
+        done = False
         try:
-            response = await self._fill(cf, offset, length, "event", f"fd:{event_fd}")
+            done = await self._fill(cf, offset, length, "event", f"fd:{event_fd}")
         finally:
-            self._answer(event_fd, response)
-            allowed = response == FAN_ALLOW
-            self.requests.observe("filled" if allowed else "failed", time.monotonic() - started,
-                                  length if allowed else 0)
+            if not done and self.handing_over:
+                # left journaled and unanswered: the successor answers it (the reader waits)
+                self.stats["read_left"] += 1
+                os.close(event_fd)
+            else:
+                self._answer(event_fd, FAN_ALLOW if done else deny_errno(errno.EIO))
+                self.requests.observe("filled" if done else "failed", time.monotonic() - started,
+                                      length if done else 0)
 
     def _answer(self, event_fd: int, response: int) -> None:
         assert self.group is not None and self.journal is not None
@@ -476,7 +374,7 @@ class FanotifyServer:
         except OSError as exc:
             log.warning("removing the mark of %s: %s", cf.name, exc)
 
-    # -- a predecessor's orphans ------------------------------------------------------------
+    # -- a predecessor's orphans ----------------------------------------------------------------
     def _reserve_orphan_numbers(self) -> None:
         """Keep each orphan's fd number busy here until it is answered: a new event must not
         get the same number (answers are matched by number)."""
@@ -498,54 +396,72 @@ class FanotifyServer:
             os.close(null)
 
     async def _resolve_orphan(self, orphan: Orphan) -> None:
-        response = deny_errno(errno.EIO)
+        done = False
         cf = self.by_inode.get((orphan.dev, orphan.ino))
         try:
             if cf is not None and cf.target is not None:
                 try:
-                    response = await asyncio.wait_for(
+                    done = await asyncio.wait_for(
                         self._fill(cf, orphan.offset, orphan.count, "orphan", f"fd:{orphan.fd}"), ORPHAN_SECONDS)
                 except TimeoutError:
-                    request_log(log, "orphan", f"fd:{orphan.fd}", cf.name).error(
-                        "not filled within %.0f s: EIO", ORPHAN_SECONDS)
+                    log.error("orphan req=fd:%d blob=%s: not filled within %.0f s: EIO", orphan.fd, cf.name,
+                              ORPHAN_SECONDS)
         finally:
             assert self.group is not None and self.journal is not None
-            answered = self.group.answer(orphan.fd, response)
+            answered = self.group.answer(orphan.fd, FAN_ALLOW if done else deny_errno(errno.EIO))
             self.journal.clear(orphan.fd)
             if orphan.fd in self._placeholders:
                 self._placeholders.discard(orphan.fd)
                 os.close(orphan.fd)
             self.stats["orphans_answered" if answered else "orphans_gone"] += 1
-            if answered and response != FAN_ALLOW:
+            if answered and not done:
                 self.stats["orphans_eio"] += 1
 
-    # -- prefetch ---------------------------------------------------------------------------
+    # -- prefetch -------------------------------------------------------------------------------
     async def _prefetch(self, cf: CacheFile, profile_only: bool = False) -> None:
         """Once the image is served (its reader armed): the start-up profile's chunks first,
         then the prefetch list."""
-        if self.recorders is not None and self.recorders.recording(cf.blob):
-            # what it filled would be read from the page cache without an event: not recorded
-            log.info("blob=%s: its reads are being recorded: no profile replay or prefetch now", cf.name)
+        if cf.target is None and not (self.recorders is not None and self.recorders.recording(cf.blob)):
+            # no write fd yet (taken over without one): one read raises the event that brings it
+            await asyncio.to_thread(_read_one_byte, cf.path)
+        if cf.target is None:
             return
-        try:
-            if cf.target is None:
-                # no write fd yet (taken over without one): one read raises the event that brings it
-                await asyncio.to_thread(_read_one_byte, cf.path)
-            assert cf.target is not None
-            cf.target.prefetch = asyncio.current_task()  # type: ignore[assignment]
-            if cf.blob.profile_order:
-                await self.filler.replay(cf.blob, cf.target, cf.blob.profile_order)
-                log.info("profile replay blob=%s done (%d chunks)", cf.name, len(cf.blob.profile_order))
-            if profile_only or not cf.blob.prefetch_order:
-                return
-            await self.filler.prefetch(cf.blob, cf.target, cf.blob.prefetch_order, cf.blob.prefetch_bandwidth)
-            log.info("prefetch blob=%s done (%d chunks)", cf.name, len(cf.blob.prefetch_order))
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("prefetch blob=%s failed", cf.name)
+        cf.target.prefetch = asyncio.current_task()
+        await prefetch_blob(self.filler, self.recorders, cf.blob, cf.target, cf.name, log, profile_only=profile_only)
 
-    # -- stop -------------------------------------------------------------------------------
+    # -- stop -----------------------------------------------------------------------------------
+    async def readers_left(self) -> list[str]:
+        """Cache files something besides this daemon still has open: a mount (ours that was
+        busy, one by hand, one detached with `umount -l` whose files are still read). The files
+        of an image mounted before this group existed are left out: that mount was never
+        watched (its page cache may hold holes read as zeros) and is not served for it."""
+        unwatched = self._unwatched_mount_files()
+        files = [cf for cf in self.files.values() if cf.path not in unwatched]
+        return await asyncio.to_thread(lambda: [str(cf.path) for cf in files if cf.held_elsewhere()])
+
+    def _unwatched_mount_files(self) -> set[Path]:
+        """The cache files of the images whose bootstraps the still-mounted unwatched mounts are."""
+        if not self.unwatched:
+            return set()
+        sources = {source for mp, (source, mount_id) in mounts.erofs_mount_table().items()
+                   if self.unwatched.get(mp) == mount_id}
+        found: set[Path] = set()
+        for spec in self.catalog.images.values():
+            if str(self.catalog.bootstrap_of(spec).path) in sources:
+                found.update(self.files[f"{spec.volume}/{blob.info.blob_id}"].path
+                             for blob in self.catalog.devices[(spec.volume, spec.fsid)]
+                             if f"{spec.volume}/{blob.info.blob_id}" in self.files)
+        return found
+
+    def resumable(self) -> str | None:
+        return None  # the group, taken back, answers everything; journaled events included
+
+    def started(self) -> None:
+        """Nothing: the group is served from the takeover on."""
+
+    def begin_hand_over(self) -> None:
+        self.handing_over = True
+
     async def drain(self, timeout: float) -> None:
         for cf in self.files.values():
             if cf.target is not None and cf.target.prefetch is not None:
@@ -553,37 +469,54 @@ class FanotifyServer:
         await settle(self.tasks, timeout)
         await self.filler.drain(0)
 
-    def is_watched(self, mountpoint: str, mount_id: int) -> bool:
-        """False for a mount that predates the group: its reads may already have seen holes."""
-        return self.unwatched.get(mountpoint) != mount_id
-
-    def still_mounted(self) -> list[str]:
-        """Mount points of EROFS mounts of our bootstraps this group watches (by us or by hand)."""
-        ours = self.bootstraps()
-        return sorted(mp for mp, (source, mount_id) in mounts.erofs_mount_table().items()
-                      if source in ours and self.is_watched(mp, mount_id))
-
-    def release_all(self, *, let_go: bool) -> None:
-        """Close our fds. With `let_go` (nothing marked is mounted) the keeper lets go too and
-        the marks vanish with the group; otherwise the keeper keeps the group: readers wait for
-        the next daemon instead of reading holes."""
+    def close(self, *, let_go: bool) -> None:
+        """Close our fds. With `let_go` (nothing reads our files any more) the journal is
+        cleared; otherwise the carrier keeps the group: readers wait for the next daemon
+        instead of reading holes. The caller tells the carrier."""
         try:
-            self._write_clean_stop_record()
+            write_clean_stop_record(self.record_path, list(self.files.values()))
         except OSError as exc:  # only costs the next start a re-verification
             log.warning("recording the filled state at stop: %s", exc)
         for cf in self.files.values():
-            if cf.target is not None:
-                cf.target.close()
-            if cf.write_fd is not None:
-                cf.write_fd.close()
+            cf.close()
         if self.journal is not None:
             if let_go:
                 self.journal.reset()
             self.journal.close()
-        if let_go:
-            self.holder.dismiss()
         if self.group is not None:
             self.group.close()
+
+    # -- views ----------------------------------------------------------------------------------
+    def blob_fill(self, volume: str, blob: BlobObject) -> BlobFill:
+        cf = self.files.get(f"{volume}/{blob.info.blob_id}")
+        if cf is None:
+            return BlobFill(volume, blob, f"{volume}/{blob.info.blob_id}", None)
+        return BlobFill(volume, blob, str(cf.path), cf.target)
+
+    def open_blobs(self) -> list[BlobFill]:
+        return [BlobFill(cf.volume, cf.blob, str(cf.path), cf.target) for cf in list(self.files.values())]
+
+    def objects_open(self) -> int:
+        return len(self.files)
+
+    def bound_file(self, name: str) -> bool:
+        """Whether "<volume>/<blob id>" is a cache file a bound image uses."""
+        return name in self.files
+
+    # -- hand-over ------------------------------------------------------------------------------
+    def carried_fds(self) -> dict[str, int]:
+        assert self.group is not None
+        fds = {fdnames.FANOTIFY_GROUP: self.group.fd}
+        for cf in self.files.values():
+            if cf.write_fd is not None and not cf.write_fd.closing:
+                fds[fdnames.blob(cf.volume, cf.blob.info.blob_id)] = cf.write_fd.fd
+        return fds
+
+    def pointers(self) -> Mapping[str, Any]:
+        return {"state_dir": self.state_dir,
+                "event_journal": self.journal.path if self.journal is not None else None,
+                "clean_stop_record": self.record_path,
+                "keeper_socket": self.state_dir / "keeper.sock"}
 
 
 def _read_one_byte(path: Path) -> None:

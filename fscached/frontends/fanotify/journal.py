@@ -7,6 +7,11 @@ with the bytes filled. The journal is a table of fixed slots indexed by the even
 in a MAP_SHARED file: recording is a memory store (no system call on the hot path), and what
 was stored survives a kill -9 (it is in the page cache). An fd number belongs to at most one
 unanswered event, so a slot is never needed twice.
+
+The file's blocks are allocated when it is made (fallocate): a store into a page of a sparse
+file on a full disk would kill the daemon with SIGBUS. When they cannot be (a full disk), the
+journal lives in memory only, `durable` is False and the daemon says so: a kill -9 then leaves
+its unanswered events to the successor's EIO (through the keeper) instead of their bytes.
 """
 from __future__ import annotations
 
@@ -33,14 +38,32 @@ class Orphan:
 class EventJournal:
     def __init__(self, path: Path) -> None:
         size = SLOTS * _SLOT.size
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.path = path
+        self.durable = True
+        self.error: str | None = None  # why it is not durable
         try:
-            if os.fstat(fd).st_size != size:
-                os.ftruncate(fd, size)  # sparse: only touched slots take space
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self._in_memory(size, f"{path}: {exc.strerror}")
+            return
+        try:
+            os.posix_fallocate(fd, 0, size)  # every page backed by a block: no SIGBUS on a full disk
             self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            self._in_memory(size, f"{path}: {exc.strerror}", fd)
         finally:
             os.close(fd)
-        self.path = path
+
+    def _in_memory(self, size: int, why: str, fd: int = -1) -> None:
+        self._map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.durable = False
+        self.error = why
+        if fd >= 0:  # a predecessor's records still count: read what the file holds (holes are zeros)
+            try:
+                data = os.pread(fd, size, 0)
+                self._map[:len(data)] = data
+            except OSError:
+                pass
 
     def record(self, fd: int, dev: int, ino: int, offset: int, count: int) -> bool:
         if not 0 <= fd < SLOTS:

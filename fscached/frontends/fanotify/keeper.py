@@ -64,8 +64,8 @@ def _request(path: Path, request: dict[str, object], fds: tuple[int, ...] = (), 
 
 
 def take(path: Path) -> dict[str, int] | None:
-    """The fds a running keeper holds, by name (the caller owns the copies; legacy names are
-    translated, fscached.lifecycle.fdnames); None when no keeper listens there."""
+    """The fds a running keeper holds, by the names they were given under (the caller owns the
+    copies); None when no keeper listens there."""
     if not path.exists():
         return None
     try:
@@ -79,7 +79,7 @@ def take(path: Path) -> dict[str, int] | None:
         for fd in fds:
             os.close(fd)
         raise KeeperError(f"keeper at {path} sent {len(fds)} fds for names {names!r}")
-    return {fdnames.normalize(str(n)): fd for n, fd in zip(names, fds)}
+    return {str(n): fd for n, fd in zip(names, fds)}
 
 
 def give(path: Path, fds: dict[str, int]) -> None:
@@ -201,7 +201,7 @@ class Keeper:
                     conn.sendall(b'{"ok": false, "error": "names and fds differ"}\n')
                     return None
                 old = self.held
-                self.held = {fdnames.normalize(str(n)): fd for n, fd in zip(names, fds)}
+                self.held = {str(n): fd for n, fd in zip(names, fds)}
                 for fd in old.values():
                     os.close(fd)  # after the new ones are held: the group never lapses
                 conn.sendall(b'{"ok": true}\n')
