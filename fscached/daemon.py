@@ -691,12 +691,23 @@ class Daemon:
         await self.recorders.finish(spec.volume, spec.fsid, "the bind failed")
         if in_catalog:
             self._drop_from_catalog(spec)
-        for directory in created:  # the cache's volume directory this bind made, when empty
+        await asyncio.to_thread(self._remove_made_dirs, spec.volume, created)
+        self._fail_bind(image)
+
+    def _remove_made_dirs(self, volume: str, created: list[Path]) -> None:
+        """A failed bind's cache directory (it made it): the empty cache files in it that no
+        image serves now (another bind of the same domain may have come meanwhile), then the
+        directory when nothing else is left."""
+        served = {blob.info.blob_id for v, blob in self.catalog.blobs() if v == volume}
+        for directory in created:  # deepest first
             try:
+                for entry in os.scandir(directory):
+                    if entry.name not in served and entry.is_file(follow_symlinks=False) \
+                            and entry.stat(follow_symlinks=False).st_blocks == 0:
+                        os.unlink(entry.path)
                 directory.rmdir()
             except OSError:
-                pass
-        self._fail_bind(image)
+                return
 
     def _fail_bind(self, image: Image) -> None:
         if image.key in self.catalog.images:

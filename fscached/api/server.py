@@ -102,7 +102,10 @@ def no_content() -> web.Response:
 
 def check_socket_path(path: Path) -> None:
     """Make the API socket's directory safe (0700 when we create it) and clear a stale socket.
-    Raises ApiSocketError."""
+    Raises ApiSocketError; nothing is created for a path that cannot be a socket."""
+    if len(os.fsencode(path)) >= SUN_PATH_MAX:
+        raise ApiSocketError(f"API socket path {path} is {len(os.fsencode(path))} bytes: a unix socket path must be "
+                             f"shorter than {SUN_PATH_MAX}")
     parent = path.parent
     if not parent.exists():
         try:
@@ -251,9 +254,9 @@ class ApiServer:
         except web.HTTPException as exc:
             response = error_response(exc.status, "BAD_REQUEST" if exc.status < 500 else "DAEMON_ERROR",
                                       exc.reason or f"HTTP {exc.status}")
-        except (ConnectionResetError, asyncio.IncompleteReadError) as exc:  # the client went away
-            log.info("API %s %s: the client went away (%s)", request.method, request.path, type(exc).__name__)
-            raise
+        except (ConnectionResetError, asyncio.IncompleteReadError) as exc:  # the client went away mid-body
+            log.debug("API %s %s: the client went away (%s)", request.method, request.path, type(exc).__name__)
+            response = error_response(400, "BAD_REQUEST", "the request ended before its body")
         except Exception as exc:  # a bug: the caller gets a 500, the daemon keeps serving
             log.exception("API %s %s failed", request.method, request.path)
             response = error_response(500, "DAEMON_ERROR", f"internal error: {type(exc).__name__}: {exc}")

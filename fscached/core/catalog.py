@@ -75,7 +75,8 @@ class Catalog:
             raise CatalogError(f"image {spec.fsid}: already served in volume {spec.volume}")
         bootstrap = parsed if parsed is not None else open_bootstrap(spec, bootstrap_path)
         if spec.blobs is not None and not spec.blobs.is_dir() and spec.registry is None and bootstrap.blobs:
-            raise CatalogError(f"image {spec.fsid}: blob directory {spec.blobs} does not exist")
+            what = "is not a directory" if spec.blobs.exists() else "does not exist"
+            raise CatalogError(f"image {spec.fsid}: blob directory {spec.blobs} {what}")
         devices: list[BlobObject] = []
         grouped = chunks_by_blob(bootstrap.image)
         prefetch_nodes = prefetch_table_nodes(bootstrap) if spec.prefetch.mode != "none" else []

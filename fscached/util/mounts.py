@@ -119,8 +119,8 @@ def unmount(target: Path) -> bool:
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             return False
-        if exc.errno == errno.EINVAL and str(target) not in erofs_mounts():
-            return True
+        if exc.errno in (errno.EINVAL, errno.ENOENT) and str(target) not in erofs_mounts():
+            return True  # not a mount point (or not there at all): nothing to unmount
         raise
 
 

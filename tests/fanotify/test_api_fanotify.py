@@ -4,27 +4,16 @@ with fscached's `"mountpoint"` field in the bind entry (the daemon mounts them),
 one unbound while the other stays mounted and read."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import aiohttp
 
+from apiclient import call, entry
 from daemon_proc import FscachedProcess, drop_caches
 from erofs_image.builder import convert
 from fscached.util import mounts
-
-
-def call(sock: Path, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    async def go() -> tuple[int, Any]:
-        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as session:
-            async with session.request(method, f"http://localhost{path}", json=body) as resp:
-                data = await resp.read()
-                return resp.status, json.loads(data) if data else None
-    return asyncio.run(go())
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -34,17 +23,6 @@ def digests(root: Path) -> dict[str, str]:
             path = Path(dirpath) / name
             out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
-
-
-def entry(fsid: str, built: Path, work: Path, mountpoint: Path, domain: str | None = None) -> dict[str, Any]:
-    return {
-        "type": "bootstrap", "id": fsid, "domain_id": domain or fsid, "mountpoint": str(mountpoint),
-        "config": {
-            "id": fsid, "backend_type": "localfs", "backend_config": {"dir": str(built / "blobs")},
-            "cache_type": "fscache", "cache_config": {"work_dir": str(work)},
-            "metadata_path": str(built / "image.boot"),
-        },
-    }
 
 
 def test_bind_read_unbind_through_the_api(fanotify_work: Path,

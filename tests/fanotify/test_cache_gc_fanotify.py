@@ -7,39 +7,17 @@ it and nothing has it open (a file-backed EROFS mount made by hand holds it: bus
 unmounted); the budget culls unbound blobs least recently used first and keeps bound ones."""
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import aiohttp
 
+from apiclient import call, entry
 from daemon_proc import FscachedProcess, drop_caches
 from erofs_image.builder import convert
 from fscached import cache_gc
 from fscached.util import mounts
-
-
-def call(sock: Path, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    async def go() -> tuple[int, Any]:
-        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as session:
-            async with session.request(method, f"http://localhost{path}", json=body) as resp:
-                data = await resp.read()
-                return resp.status, json.loads(data) if data else None
-    return asyncio.run(go())
-
-
-def entry(fsid: str, built: Path, work: Path, mountpoint: Path, domain: str | None = None) -> dict[str, Any]:
-    return {
-        "type": "bootstrap", "id": fsid, "domain_id": domain or fsid, "mountpoint": str(mountpoint),
-        "config": {
-            "id": fsid, "backend_type": "localfs", "backend_config": {"dir": str(built / "blobs")},
-            "cache_type": "fscache", "cache_config": {"work_dir": str(work)},
-            "metadata_path": str(built / "image.boot"),
-        },
-    }
 
 
 def build(work: Path, name: str, size: int = 3 << 20) -> tuple[Path, dict[str, bytes], str]:

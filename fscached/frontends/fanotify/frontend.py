@@ -42,6 +42,7 @@ from fscached.lifecycle import fdnames
 from fscached.util import mounts
 from fscached.util.files import FileWriteError, write_atomic
 from fscached.util.ids import BLOB_ID
+from fscached.util.leases import path_held_elsewhere
 from fscached.util.units import human_bytes
 
 log = logging.getLogger("fscached.fanotify")
@@ -66,6 +67,9 @@ class FanotifyFrontend:
         self.tasks: set[asyncio.Task[None]] = set()
         self.files: dict[str, CacheFile] = {}
         self.by_inode: dict[tuple[int, int], CacheFile] = {}
+        # cache files of unbound images that keep their mark: a mount of them by hand (made
+        # after the unbind looked) reads EIO from this daemon, never holes as zeros
+        self.retired: set[Path] = set()
         self.group: Group | None = None
         self.journal: EventJournal | None = None
         self.takeover = False
@@ -155,7 +159,13 @@ class FanotifyFrontend:
         path = directory / blob_id
         mounts.check_mount_path(path)
         cf = CacheFile(volume, blob, path)
-        fd, cf.reverify = create_or_open(path, blob.size, handed.pop(cf.name, None), fresh_group=not self.takeover)
+        handed_fd = handed.pop(cf.name, None)
+        retired = path in self.retired
+        if retired:  # our own mark: off while a write fd is opened, so that fd raises no events
+            self.retired.discard(path)
+            if handed_fd is None:
+                self.group.unmark(path)
+        fd, cf.reverify = create_or_open(path, blob.size, handed_fd, fresh_group=not self.takeover or retired)
         if fd is not None:
             cf.adopt(fd, self._unmark)
         self.group.mark(path)
@@ -193,9 +203,8 @@ class FanotifyFrontend:
                 continue
             del self.files[cf.name]
             self.by_inode = {k: v for k, v in self.by_inode.items() if v is not cf}
-            if cf.marked and self.group is not None:
-                self.group.unmark(cf.path)
-                cf.marked = False
+            if cf.marked:  # the mark stays: what still reads the file gets EIO, never holes
+                self.retired.add(cf.path)
             cf.close()
         self.on_fds_changed()
 
@@ -437,7 +446,12 @@ class FanotifyFrontend:
         watched (its page cache may hold holes read as zeros) and is not served for it."""
         unwatched = self._unwatched_mount_files()
         files = [cf for cf in self.files.values() if cf.path not in unwatched]
-        return await asyncio.to_thread(lambda: [str(cf.path) for cf in files if cf.held_elsewhere()])
+        retired = [path for path in self.retired if path not in unwatched]
+
+        def held() -> list[str]:
+            found = [str(cf.path) for cf in files if cf.held_elsewhere()]
+            return found + [str(path) for path in retired if path_held_elsewhere(path, write=True)]
+        return await asyncio.to_thread(held)
 
     def _unwatched_mount_files(self) -> set[Path]:
         """The cache files of the images whose bootstraps the still-mounted unwatched mounts are."""
