@@ -23,7 +23,7 @@ from coldstart import ColdstartError  # noqa: E402
 from coldstart import report  # noqa: E402
 from coldstart.scenario import Scenario  # noqa: E402
 from coldstart.workload import build_workload  # noqa: E402
-from fscached.core.profile import StartupProfile  # noqa: E402
+from erofs_image.profile import StartupProfile  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

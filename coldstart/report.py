@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from erofs_image.reader import Bootstrap
 from fscached.core.chunkmap import chunks_by_blob
-from fscached.core.profile import StartupProfile
+from erofs_image.profile import StartupProfile
 
 MODES = ("classic", "lazy", "profile")
 SCENARIO_MODES = {"classic": "classic", "lazy": "lazy", "lazy_profile": "profile"}  # scenario method -> mode

@@ -108,7 +108,7 @@ def cmd_convert(args) -> int:
     loaded = None
     outdir_existed = args.outdir.exists()
     if args.profile is not None:  # a bad profile file fails before any work
-        from fscached.core.profile import ProfileError
+        from erofs_image.profile import ProfileError
 
         from .profile_cli import load_profile
 
@@ -151,7 +151,7 @@ def _attach_after_convert(args, loaded, outdir_existed: bool) -> str:
     """`convert --profile`: attach, or empty the fresh OUTDIR and fail (no partial output)."""
     import shutil
 
-    from fscached.core.profile import ProfileError
+    from erofs_image.profile import ProfileError
 
     from .profile_cli import Failed, attach
 

@@ -1,4 +1,4 @@
-"""`fscached-image profile ...`: fold a start-up profile (fscached.core.profile) into an image.
+"""`fscached-image profile ...`: fold a start-up profile (erofs_image.profile) into an image.
 
     fscached-image profile push PROFILE REF [--plain-http] [--creds USER:PASS | --auth-file FILE]
     fscached-image profile attach PROFILE OUTDIR
@@ -76,7 +76,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fscached.core.profile import ProfileError
+    from erofs_image.profile import ProfileError
 
     try:
         if args.profile_command == "push":
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 def load_profile(path: Path) -> tuple[bytes, Any]:
     """(the file's bytes, the StartupProfile); ProfileError."""
-    from fscached.core.profile import MAX_PROFILE_BYTES, ProfileError, StartupProfile
+    from erofs_image.profile import MAX_PROFILE_BYTES, ProfileError, StartupProfile
 
     try:
         with open(path, "rb") as f:
@@ -106,7 +106,7 @@ def load_profile(path: Path) -> tuple[bytes, Any]:
 
 def _check(profile: Any, bootstrap: Path, where: str) -> str:
     """Check `profile` against the bootstrap file; returns the bootstrap's digest."""
-    from fscached.core.profile import bootstrap_digest
+    from erofs_image.profile import bootstrap_digest
 
     from .reader import Bootstrap
 

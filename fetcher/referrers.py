@@ -6,7 +6,7 @@
 
 The artifact (what `profile_artifact` builds; `fscached-image profile attach` writes the same
 one into an OCI layout):
-- an OCI image manifest with `artifactType` = fscached.core.profile.MEDIA_TYPE, `config` = the OCI
+- an OCI image manifest with `artifactType` = erofs_image.profile.MEDIA_TYPE, `config` = the OCI
   empty descriptor (`{}`), one layer = the profile JSON (mediaType MEDIA_TYPE), `subject` = the
   image manifest's descriptor, annotations: `org.opencontainers.image.created` and
   `io.fscached.profile.bootstrap-digest`.
@@ -42,7 +42,7 @@ import aiohttp
 from erofs_image.oci_media import MANIFEST_ACCEPT, OCI_INDEX, OCI_MANIFEST
 from fetcher.registry import RegistryError, RegistrySource
 from fetcher.source import IntegrityError, SourceError
-from fscached.core.profile import MAX_PROFILE_BYTES, MEDIA_TYPE
+from erofs_image.profile import MAX_PROFILE_BYTES, MEDIA_TYPE
 
 EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_DATA = b"{}"
@@ -292,7 +292,7 @@ async def push_profile(source: RegistrySource, manifest_digest: str, subject_med
     manifest's digest. The caller checks the profile against the image first (the bootstrap
     digest it names goes into the artifact's annotations as it is). Raises SourceError for
     registry failures, ValueError for arguments that cannot make an artifact."""
-    from fscached.core.profile import StartupProfile
+    from erofs_image.profile import StartupProfile
 
     _check_digest(manifest_digest)
     if not isinstance(subject_size, int) or subject_size <= 0:

@@ -78,7 +78,7 @@ class ImageSpec:
 
 @dataclass(frozen=True)
 class ProfileSpec:
-    """An image's start-up profile keys (fscached.core.profile): record the blob ranges read in the
+    """An image's start-up profile keys (erofs_image.profile): record the blob ranges read in the
     first `record_seconds` after the mount (image key `record_profile`; 0: no recording); replay
     `replay` (image key `profile`): "auto" (the registry's profile of a `ref=` image, when it has
     one), "none", or a profile file's path.
@@ -248,7 +248,7 @@ def parse_url(where: str, key: str, value: str) -> str:
     shown = repr(value) if "@" not in value else "(a URL with credentials)"
     try:
         url = urlsplit(value)
-        url.port  # raises ValueError on a bad port
+        _ = url.port  # raises ValueError on a bad port
     except ValueError:
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.hostname:

@@ -79,7 +79,7 @@ class Client:
     async def __aenter__(self) -> Client:
         import aiohttp
 
-        if not os.path.exists(self.sock):
+        if not await asyncio.to_thread(os.path.exists, self.sock):
             raise Unreachable(f"cannot reach the daemon: {self.sock} does not exist "
                               "(is fscached running with its API socket there? see --sock)")
         connector = aiohttp.UnixConnector(path=self.sock)
@@ -366,8 +366,8 @@ async def cmd_cull(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_mount(client: Client, args: argparse.Namespace) -> int:
-    target = Path(args.dir).absolute()
-    if not target.is_dir():
+    target = Path(await asyncio.to_thread(os.path.abspath, args.dir))
+    if not await asyncio.to_thread(target.is_dir):
         raise UsageError(f"{target}: not a directory (create the mount point first)")
     images = [i for i in _images(await _daemon_info(client)) if i.get("id") == args.fsid
               and (args.domain is None or (i.get("domain_id") or i.get("id")) == args.domain)]

@@ -44,7 +44,7 @@ from fetcher.registry import RegistrySource
 from fscached.cache_gc import CacheJanitor
 from fscached.config import Config, ImageSpec, ProfileSpec
 from fscached.core.catalog import Catalog, CatalogError, open_bootstrap
-from fscached.core.profile import ProfileError, StartupProfile, bootstrap_digest
+from erofs_image.profile import ProfileError, StartupProfile, bootstrap_digest
 from fscached.core.profile_recorder import ProfileRecorders
 from fscached.core.sources import SourcePool
 from fscached.frontends.base import Frontend, KernelPathLost
@@ -1059,7 +1059,7 @@ class Daemon:
         self.manifest_digests[(spec.volume, spec.fsid)] = pulled.manifest_digest
         return pulled.bootstrap
 
-    # -- start-up profiles (fscached.core.profile, fscached.core.profile_recorder) ----------------
+    # -- start-up profiles (erofs_image.profile, fscached.core.profile_recorder) ----------------
     async def _start_profiles(self, spec: ImageSpec, bootstrap: Path) -> None:
         """An image was added to the catalog: start recording its reads (`record_profile`), and
         load, check and hand its start-up profile to its blobs (`profile`) so the frontend

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import errno
 import json
+import os
 import logging
 import signal
 import sys
@@ -137,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     try:
-        return uvloop.run(serve(args, initial))
+        # paths resolved here, before the loop: the cwd they are relative to, and the socket left
+        args.apisock = os.path.abspath(args.apisock)
+        args.fscache = os.path.realpath(args.fscache)
+        return uvloop.run(serve(args, initial, stale_socket=os.path.exists(args.apisock)))
     except KeyboardInterrupt:
         return 0
 
 
-async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
+async def serve(args: argparse.Namespace, initial: list[Any], *, stale_socket: bool = False) -> int:
     log = logging.getLogger("fscached")
     try:  # imported here: a missing native extension is one clean line
         from cachefiles.device import CachefilesError
@@ -154,8 +158,8 @@ async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
     except ImportError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    apisock = Path(args.apisock).absolute()
-    config = Config(cache_dir=Path(args.fscache).resolve(), tag=args.fscache_tag, kernel_path="cachefiles",
+    apisock = Path(args.apisock)
+    config = Config(cache_dir=Path(args.fscache), tag=args.fscache_tag, kernel_path="cachefiles",
                     log_level=LOG_LEVELS[args.log_level.lower()],
                     ready_file=Path(args.ready_file) if args.ready_file else None)
     daemon = Daemon(config)
@@ -168,7 +172,7 @@ async def serve(args: argparse.Namespace, initial: list[Any]) -> int:
         log.info("--fscache-threads %s: fscached serves asynchronously with its own workers", args.fscache_threads)
     if args.upgrade:
         return await wait_for_takeover(daemon, apisock, args, upgrade=True)
-    stale_socket = apisock.exists()  # nydusd: a leftover socket + a busy device = a failover restart
+    # stale_socket: nydusd reads a leftover socket + a busy device as a failover restart
     try:
         check_socket_path(apisock)  # before the device is taken: nothing to undo (a live socket: refused)
         await daemon.load()

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from coldstart import report  # noqa: E402
-from fscached.core.profile import StartupProfile, bootstrap_digest  # noqa: E402
+from erofs_image.profile import StartupProfile, bootstrap_digest  # noqa: E402
 
 pytestmark = pytest.mark.vm
 SERIES = "6.12"  # the kernel for this path; 6.1 serves the same protocol (test_vm_daemon)

@@ -99,7 +99,7 @@ class BindRequest:
     form: str  # "config" (legacy) or "config_v2"
     ignored: list[str] = field(default_factory=list)  # field names only, never values
     registry_token: str | None = field(default=None, repr=False)  # a bearer token: never shown
-    profile: ProfileSpec = ProfileSpec()  # fscached's record_profile / profile fields
+    profile: ProfileSpec = field(default_factory=ProfileSpec)  # fscached's record_profile / profile fields
     bootstrap: Bootstrap | None = field(default=None, repr=False)  # the checked bootstrap, parsed
 
 

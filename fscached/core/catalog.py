@@ -16,7 +16,7 @@ from erofs_image.tree import BlobInfo, ChunkRef, Inode
 from fetcher.chain import SourceChain
 from fscached.core.chunkmap import ChunkMap, chunks_by_blob, round_up
 from fscached.config import ImageSpec
-from fscached.core.profile import StartupProfile
+from erofs_image.profile import StartupProfile
 
 if TYPE_CHECKING:
     from fscached.core.profile_recorder import ImageRecorder

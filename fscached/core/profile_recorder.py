@@ -1,11 +1,11 @@
 """Recording start-up profiles (image key `record_profile=SECONDS`): which blob ranges an image's
-start-up read, in first-read order, written as a fscached.core.profile file.
+start-up read, in first-read order, written as a erofs_image.profile file.
 
 Both frontends tell the recorders about every blob range the kernel asks for (`note`): a
 cachefiles READ (its offset and length), a fanotify FAN_PRE_ACCESS event (its range of the blob's
 cache file). A range is recorded as the chunks under it, each chunk once, in the order they were
 first read; a blob shared within a domain is recorded into every recording image that uses it.
-At most fscached.core.profile.MAX_RANGES chunks are kept per image (memory stays bounded).
+At most erofs_image.profile.MAX_RANGES chunks are kept per image (memory stays bounded).
 
 The clock starts when the image is mounted (the daemon's own mount, or the kernel's OPEN of the
 image's bootstrap on the cachefiles path), or at its first blob read when the daemon did not see
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from fscached.core.catalog import BlobObject
 from fscached.core.chunkmap import BLOCK, round_down, round_up
-from fscached.core.profile import MAX_RANGES, ProfileRange, StartupProfile, bootstrap_digest
+from erofs_image.profile import MAX_RANGES, ProfileRange, StartupProfile, bootstrap_digest
 from fscached.util.files import write_atomic
 
 log = logging.getLogger("fscached.profile")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from registry_server import TEST_PASSWORD as PASSWORD, TEST_USER as USER
-from fscached.core.profile import MEDIA_TYPE, ProfileRange, StartupProfile, bootstrap_digest
+from erofs_image.profile import MEDIA_TYPE, ProfileRange, StartupProfile, bootstrap_digest
 
 PREFIX = "fscached-image: error: "
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -15,7 +15,7 @@ from typing import Callable
 from daemon_proc import FscachedProcess
 from erofs_image.reader import Bootstrap
 from fscached.core.chunkmap import ChunkMap, chunks_by_blob
-from fscached.core.profile import StartupProfile, bootstrap_digest
+from erofs_image.profile import StartupProfile, bootstrap_digest
 
 MiB = 1 << 20
 

@@ -23,7 +23,7 @@ from fetcher.referrers import (ANN_BOOTSTRAP, ANN_CREATED, EMPTY_DATA, EMPTY_DIG
                                profile_artifact, push_profile)
 from fetcher.registry import RegistrySource
 from fetcher.source import IntegrityError, SourceError
-from fscached.core.profile import MEDIA_TYPE, ProfileRange, StartupProfile, bootstrap_digest
+from erofs_image.profile import MEDIA_TYPE, ProfileRange, StartupProfile, bootstrap_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -277,7 +277,7 @@ def pushed_other(reg, image, repo: str) -> str:
 
 
 def test_oversized_profile_layer_is_refused_unread(registry, image):
-    from fscached.core.profile import MAX_PROFILE_BYTES
+    from erofs_image.profile import MAX_PROFILE_BYTES
 
     digest = pushed(registry, image, "ref/huge")
     big = image[1] + b" " * (MAX_PROFILE_BYTES + 1 - len(image[1]))  # valid JSON, one byte too many

@@ -10,7 +10,7 @@ from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from fscached.core.chunkmap import chunks_by_blob
 from coldstart import report
-from fscached.core.profile import ProfileRange, StartupProfile, bootstrap_digest
+from erofs_image.profile import ProfileRange, StartupProfile, bootstrap_digest
 
 MiB = 1 << 20
 

@@ -22,7 +22,7 @@ from fscached.core.chunkmap import chunks_by_blob
 from fscached.config import Config, ImageSpec, ProfileSpec, parse_image_flag
 from fscached.daemon import Daemon
 from fscached.api.bind_entry import BadBind, parse_bind_entry
-from fscached.core.profile import ProfileRange, StartupProfile, bootstrap_digest
+from erofs_image.profile import ProfileRange, StartupProfile, bootstrap_digest
 from simdaemon import expected_blob_space
 from standins.kernel_simulator import KernelSimulator
 from test_daemon_lifetimes import BlobFront, wait_for

@@ -90,6 +90,8 @@ class CachefilesFrontend:
         self.device_shared = shared
         # the device came from a carrier after a restart: `restore` once the reader is armed
         self.requeue_at_start = requeue_at_start
+        self._no_objects = asyncio.Event()  # set whenever the kernel has no object of ours open
+        self._no_objects.set()
         # the device was bound by a predecessor (systemd's fd store, a takeover): mounts of its
         # images may be there already, served again
         self.kept = kept
@@ -179,6 +181,7 @@ class CachefilesFrontend:
                 "reuses open object %d: dropping the old one", req.object_id)
             self._forget(req.object_id)
         entry = self.objects.add(req.object_id, req.fd, req.volume_key, req.cookie_key, served.size)
+        self._no_objects.clear()
         # a fetch holds this entry, never the id: a reused id must not keep it (or its fd) alive
         live = LiveObject(served, FillTarget(req.fd, lambda: self.objects.hold(entry)), name)
         entry.payload = live
@@ -292,6 +295,8 @@ class CachefilesFrontend:
         """Drop an object: its prefetch and fetch jobs stop, its fd closes once the last READ
         or write lets go."""
         entry = self.objects.remove(object_id)
+        if not len(self.objects):
+            self._no_objects.set()
         live = _live(entry)
         if live is not None:
             live.target.close()
@@ -338,11 +343,11 @@ class CachefilesFrontend:
         left = [m.mountpoint for m in await asyncio.to_thread(mounts.fscache_mounts)]
         if left:
             return left
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CLOSES_SETTLE_SECONDS
-        while len(self.objects) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        return ["objects the kernel still has open"] if len(self.objects) else []
+        try:
+            await asyncio.wait_for(self._no_objects.wait(), CLOSES_SETTLE_SECONDS)
+        except TimeoutError:
+            return ["objects the kernel still has open"]
+        return []
 
     def begin_hand_over(self) -> None:
         self.handing_over = True
