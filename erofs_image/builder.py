@@ -20,7 +20,7 @@ from typing import Callable
 
 from .layers import BuildError, CountingReader, apply_layer
 from .oci import SourceImage, open_source, write_nydus_layout
-from .tree import BlobInfo, Image, Inode
+from .tree import BlobInfo, ChunkRef, Image, Inode
 
 __all__ = ["BuildError", "BuildReport", "convert", "scan_directory"]
 
@@ -201,7 +201,7 @@ def _add_file(store, job: _FileJob, chunk_size: int, on_bytes: Callable[[int], N
         if not job.sparse:
             job.inode.chunks = store.add_stream(reader(0), job.size)
             return 0
-        refs = []
+        refs: list[ChunkRef | None] = []
         off = 0
         skipped = 0
         while off < job.size:
