@@ -124,7 +124,7 @@ class DragonflyProxySource(RegistrySource):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._health_task = loop.create_task(self._health_loop(), name=f"{self.name} health")
+        self._health_task = loop.create_task(self._health_loop(self.ping_url), name=f"{self.name} health")
 
     def _set_health(self, ok: bool, why: str, quiet: bool = False) -> None:
         """Log transitions; the same unhealthy reason again (a proxy that keeps failing after
@@ -144,14 +144,14 @@ class DragonflyProxySource(RegistrySource):
         self._unhealthy_until = time.monotonic() + self.check_interval
         self._set_health(False, why)
 
-    async def _health_loop(self) -> None:
+    async def _health_loop(self, ping_url: str) -> None:
         timeout = aiohttp.ClientTimeout(total=self.ping_timeout)
-        where = redact_url(self.ping_url)
+        where = redact_url(ping_url)
         async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
             while True:
                 self.stats["pings"] += 1
                 try:
-                    async with session.get(self.ping_url, allow_redirects=False) as resp:
+                    async with session.get(ping_url, allow_redirects=False) as resp:
                         ok = 200 <= resp.status < 400
                         why = f"ping {where}: HTTP {resp.status}"
                 except (TimeoutError, aiohttp.ClientError, OSError) as exc:

@@ -244,6 +244,8 @@ class _Puller:
                             raise self.error(f"{name}: {BOOTSTRAP_ENTRY} is {member.size} bytes, more than "
                                              f"the {self.max_bootstrap_size} allowed")
                         src = tf.extractfile(member)
+                        if src is None:  # a regular member always has a file object
+                            raise self.error(f"{name}: {BOOTSTRAP_ENTRY} cannot be read from the tar")
                         n = 0
                         with open(out, "wb") as f:
                             while data := src.read(_COPY):
