@@ -6,6 +6,7 @@ import ssl
 
 import pytest
 
+from asyncwait import wait_for
 from registry_server import TEST_PASSWORD as PASSWORD, TEST_USER as USER
 from standins.http_proxy import ProxyStandIn
 from fetcher.dragonfly_proxy import DragonflyProxySource
@@ -23,14 +24,6 @@ def run(coro):
 def blob(registry):
     data = os.urandom(700_000)
     return registry.push_blob(REPO, data), data
-
-
-async def wait_for(pred, timeout=5.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def test_reads_through_the_proxy_with_priority_and_prefetch_headers(registry, blob):
@@ -65,7 +58,7 @@ def test_reads_through_the_proxy_with_priority_and_prefetch_headers(registry, bl
 
 
 def test_prefetch_hint_once_per_blob_and_not_on_prefetch_reads(registry, blob):
-    digest, data = blob
+    digest = blob[0]
     other = registry.push_blob(REPO, b"second blob " * 1000)
 
     async def main():
@@ -159,7 +152,7 @@ def test_connection_refused_marks_unhealthy_until_check_interval(registry, blob)
 
 
 def test_health_check_follows_the_ping_url(registry, blob):
-    digest, data = blob
+    digest = blob[0]
 
     async def main():
         async with ProxyStandIn() as proxy:

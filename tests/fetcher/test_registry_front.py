@@ -230,7 +230,7 @@ def test_timeouts_are_retried_and_bounded(registry, blob):
             async with RegistrySource(front.host, REPO, scheme="http", timeout=0.2, retries=1,
                                       backoff=0.01) as src:
                 t0 = time.monotonic()
-                with pytest.raises(SourceError, match="giving up after 2 attempts.*Timeout"):
+                with pytest.raises(SourceError, match=r"giving up after 2 attempts.*Timeout"):
                     await src.read(blob[0], 0, 10)
                 assert time.monotonic() - t0 < 3
             assert front.count("/v2/") == 2
