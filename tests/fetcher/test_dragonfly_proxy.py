@@ -112,6 +112,26 @@ def test_200_instead_of_206_is_cut_and_logged_once(registry, blob, caplog):
     assert len(warnings) == 1 and "dragonfly proxy" in warnings[0].getMessage()
 
 
+def test_200_with_just_the_range_is_taken(registry, blob, caplog):
+    """The proxy source reads answers through the registry's one range reader: a 200 holding
+    only the bytes asked for is the range, not a whole blob to cut it from."""
+    digest, data = blob
+    caplog.set_level(logging.INFO)
+
+    async def main():
+        async with ProxyStandIn() as proxy:
+            proxy.range_as_200 = True
+            async with DragonflyProxySource({"host": registry.host, "repo": REPO, "scheme": "http"},
+                                            proxy.url) as src:
+                for off in (0, 123_456, 650_000):
+                    assert await src.read(digest, off, 50_000) == data[off:off + 50_000]
+                assert src.stats["range_only_200"] == 3 and src.stats["full_body"] == 0
+            assert [r.status for r in proxy.blob_requests()] == [200, 200, 200]
+            assert all("Range" in r.headers for r in proxy.blob_requests())
+    run(main())
+    assert not any("whole blob" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("status", [500, 503, 429, 403])
 def test_proxy_errors_raise_at_once_and_mark_unhealthy(registry, blob, status):
     digest, data = blob
