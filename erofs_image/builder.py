@@ -14,12 +14,14 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .layers import BuildError, CountingReader, apply_layer
 from .oci import SourceImage, open_source, write_nydus_layout
+from .prefetch import PrefetchEntry, resolve
 from .tree import BlobInfo, ChunkRef, Image, Inode
 
 __all__ = ["BuildError", "BuildReport", "convert", "scan_directory"]
@@ -238,30 +240,14 @@ def _check_outdir(outdir: Path) -> None:
         raise BuildError(f"{outdir}: parent directory {parent} does not exist")
 
 
-def prefetch_paths(image: Image, paths: list[str]) -> list[bytes]:
-    """The prefetch list as bootstrap paths: each must name a regular file of the image."""
-    from .tree import lookup
-
-    found: list[bytes] = []
-    for text in paths:
-        path = os.fsencode("/" + text.strip().lstrip("/"))
-        try:
-            node = lookup(image.root, path)
-        except FileNotFoundError:
-            raise BuildError(f"prefetch list: {text.strip()}: no such file in the image") from None
-        if not node.is_reg:
-            raise BuildError(f"prefetch list: {text.strip()}: not a regular file")
-        if path not in found:
-            found.append(path)
-    return found
-
-
 def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: int = 1 << 20,
-            progress: bool | None = None, prefetch: list[str] | None = None) -> BuildReport:
+            progress: bool | None = None,
+            prefetch: Sequence[PrefetchEntry | str | bytes] | None = None) -> BuildReport:
     """Build OUTDIR from SOURCE; raises BuildError (and leaves no OUTDIR) on failure.
 
-    prefetch: absolute paths of regular files the daemon should fetch first when a blob is
-    opened (the bootstrap's prefetch table), in order."""
+    prefetch: paths of the image's regular files the daemon should fetch first when a blob is
+    opened (the bootstrap's prefetch table), in order; entries of a list file
+    (prefetch.read_prefetch_list) or plain paths."""
     from .chunks import ChunkStore
     from .writer import write_bootstrap
 
@@ -317,7 +303,7 @@ def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: in
                 store.finish_blob()
         bar.close()
         image.blobs = list(store.blobs)
-        image.prefetch = prefetch_paths(image, prefetch or [])
+        image.prefetch = resolve(image.root, prefetch or [])
         try:
             write_bootstrap(image, tmp / "image.boot")
         except ValueError as e:  # something the format cannot hold (name length, mtime ...)

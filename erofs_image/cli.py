@@ -117,11 +117,13 @@ def cmd_convert(args) -> int:
         except ProfileError as e:
             raise CommandError(str(e)) from None
     prefetch = None
-    if args.prefetch_list is not None:
+    if args.prefetch_list is not None:  # read (and refused) before any work
+        from .prefetch import read_prefetch_list
+
         try:
-            prefetch = [line for line in args.prefetch_list.read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise CommandError(f"{args.prefetch_list}: {e.strerror}") from None
+            prefetch = read_prefetch_list(args.prefetch_list)
+        except BuildError as e:
+            raise CommandError(str(e)) from None
     try:
         report = convert(args.source, args.outdir, compressor=args.compressor,
                          chunk_size=args.chunk_size, progress=args.progress, prefetch=prefetch)

@@ -108,5 +108,5 @@ def test_convert_prefetch_list(tmp_path):
     r = subprocess.run([sys.executable, "-m", "erofs_image.cli", "convert", str(src), str(tmp_path / "out2"),
                         "--prefetch-list", str(bad)], capture_output=True, text=True)
     assert r.returncode == 1
-    assert r.stderr.strip() == "fscached-image: error: prefetch list: /bin: not a regular file"
+    assert r.stderr.strip() == f"fscached-image: error: {bad}:1: /bin: not a regular file"
     assert not (tmp_path / "out2").exists()
