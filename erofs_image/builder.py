@@ -42,6 +42,7 @@ class BuildReport:
     stored_bytes: int = 0
     manifest_digest: str = ""
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # one line each: input skipped, not refused
 
 
 # --------------------------------------------------------------------------- progress
@@ -245,9 +246,9 @@ def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: in
             prefetch: Sequence[PrefetchEntry | str | bytes] | None = None) -> BuildReport:
     """Build OUTDIR from SOURCE; raises BuildError (and leaves no OUTDIR) on failure.
 
-    prefetch: paths of the image's regular files the daemon should fetch first when a blob is
-    opened (the bootstrap's prefetch table), in order; entries of a list file
-    (prefetch.read_prefetch_list) or plain paths."""
+    prefetch: what the daemon should fetch first when a blob is opened (the bootstrap's
+    prefetch table): entries of a list file (prefetch.read_prefetch_list) or plain paths, taken
+    by the rules of erofs_image.prefetch (entries it skips become report.warnings)."""
     from .chunks import ChunkStore
     from .writer import write_bootstrap
 
@@ -303,7 +304,8 @@ def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: in
                 store.finish_blob()
         bar.close()
         image.blobs = list(store.blobs)
-        image.prefetch = resolve(image.root, prefetch or [])
+        image.prefetch, skipped = resolve(image.root, prefetch or [])
+        report.warnings += skipped
         try:
             write_bootstrap(image, tmp / "image.boot")
         except ValueError as e:  # something the format cannot hold (name length, mtime ...)

@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress bar on stderr (default: when stderr is a terminal)")
     c.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     c.add_argument("--prefetch-list", type=Path, metavar="FILE",
-                   help="files (one absolute path a line) the daemon fetches first when the image is opened")
+                   help="files the daemon fetches first when the image is opened: one path a line, "
+                        "a directory meaning every file under it; symlinks and missing paths are "
+                        "skipped with a warning")
     c.add_argument("--profile", type=Path, metavar="FILE",
                    help="a start-up profile recorded on this image: attached to OUTDIR/oci "
                         "(see 'profile attach'); it must match the bootstrap built")
@@ -129,6 +131,8 @@ def cmd_convert(args) -> int:
                          chunk_size=args.chunk_size, progress=args.progress, prefetch=prefetch)
     except BuildError as e:
         raise CommandError(str(e)) from None
+    for warning in report.warnings:  # on stderr, -q or not: input that was skipped
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     artifact = None
     if loaded is not None:
         artifact = _attach_after_convert(args, loaded, outdir_existed)
