@@ -51,7 +51,11 @@ class FileJob:
 
 
 def scan_directory(root: Path) -> tuple[Inode, list[FileJob]]:
-    """Metadata pass: the tree of Inodes and the regular files whose data is to be read."""
+    """Metadata pass: the tree of Inodes and the regular files whose data is to be read.
+
+    Entries are taken in byte order of their names, directories depth first, whatever order
+    the filesystem lists them in: the same tree gives the same jobs, so the same blob (and
+    blob id), on any filesystem."""
     root_s = os.fsdecode(os.path.abspath(root))
     try:
         st = os.lstat(root_s)
@@ -67,9 +71,10 @@ def scan_directory(root: Path) -> tuple[Inode, list[FileJob]]:
         dpath, dnode = stack.pop()
         try:
             with os.scandir(dpath) as it:
-                entries = list(it)
+                entries = sorted(it, key=lambda e: os.fsencode(e.name))
         except OSError as e:
             raise BuildError(f"{dpath}: cannot list directory: {e.strerror}") from None
+        subdirs: list[tuple[str, Inode]] = []
         for ent in entries:
             path = ent.path
             try:
@@ -82,7 +87,7 @@ def scan_directory(root: Path) -> tuple[Inode, list[FileJob]]:
                         continue
                 node = _meta(st, path)
                 if stat.S_ISDIR(st.st_mode):
-                    stack.append((path, node))
+                    subdirs.append((path, node))
                 elif stat.S_ISREG(st.st_mode):
                     node.size = st.st_size
                     jobs.append(FileJob(path, node, st.st_size,
@@ -99,6 +104,7 @@ def scan_directory(root: Path) -> tuple[Inode, list[FileJob]]:
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 links[(st.st_dev, st.st_ino)] = node
             dnode.children[name] = node
+        stack.extend(reversed(subdirs))  # the first in byte order is scanned next
     return top, jobs
 
 
