@@ -22,6 +22,7 @@ from .layers import BuildError, CountingReader, apply_layer
 from .oci import SourceImage, open_source, write_nydus_layout
 from .prefetch import PrefetchEntry, resolve
 from .tree import BlobInfo, Image, Inode
+from .whiteout import check_spec
 
 __all__ = ["BuildError", "BuildReport", "convert", "scan_directory"]
 
@@ -42,6 +43,7 @@ class BuildReport:
     manifest_digest: str = ""
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # one line each: input skipped, not refused
+    whiteouts: int = 0  # whiteout markers of a directory source left out of the image
 
 
 # --------------------------------------------------------------------------- progress
@@ -100,17 +102,24 @@ def _check_outdir(outdir: Path) -> None:
 
 def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: int = 1 << 20,
             progress: bool | None = None,
-            prefetch: Sequence[PrefetchEntry | str | bytes] | None = None) -> BuildReport:
+            prefetch: Sequence[PrefetchEntry | str | bytes] | None = None,
+            whiteout_spec: str = "oci") -> BuildReport:
     """Build OUTDIR from SOURCE; raises BuildError (and leaves no OUTDIR) on failure.
 
     prefetch: what the daemon should fetch first when a blob is opened (the bootstrap's
     prefetch table): entries of a list file (prefetch.read_prefetch_list) or plain paths, taken
-    by the rules of erofs_image.prefetch (entries it skips become report.warnings)."""
+    by the rules of erofs_image.prefetch (entries it skips become report.warnings).
+    whiteout_spec: which whiteout markers a directory source has (erofs_image.whiteout); an
+    image's layers always use OCI whiteouts."""
     from .chunks import ChunkStore
     from .writer import write_bootstrap
 
     t0 = time.monotonic()
     source, outdir = Path(source), Path(outdir)
+    try:
+        check_spec(whiteout_spec)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
     _check_outdir(outdir)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -121,6 +130,9 @@ def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: in
     bar = None
     skipped_holes = 0
     try:
+        if src is not None and whiteout_spec != "oci":
+            raise BuildError(f"{source}: --whiteout-spec {whiteout_spec} is for a directory source: "
+                             "the layers of an image use OCI whiteouts")
         try:
             store = ChunkStore(tmp / "blobs", chunk_size=chunk_size, compressor=compressor)
         except ValueError as e:
@@ -130,8 +142,8 @@ def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: in
                              source_kind=src.kind if src else "directory",
                              layers=len(src.layers) if src else 1)
         if src is None:
-            root, jobs = scan_directory(source)
-            image.root = root
+            scan = scan_directory(source, whiteout_spec)
+            image.root, jobs, report.whiteouts = scan.root, scan.jobs, scan.whiteouts
             bar = _Progress(progress, sum(j.size for j in jobs), f"{source.name or source}")
             store.start_blob()
             for job in jobs:

@@ -1,6 +1,7 @@
 """fscached-image: build and look at EROFS (RAFS v6) images.
 
     fscached-image convert SOURCE OUTDIR [--compressor zstd|lz4|none] [--chunk-size SIZE]
+        [--prefetch-list FILE] [--whiteout-spec oci|overlayfs|none]
     fscached-image inspect BOOTSTRAP [--json]
     fscached-image cat BOOTSTRAP PATH --blobs DIR
     fscached-image profile push PROFILE REF [--plain-http] [--creds USER:PASS | --auth-file FILE]
@@ -20,6 +21,8 @@ import stat
 import sys
 import traceback
 from pathlib import Path
+
+from .whiteout import WHITEOUT_SPECS
 
 PROG = "fscached-image"
 COMPRESSOR_NAMES = {"zstd": "zstd", "lz4": "lz4_block", "lz4_block": "lz4_block", "none": "none"}
@@ -75,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files the daemon fetches first when the image is opened: one path a line, "
                         "a directory meaning every file under it; symlinks and missing paths are "
                         "skipped with a warning")
+    c.add_argument("--whiteout-spec", choices=WHITEOUT_SPECS, default="oci",
+                   help="the whiteout markers of a directory source, left out of the image: oci "
+                        "(.wh.* entries; the default), overlayfs (0/0 character devices, opaque "
+                        "xattrs) or none")
     c.add_argument("--profile", type=Path, metavar="FILE",
                    help="a start-up profile recorded on this image: attached to OUTDIR/oci "
                         "(see 'profile attach'); it must match the bootstrap built")
@@ -128,7 +135,8 @@ def cmd_convert(args) -> int:
             raise CommandError(str(e)) from None
     try:
         report = convert(args.source, args.outdir, compressor=args.compressor,
-                         chunk_size=args.chunk_size, progress=args.progress, prefetch=prefetch)
+                         chunk_size=args.chunk_size, progress=args.progress, prefetch=prefetch,
+                         whiteout_spec=args.whiteout_spec)
     except BuildError as e:
         raise CommandError(str(e)) from None
     for warning in report.warnings:  # on stderr, -q or not: input that was skipped
@@ -145,6 +153,8 @@ def cmd_convert(args) -> int:
                   f"{b.chunk_count} chunks  {human(b.compressed_size)} stored / "
                   f"{human(b.uncompressed_size)} uncompressed")
         print(f"  oci layout {report.outdir}/oci  (manifest {report.manifest_digest})")
+        if report.whiteouts:
+            print(f"  whiteouts  {report.whiteouts} marker(s) left out (--whiteout-spec {args.whiteout_spec})")
         print(f"  {report.files} files, {human(report.input_bytes)} read, {report.chunks} chunks "
               f"({report.deduped} deduplicated, {report.holes} holes), "
               f"{human(report.stored_bytes)} of chunk data written")

@@ -1,7 +1,8 @@
 """A plain directory as the source of an image: its tree, then its files' data.
 
 `scan_directory` is the metadata pass: the tree of Inodes (hard links are one Inode, xattrs
-read where the filesystem has them) and the regular files whose data is to be read.
+read where the filesystem has them) and the regular files whose data is to be read; whiteout
+markers are left out by the rules of erofs_image.whiteout.
 `add_file` chunks one file's data into the chunk store, skipping unread the chunks that are
 holes of a sparse file.
 """
@@ -16,6 +17,7 @@ from typing import Callable
 
 from .layers import BuildError, ChunkSink
 from .tree import ChunkRef, Inode
+from .whiteout import check_spec, drop_opaque_mark, is_marker
 
 
 def _xattrs(path: str) -> dict[bytes, bytes]:
@@ -50,12 +52,20 @@ class FileJob:
     sparse: bool
 
 
-def scan_directory(root: Path) -> tuple[Inode, list[FileJob]]:
+@dataclass
+class DirectoryScan:
+    root: Inode
+    jobs: list[FileJob]  # the regular files whose data is to be read, in scan order
+    whiteouts: int = 0  # markers left out of the tree (entries, opaque marks)
+
+
+def scan_directory(root: Path, whiteout_spec: str = "oci") -> DirectoryScan:
     """Metadata pass: the tree of Inodes and the regular files whose data is to be read.
 
     Entries are taken in byte order of their names, directories depth first, whatever order
     the filesystem lists them in: the same tree gives the same jobs, so the same blob (and
-    blob id), on any filesystem."""
+    blob id), on any filesystem. `whiteout_spec`: see erofs_image.whiteout."""
+    check_spec(whiteout_spec)
     root_s = os.fsdecode(os.path.abspath(root))
     try:
         st = os.lstat(root_s)
@@ -64,8 +74,9 @@ def scan_directory(root: Path) -> tuple[Inode, list[FileJob]]:
     if not stat.S_ISDIR(st.st_mode):
         raise BuildError(f"{root}: not a directory")
     links: dict[tuple[int, int], Inode] = {}
-    jobs: list[FileJob] = []
     top = _meta(st, root_s)
+    scan = DirectoryScan(top, [])
+    scan.whiteouts += drop_opaque_mark(whiteout_spec, top)
     stack = [(root_s, top)]
     while stack:
         dpath, dnode = stack.pop()
@@ -80,6 +91,9 @@ def scan_directory(root: Path) -> tuple[Inode, list[FileJob]]:
             try:
                 st = ent.stat(follow_symlinks=False)
                 name = os.fsencode(ent.name)
+                if is_marker(whiteout_spec, name, st):
+                    scan.whiteouts += 1
+                    continue
                 if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                     key = (st.st_dev, st.st_ino)
                     if key in links:
@@ -87,11 +101,12 @@ def scan_directory(root: Path) -> tuple[Inode, list[FileJob]]:
                         continue
                 node = _meta(st, path)
                 if stat.S_ISDIR(st.st_mode):
+                    scan.whiteouts += drop_opaque_mark(whiteout_spec, node)
                     subdirs.append((path, node))
                 elif stat.S_ISREG(st.st_mode):
                     node.size = st.st_size
-                    jobs.append(FileJob(path, node, st.st_size,
-                                         st.st_blocks * 512 < st.st_size))
+                    scan.jobs.append(FileJob(path, node, st.st_size,
+                                              st.st_blocks * 512 < st.st_size))
                 elif stat.S_ISLNK(st.st_mode):
                     node.target = os.readlink(os.fsencode(path))
                     node.size = len(node.target)
@@ -105,7 +120,7 @@ def scan_directory(root: Path) -> tuple[Inode, list[FileJob]]:
                 links[(st.st_dev, st.st_ino)] = node
             dnode.children[name] = node
         stack.extend(reversed(subdirs))  # the first in byte order is scanned next
-    return top, jobs
+    return scan
 
 
 def add_file(store: ChunkSink, job: FileJob, chunk_size: int, on_bytes: Callable[[int], None]) -> int:

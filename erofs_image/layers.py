@@ -23,14 +23,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from .tree import ChunkRef, Image, Inode
+from .whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-WHITEOUT_PREFIX = b".wh."
-OPAQUE_MARKER = b".wh..wh..opq"
 
 
 class BuildError(Exception):

@@ -123,5 +123,5 @@ def test_paths_beyond_what_a_bootstrap_may_name_are_refused(tmp_path, monkeypatc
     with pytest.raises(BuildError, match=r"^prefetch list: 5 files with 38 bytes of paths, more than"):
         build(src, tmp_path / "out", progress=False, prefetch=[b"/"])
     assert not (tmp_path / "out").exists()
-    paths, _ = prefetch.resolve(scan_directory(src)[0], [b"/etc/a", b"/usr/x"])  # 12 bytes: fine
+    paths, _ = prefetch.resolve(scan_directory(src).root, [b"/etc/a", b"/usr/x"])  # 12 bytes: fine
     assert paths == [b"/etc/a", b"/usr/x"]
