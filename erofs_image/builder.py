@@ -8,6 +8,7 @@ end, so a failed build leaves nothing behind.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import sys
@@ -24,7 +25,11 @@ from .prefetch import PrefetchEntry, resolve
 from .tree import BlobInfo, Image, Inode
 from .whiteout import check_spec
 
-__all__ = ["BuildError", "BuildReport", "convert", "scan_directory"]
+__all__ = ["BLOB_ID", "BuildError", "BuildReport", "convert", "scan_directory"]
+
+# what names a blob: the sha256 hex of the blob file, the device tag the kernel asks for, the
+# layer digest registries serve it under and the name of the daemon's cache file
+BLOB_ID = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -100,17 +105,30 @@ def _check_outdir(outdir: Path) -> None:
         raise BuildError(f"{outdir}: parent directory {parent} does not exist")
 
 
+def _check_blob_id(wanted: str, blobs: list[BlobInfo]) -> None:
+    if len(blobs) != 1:
+        wrote = "no data blob (no file holds data)" if not blobs else \
+            f"{len(blobs)} blobs (one per layer that brought data)"
+        raise BuildError(f"--blob-id {wanted}: the build wrote {wrote}, and a blob id names one blob")
+    if blobs[0].blob_id != wanted:
+        raise BuildError(f"--blob-id {wanted}: the blob built is {blobs[0].blob_id} (a blob id is the "
+                         "sha256 of the blob file: registries, the OCI layout and the daemon's cache "
+                         "find the blob by it)")
+
+
 def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: int = 1 << 20,
             progress: bool | None = None,
             prefetch: Sequence[PrefetchEntry | str | bytes] | None = None,
-            whiteout_spec: str = "oci") -> BuildReport:
+            whiteout_spec: str = "oci", blob_id: str | None = None) -> BuildReport:
     """Build OUTDIR from SOURCE; raises BuildError (and leaves no OUTDIR) on failure.
 
     prefetch: what the daemon should fetch first when a blob is opened (the bootstrap's
     prefetch table): entries of a list file (prefetch.read_prefetch_list) or plain paths, taken
     by the rules of erofs_image.prefetch (entries it skips become report.warnings).
     whiteout_spec: which whiteout markers a directory source has (erofs_image.whiteout); an
-    image's layers always use OCI whiteouts."""
+    image's layers always use OCI whiteouts.
+    blob_id: the id the build's one blob must have (its sha256, 64 lowercase hex digits): a
+    blob id is the blob's content address, so this checks the build rather than renames it."""
     from .chunks import ChunkStore
     from .writer import write_bootstrap
 
@@ -120,6 +138,8 @@ def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: in
         check_spec(whiteout_spec)
     except ValueError as e:
         raise BuildError(str(e)) from None
+    if blob_id is not None and not BLOB_ID.fullmatch(blob_id):
+        raise BuildError(f"blob id {blob_id[:80]!r} is not 64 lowercase hex digits (a sha256)")
     _check_outdir(outdir)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -173,6 +193,8 @@ def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: in
                 store.finish_blob()
         bar.close()
         image.blobs = list(store.blobs)
+        if blob_id is not None:
+            _check_blob_id(blob_id, image.blobs)
         image.prefetch, skipped = resolve(image.root, prefetch or [])
         report.warnings += skipped
         try:

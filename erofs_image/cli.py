@@ -1,7 +1,7 @@
 """fscached-image: build and look at EROFS (RAFS v6) images.
 
     fscached-image convert SOURCE OUTDIR [--compressor zstd|lz4|none] [--chunk-size SIZE]
-        [--prefetch-list FILE] [--whiteout-spec oci|overlayfs|none]
+        [--prefetch-list FILE] [--whiteout-spec oci|overlayfs|none] [--blob-id ID]
     fscached-image inspect BOOTSTRAP [--json]
     fscached-image cat BOOTSTRAP PATH --blobs DIR
     fscached-image profile push PROFILE REF [--plain-http] [--creds USER:PASS | --auth-file FILE]
@@ -62,6 +62,15 @@ def _compressor(text: str) -> str:
             f"invalid compressor {text!r} (choose zstd, lz4 or none)") from None
 
 
+def _blob_id(text: str) -> str:
+    from .builder import BLOB_ID
+
+    if not BLOB_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a blob id: 64 lowercase hex digits, "
+                                         "the sha256 of the blob file")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Build and inspect EROFS (RAFS v6) container images.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -82,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the whiteout markers of a directory source, left out of the image: oci "
                         "(.wh.* entries; the default), overlayfs (0/0 character devices, opaque "
                         "xattrs) or none")
+    c.add_argument("--blob-id", type=_blob_id, metavar="ID",
+                   help="the id the blob must come out with (64 hex digits, its sha256): the "
+                        "build fails, leaving nothing, when it is another")
     c.add_argument("--profile", type=Path, metavar="FILE",
                    help="a start-up profile recorded on this image: attached to OUTDIR/oci "
                         "(see 'profile attach'); it must match the bootstrap built")
@@ -136,7 +148,7 @@ def cmd_convert(args) -> int:
     try:
         report = convert(args.source, args.outdir, compressor=args.compressor,
                          chunk_size=args.chunk_size, progress=args.progress, prefetch=prefetch,
-                         whiteout_spec=args.whiteout_spec)
+                         whiteout_spec=args.whiteout_spec, blob_id=args.blob_id)
     except BuildError as e:
         raise CommandError(str(e)) from None
     for warning in report.warnings:  # on stderr, -q or not: input that was skipped
