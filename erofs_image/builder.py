@@ -8,7 +8,6 @@ end, so a failed build leaves nothing behind.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import stat
 import sys
@@ -22,14 +21,10 @@ from .directory import add_file, scan_directory
 from .layers import BuildError, CountingReader, apply_layer
 from .oci import SourceImage, open_source, write_nydus_layout
 from .prefetch import PrefetchEntry, resolve
-from .tree import BlobInfo, Image, Inode
+from .tree import BLOB_ID, BlobInfo, Image, Inode
 from .whiteout import check_spec
 
-__all__ = ["BLOB_ID", "BuildError", "BuildReport", "convert", "scan_directory"]
-
-# what names a blob: the sha256 hex of the blob file, the device tag the kernel asks for, the
-# layer digest registries serve it under and the name of the daemon's cache file
-BLOB_ID = re.compile(r"[0-9a-f]{64}")
+__all__ = ["BuildError", "BuildReport", "convert", "scan_directory"]
 
 
 @dataclass
