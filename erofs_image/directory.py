@@ -60,11 +60,8 @@ class DirectoryScan:
 
 
 def scan_directory(root: Path, whiteout_spec: str = "oci") -> DirectoryScan:
-    """Metadata pass: the tree of Inodes and the regular files whose data is to be read.
-
-    Entries are taken in byte order of their names, directories depth first, whatever order
-    the filesystem lists them in: the same tree gives the same jobs, so the same blob (and
-    blob id), on any filesystem. `whiteout_spec`: see erofs_image.whiteout."""
+    """Metadata pass: the tree of Inodes and the regular files whose data is to be read, in
+    the order the filesystem lists them. `whiteout_spec`: see erofs_image.whiteout."""
     check_spec(whiteout_spec)
     root_s = os.fsdecode(os.path.abspath(root))
     try:
@@ -82,10 +79,9 @@ def scan_directory(root: Path, whiteout_spec: str = "oci") -> DirectoryScan:
         dpath, dnode = stack.pop()
         try:
             with os.scandir(dpath) as it:
-                entries = sorted(it, key=lambda e: os.fsencode(e.name))
+                entries = list(it)
         except OSError as e:
             raise BuildError(f"{dpath}: cannot list directory: {e.strerror}") from None
-        subdirs: list[tuple[str, Inode]] = []
         for ent in entries:
             path = ent.path
             try:
@@ -102,7 +98,7 @@ def scan_directory(root: Path, whiteout_spec: str = "oci") -> DirectoryScan:
                 node = _meta(st, path)
                 if stat.S_ISDIR(st.st_mode):
                     scan.whiteouts += drop_opaque_mark(whiteout_spec, node)
-                    subdirs.append((path, node))
+                    stack.append((path, node))
                 elif stat.S_ISREG(st.st_mode):
                     node.size = st.st_size
                     scan.jobs.append(FileJob(path, node, st.st_size,
@@ -119,7 +115,6 @@ def scan_directory(root: Path, whiteout_spec: str = "oci") -> DirectoryScan:
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 links[(st.st_dev, st.st_ino)] = node
             dnode.children[name] = node
-        stack.extend(reversed(subdirs))  # the first in byte order is scanned next
     return scan
 
 

@@ -6,7 +6,6 @@ import os
 import socket
 import stat
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -187,29 +186,3 @@ def test_missing_source(tmp_path):
     with pytest.raises(BuildError, match="no such file"):
         convert(tmp_path / "nope", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-
-
-def _same_tree_in_creation_order(top: Path, names: list[str]) -> Path:
-    """top/{d/NAME, NAME} for NAME in `names`, created in that order (all with one mtime)."""
-    (top / "d").mkdir(parents=True)
-    for name in names:
-        (top / name).write_bytes(name.encode() * 3000)
-        (top / "d" / name).write_bytes(b"in d: " + name.encode() * 2000)
-    for p in [*(top / "d").iterdir(), top / "d", *top.iterdir(), top]:
-        os.utime(p, ns=(0, 1_700_000_000_000_000_000))
-    return top
-
-
-def test_the_blob_does_not_depend_on_the_order_a_filesystem_lists_entries_in(tmp_path):
-    """tmpfs lists a directory in the order its entries were made: two copies of one tree,
-    made in opposite orders, list differently and must still give the same blob (and the
-    same bootstrap)."""
-    names = [f"f{i:02d}" for i in range(12)]
-    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
-        a = _same_tree_in_creation_order(Path(shm) / "a", names)
-        b = _same_tree_in_creation_order(Path(shm) / "b", names[::-1])
-        assert os.listdir(a / "d") != os.listdir(b / "d")  # the premise: two listing orders
-        ids = [convert(src, tmp_path / f"out-{src.name}", compressor="none", progress=False).blobs[0].blob_id
-               for src in (a, b)]
-    assert ids[0] == ids[1]
-    assert (tmp_path / "out-a" / "image.boot").read_bytes() == (tmp_path / "out-b" / "image.boot").read_bytes()
