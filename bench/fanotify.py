@@ -22,6 +22,7 @@ docker-registry and curl.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -464,8 +465,8 @@ def rss(bench: Bench, registry: RegistryServer, count: int) -> dict[str, Any]:
         proc = bench.daemon(run, [make(i, m) for (make, i), m in zip(members, mnts)], mnts)
         try:
             wrong = 0
-            with watchdog(READ_TIMEOUT, lambda: bench.cleanup_daemon(proc)) as fired:
-                for (make, i), m in zip(members, mnts):
+            with watchdog(READ_TIMEOUT, functools.partial(bench.cleanup_daemon, proc)) as fired:
+                for (_make, i), m in zip(members, mnts):
                     wrong += (m / "data.bin").read_bytes() != (bench.work / f"small-tree-{i}" / "data.bin").read_bytes()
                     wrong += (m / "etc" / "name").read_text() != f"image {i}\n"
             if fired.is_set():

@@ -352,7 +352,7 @@ def _layout_bytes(layout: Path) -> int:
     index = json.loads((layout / "index.json").read_text())
     desc = index["manifests"][0]
     manifest = json.loads((blobs / desc["digest"][7:]).read_text())
-    return int(desc["size"]) + int(manifest["config"]["size"]) + sum(int(l["size"]) for l in manifest["layers"])
+    return int(desc["size"]) + int(manifest["config"]["size"]) + sum(int(layer["size"]) for layer in manifest["layers"])
 
 
 def iter_summaries(results: list[ModeResult]) -> Iterator[str]:

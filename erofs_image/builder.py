@@ -7,20 +7,22 @@ end, so a failed build leaves nothing behind.
 """
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import stat
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from .directory import add_file, scan_directory
 from .layers import BuildError, CountingReader, apply_layer
 from .oci import SourceImage, open_source, write_nydus_layout
-from .tree import BlobInfo, Image, Inode
+from .prefetch import PrefetchEntry, resolve
+from .tree import BLOB_ID, BlobInfo, Image, Inode
+from .whiteout import check_spec
 
 __all__ = ["BuildError", "BuildReport", "convert", "scan_directory"]
 
@@ -40,6 +42,8 @@ class BuildReport:
     stored_bytes: int = 0
     manifest_digest: str = ""
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # one line each: input skipped, not refused
+    whiteouts: int = 0  # whiteout markers of a directory source left out of the image
 
 
 # --------------------------------------------------------------------------- progress
@@ -83,148 +87,6 @@ class _Progress:
             self.bar = None
 
 
-# --------------------------------------------------------------------------- directories
-
-
-def _xattrs(path: str) -> dict[bytes, bytes]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
-            return {}
-        raise
-    out = {}
-    for name in names:
-        try:
-            out[name.encode("utf-8", "surrogateescape")] = os.getxattr(
-                path, name, follow_symlinks=False)
-        except OSError as e:
-            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
-                raise
-    return out
-
-
-def _meta(st: os.stat_result, path: str) -> Inode:
-    return Inode(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
-                 mtime=st.st_mtime_ns // 1_000_000_000, mtime_nsec=st.st_mtime_ns % 1_000_000_000,
-                 xattrs=_xattrs(path))
-
-
-@dataclass
-class _FileJob:
-    path: str
-    inode: Inode
-    size: int
-    sparse: bool
-
-
-def scan_directory(root: Path) -> tuple[Inode, list[_FileJob]]:
-    """Metadata pass: the tree of Inodes and the regular files whose data is to be read."""
-    root_s = os.fsdecode(os.path.abspath(root))
-    try:
-        st = os.lstat(root_s)
-    except OSError as e:
-        raise BuildError(f"{root}: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise BuildError(f"{root}: not a directory")
-    links: dict[tuple[int, int], Inode] = {}
-    jobs: list[_FileJob] = []
-    top = _meta(st, root_s)
-    stack = [(root_s, top)]
-    while stack:
-        dpath, dnode = stack.pop()
-        try:
-            with os.scandir(dpath) as it:
-                entries = list(it)
-        except OSError as e:
-            raise BuildError(f"{dpath}: cannot list directory: {e.strerror}") from None
-        for ent in entries:
-            path = ent.path
-            try:
-                st = ent.stat(follow_symlinks=False)
-                name = os.fsencode(ent.name)
-                if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                    key = (st.st_dev, st.st_ino)
-                    if key in links:
-                        dnode.children[name] = links[key]
-                        continue
-                node = _meta(st, path)
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append((path, node))
-                elif stat.S_ISREG(st.st_mode):
-                    node.size = st.st_size
-                    jobs.append(_FileJob(path, node, st.st_size,
-                                         st.st_blocks * 512 < st.st_size))
-                elif stat.S_ISLNK(st.st_mode):
-                    node.target = os.readlink(os.fsencode(path))
-                    node.size = len(node.target)
-                elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                    node.rdev = st.st_rdev
-                elif not (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
-                    raise BuildError(f"{path}: unsupported file type {stat.S_IFMT(st.st_mode):o}")
-            except OSError as e:
-                raise BuildError(f"{path}: {e.strerror or e}") from None
-            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                links[(st.st_dev, st.st_ino)] = node
-            dnode.children[name] = node
-    return top, jobs
-
-
-def _add_file(store, job: _FileJob, chunk_size: int, on_bytes: Callable[[int], None]) -> int:
-    """Chunk one file's data into `store`; returns the number of holes skipped unread."""
-    try:
-        fd = os.open(job.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise BuildError(f"{job.path}: cannot open: {e.strerror}") from None
-    try:
-        def reader(start: int):
-            pos = [start]
-
-            def read(n: int) -> bytes:
-                data = os.pread(fd, n, pos[0])
-                if len(data) < n:
-                    more = [data]
-                    got = len(data)
-                    while got < n:
-                        d = os.pread(fd, n - got, pos[0] + got)
-                        if not d:
-                            raise BuildError(f"{job.path}: file shrank while being read "
-                                             f"(expected {job.size} bytes)")
-                        more.append(d)
-                        got += len(d)
-                    data = b"".join(more)
-                pos[0] += n
-                on_bytes(n)
-                return data
-            return read
-
-        if not job.sparse:
-            job.inode.chunks = store.add_stream(reader(0), job.size)
-            return 0
-        refs = []
-        off = 0
-        skipped = 0
-        while off < job.size:
-            n = min(chunk_size, job.size - off)
-            try:
-                data_at = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError as e:
-                data_at = job.size if e.errno == errno.ENXIO else off
-            if data_at >= off + n:  # the whole chunk is a hole: nothing to read
-                refs.append(None)
-                skipped += 1
-                on_bytes(n)
-            else:
-                refs.extend(store.add_stream(reader(off), n))
-            off += n
-        job.inode.chunks = refs
-        return skipped
-    except OSError as e:
-        raise BuildError(f"{job.path}: read error: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- convert
 
 
@@ -238,35 +100,41 @@ def _check_outdir(outdir: Path) -> None:
         raise BuildError(f"{outdir}: parent directory {parent} does not exist")
 
 
-def prefetch_paths(image: Image, paths: list[str]) -> list[bytes]:
-    """The prefetch list as bootstrap paths: each must name a regular file of the image."""
-    from .tree import lookup
-
-    found: list[bytes] = []
-    for text in paths:
-        path = os.fsencode("/" + text.strip().lstrip("/"))
-        try:
-            node = lookup(image.root, path)
-        except FileNotFoundError:
-            raise BuildError(f"prefetch list: {text.strip()}: no such file in the image") from None
-        if not node.is_reg:
-            raise BuildError(f"prefetch list: {text.strip()}: not a regular file")
-        if path not in found:
-            found.append(path)
-    return found
+def _check_blob_id(wanted: str, blobs: list[BlobInfo]) -> None:
+    if len(blobs) != 1:
+        wrote = "no data blob (no file holds data)" if not blobs else \
+            f"{len(blobs)} blobs (one per layer that brought data)"
+        raise BuildError(f"--blob-id {wanted}: the build wrote {wrote}, and a blob id names one blob")
+    if blobs[0].blob_id != wanted:
+        raise BuildError(f"--blob-id {wanted}: the blob built is {blobs[0].blob_id} (a blob id is the "
+                         "sha256 of the blob file: registries, the OCI layout and the daemon's cache "
+                         "find the blob by it)")
 
 
 def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: int = 1 << 20,
-            progress: bool | None = None, prefetch: list[str] | None = None) -> BuildReport:
+            progress: bool | None = None,
+            prefetch: Sequence[PrefetchEntry | str | bytes] | None = None,
+            whiteout_spec: str = "oci", blob_id: str | None = None) -> BuildReport:
     """Build OUTDIR from SOURCE; raises BuildError (and leaves no OUTDIR) on failure.
 
-    prefetch: absolute paths of regular files the daemon should fetch first when a blob is
-    opened (the bootstrap's prefetch table), in order."""
+    prefetch: what the daemon should fetch first when a blob is opened (the bootstrap's
+    prefetch table): entries of a list file (prefetch.read_prefetch_list) or plain paths, taken
+    by the rules of erofs_image.prefetch (entries it skips become report.warnings).
+    whiteout_spec: which whiteout markers a directory source has (erofs_image.whiteout); an
+    image's layers always use OCI whiteouts.
+    blob_id: the id the build's one blob must have (its sha256, 64 lowercase hex digits): a
+    blob id is the blob's content address, so this checks the build rather than renames it."""
     from .chunks import ChunkStore
     from .writer import write_bootstrap
 
     t0 = time.monotonic()
     source, outdir = Path(source), Path(outdir)
+    try:
+        check_spec(whiteout_spec)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    if blob_id is not None and not BLOB_ID.fullmatch(blob_id):
+        raise BuildError(f"blob id {blob_id[:80]!r} is not 64 lowercase hex digits (a sha256)")
     _check_outdir(outdir)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -277,6 +145,9 @@ def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: in
     bar = None
     skipped_holes = 0
     try:
+        if src is not None and whiteout_spec != "oci":
+            raise BuildError(f"{source}: --whiteout-spec {whiteout_spec} is for a directory source: "
+                             "the layers of an image use OCI whiteouts")
         try:
             store = ChunkStore(tmp / "blobs", chunk_size=chunk_size, compressor=compressor)
         except ValueError as e:
@@ -286,12 +157,12 @@ def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: in
                              source_kind=src.kind if src else "directory",
                              layers=len(src.layers) if src else 1)
         if src is None:
-            root, jobs = scan_directory(source)
-            image.root = root
+            scan = scan_directory(source, whiteout_spec)
+            image.root, jobs, report.whiteouts = scan.root, scan.jobs, scan.whiteouts
             bar = _Progress(progress, sum(j.size for j in jobs), f"{source.name or source}")
             store.start_blob()
             for job in jobs:
-                skipped_holes += _add_file(store, job, chunk_size, bar)
+                skipped_holes += add_file(store, job, chunk_size, bar)
                 report.input_bytes += job.size
             store.finish_blob()
         else:
@@ -317,7 +188,10 @@ def convert(source: Path, outdir: Path, compressor: str = "zstd", chunk_size: in
                 store.finish_blob()
         bar.close()
         image.blobs = list(store.blobs)
-        image.prefetch = prefetch_paths(image, prefetch or [])
+        if blob_id is not None:
+            _check_blob_id(blob_id, image.blobs)
+        image.prefetch, skipped = resolve(image.root, prefetch or [])
+        report.warnings += skipped
         try:
             write_bootstrap(image, tmp / "image.boot")
         except ValueError as e:  # something the format cannot hold (name length, mtime ...)

@@ -42,13 +42,13 @@ def compress(compressor: str, data: bytes) -> bytes:
     raise ValueError(f"unknown compressor {compressor!r}")
 
 
-def decompress(compressor: str, data: bytes, size: int) -> bytes:
+def decompress(compressor: str, data: bytes | memoryview, size: int) -> bytes:
     if compressor == "zstd":
         return zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
     if compressor == "lz4_block":
         return lz4.block.decompress(data, uncompressed_size=size)
     if compressor == "none":
-        return data
+        return bytes(data)  # no copy when it is bytes already
     raise ValueError(f"unknown compressor {compressor!r}")
 
 

@@ -1,6 +1,7 @@
 """fscached-image: build and look at EROFS (RAFS v6) images.
 
     fscached-image convert SOURCE OUTDIR [--compressor zstd|lz4|none] [--chunk-size SIZE]
+        [--prefetch-list FILE] [--whiteout-spec oci|overlayfs|none] [--blob-id ID]
     fscached-image inspect BOOTSTRAP [--json]
     fscached-image cat BOOTSTRAP PATH --blobs DIR
     fscached-image profile push PROFILE REF [--plain-http] [--creds USER:PASS | --auth-file FILE]
@@ -20,6 +21,8 @@ import stat
 import sys
 import traceback
 from pathlib import Path
+
+from .whiteout import WHITEOUT_SPECS
 
 PROG = "fscached-image"
 COMPRESSOR_NAMES = {"zstd": "zstd", "lz4": "lz4_block", "lz4_block": "lz4_block", "none": "none"}
@@ -59,6 +62,15 @@ def _compressor(text: str) -> str:
             f"invalid compressor {text!r} (choose zstd, lz4 or none)") from None
 
 
+def _blob_id(text: str) -> str:
+    from .tree import BLOB_ID
+
+    if not BLOB_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a blob id: 64 lowercase hex digits, "
+                                         "the sha256 of the blob file")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Build and inspect EROFS (RAFS v6) container images.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -72,7 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress bar on stderr (default: when stderr is a terminal)")
     c.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     c.add_argument("--prefetch-list", type=Path, metavar="FILE",
-                   help="files (one absolute path a line) the daemon fetches first when the image is opened")
+                   help="files the daemon fetches first when the image is opened: one path a line, "
+                        "a directory meaning every file under it; symlinks and missing paths are "
+                        "skipped with a warning")
+    c.add_argument("--whiteout-spec", choices=WHITEOUT_SPECS, default="oci",
+                   help="the whiteout markers of a directory source, left out of the image: oci "
+                        "(.wh.* entries; the default), overlayfs (0/0 character devices, opaque "
+                        "xattrs) or none")
+    c.add_argument("--blob-id", type=_blob_id, metavar="ID",
+                   help="the id the blob must come out with (64 hex digits, its sha256): the "
+                        "build fails, leaving nothing, when it is another")
     c.add_argument("--profile", type=Path, metavar="FILE",
                    help="a start-up profile recorded on this image: attached to OUTDIR/oci "
                         "(see 'profile attach'); it must match the bootstrap built")
@@ -117,16 +138,21 @@ def cmd_convert(args) -> int:
         except ProfileError as e:
             raise CommandError(str(e)) from None
     prefetch = None
-    if args.prefetch_list is not None:
+    if args.prefetch_list is not None:  # read (and refused) before any work
+        from .prefetch import read_prefetch_list
+
         try:
-            prefetch = [line for line in args.prefetch_list.read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise CommandError(f"{args.prefetch_list}: {e.strerror}") from None
+            prefetch = read_prefetch_list(args.prefetch_list)
+        except BuildError as e:
+            raise CommandError(str(e)) from None
     try:
         report = convert(args.source, args.outdir, compressor=args.compressor,
-                         chunk_size=args.chunk_size, progress=args.progress, prefetch=prefetch)
+                         chunk_size=args.chunk_size, progress=args.progress, prefetch=prefetch,
+                         whiteout_spec=args.whiteout_spec, blob_id=args.blob_id)
     except BuildError as e:
         raise CommandError(str(e)) from None
+    for warning in report.warnings:  # on stderr, -q or not: input that was skipped
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     artifact = None
     if loaded is not None:
         artifact = _attach_after_convert(args, loaded, outdir_existed)
@@ -139,6 +165,8 @@ def cmd_convert(args) -> int:
                   f"{b.chunk_count} chunks  {human(b.compressed_size)} stored / "
                   f"{human(b.uncompressed_size)} uncompressed")
         print(f"  oci layout {report.outdir}/oci  (manifest {report.manifest_digest})")
+        if report.whiteouts:
+            print(f"  whiteouts  {report.whiteouts} marker(s) left out (--whiteout-spec {args.whiteout_spec})")
         print(f"  {report.files} files, {human(report.input_bytes)} read, {report.chunks} chunks "
               f"({report.deduped} deduplicated, {report.holes} holes), "
               f"{human(report.stored_bytes)} of chunk data written")

@@ -191,8 +191,8 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
 def main() -> int:
     t0 = time.monotonic()
     sp = _site_packages()
-    with tempfile.TemporaryDirectory(prefix="fscached-demo-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="fscached-demo-") as tmpdir:
+        tmp = Path(tmpdir)
         print(f"[1/4] making an OCI image layout from {sp}/rich and {sp}/pygments (3 layers)")
         layer1 = tar_bytes(
             directory_entries(sp / "rich", "usr/lib/python3/site-packages/rich")

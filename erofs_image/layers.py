@@ -13,20 +13,23 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import io
 import os
 import stat
 import tarfile
 import urllib.parse
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from .tree import ChunkRef, Image, Inode
+from .whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-WHITEOUT_PREFIX = b".wh."
-OPAQUE_MARKER = b".wh..wh..opq"
 
 
 class BuildError(Exception):
@@ -35,6 +38,12 @@ class BuildError(Exception):
 
 class ChunkSink(Protocol):  # the part of ChunkStore this module uses
     def add_stream(self, read: Callable[[int], bytes], size: int) -> list[ChunkRef | None]: ...
+
+
+class Readable(Protocol):
+    """What a layer is read from: a binary file, or anything with its read()."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
 
 
 def new_dir(mode: int = 0o755) -> Inode:
@@ -47,7 +56,7 @@ def new_dir(mode: int = 0o755) -> Inode:
 class CountingReader:
     """Wraps a binary file: counts bytes, optionally hashes them, reports progress."""
 
-    def __init__(self, raw: BinaryIO, name: str, expected_digest: str | None = None,
+    def __init__(self, raw: Readable, name: str, expected_digest: str | None = None,
                  on_bytes: Callable[[int], None] | None = None):
         self.raw = raw
         self.name = name
@@ -61,7 +70,7 @@ class CountingReader:
                 raise BuildError(f"{name}: unsupported digest {expected_digest!r}")
             self.hasher = hashlib.new(algo)
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1, /) -> bytes:
         data = self.raw.read(n)
         if data:
             self.count += len(data)
@@ -76,32 +85,36 @@ class CountingReader:
         while self.read(1 << 20):
             pass
         if self.hasher is not None:
-            got = f"{self.expected.partition(':')[0]}:{self.hasher.hexdigest()}"
+            got = f"{self.hasher.name}:{self.hasher.hexdigest()}"
             if got != self.expected:
                 raise BuildError(f"{self.name}: digest mismatch: expected {self.expected}, "
                                  f"got {got} ({self.count} bytes)")
 
 
-class _Prefixed:
-    """A reader that first returns `head`, then the rest of `raw`."""
+class _Prefixed(io.RawIOBase):
+    """A raw stream that first returns `head`, then the rest of `raw`: the magic bytes read
+    to tell the compression apart go back in front of the stream."""
 
-    def __init__(self, head: bytes, raw):
+    def __init__(self, head: bytes, raw: Readable):
+        super().__init__()
         self.head = head
         self.raw = raw
 
-    def read(self, n: int = -1) -> bytes:
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        out = memoryview(buffer).cast("B")
         if self.head:
-            if n is None or n < 0:
-                data, self.head = self.head + self.raw.read(), b""
-                return data
-            data, self.head = self.head[:n], self.head[n:]
-            if len(data) < n:
-                data += self.raw.read(n - len(data))
-            return data
-        return self.raw.read(n)
+            n = min(len(out), len(self.head))
+            out[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.raw.read(len(out))
+        out[:len(data)] = data
+        return len(data)
 
 
-def _read_exact(raw, n: int) -> bytes:
+def _read_exact(raw: Readable, n: int) -> bytes:
     out = b""
     while len(out) < n:
         d = raw.read(n - len(out))
@@ -111,11 +124,12 @@ def _read_exact(raw, n: int) -> bytes:
     return out
 
 
-def open_tar_stream(raw, name: str) -> tuple[tarfile.TarFile, object]:
+def open_tar_stream(raw: Readable, name: str) -> tuple[tarfile.TarFile, Readable]:
     """A streaming TarFile over `raw`, decompressing gzip or zstd (detected by magic), and
     the decompressed stream under it (read it to its end to check the gzip/zstd trailers)."""
     head = _read_exact(raw, 4)
-    stream = _Prefixed(head, raw)
+    stream = io.BufferedReader(_Prefixed(head, raw), buffer_size=1 << 16)
+    plain: Readable
     try:
         if head.startswith(ZSTD_MAGIC):
             import zstandard
@@ -231,13 +245,12 @@ class _LayerApplier:
 
     # -- tree helpers
 
-    def parent_dir(self, parts: list[bytes], member: str, create: bool = True) -> Inode | None:
+    def parent_dir(self, parts: list[bytes], member: str) -> Inode:
+        """The directory `parts` goes in, made (with its ancestors) when missing."""
         node = self.image.root
         for i, part in enumerate(parts[:-1]):
             child = node.children.get(part)
             if child is None:
-                if not create:
-                    return None
                 child = new_dir()
                 child.mtime = self.image.root.mtime
                 node.children[part] = child
@@ -246,8 +259,6 @@ class _LayerApplier:
                                 f"{b'/'.join(parts[:i + 1]).decode(errors='replace')!r} "
                                 "is a symlink (refusing to write through it)")
             elif not child.is_dir:
-                if not create:
-                    return None
                 raise self.fail(member, "parent path "
                                 f"{b'/'.join(parts[:i + 1]).decode(errors='replace')!r} "
                                 "is not a directory")
@@ -367,9 +378,10 @@ class _LayerApplier:
         for part in parts:
             if not node.is_dir:
                 return None
-            node = node.children.get(part)
-            if node is None:
+            child = node.children.get(part)
+            if child is None:
                 return None
+            node = child
         return node
 
     def set_meta(self, node: Inode, ti: tarfile.TarInfo) -> None:
@@ -407,7 +419,7 @@ class _LayerApplier:
             raise
 
 
-def apply_layer(image: Image, raw: BinaryIO, store: ChunkSink, name: str) -> LayerStats:
+def apply_layer(image: Image, raw: Readable, store: ChunkSink, name: str) -> LayerStats:
     """Merge the tar layer read from `raw` into `image`; `name` is used in error messages."""
     tf, plain = open_tar_stream(raw, name)
     applier = _LayerApplier(image, store, name)
@@ -417,7 +429,9 @@ def apply_layer(image: Image, raw: BinaryIO, store: ChunkSink, name: str) -> Lay
             where = f"after member {ti.name!r}"
             applier.stats.members += 1
             applier.member(tf, ti)
-            tf.members.clear()  # stream mode keeps every TarInfo otherwise: O(members) memory
+            # stream mode keeps every TarInfo otherwise: O(members) memory. typeshed's TarFile
+            # does not declare the `members` list it keeps (CPython's tarfile has it since 2.x)
+            tf.members.clear()  # type: ignore[attr-defined]
         applier.apply_opaque()
         where = f"at the end of the archive ({where})"
         while plain.read(1 << 20):  # to the end: checks the gzip CRC / zstd checksum

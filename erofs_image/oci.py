@@ -9,6 +9,7 @@ layer (a gzipped tar holding ``image/image.boot``).
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import hashlib
 import io
@@ -19,7 +20,7 @@ import shutil
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import IO, Callable
 
 from .layers import BuildError
 
@@ -37,9 +38,9 @@ class LayerSource:
     media_type: str
     digest: str | None  # expected digest of the stored bytes ("sha256:<hex>"), or None
     size: int | None
-    opener: Callable[[], BinaryIO]
+    opener: Callable[[], IO[bytes]]
 
-    def open(self) -> BinaryIO:
+    def open(self) -> IO[bytes]:
         return self.opener()
 
 
@@ -65,7 +66,7 @@ class _Store:
     def __init__(self, label: str):
         self.label = label
 
-    def open(self, path: str) -> BinaryIO:
+    def open(self, path: str) -> IO[bytes]:
         raise NotImplementedError
 
     def exists(self, path: str) -> bool:
@@ -92,7 +93,7 @@ class _DirStore(_Store):
         super().__init__(str(root))
         self.root = root
 
-    def open(self, path: str) -> BinaryIO:
+    def open(self, path: str) -> IO[bytes]:
         return open(self.root / path, "rb")
 
     def exists(self, path: str) -> bool:
@@ -108,7 +109,7 @@ class _TarStore(_Store):
         except (tarfile.TarError, OSError, EOFError) as e:
             raise BuildError(f"{archive}: not a readable tar archive: {e}") from None
 
-    def open(self, path: str) -> BinaryIO:
+    def open(self, path: str) -> IO[bytes]:
         m = self.members.get(_clean(path))
         if m is None:
             raise FileNotFoundError(path)
@@ -206,7 +207,7 @@ def _read_layout(store: _Store, kind: str, closers, platform: Platform | None = 
             raise BuildError(f"{store.label}: layer {i} {lpath} referenced by the manifest "
                              "is missing")
         layers.append(LayerSource(f"{store.label}: {lpath}", mt, digest, ld.get("size"),
-                                  (lambda p=lpath: store.open(p))))
+                                  functools.partial(store.open, lpath)))
     return SourceImage(kind, config, layers, closers)
 
 
@@ -248,7 +249,7 @@ def _read_docker(store: _TarStore) -> SourceImage:
         m = _BLOB_PATH_RE.search(lpath)
         digest = f"{m.group(1)}:{m.group(2)}" if m else None
         layers.append(LayerSource(f"{store.label}: {lpath}", "", digest, None,
-                                  (lambda p=lpath: store.open(p))))
+                                  functools.partial(store.open, lpath)))
     return SourceImage("docker-archive", config, layers, [store.close])
 
 

@@ -31,8 +31,8 @@ def _align(n: int, a: int) -> int:
 class _Plan:
     inode: Inode
     ino: int
+    parent: Inode  # a directory's ".." (the root's own)
     nlink: int = 0
-    parent: Inode | None = None
     extended: bool = False
     layout: int = L.LAYOUT_FLAT_PLAIN
     size: int = 0

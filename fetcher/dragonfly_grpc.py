@@ -48,7 +48,7 @@ import logging
 import time
 import zlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable, cast
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
@@ -173,6 +173,9 @@ class DragonflyGrpcSource:
         for p in (priority_ondemand, priority_prefetch):
             if p not in common_pb2.Priority.values():
                 raise ValueError(f"priority must be a common.v2.Priority level 0..6, not {p!r}")
+        # checked to be levels of the enum just above (whose values are plain ints at run time)
+        self.priority_ondemand = cast(common_pb2.Priority, priority_ondemand)
+        self.priority_prefetch = cast(common_pb2.Priority, priority_prefetch)
         self.socket_path = socket_path
         self.name = f"dragonfly {socket_path}"
         self.url_for = url_for
@@ -181,8 +184,6 @@ class DragonflyGrpcSource:
         self.application = application
         self.piece_length = piece_length
         self.timeout = timeout
-        self.priority_ondemand = priority_ondemand
-        self.priority_prefetch = priority_prefetch
         self.filtered_query_params = list(filtered_query_params or [])
         self._channel: grpc.aio.Channel | None = None
         self._stub: dfdaemon_pb2_grpc.DfdaemonDownloadStub | None = None

@@ -16,7 +16,8 @@ Failure policy (the fallback decision itself belongs to fetcher.chain.SourceChai
 once (no retries by default) and mark the proxy unhealthy. A background task GETs `ping_url`
 every `check_interval` seconds (200..399 = healthy; without a ping_url an unhealthy mark just
 lapses after check_interval). A proxy answering 200 with the whole blob instead of 206 (older
-dfdaemon) still works: the range is cut out of the stream, logged once.
+dfdaemon) still works: the range is cut out of the stream, logged once; a 200 with just the
+bytes asked for is taken as they are (fetcher.range_body reads every answer).
 
 Credentials (registry or proxy userinfo) never reach logs, names or messages.
 """
@@ -32,6 +33,7 @@ from typing import Any, Mapping
 import aiohttp
 from yarl import URL
 
+from fetcher.range_body import BodyKind
 from fetcher.registry import RegistrySource
 from fetcher.source import SourceError
 
@@ -101,7 +103,8 @@ class DragonflyProxySource(RegistrySource):
         self._unhealthy_until = 0.0
         self._health_task: asyncio.Task | None = None
         self._prefetch_sent: set[str] = set()
-        self.stats.update({"proxy_errors": 0, "prefetch_hints": 0, "full_body": 0, "pings": 0})
+        self.stats.update({"proxy_errors": 0, "prefetch_hints": 0, "full_body": 0, "range_only_200": 0,
+                           "pings": 0})
 
     def __repr__(self) -> str:
         return (f"DragonflyProxySource({redact_url(self.proxy_url)} -> {self.base}/{self.repo}, "
@@ -124,7 +127,7 @@ class DragonflyProxySource(RegistrySource):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._health_task = loop.create_task(self._health_loop(), name=f"{self.name} health")
+        self._health_task = loop.create_task(self._health_loop(self.ping_url), name=f"{self.name} health")
 
     def _set_health(self, ok: bool, why: str, quiet: bool = False) -> None:
         """Log transitions; the same unhealthy reason again (a proxy that keeps failing after
@@ -144,14 +147,14 @@ class DragonflyProxySource(RegistrySource):
         self._unhealthy_until = time.monotonic() + self.check_interval
         self._set_health(False, why)
 
-    async def _health_loop(self) -> None:
+    async def _health_loop(self, ping_url: str) -> None:
         timeout = aiohttp.ClientTimeout(total=self.ping_timeout)
-        where = redact_url(self.ping_url)
+        where = redact_url(ping_url)
         async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
             while True:
                 self.stats["pings"] += 1
                 try:
-                    async with session.get(self.ping_url, allow_redirects=False) as resp:
+                    async with session.get(ping_url, allow_redirects=False) as resp:
                         ok = 200 <= resp.status < 400
                         why = f"ping {where}: HTTP {resp.status}"
                 except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -220,15 +223,17 @@ class DragonflyProxySource(RegistrySource):
                 self._prefetch_sent.discard(blob_id)
             raise
 
-    async def _body(self, resp: aiohttp.ClientResponse, blob_id: str, offset: int, length: int) -> bytes:
-        if resp.status == 200:
-            self.stats["full_body"] += 1
-            if not self._warned_full_body:
-                self._warned_full_body = True  # also silences the registry's own message
-                log.warning("%s answers ranged GETs with HTTP 200 and the whole blob instead of 206 "
-                            "(an older dfdaemon?); cutting the range out of the stream (logged once)",
-                            self.name)
-        return await super()._body(resp, blob_id, offset, length)
+    def _answered_200(self, kind: BodyKind) -> None:
+        if kind != "whole-blob":
+            self.stats["range_only_200"] += 1
+            super()._answered_200(kind)
+            return
+        self.stats["full_body"] += 1
+        if kind not in self._told_200:
+            self._told_200.add(kind)  # instead of the registry's own message
+            log.warning("%s answers ranged GETs with HTTP 200 and the whole blob instead of 206 "
+                        "(an older dfdaemon?); cutting the range out of the stream (logged once)",
+                        self.name)
 
     async def close(self) -> None:
         task, self._health_task = self._health_task, None

@@ -192,14 +192,24 @@ class _Puller:
                                  f"says {size}", PullIntegrityError)
             h = hashlib.sha256()
             n = 0
-            with open(tmp, "wb") as f:
+            # the disk work goes to a thread, a MiB at a time: other images' reads run on this loop
+            f = await asyncio.to_thread(open, tmp, "wb")
+            try:
+                pending = bytearray()
                 async for chunk in resp.content.iter_chunked(1 << 16):
                     n += len(chunk)
                     if n > size:
                         raise self.error(f"{name}: more than the {size} bytes the manifest says",
                                          PullIntegrityError)
                     h.update(chunk)
-                    f.write(chunk)
+                    pending += chunk
+                    if len(pending) >= _COPY:
+                        full, pending = pending, bytearray()
+                        await asyncio.to_thread(f.write, full)
+                if pending:
+                    await asyncio.to_thread(f.write, pending)
+            finally:
+                await asyncio.to_thread(f.close)
             if n != size:
                 raise RetryableError(f"{name}: short body: {n} of {size} bytes")
             got = "sha256:" + h.hexdigest()
@@ -244,6 +254,8 @@ class _Puller:
                             raise self.error(f"{name}: {BOOTSTRAP_ENTRY} is {member.size} bytes, more than "
                                              f"the {self.max_bootstrap_size} allowed")
                         src = tf.extractfile(member)
+                        if src is None:  # a regular member always has a file object
+                            raise self.error(f"{name}: {BOOTSTRAP_ENTRY} cannot be read from the tar")
                         n = 0
                         with open(out, "wb") as f:
                             while data := src.read(_COPY):

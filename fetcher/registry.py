@@ -1,8 +1,10 @@
 """Blob bytes from an OCI distribution registry: ranged `GET /v2/<repo>/blobs/sha256:<id>`.
 
-- Range requests; a 206 must carry the Content-Range asked for. A registry that ignores
-  Range and answers 200 with the whole blob still works (the range is cut out of the stream,
-  which is then dropped), logged once per source.
+- Range requests, their answers read by fetcher.range_body: a 206 must carry the
+  Content-Range asked for; a 200 holding just the bytes asked for is taken (as nydusd does);
+  a registry that ignores Range and answers 200 with the whole blob still works (the range
+  is cut out of the stream, which is then dropped); any other 200 is refused. A 200 is
+  logged once per source and kind.
 - Redirects (301/302/303/307/308, typically to object storage) are followed here, not by
   aiohttp, so the Authorization header stays with the registry and the storage URL can be
   cached per blob; a cached URL that stops working (401/403/404/410, other 4xx, expiry) is
@@ -42,13 +44,13 @@ from yarl import URL
 
 from fetcher.auth import (AuthError, Credentials, RegistryAuth, TransientAuthError, make_credentials,
                           parse_retry_after, strip_query)
+from fetcher.range_body import BodyKind, ShortBody, read_range_body
 from fetcher.source import SourceError, check_blob_id
 
 log = logging.getLogger("fscached.fetcher.registry")
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 _UNSATISFIED_RANGE = re.compile(r"\s*bytes\s+\*/(\d+)\s*$")
 _REDIRECTS = (301, 302, 303, 307, 308)
 # what RegistrySource.get may fetch: a manifest / index by tag or digest, a blob by digest
@@ -136,7 +138,7 @@ class RegistrySource:
         self._ssl = self._ssl_context() if scheme == "https" else None
         self._session: aiohttp.ClientSession | None = None
         self._redirects: dict[str, tuple[URL, float]] = {}
-        self._warned_full_body = False
+        self._told_200: set[BodyKind] = set()  # the kinds of 200 answers to ranges logged so far
         self._closed = False
         self.stats = {"requests": 0, "retries": 0, "redirects_resolved": 0, "redirects_reused": 0}
 
@@ -508,49 +510,25 @@ class RegistrySource:
         raise RegistryError(self.base, what, why, status)
 
     async def _body(self, resp: aiohttp.ClientResponse, blob_id: str, offset: int, length: int) -> bytes:
-        what = f"registry {self.base}: blob {blob_id}"
-        if resp.status == 206:
-            header = resp.headers.get("Content-Range", "")
-            m = _CONTENT_RANGE.match(header)
-            if not m:
-                raise SourceError(f"{what}: 206 with unusable Content-Range {header[:100]!r}")
-            first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
-            if first != offset or last < first:
-                raise SourceError(f"{what}: asked for bytes {offset}-{offset + length - 1}, got {first}-{last}")
-            if last != offset + length - 1:
-                size = f"the blob has {total} bytes" if total != "*" else f"the server sent only up to {last}"
-                raise SourceError(f"{what}: read past end: wanted bytes {offset}..{offset + length} but {size}")
-            data = await resp.read()
-            if len(data) != length:
-                raise RetryableError(f"{what}: short body: {len(data)} of {length} bytes")
-            return data
-        # 200: the whole blob. Take the range out of the stream and drop the connection.
-        if not self._warned_full_body:
-            self._warned_full_body = True
+        try:
+            body = await read_range_body(resp, blob_id, offset, length, f"registry {self.base}: blob {blob_id}")
+        except ShortBody as exc:
+            raise RetryableError(str(exc)) from None
+        if body.kind != "partial":
+            self._answered_200(body.kind)
+        return body.data
+
+    def _answered_200(self, kind: BodyKind) -> None:
+        """A ranged GET was answered 200 (and taken): said once per source and kind."""
+        if kind in self._told_200:
+            return
+        self._told_200.add(kind)
+        if kind == "whole-blob":
             log.warning("registry %s ignores Range requests (HTTP 200 with the whole blob); reading "
                         "through to the wanted bytes (logged once)", self.base)
-        total = resp.content_length
-        if total is not None and offset + length > total:
-            resp.close()
-            raise SourceError(f"{what}: read past end: wanted bytes {offset}..{offset + length} "
-                              f"but the blob has {total} bytes")
-        skip, buf = offset, bytearray()
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            if skip:
-                if len(chunk) <= skip:
-                    skip -= len(chunk)
-                    continue
-                chunk, skip = chunk[skip:], 0
-            buf += chunk
-            if len(buf) >= length:
-                break
-        resp.close()  # do not read the rest of a possibly huge blob
-        if len(buf) < length:
-            if total is None:
-                raise SourceError(f"{what}: read past end: wanted bytes {offset}..{offset + length} "
-                                  f"but the blob has {offset - skip + len(buf)} bytes")
-            raise RetryableError(f"{what}: short body")
-        return bytes(buf[:length])
+        else:
+            log.info("registry %s answers ranged GETs with HTTP 200 and just the bytes asked for; "
+                     "taken as the range, as nydusd does (logged once)", self.base)
 
 
 async def _http_error(base: str, what: str, resp: aiohttp.ClientResponse, where: str) -> RegistryError:

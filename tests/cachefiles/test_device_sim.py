@@ -96,14 +96,14 @@ def test_bind_refuses_readonly(sim, cache_dir, monkeypatch):
 
 
 def test_open_errors_are_actionable(tmp_path, monkeypatch):
-    with pytest.raises(CachefilesError, match="no .*cachefiles.*load the cachefiles module"):
+    with pytest.raises(CachefilesError, match=r"no .*cachefiles.*load the cachefiles module"):
         CachefilesDevice(str(tmp_path / "cachefiles")).open()
 
     def busy(*a, **k):
         raise OSError(errno.EBUSY, "busy")
 
     monkeypatch.setattr(os, "open", busy)
-    with pytest.raises(CachefilesError, match="another daemon .*nydusd or cachefilesd"):
+    with pytest.raises(CachefilesError, match=r"another daemon .*nydusd or cachefilesd"):
         CachefilesDevice().open()
 
 
@@ -260,7 +260,7 @@ def test_restore_and_unknown_command(tmp_path, cache_dir):
     sim = KernelSimulator(tmp_path / "s", failover=False)
     dev = sim.device()
     dev.bind(cache_dir)
-    with pytest.raises(CachefilesError, match="6.8") as e:  # a kernel without failover refuses it
+    with pytest.raises(CachefilesError, match=r"6\.8") as e:  # a kernel without failover refuses it
         dev.restore()
     assert e.value.errno == errno.EOPNOTSUPP and dev.restore_supported is False
     assert dev.probe_restore() is False

@@ -1,6 +1,7 @@
 """The registry's network: shaping is real, the counter counts, teardown is complete."""
 from __future__ import annotations
 
+import itertools
 import subprocess
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def test_100mbit_profile_is_shaped(coldstart_host: None, tmp_path: Path) -> None
         assert request >= 0.004, f"a new-connection request took {request * 1000:.2f} ms (< 2 RTT)"
         assert len(data) <= fetched < len(data) * 1.1
         assert len(samples) >= 10 and samples[-1][1] - samples[0][1] >= len(data)
-        assert all(b2 >= b1 for (_, b1), (_, b2) in zip(samples, samples[1:]))
+        assert all(b2 >= b1 for (_, b1), (_, b2) in itertools.pairwise(samples))
     _gone(net)
 
 

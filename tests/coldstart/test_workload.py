@@ -30,8 +30,8 @@ def test_workload_shape(small_workload: Workload) -> None:
     assert w.command == ["python3", "/app/start.py"]
     index = json.loads((w.oci / "index.json").read_text())
     manifest = json.loads((w.oci / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
-    assert [l["mediaType"] for l in manifest["layers"]] == ["application/vnd.oci.image.layer.v1.tar+gzip"] * 3
-    assert sum(l["size"] for l in manifest["layers"]) == w.layer_bytes
+    assert [layer["mediaType"] for layer in manifest["layers"]] == ["application/vnd.oci.image.layer.v1.tar+gzip"] * 3
+    assert sum(layer["size"] for layer in manifest["layers"]) == w.layer_bytes
     assert w.layer_bytes < w.uncompressed_bytes
     assert (w.nydus / "image.boot").is_file() and (w.nydus / "oci" / "index.json").is_file()
     assert w.nydus_blob_bytes == sum(p.stat().st_size for p in (w.nydus / "blobs").iterdir())
@@ -42,7 +42,7 @@ def test_workload_shape(small_workload: Workload) -> None:
 
 def test_check_output_names_what_was_wrong(small_workload: Workload) -> None:
     small_workload.check_output([small_workload.expected_line, "more"])
-    with pytest.raises(ColdstartError, match="expected 'numpy .*got 'nope'"):
+    with pytest.raises(ColdstartError, match=r"expected 'numpy .*got 'nope'"):
         small_workload.check_output(["nope"], "test")
     with pytest.raises(ColdstartError, match="no output"):
         small_workload.check_output([], "test")

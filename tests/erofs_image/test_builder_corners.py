@@ -115,7 +115,7 @@ def test_ten_thousand_entries_in_one_directory(tmp_path):
         if i % 10 == 0:
             ents.append(entry(f"big/{name}/inner", b"inner %d" % i))
     src = oci(tmp_path, [(tar_bytes(ents), "gzip")])
-    with built_and_mounted(tmp_path, src) as (out, rep, mnt):
+    with built_and_mounted(tmp_path, src) as (out, _rep, mnt):
         big = mnt / "big"
         listing = os.listdir(big)
         assert len(listing) == NFILES + NDIRS
@@ -192,7 +192,7 @@ def test_long_and_non_utf8_names(tmp_path, fmt):
         pytest.skip(f"tarfile encoding is {tarfile.ENCODING}")
     src = oci(tmp_path, _name_layers(fmt))
     b = {k: v.encode() for k, v in N255.items()}
-    with built_and_mounted(tmp_path, src) as (out, rep, mnt):
+    with built_and_mounted(tmp_path, src) as (_out, _rep, mnt):
         m = os.fsencode(mnt)
         assert set(os.listdir(m)) == {b["file"], b["dir"], b["sym"], b["hard"], b["utf8"],
                                       b"caf\xe9", b"\xff\xfe", b"longtarget", b"badsym"}
@@ -371,7 +371,7 @@ WHITEOUT_EXPECTED = {
 @_root_marks
 def test_whiteouts_and_opaque_dirs_across_three_layers(tmp_path):
     src = oci(tmp_path, _whiteout_layers())
-    with built_and_mounted(tmp_path, src) as (out, rep, mnt):
+    with built_and_mounted(tmp_path, src) as (_out, rep, mnt):
         assert snapshot(mnt) == WHITEOUT_EXPECTED
         gone = os.lstat(mnt / "a/gone")
         assert stat.S_IMODE(gone.st_mode) == 0o600 and gone.st_nlink == 1

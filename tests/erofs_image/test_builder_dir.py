@@ -49,7 +49,8 @@ def tree(tmp_path) -> Path:
 
 
 def test_scan_directory(tree):
-    root, jobs = scan_directory(tree)
+    scan = scan_directory(tree)
+    root, jobs = scan.root, scan.jobs
     assert sorted(root.children) == sorted(os.fsencode(n) for n in os.listdir(tree))
     assert root.children[b"small"] is root.children[b"d"].children[b"hard"]
     assert len(jobs) == 2  # the hard link's data is read once

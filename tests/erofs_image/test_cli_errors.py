@@ -1,6 +1,7 @@
 """fscached-image as a user runs it: bad inputs give one line on stderr, exit 1, no OUTDIR."""
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import json
@@ -145,7 +146,7 @@ def test_parse_size():
     assert parse_size("4K") == 4096 and parse_size("4k") == 4096
     assert parse_size("1M") == parse_size("1048576") == parse_size("1MiB") == 1 << 20
     for bad in ("4097", "12K", "1.5M", "-4K", "2G"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             parse_size(bad)
 
 

@@ -17,9 +17,9 @@ names = st.binary(min_size=1, max_size=40).filter(lambda n: b"/" not in n and b"
 xattr_names = st.builds(lambda p, s: p + s, st.sampled_from([b"user.", b"trusted.", b"security."]),
                         st.binary(min_size=1, max_size=20))
 xattrs = st.dictionaries(xattr_names, st.binary(max_size=60), max_size=3)
-meta = dict(uid=st.integers(0, 100_000), gid=st.integers(0, 100_000),
-            mtime=st.sampled_from([0, 1, 1_700_000_000]), mtime_nsec=st.sampled_from([0, 7]),
-            xattrs=xattrs)
+meta = {"uid": st.integers(0, 100_000), "gid": st.integers(0, 100_000),
+        "mtime": st.sampled_from([0, 1, 1_700_000_000]), "mtime_nsec": st.sampled_from([0, 7]),
+        "xattrs": xattrs}
 
 
 def _ref(b: int, i: int) -> ChunkRef:

@@ -96,7 +96,7 @@ def test_dirents_sorted_across_blocks_and_dotdot(tmp_path: Path) -> None:
         blk = raw[di.i_u * 4096 + o: di.i_u * 4096 + min(o + 4096, di.size)]
         ents = L.unpack_dirents(blk)
         names += [n for n, _, _ in ents]
-        dot = dict((n, nid) for n, nid, _ in ents)
+        dot = {n: nid for n, nid, _ in ents}
         if b"." in dot:
             assert dot[b"."] == big.nid and dot[b".."] == b.image.root.nid
     assert names == sorted(names)
@@ -213,7 +213,7 @@ def test_reader_rejects_bad_images(tmp_path: Path) -> None:
     bad[1028:1032] = L.superblock_checksum(bytes(bad[:4096])).to_bytes(4, "little")
     with pytest.raises(BootstrapError, match="incompat"):
         Bootstrap.parse(bytes(bad))
-    with pytest.raises(BootstrapError, match="truncated|past the end"):
+    with pytest.raises(BootstrapError, match=r"truncated|past the end"):
         Bootstrap.parse(bytes(good[:4096 * 1]))
 
 

@@ -261,7 +261,7 @@ def test_chunk_indexes_past_the_end(built, tmp_path) -> None:
     buf = bytearray(raw)
     f = lookup(boot.image.root, b"/d/e/f")
     di = L.DiskInode.unpack(raw, _inode_off(boot, f))
-    size_at = _inode_off(boot, f) + (8 if di.extended else 8)  # size: u64 @8 / u32 @8
+    size_at = _inode_off(boot, f) + 8  # i_size: u64 @8 (extended), u32 @8 (compact)
     _put(buf, size_at, "Q" if di.extended else "I", 0xFFFF0000)
     _refused(tmp_path, buf, "chunk indexes .* past the end of the file")
 
@@ -366,7 +366,7 @@ def test_chunk_on_a_device_past_the_table(built, tmp_path) -> None:
     buf = bytearray(raw)
     f = lookup(boot.image.root, b"/d/e/f")
     at = _chunk_index_off(raw, boot, f)
-    advise, dev, blkaddr = L.unpack_chunk_index(raw, at)
+    _advise, dev, blkaddr = L.unpack_chunk_index(raw, at)
     assert dev & 0xFF == 1 and blkaddr != L.NULL_ADDR
     _put(buf, at + 2, "H", (dev & 0xFF00) | 9)
     _refused(tmp_path, buf, r"chunk 0 on device 9, past the device/blob table \(1 blobs\)")

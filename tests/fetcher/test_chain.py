@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from asyncwait import wait_for
 from standins.http_proxy import ProxyStandIn
 from fetcher.chain import SourceChain
 from fetcher.dragonfly_proxy import DragonflyProxySource
@@ -119,7 +120,7 @@ def test_all_failing_raise_one_error_naming_every_reason():
 def test_no_fallback_uses_only_the_first_source():
     a, b = FakeSource("a", error="HTTP 503"), FakeSource("b")
     chain = SourceChain([a, b], fallback=False)
-    with pytest.raises(SourceError, match="every source failed: a: HTTP 503$"):
+    with pytest.raises(SourceError, match=r"every source failed: a: HTTP 503$"):
         run(chain.read_verified("x", 0, 10, check(0, 10)))
     assert b.calls == []
     # and an unhealthy first source is still the one used
@@ -228,16 +229,14 @@ def test_unhealthy_proxy_is_bypassed_without_a_request(registry, blob):
             chain = SourceChain([dfp, reg])
             try:
                 dfp.start_health_checks()
-                while dfp.healthy():
-                    await asyncio.sleep(0.01)
+                await wait_for(lambda: not dfp.healthy(), what="the failing ping marking the proxy unhealthy")
                 for off in (0, 100_000, 400_000):
                     assert await chain.read_verified(digest, off, 5000, make(off, 5000)) == data[off:off + 5000]
                 assert proxy.blob_requests() == []
                 assert chain.stats[f"{dfp.name}:skipped"] == 3
                 # healthy again: back through the proxy
                 proxy.health_status = 200
-                while not dfp.healthy():
-                    await asyncio.sleep(0.01)
+                await wait_for(dfp.healthy, what="a good ping marking the proxy healthy")
                 assert await chain.read_verified(digest, 0, 5000, make(0, 5000)) == data[:5000]
                 assert len(proxy.blob_requests()) == 1 and chain.stats[f"{dfp.name}:ok"] == 1
             finally:

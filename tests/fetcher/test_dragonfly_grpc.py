@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("dragonfly_api")
 
 from dragonfly_api import common_pb2
+from asyncwait import wait_for
 from registry_server import TEST_PASSWORD as PASSWORD, TEST_USER as USER
 from standins.dfdaemon import Faults, start_standin, task_id_for
 
@@ -309,9 +310,7 @@ def test_prefetch_pulls_the_whole_blob_in_the_background(standin, registry, blob
         async with source(standin, registry) as src:
             assert await src.read(digest, 0, 100) == data[:100]
             tid = standin.requests[0]["task_id"]
-            deadline = time.monotonic() + 20
-            while standin.origin_fetch_count(tid) < 3 and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            await wait_for(lambda: standin.origin_fetch_count(tid) >= 3, 20, "the background prefetch of 3 pieces")
             assert standin.origin_fetch_count(tid) == 3
             assert await src.read(digest, 0, len(data)) == data
             assert standin.origin_fetch_count(tid) == 3

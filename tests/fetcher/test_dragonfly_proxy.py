@@ -6,6 +6,7 @@ import ssl
 
 import pytest
 
+from asyncwait import wait_for
 from registry_server import TEST_PASSWORD as PASSWORD, TEST_USER as USER
 from standins.http_proxy import ProxyStandIn
 from fetcher.dragonfly_proxy import DragonflyProxySource
@@ -23,14 +24,6 @@ def run(coro):
 def blob(registry):
     data = os.urandom(700_000)
     return registry.push_blob(REPO, data), data
-
-
-async def wait_for(pred, timeout=5.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def test_reads_through_the_proxy_with_priority_and_prefetch_headers(registry, blob):
@@ -65,7 +58,7 @@ def test_reads_through_the_proxy_with_priority_and_prefetch_headers(registry, bl
 
 
 def test_prefetch_hint_once_per_blob_and_not_on_prefetch_reads(registry, blob):
-    digest, data = blob
+    digest = blob[0]
     other = registry.push_blob(REPO, b"second blob " * 1000)
 
     async def main():
@@ -119,6 +112,26 @@ def test_200_instead_of_206_is_cut_and_logged_once(registry, blob, caplog):
     assert len(warnings) == 1 and "dragonfly proxy" in warnings[0].getMessage()
 
 
+def test_200_with_just_the_range_is_taken(registry, blob, caplog):
+    """The proxy source reads answers through the registry's one range reader: a 200 holding
+    only the bytes asked for is the range, not a whole blob to cut it from."""
+    digest, data = blob
+    caplog.set_level(logging.INFO)
+
+    async def main():
+        async with ProxyStandIn() as proxy:
+            proxy.range_as_200 = True
+            async with DragonflyProxySource({"host": registry.host, "repo": REPO, "scheme": "http"},
+                                            proxy.url) as src:
+                for off in (0, 123_456, 650_000):
+                    assert await src.read(digest, off, 50_000) == data[off:off + 50_000]
+                assert src.stats["range_only_200"] == 3 and src.stats["full_body"] == 0
+            assert [r.status for r in proxy.blob_requests()] == [200, 200, 200]
+            assert all("Range" in r.headers for r in proxy.blob_requests())
+    run(main())
+    assert not any("whole blob" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("status", [500, 503, 429, 403])
 def test_proxy_errors_raise_at_once_and_mark_unhealthy(registry, blob, status):
     digest, data = blob
@@ -159,7 +172,7 @@ def test_connection_refused_marks_unhealthy_until_check_interval(registry, blob)
 
 
 def test_health_check_follows_the_ping_url(registry, blob):
-    digest, data = blob
+    digest = blob[0]
 
     async def main():
         async with ProxyStandIn() as proxy:

@@ -445,7 +445,7 @@ def test_pull_with_basic_auth(auth_registry, nydus_image, tmp_path):
                                         "credentials rejected") as ei:
         pull(auth_registry, "nydus/secure", "latest", tmp_path / "bad", username=USER, password="wrong")
     assert "wrong" not in str(ei.value) and PASSWORD not in str(ei.value)
-    with pytest.raises(PullError, match="401.*anonymous.*none are configured"):
+    with pytest.raises(PullError, match=r"401.*anonymous.*none are configured"):
         pull(auth_registry, "nydus/secure", "latest", tmp_path / "anon", username=None, password=None)
 
 

@@ -230,7 +230,7 @@ def test_timeouts_are_retried_and_bounded(registry, blob):
             async with RegistrySource(front.host, REPO, scheme="http", timeout=0.2, retries=1,
                                       backoff=0.01) as src:
                 t0 = time.monotonic()
-                with pytest.raises(SourceError, match="giving up after 2 attempts.*Timeout"):
+                with pytest.raises(SourceError, match=r"giving up after 2 attempts.*Timeout"):
                     await src.read(blob[0], 0, 10)
                 assert time.monotonic() - t0 < 3
             assert front.count("/v2/") == 2
@@ -250,15 +250,33 @@ def test_redirect_loop_is_bounded(registry, blob):
     run(main())
 
 
-# -- a registry that ignores Range -------------------------------------------------------------
+# -- a registry that ignores Range, or answers it with 200 ----------------------------------------
 
-def test_full_body_200_is_sliced_and_logged_once(registry, blob, caplog):
+async def answer_200(request, body, framing):
+    """A 200 carrying `body`: with a Content-Length, or chunked (no length announced)."""
+    if framing == "content-length":
+        return web.Response(status=200, body=body)
+    resp = web.StreamResponse(status=200)
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    for i in range(0, len(body), 7000):
+        await resp.write(body[i:i + 7000])
+    await resp.write_eof()
+    return resp
+
+
+FRAMINGS = ["content-length", "chunked"]
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_full_body_200_is_sliced_and_logged_once(registry, blob, caplog, framing):
     caplog.set_level(logging.WARNING, logger="fscached.fetcher.registry")
     digest, data = blob
 
     async def behaviour(front, request):
         if _is_blob(request):
-            return await front.forward(request, drop_range=True)
+            whole = await front.forward(request, drop_range=True)
+            return await answer_200(request, whole.body, framing)
         return None
 
     async def main():
@@ -272,6 +290,77 @@ def test_full_body_200_is_sliced_and_logged_once(registry, blob, caplog):
     run(main())
     warnings = [r for r in caplog.records if "ignores Range" in r.getMessage()]
     assert len(warnings) == 1
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_200_with_just_the_range_is_taken(registry, blob, caplog, framing):
+    """A proxy that fetches the range but answers 200 without Content-Range (nydusd takes it)."""
+    caplog.set_level(logging.INFO, logger="fscached.fetcher.registry")
+    digest, data = blob
+
+    async def behaviour(front, request):
+        if _is_blob(request):
+            part = await front.forward(request)
+            assert part.status == 206
+            return await answer_200(request, part.body, framing)
+        return None
+
+    async def main():
+        async with FrontServer(registry.url, behaviour) as front:
+            async with RegistrySource(front.host, REPO, scheme="http") as src:
+                for off, n in ((0, 10), (123_456, 70_000), (len(data) - 5, 5), (1, len(data) - 1)):
+                    assert await src.read(digest, off, n) == data[off:off + n]
+                assert src.stats["retries"] == 0
+            assert front.count("/v2/") == 4  # one GET a read
+    run(main())
+    said = [r for r in caplog.records if "just the bytes asked for" in r.getMessage()]
+    assert len(said) == 1 and not any("ignores Range" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+@pytest.mark.parametrize(("offset", "length", "sent"), [(100, 1000, 1007), (0, 1000, 500), (300, 1000, 900)])
+def test_200_of_another_length_is_refused_at_once(registry, blob, framing, offset, length, sent):
+    """Neither the range (wrong length) nor a whole blob holding it (too short)."""
+    digest, data = blob
+
+    async def behaviour(front, request):
+        if _is_blob(request):
+            return await answer_200(request, data[offset:offset + sent], framing)
+        return None
+
+    async def main():
+        async with FrontServer(registry.url, behaviour) as front:
+            async with RegistrySource(front.host, REPO, scheme="http") as src:
+                with pytest.raises(SourceError) as err:
+                    await src.read(digest, offset, length)
+                assert front.count("/v2/") == 1  # refused for good: not retried
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(f"registry {front.url}: blob {digest}: ")
+        assert (f"HTTP 200 with {sent} bytes to a request for bytes {offset}..{offset + length}: "
+                f"neither the {length} bytes asked for nor a whole blob holding them") in msg
+    run(main())
+
+
+def test_whole_blob_as_long_as_the_range_is_not_taken_for_it(registry):
+    """A server ignoring Range sends a 1000-byte blob to a read of 1000 bytes at 10: the body
+    has the range's length but is the whole blob (its sha256 is the blob id), so the read ran
+    past the blob's end; its first 1000 bytes are not the bytes at 10."""
+    small = os.urandom(1000)
+    digest = registry.push_blob(REPO, small)
+
+    async def behaviour(front, request):
+        if _is_blob(request):
+            return await front.forward(request, drop_range=True)
+        return None
+
+    async def main():
+        async with FrontServer(registry.url, behaviour) as front:
+            async with RegistrySource(front.host, REPO, scheme="http") as src:
+                assert await src.read(digest, 0, 1000) == small  # from 0 both readings agree
+                with pytest.raises(SourceError, match=r"read past end: wanted bytes 10\.\.1010 but the blob "
+                                                      r"has 1000 bytes \(HTTP 200 with the whole blob\)"):
+                    await src.read(digest, 10, 1000)
+    run(main())
 
 
 def test_bad_content_range_is_rejected(registry, blob):

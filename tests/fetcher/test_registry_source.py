@@ -62,7 +62,7 @@ def test_read_past_end(registry, blob):
 def test_unknown_blob_and_bad_ids(registry, blob):
     async def main():
         async with RegistrySource(registry.host, REPO, scheme="http") as src:
-            with pytest.raises(SourceError, match="not found.*404"):
+            with pytest.raises(SourceError, match=r"not found.*404"):
                 await src.read("0" * 64, 0, 10)
             for bad in ("../../etc/passwd", "abc", "A" * 64, ""):
                 with pytest.raises(SourceError):
@@ -71,7 +71,7 @@ def test_unknown_blob_and_bad_ids(registry, blob):
                 await src.read(blob[0], -1, 10)
         # unknown repository: still a SourceError
         async with RegistrySource(registry.host, "no/such-repo", scheme="http") as src:
-            with pytest.raises(SourceError, match="404|unknown|not found"):
+            with pytest.raises(SourceError, match=r"404|unknown|not found"):
                 await src.read(blob[0], 0, 10)
     run(main())
 
@@ -185,7 +185,7 @@ def test_https_with_ca_file_and_skip_verify(tls_registry):
         async with RegistrySource(tls_registry.host, REPO, skip_verify=True) as src:
             assert await src.read(digest, 0, 10) == data[:10]
         async with RegistrySource(tls_registry.host, REPO, retries=3) as src:  # system CAs only
-            with pytest.raises(SourceError, match="TLS|certificate|SSL"):
+            with pytest.raises(SourceError, match=r"TLS|certificate|SSL"):
                 await src.read(digest, 0, 10)
             assert src.stats["retries"] == 0
     run(main())

@@ -274,7 +274,7 @@ class _Servicer(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
             threading.Thread(target=self._prefetch, args=(task,), daemon=True,
                              name=f"prefetch-{task_id[:8]}").start()
 
-        common = dict(host_id=h.host_id, task_id=task_id, peer_id=f"{h.host_id}-{uuid.uuid4()}")
+        common = {"host_id": h.host_id, "task_id": task_id, "peer_id": f"{h.host_id}-{uuid.uuid4()}"}
         yield dfdaemon_pb2.DownloadTaskResponse(
             **common,
             download_task_started_response=dfdaemon_pb2.DownloadTaskStartedResponse(

@@ -14,6 +14,8 @@ Knobs:
 - fail(status, n=None): answer `status` (with X-Dragonfly-Error-Type) to the next n proxied
   requests (None: until reset()).
 - full_body = True: fetch without Range and answer 200 with the whole blob (older dfdaemon).
+- range_as_200 = True: fetch the range, answer its bytes with 200 and no Content-Range (what
+  some blob proxies do).
 - await stop() / await start(): close / reopen the proxy port (connections refused meanwhile);
   the health port keeps running unless stop(health=True).
 - health_status = 503: what GET /healthy on the health port answers (default 200).
@@ -49,6 +51,7 @@ class ProxyStandIn:
         self.pings = 0
         self.health_status = 200
         self.full_body = False
+        self.range_as_200 = False
         self._fail_status: int | None = None
         self._fail_left: int | None = None
         self.port = 0
@@ -73,6 +76,7 @@ class ProxyStandIn:
     def reset(self) -> None:
         self._fail_status = self._fail_left = None
         self.full_body = False
+        self.range_as_200 = False
         self.health_status = 200
 
     def blob_requests(self) -> list[ProxiedRequest]:
@@ -158,6 +162,9 @@ class ProxyStandIn:
                 out["X-Dragonfly-Task-ID"] = task_id
                 if up.status >= 400:
                     out["X-Dragonfly-Error-Type"] = "backend"
+                if up.status == 206 and self.range_as_200:
+                    del out["Content-Range"]
+                    return web.Response(status=200, body=body, headers=out)
                 return web.Response(status=up.status, body=body, headers=out)
         except aiohttp.ClientError as exc:
             return web.Response(status=502, text=f"origin: {type(exc).__name__}",

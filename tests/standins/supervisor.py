@@ -366,7 +366,7 @@ class Snapshotter:
             t: dict[str, float] = {"dead": self.mark("dead")}
             victim: list[subprocess.Popen[bytes]] = []
 
-            def on_sent() -> None:
+            def on_sent(victim: list[subprocess.Popen[bytes]] = victim) -> None:  # this round's
                 if kills_left[0] > 0 and victim:
                     kills_left[0] -= 1
                     self.kill(victim[0])

@@ -125,9 +125,9 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             else:
                 os.kill(int(before["MainPID"]), signal.SIGSTOP)
 
-            def new_and_active() -> bool:
+            def new_and_active(old_pid: str = before["MainPID"]) -> bool:
                 now = show("MainPID", "ActiveState", "SubState")
-                return now["MainPID"] not in ("0", before["MainPID"]) and now["SubState"] == "running"
+                return now["MainPID"] not in ("0", old_pid) and now["SubState"] == "running"
 
             wait_for(new_and_active, 600, f"a new {UNIT} after {key}")
             ready_at = time.monotonic()

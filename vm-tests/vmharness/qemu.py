@@ -86,8 +86,7 @@ def _tmp_shares(paths: Sequence[Path]) -> list[str]:
 def _debugfs_cat(image: Path, path: str) -> bytes | None:
     proc = subprocess.run(
         ["debugfs", "-R", f"cat {path}", str(image)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
     )
     if proc.returncode != 0 or b"File not found" in proc.stderr:
         return None
@@ -205,7 +204,7 @@ def run_in_vm(
                 proc.kill()
                 proc.wait()
                 console = console_path.read_text(errors="replace")
-                raise VmTimeout(f"guest did not finish within {timeout:.0f} s; QEMU killed", console)
+                raise VmTimeout(f"guest did not finish within {timeout:.0f} s; QEMU killed", console) from None
         duration = time.monotonic() - start
         console = console_path.read_text(errors="replace")
         if proc.returncode != 0:
