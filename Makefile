@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := erofs-utils qemu-system-x86 skopeo docker-registry e2fsprogs containerd runc debootstrap iproute2
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test deps venv bench clean
+.PHONY: demo test lint deps venv bench clean
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
@@ -30,7 +30,12 @@ venv: $(STAMP)
 demo: deps venv
 	$(PY) -m coldstart.demo
 
-test: deps venv
+# ruff (pyproject.toml's rule set) and mypy (every package) first: a finding fails the run
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+test: deps venv lint
 	$(PY) -m pytest -q
 
 bench: deps venv

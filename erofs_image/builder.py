@@ -21,7 +21,9 @@ from .directory import add_file, scan_directory
 from .layers import BuildError, CountingReader, apply_layer
 from .oci import SourceImage, open_source, write_nydus_layout
 from .prefetch import PrefetchEntry, resolve
-from .tree import BLOB_ID, BlobInfo, Image, Inode
+from fscached.util.ids import BLOB_ID
+
+from .tree import BlobInfo, Image, Inode
 from .whiteout import check_spec
 
 __all__ = ["BuildError", "BuildReport", "convert", "scan_directory"]

@@ -63,7 +63,7 @@ def _compressor(text: str) -> str:
 
 
 def _blob_id(text: str) -> str:
-    from .tree import BLOB_ID
+    from fscached.util.ids import BLOB_ID
 
     if not BLOB_ID.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a blob id: 64 lowercase hex digits, "

@@ -6,17 +6,12 @@ format: `writer` turns an `Image` into a bootstrap, `reader` turns a bootstrap b
 """
 from __future__ import annotations
 
-import re
 import stat
 from dataclasses import dataclass, field
 from typing import Iterator
 
 # Compression algorithm names, as used on the command line and in BlobInfo.compressor.
 COMPRESSORS = ("none", "lz4_block", "zstd")
-# What names a blob: the sha256 hex of the blob file, the device tag the kernel asks for, the
-# layer digest a registry serves it under, the name of the daemon's cache file.
-BLOB_ID = re.compile(r"[0-9a-f]{64}")
-
 
 @dataclass(frozen=True)
 class ChunkRef:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from fscached.frontends.fanotify import keeper
 
@@ -89,7 +90,7 @@ class FscachedProcess:
         self.proc.kill()
         self.proc.wait(10)
 
-    def cleanup(self, mountpoints: list[Path] = []) -> None:
+    def cleanup(self, mountpoints: Sequence[Path] = ()) -> None:
         """After a test, pass or fail: no daemon, no mount, no keeper left."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -177,7 +177,7 @@ def test_stuck_loop_is_killed_by_the_watchdog_and_restarted(case) -> None:
 def test_run_time_binds_come_back_after_a_kill(case) -> None:
     """An image bound through the API is in the state in the fd store: a restarted daemon binds
     it again (and serves its mount); once unbound, a restart leaves it out."""
-    work, spec, mnt, want, made = case
+    work, spec, _mnt, want, made = case
     img = Path(spec.split("bootstrap=")[1].split(",")[0]).parent
     sock = work / "api" / "api.sock"
     late_mnt = work / "late"

@@ -432,7 +432,7 @@ def test_registry_credentials_renewed_never_echoed(running: tuple[ApiDaemon, Ker
     chain = api.daemon.catalog.devices[("tok", "tok")][0].source
     other = next(s for s in chain.sources if isinstance(s, RegistrySource))
     assert other._auth.header() == "Bearer tkn-123"
-    status, _, info = call(api.sock, "GET", "/api/v1/daemon")
+    _, _, info = call(api.sock, "GET", "/api/v1/daemon")
     assert "tkn-123" not in json.dumps(info) and "old-secret" not in json.dumps(info)
     assert call(api.sock, "PUT", "/api/v2/blobs", legacy_entry("local", built, work))[0] == 204
     assert_error(call(api.sock, "PUT", "/api/v1/config?id=local", {"registry_auth": new}), 400, "BAD_REQUEST",

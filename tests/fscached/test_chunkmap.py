@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -57,7 +59,7 @@ def test_spans_cover_the_read_exactly_once(sizes: list[int], start: int, length:
     spans = ChunkMap(chunks, size).spans(start, length)
     covered: list[tuple[int, int]] = sorted((s.offset, s.offset + s.length) for s in spans)
     # no overlaps, block aligned, contiguous
-    for (a0, a1), (b0, _) in zip(covered, covered[1:]):
+    for (_, a1), (b0, _) in itertools.pairwise(covered):
         assert a1 == b0
     for a, b in covered:
         assert a % BLOCK == 0 and b % BLOCK == 0

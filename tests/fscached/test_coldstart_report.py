@@ -89,7 +89,7 @@ def test_bootstrap_layer_is_found_in_a_convert_layout(tmp_path: Path) -> None:
     size = report.bootstrap_layer_bytes(layout)
     index = json.loads((layout / "index.json").read_text())
     manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
-    boot = [l for l in manifest["layers"] if l["annotations"].get(report.BOOTSTRAP_ANNOTATION) == "true"]
+    boot = [layer for layer in manifest["layers"] if layer["annotations"].get(report.BOOTSTRAP_ANNOTATION) == "true"]
     assert [size] == [boot[0]["size"]] and 0 < size < (tmp_path / "img" / "image.boot").stat().st_size
     assert "goal" not in report.markdown(RUNS, None, with_goals=False)
 

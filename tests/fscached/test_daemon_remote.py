@@ -275,7 +275,7 @@ def test_dragonfly_http_proxy_then_registry_fallback(pushed: dict[str, Any], reg
                 want = pushed["want"]
                 half = len(want) // 2 // 4096 * 4096
                 assert sim.read(blob, 0, half) == want[:half]
-                via_proxy = [r for r in proxy.blob_requests()]
+                via_proxy = list(proxy.blob_requests())
                 assert via_proxy, "on-demand ranges went through the proxy"
                 assert any(r.dragonfly.get("X-Dragonfly-Prefetch") == "true" for r in via_proxy)
                 proxy.fail(500)  # the proxy breaks: the registry serves the rest

@@ -172,7 +172,7 @@ def held(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 
     async def read(self: LocalDirectorySource, blob_id: str, offset: int, length: int, *,
                    prefetch: bool = False) -> bytes:
-        while hold.is_set():
+        while hold.is_set():  # noqa: ASYNC110  (set and cleared from the test's own thread)
             await asyncio.sleep(0.005)
         return await original(self, blob_id, offset, length, prefetch=prefetch)
 
@@ -487,7 +487,7 @@ def test_supervisor_standin_keeps_state_and_fd_across_takeovers(tmp_path: Path) 
             assert os.read(r, 1) == b"x"
             os.close(fds[0])
             supervisor.wait_sent()
-        with pytest.raises(Exception, match="x.sock"):
+        with pytest.raises(Exception, match=r"x\.sock"):
             receive_states(str(supervisor.path), timeout=1)  # nobody listens now
     finally:
         supervisor.close()

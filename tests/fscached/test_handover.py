@@ -155,7 +155,7 @@ def test_capture_round_trips_every_field(built: Path, work: Path, fake_mounts: l
 def test_capture_takes_the_credentials_in_use(built: Path, work: Path) -> None:
     """Credentials renewed through the API (PUT /api/v1/config) live in the registry source, not
     in the spec: the state carries the renewed ones."""
-    
+
     spec = every_kind(built, work)[1]
     renewed = base64.b64encode(b"robot:renewed-Pa55").decode()
     with KernelSimulator(work / "kernel") as sim:

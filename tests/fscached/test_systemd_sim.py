@@ -255,7 +255,7 @@ def test_stuck_loop_is_killed_by_the_watchdog(setup) -> None:
 
 
 def test_a_kernel_without_restore_is_said_at_start(setup) -> None:
-    sim, sd = start(setup, failover=False)
+    _, sd = start(setup, failover=False)
     sd.wait_ready()
     assert "cachefiles" not in sd.store_names, sd.store_names
     assert "failover needs a newer kernel" in sd.log.read_text()
