@@ -246,7 +246,8 @@ def test_sendfd_kill_takeover_restore_start_serves_the_reads_again(
         assert status == 204, body
         supervisor.wait_sent()
         assert supervisor.sent == 1
-        assert sim.commands.count("restore") == restores + 1, "takeover writes restore"
+        # the simulator takes the daemon's commands in a thread of its own: wait for it to see it
+        wait_for(lambda: sim.commands.count("restore") == restores + 1, "takeover writes restore")
         # the READ the dead daemon had taken comes again, on a re-opened object, answered with data
         assert pending.result(10) == want[1 << 20:(1 << 20) + 8192]
         assert blob.reopens == 1 and blob.object_id not in old_ids
