@@ -397,11 +397,13 @@ class Daemon:
             log.info("took %s back from %s: the requests in flight come again (restore)", self.config.device,
                      self.carrier.what if self.carrier else "a predecessor")
         if device is None:
+            if self.config.cache_dir.exists():
+                check_cache_dir(str(self.config.cache_dir))  # the most specific error first (tmpfs...)
             device = self._given_device or self.device_class(str(self.config.device))
             if not device.is_open:  # not handed over already open (simulator): no cache dir made before
                 device.open()
             self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            check_cache_dir(str(self.config.cache_dir))  # the most specific error first
+            check_cache_dir(str(self.config.cache_dir))
             device.bind(str(self.config.cache_dir), self.config.tag,
                         block_limits=(self.config.brun, self.config.bcull, self.config.bstop))
         frontend = CachefilesFrontend(device, self.catalog, self.executor, self.config.cache_dir,

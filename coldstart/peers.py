@@ -1,0 +1,218 @@
+"""The real peers the tests and benches run beside fscached, built from their registries by name
+(the Go module proxy, crates.io), pinned, into a cache outside the checkout.
+
+    python -m coldstart.peers install [NAME...]     build what is missing (all of `make test`'s)
+    python -m coldstart.peers path NAME             where its binary is (exit 1: not built)
+    python -m coldstart.peers list                  what is pinned, and what is built
+
+Each peer is built once per version into `<cache>/<name>-<version>/bin/` (`<cache>` is
+$FSCACHED_PEER_CACHE, else /var/cache/fscached/peers), staged in a directory of its own and
+renamed into place when complete, under a lock: an interrupted build is never taken for a built
+one, and two runs never build the same peer twice.
+
+Go peers are built inside their own module (`go mod download` of the exact version, then `go
+build` there): `go install module/cmd/x@version` does not work for these two reasons, both seen
+on the Go module proxy these machines reach: nydus-snapshotter's go.mod has `exclude` lines
+(refused for a module that is not the main one), and the proxy refuses the version *list* of
+some modules (nerdctl, Dragonfly) that `go install` asks for. Rust peers are `cargo install`ed.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CACHE = Path("/var/cache/fscached/peers")
+
+
+@dataclass(frozen=True)
+class GoPeer:
+    name: str
+    module: str
+    version: str
+    package: str  # inside the module
+    ldflags: str = ""
+
+
+@dataclass(frozen=True)
+class CargoPeer:
+    name: str
+    crate: str
+    version: str
+    bins: tuple[str, ...]
+    locked: bool = True
+    debian: tuple[str, ...] = ()  # Debian packages the build needs
+    env: dict[str, str] = field(default_factory=dict)
+
+
+Peer = GoPeer | CargoPeer
+
+PEERS: dict[str, Peer] = {peer.name: peer for peer in (
+    GoPeer("containerd-nydus-grpc", "github.com/containerd/nydus-snapshotter", "v0.15.15",
+           "./cmd/containerd-nydus-grpc",
+           "-X github.com/containerd/nydus-snapshotter/version.Version=v0.15.15"),
+    GoPeer("nerdctl", "github.com/containerd/nerdctl", "v1.7.7", "./cmd/nerdctl",
+           "-X github.com/containerd/nerdctl/pkg/version.Version=v1.7.7"),
+    GoPeer("crictl", "sigs.k8s.io/cri-tools", "v1.34.0", "./cmd/crictl",
+           "-X sigs.k8s.io/cri-tools/pkg/version.Version=v1.34.0"),
+    GoPeer("scheduler", "d7y.io/dragonfly/v2", "v2.5.1", "./cmd/scheduler"),
+)}
+# what `make test` needs (the Rust ones are added where they are pinned)
+FOR_TEST = ["containerd-nydus-grpc", "nerdctl", "crictl", "scheduler"]
+
+
+class PeerError(Exception):
+    """A peer that cannot be built or found, in one line."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FSCACHED_PEER_CACHE") or DEFAULT_CACHE)
+
+
+def peer_dir(peer: Peer) -> Path:
+    return cache_root() / f"{peer.name}-{peer.version}"
+
+
+def binary(name: str, program: str | None = None) -> Path:
+    """The built binary of a peer (PeerError naming how to build it when it is not)."""
+    peer = PEERS.get(name)
+    if peer is None:
+        raise PeerError(f"no peer named {name!r}: {', '.join(PEERS)}")
+    path = peer_dir(peer) / "bin" / (program or name)
+    if not os.access(path, os.X_OK):
+        raise PeerError(f"{name} {peer.version} is not built ({path} missing): run "
+                        f"`python -m coldstart.peers install {name}` (make test does)")
+    return path
+
+
+@contextmanager
+def _locked(root: Path, name: str) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _run(cmd: list[str], *, cwd: Path | None, env: dict[str, str], log: Path, what: str) -> None:
+    with open(log, "ab") as out:
+        out.write(f"$ {' '.join(cmd)}\n".encode())
+        out.flush()
+        done = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+        raise PeerError(f"{what}: `{' '.join(cmd[:3])}` exited {done.returncode} (log {log}): "
+                        + " | ".join(tail))
+
+
+def _go_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(GOPATH=str(root / "go"), GOCACHE=str(root / "go-build"), GOFLAGS="-modcacherw",
+               GOTOOLCHAIN="local", CGO_ENABLED=os.environ.get("CGO_ENABLED", "0"))
+    return env
+
+
+def _build_go(peer: GoPeer, stage: Path, log: Path) -> None:
+    if shutil.which("go") is None:
+        raise PeerError(f"{peer.name}: no `go` on PATH (the machines have Go 1.26)")
+    env = _go_env(cache_root())
+    download = subprocess.run(["go", "mod", "download", "-json", f"{peer.module}@{peer.version}"],
+                              env=env, capture_output=True, text=True)
+    if download.returncode != 0:
+        raise PeerError(f"{peer.name}: the Go module proxy did not give {peer.module}@{peer.version}: "
+                        + " ".join((download.stdout + download.stderr).split())[:300])
+    source = Path(json.loads(download.stdout)["Dir"])
+    cmd = ["go", "build", "-trimpath", "-o", str(stage / "bin" / peer.name)]
+    if peer.ldflags:
+        cmd += ["-ldflags", peer.ldflags]
+    _run(cmd + [peer.package], cwd=source, env=env, log=log, what=peer.name)
+
+
+def _build_cargo(peer: CargoPeer, stage: Path, log: Path) -> None:
+    if shutil.which("cargo") is None:
+        raise PeerError(f"{peer.name}: no `cargo` on PATH (the machines have Rust by rustup)")
+    missing = [p for p in peer.debian if subprocess.run(["dpkg-query", "-W", "-f=${Status}", p],
+                                                        capture_output=True, text=True).stdout.find("ok installed") < 0]
+    if missing:
+        _run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-qq", *missing], cwd=None,
+             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, log=log, what=f"{peer.name}: apt-get")
+    root = cache_root()
+    env = dict(os.environ)
+    env.update(CARGO_HOME=str(root / "cargo-home"), CARGO_TARGET_DIR=str(root / "cargo-target"), **peer.env)
+    cmd = ["cargo", "install", peer.crate, "--version", peer.version, "--root", str(stage)]
+    if peer.locked:
+        cmd.append("--locked")
+    for name in peer.bins:
+        cmd += ["--bin", name]
+    _run(cmd, cwd=None, env=env, log=log, what=peer.name)
+
+
+def install(name: str) -> tuple[Path, float]:
+    """Build `name` unless built; (its directory, seconds spent building: 0 when cached)."""
+    peer = PEERS[name]
+    final = peer_dir(peer)
+    root = cache_root()
+    with _locked(root, name):
+        if (final / ".complete").exists():
+            return final, 0.0
+        stage = Path(tempfile.mkdtemp(prefix=f".stage-{name}-", dir=root))
+        (stage / "bin").mkdir()
+        log = root / f"{name}-{peer.version}.build.log"
+        started = time.monotonic()
+        try:
+            if isinstance(peer, GoPeer):
+                _build_go(peer, stage, log)
+            else:
+                _build_cargo(peer, stage, log)
+            seconds = time.monotonic() - started
+            (stage / ".complete").write_text(json.dumps({"version": peer.version, "seconds": round(seconds, 1)}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(stage, final)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return final, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coldstart.peers", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    inst = sub.add_parser("install", help="build what is missing")
+    inst.add_argument("names", nargs="*", help=f"default: make test's ({', '.join(FOR_TEST)})")
+    where = sub.add_parser("path", help="where a peer's binary is")
+    where.add_argument("name")
+    where.add_argument("program", nargs="?")
+    sub.add_parser("list", help="what is pinned and what is built")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "path":
+            print(binary(args.name, args.program))
+        elif args.command == "list":
+            for peer in PEERS.values():
+                built = (peer_dir(peer) / ".complete").exists()
+                print(f"{peer.name:24} {peer.version:10} {'built' if built else 'missing'}  {peer_dir(peer)}")
+        else:
+            for name in args.names or FOR_TEST:
+                if name not in PEERS:
+                    raise PeerError(f"no peer named {name!r}: {', '.join(PEERS)}")
+                path, seconds = install(name)
+                said = f"built in {seconds:.0f} s" if seconds else "cached"
+                print(f"peer {name} {PEERS[name].version}: {said} ({path})", flush=True)
+    except PeerError as exc:
+        print(f"peers: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
