@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -25,6 +26,8 @@ from typing import TypeVar
 REGISTRY_BIN = "docker-registry"
 
 _R = TypeVar("_R", bound="RegistryRunner")
+# an access-log line (Apache combined format, access_log=True): method, path, status, body bytes
+_ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3}) (?P<bytes>\d+|-) ')
 
 
 def free_port() -> int:
@@ -190,6 +193,34 @@ class RegistryRunner:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    # -- what was served ------------------------------------------------------------------------
+    def log_size(self) -> int:
+        """The log's length now: a mark for `blob_bytes_served(since=...)`."""
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def blob_bytes_served(self, digest: str, *, since: int = 0) -> int:
+        """Body bytes the registry sent for GETs of the blob `digest` ("sha256:<hex>" or the hex),
+        in any repository, as its access log records them from byte `since` of the log (ranged
+        and aborted transfers count what was written). Needs access_log=True."""
+        if not self.access_log:
+            raise RuntimeError("RegistryRunner.blob_bytes_served needs access_log=True")
+        hexd = digest.removeprefix("sha256:")
+        total = 0
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return 0
+        for m in _ACCESS.finditer(text):
+            if (m["method"] == "GET" and m["bytes"] != "-"
+                    and m["path"].split("?", 1)[0].endswith(f"/blobs/sha256:{hexd}")):
+                total += int(m["bytes"])
+        return total
 
     def log_tail(self, n: int | None = None) -> str:
         """The last `n` lines (default LOG_TAIL_LINES) of the registry's log."""
