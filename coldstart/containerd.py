@@ -122,7 +122,7 @@ class Containerd:
         self.socket.parent.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.socket.parent, 0o700)
         config = self.workdir / "config.toml"
-        config.write_text(_config(self.workdir, self.socket))
+        config.write_text(self.config_text())
         self._share_workdir()
         inner = (f'mount --bind "{self.workdir / "run"}" /run && '
                  f'exec containerd --config "{config}"')
@@ -136,6 +136,10 @@ class Containerd:
             self.stop()
             raise
         return self
+
+    def config_text(self) -> str:
+        """containerd's config.toml (a subclass may configure more: coldstart.snapshotter)."""
+        return _config(self.workdir, self.socket)
 
     def _share_workdir(self) -> None:
         """Bind `workdir` on itself, shared: our host-side mounts below it reach containerd."""
