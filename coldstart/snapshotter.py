@@ -1,0 +1,729 @@
+"""The real nydus-snapshotter (containerd-nydus-grpc) under the real containerd 1.6, driven by
+nerdctl and crictl: what a node running fscached's `nydusd` looks like, for tests and benches.
+
+    with RegistryRunner(workdir, access_log=True) as reg:
+        image = push_nydus_image(rootfs_dir, out_dir, f"{reg.host}/t/app:nydus")   # fscached-image + skopeo
+        cfg = SnapshotterConfig(daemon_mode="shared")            # fusedev, recover_policy none
+        with SnapshotterStack(reg.host, cfg) as stack:           # containerd + snapshotter started
+            stack.pull(image.ref)                                # nerdctl pull --snapshotter nydus
+            r = stack.run(image.ref, ["cat", "/etc/hello"])      # nerdctl run --rm --net none
+            r.stdout, r.stderr, r.returncode, r.seconds
+            stack.mounts(), stack.nydusd_pids(), stack.snapshots()
+            stack.rmi(image.ref)
+            pod = stack.run_pod("p1")                            # crictl runp (busybox pause image)
+            cid = stack.create_container(pod, "c1", image.ref, ["/bin/sh", "-c", "cat /etc/hello"])
+            stack.start_container(cid); stack.logs(cid)
+        stack.timings                                            # {"start": s, "stop": s}
+
+Every command returns a `CmdResult` (args, returncode, stdout, stderr, seconds) and raises a
+one-line `ColdstartError` when it fails (`check=False` returns the failure instead).
+
+Layout (`workdir`, default a fresh /var/tmp/fsn-XXXXXXXX, removed at stop): containerd's
+root/state/sockets and its private /run (coldstart.containerd.Containerd), `nydus/` the
+snapshotter's root (at most 70 bytes: the snapshotter refuses longer ones, its unix socket paths
+live below it), `nsock/nydus.sock` the snapshotter's gRPC socket, `snapshotter.toml`,
+`nydusd.json` (the nydusd config template), `certs.d/<registry>/hosts.toml` (plain http, for CRI
+and nerdctl), `nerdctl/` nerdctl's data root, `cni/` (empty: host-network pods, `--net none`),
+`podlogs/`, `crictl.yaml`, and the logs: `containerd.log`, `snapshotter.out` (the snapshotter's
+and every nydusd's stdout/stderr), `nydus/logs/nydus-snapshotter.log`,
+`nydus/logs/<daemon id>/nydusd.log`.
+
+containerd runs in a mount namespace of its own (`unshare -m`, its /run replaced); the
+snapshotter joins it (`nsenter -m`), so does every nydusd it starts (by fork) and every nerdctl
+call: nerdctl mounts image views itself, the shims mount the overlays, and all of them must see
+nydusd's mounts. crictl only talks to the socket. CRI is enabled and configured for nydus
+(snapshotter "nydus", snapshot annotations passed, oom_score_adj restricted, the sandbox image
+from the test registry: Debian's busybox-static, coldstart.busybox, pushed on first use).
+nerdctl's containers live in the containerd namespace `namespace` (cgroups `/<namespace>/<id>`);
+CRI pods in `k8s.io` with the cgroup parent `/<namespace>-cri`: no cgroup name is shared with
+anything else on the machine. The machine's containerd (/run/containerd, /var/lib/containerd)
+is never used.
+
+Teardown (`stop()`, the context manager's exit, also after a failed start; idempotent): CRI
+pods stopped and removed, every task killed and container removed in every containerd
+namespace, every image removed (the snapshots go with them: a dedicated nydusd is stopped by the
+snapshotter then), the snapshotter (SIGTERM, SIGKILL after 10 s), the nydusd processes it
+started (found by an `--apisock` under the root: SIGTERM, SIGKILL after 5 s), everything still
+mounted under `workdir` in the namespace (lazily, deepest first), containerd and its shims, any
+process left in the namespace (the namespace goes with the last one), the cgroups runc made,
+then `workdir`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from coldstart import ColdstartError, mounts_under, one_line, pid_alive, run as run_cmd
+from coldstart.busybox import TAG as PAUSE_TAG, pause_layout
+from coldstart.containerd import Containerd
+from fscached.util.mounts import MountEntry, parse_mountinfo
+
+FS_DRIVERS = ("fusedev", "fscache")
+DAEMON_MODES = ("dedicated", "shared")
+RECOVER_POLICIES = ("none", "restart", "failover")
+ROOT_MAX_BYTES = 70  # nydus-snapshotter refuses a longer root (config/config.go)
+SNAPSHOTTER = "nydus"  # the proxy plugin's name: nerdctl's --snapshotter and CRI's snapshotter
+CRI_NAMESPACE = "k8s.io"  # the CRI plugin's containerd namespace (fixed in containerd 1.6)
+PAUSE_REPO = "fscached/pause"
+
+
+def default_nydusd() -> Path:
+    """The project's own `nydusd` entry point beside the running interpreter (<venv>/bin)."""
+    return Path(sys.executable).parent / "nydusd"
+
+
+def nydusd_config_template(fs_driver: str) -> dict[str, Any]:
+    """The smallest nydusd config the snapshotter accepts for `fs_driver`, for a plain-http
+    registry (the snapshotter fills in host, repo, auth and the cache dir per image)."""
+    backend = {"scheme": "http", "timeout": 5, "connect_timeout": 5, "retry_limit": 2}
+    if fs_driver == "fscache":
+        return {"type": "bootstrap",
+                "config": {"backend_type": "registry", "backend_config": backend, "cache_type": "fscache",
+                           "prefetch_config": {"enable": False, "threads_count": 4, "merging_size": 1 << 20}}}
+    return {"device": {"backend": {"type": "registry", "config": backend}, "cache": {"type": "blobcache"}},
+            "mode": "direct", "digest_validate": False, "enable_xattr": True, "fs_prefetch": {"enable": False}}
+
+
+@dataclass(frozen=True)
+class SnapshotterConfig:
+    """What the snapshotter is asked to run. nydusd_path None: the project's `nydusd`
+    (default_nydusd()); nydusd_config None: nydusd_config_template(fs_driver)."""
+
+    fs_driver: str = "fusedev"
+    daemon_mode: str = "dedicated"
+    recover_policy: str = "none"
+    nydusd_path: Path | None = None
+    nydusd_config: dict[str, Any] | None = None
+    log_level: str = "debug"
+
+    def check(self) -> None:
+        for name, value, allowed in (("fs_driver", self.fs_driver, FS_DRIVERS),
+                                     ("daemon_mode", self.daemon_mode, DAEMON_MODES),
+                                     ("recover_policy", self.recover_policy, RECOVER_POLICIES)):
+            if value not in allowed:
+                raise ColdstartError(f"snapshotter config: {name} {value!r} is not one of {', '.join(allowed)}")
+
+    @property
+    def nydusd(self) -> Path:
+        return Path(self.nydusd_path) if self.nydusd_path is not None else default_nydusd()
+
+
+@dataclass
+class CmdResult:
+    """One command the stack ran."""
+
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+@dataclass
+class NydusImage:
+    """A nydus image converted by fscached-image and pushed: its reference, the converter's
+    output directory (image.boot, blobs/, oci/) and its data blobs (digest -> size)."""
+
+    ref: str
+    out: Path
+    blobs: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def blob_bytes(self) -> int:
+        return sum(self.blobs.values())
+
+
+def push_layout(layout: Path, ref: str, *, tag: str = "latest", timeout: float = 600) -> str:
+    """skopeo copy of the OCI layout `layout` (tag `tag`) to `ref` on a plain-http registry."""
+    run_cmd(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{ref}"],
+            f"skopeo copy {layout} to {ref}", timeout=timeout)
+    return ref
+
+
+def _nydus_blobs(layout: Path) -> dict[str, int]:
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"]
+    manifest = json.loads((layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_text())
+    return {layer["digest"]: int(layer["size"]) for layer in manifest.get("layers", [])
+            if (layer.get("annotations") or {}).get("containerd.io/snapshot/nydus-blob") == "true"}
+
+
+def push_nydus_image(source: Path, out: Path, ref: str, *, convert_args: Sequence[str] = (),
+                     timeout: float = 600) -> NydusImage:
+    """`fscached-image convert source out` (a directory, an OCI layout or a docker save
+    archive), then its OCI layout (out/oci) pushed to `ref` with skopeo."""
+    run_cmd([sys.executable, "-m", "erofs_image.cli", "convert", "-q", *convert_args, str(source), str(out)],
+            f"fscached-image convert {source}", timeout=timeout)
+    push_layout(out / "oci", ref, timeout=timeout)
+    return NydusImage(ref, out, _nydus_blobs(out / "oci"))
+
+
+def _q(value: object) -> str:
+    """A TOML basic string (JSON's escaping is TOML's for what paths contain)."""
+    return json.dumps(str(value))
+
+
+class _CriContainerd(Containerd):
+    """coldstart.containerd.Containerd with the CRI plugin on, for nydus, and the snapshotter as
+    a proxy plugin; teardown over every containerd namespace and our cgroup names."""
+
+    def __init__(self, stack: SnapshotterStack) -> None:
+        super().__init__(stack.workdir, namespace=stack.namespace)
+        self.stack = stack
+
+    def config_text(self) -> str:
+        s, w = self.stack, self.workdir
+        cri = '[plugins."io.containerd.grpc.v1.cri"'
+        return "\n".join([
+            "version = 2",
+            f"root = {_q(w / 'root')}",
+            f"state = {_q(w / 'state')}",
+            "[grpc]",
+            f"  address = {_q(self.socket)}",
+            "[ttrpc]",
+            f"  address = {_q(str(self.socket) + '.ttrpc')}",
+            "[debug]",
+            '  address = ""',
+            '  level = "info"',
+            "[metrics]",
+            '  address = ""',
+            "[plugins]",
+            '  [plugins."io.containerd.internal.v1.opt"]',
+            f"    path = {_q(w / 'opt')}",
+            '  [plugins."io.containerd.runtime.v1.linux"]',
+            f"    state = {_q(w / 'state' / 'v1')}",
+            f"  {cri}]",
+            f"    sandbox_image = {_q(s.sandbox_image)}",
+            "    restrict_oom_score_adj = true",  # this sandbox cannot lower it to -998
+            f"    {cri}.containerd]",
+            f"      snapshotter = {_q(SNAPSHOTTER)}",
+            "      disable_snapshot_annotations = false",  # the nydus layer labels reach the snapshotter
+            '      default_runtime_name = "runc"',
+            f"      {cri}.containerd.runtimes.runc]",
+            '        runtime_type = "io.containerd.runc.v2"',
+            f"    {cri}.cni]",
+            f"      bin_dir = {_q(s.cni_bin)}",
+            f"      conf_dir = {_q(s.cni_conf)}",
+            f"    {cri}.registry]",
+            f"      config_path = {_q(s.hosts_dir)}",
+            "[proxy_plugins]",
+            f"  [proxy_plugins.{SNAPSHOTTER}]",
+            '    type = "snapshot"',
+            f"    address = {_q(s.snapshotter_socket)}",
+            "",
+        ])
+
+    def ctr_in(self, namespace: str, *args: str) -> list[str]:
+        if self.proc is None:
+            raise ColdstartError("containerd is not running")
+        return ["nsenter", f"--mount=/proc/{self.proc.pid}/ns/mnt", "--",
+                "ctr", "--address", str(self.socket), "--namespace", namespace, *args]
+
+    def namespaces(self) -> list[str]:
+        return self.ctr("namespaces", "ls", "-q", timeout=30).split()
+
+    def _remove_all_containers(self) -> None:
+        for ns in self.namespaces():
+            tasks = subprocess.run(self.ctr_in(ns, "tasks", "ls", "-q"), capture_output=True, text=True, timeout=30)
+            for task in tasks.stdout.split():
+                subprocess.run(self.ctr_in(ns, "tasks", "kill", "-s", "SIGKILL", task), capture_output=True, timeout=30)
+                subprocess.run(self.ctr_in(ns, "tasks", "delete", "-f", task), capture_output=True, timeout=30)
+            ctrs = subprocess.run(self.ctr_in(ns, "containers", "ls", "-q"), capture_output=True, text=True,
+                                  timeout=30)
+            for ctr in ctrs.stdout.split():
+                subprocess.run(self.ctr_in(ns, "containers", "delete", ctr), capture_output=True, timeout=30)
+
+    def _remove_cgroups(self) -> None:
+        self.stack.remove_cgroups()
+
+
+class SnapshotterStack:
+    """containerd 1.6 (CRI on) + containerd-nydus-grpc + nerdctl/crictl, with state of its own;
+    see the module docstring. `registry` is the plain-http registry's host:port (127.0.0.1)."""
+
+    def __init__(self, registry: str, config: SnapshotterConfig | None = None, *, workdir: Path | None = None,
+                 sandbox_image: str | None = None, start_timeout: float = 30, keep: bool = False) -> None:
+        self.registry = registry
+        self.config = config or SnapshotterConfig()
+        self.config.check()
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="fsn-", dir="/var/tmp"))
+        self.workdir = self.workdir.resolve()
+        self.namespace = "fsn-" + secrets.token_hex(4)
+        self.cri_cgroup_parent = f"/{self.namespace}-cri"
+        self.sandbox_image = sandbox_image or f"{registry}/{PAUSE_REPO}:{PAUSE_TAG}"
+        self.start_timeout = start_timeout
+        self.keep = keep
+        self.root = self.workdir / "nydus"
+        self.snapshotter_socket = self.workdir / "nsock" / "nydus.sock"
+        self.snapshotter_toml = self.workdir / "snapshotter.toml"
+        self.nydusd_json = self.workdir / "nydusd.json"
+        self.hosts_dir = self.workdir / "certs.d"
+        self.cni_bin = self.workdir / "cni" / "bin"
+        self.cni_conf = self.workdir / "cni" / "net.d"
+        self.nerdctl_root = self.workdir / "nerdctl"
+        self.pod_logs = self.workdir / "podlogs"
+        self.crictl_yaml = self.workdir / "crictl.yaml"
+        self.snapshotter_out = self.workdir / "snapshotter.out"
+        self.containerd = _CriContainerd(self)
+        self.snapshotter: subprocess.Popen[bytes] | None = None
+        self.mount_ns: str | None = None  # "mnt:[inode]" of containerd's namespace
+        self.timings: dict[str, float] = {}
+        self._sandbox_pushed = False
+        self._pods: dict[str, Path] = {}
+        self._serial = 0
+        self._stopped = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> SnapshotterStack:
+        t0 = time.monotonic()
+        try:
+            self._check_host()
+            self._write_configs()
+            self.containerd.start()
+            assert self.containerd.proc is not None
+            self.mount_ns = os.readlink(f"/proc/{self.containerd.proc.pid}/ns/mnt")
+            self._start_snapshotter()
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["start"] = time.monotonic() - t0
+        return self
+
+    def __enter__(self) -> SnapshotterStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _check_host(self) -> None:
+        if os.geteuid() != 0:
+            raise ColdstartError("snapshotter stack: needs root (mount namespaces, mounts, containerd)")
+        for tool in ("containerd", "ctr", "runc", "unshare", "nsenter", "skopeo", "umount"):
+            if shutil.which(tool) is None:
+                raise ColdstartError(f"snapshotter stack: {tool} is not installed (make deps)")
+        if len(os.fsencode(self.root)) > ROOT_MAX_BYTES:
+            raise ColdstartError(f"snapshotter stack: root {self.root} is longer than {ROOT_MAX_BYTES} bytes "
+                                 "(nydus-snapshotter refuses it): use a shorter workdir")
+        nydusd = self.config.nydusd
+        if not os.access(nydusd, os.X_OK):
+            raise ColdstartError(f"snapshotter stack: nydusd {nydusd} is not an executable file "
+                                 "(make venv installs the project's)")
+        self.snapshotter_bin = _peer("containerd-nydus-grpc")
+        self.nerdctl_bin = _peer("nerdctl")
+        self.crictl_bin = _peer("crictl")
+
+    def _write_configs(self) -> None:
+        c = self.config
+        for d in (self.root, self.snapshotter_socket.parent, self.cni_bin, self.cni_conf, self.nerdctl_root,
+                  self.pod_logs, self.hosts_dir / self.registry):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.snapshotter_socket.parent, 0o700)
+        url = f"http://{self.registry}"
+        (self.hosts_dir / self.registry / "hosts.toml").write_text(
+            f"server = {_q(url)}\n[host.{_q(url)}]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n")
+        self.nydusd_json.write_text(json.dumps(c.nydusd_config or nydusd_config_template(c.fs_driver), indent=1))
+        self.snapshotter_toml.write_text("\n".join([
+            "version = 1",
+            f"root = {_q(self.root)}",
+            f"address = {_q(self.snapshotter_socket)}",
+            f"daemon_mode = {_q(c.daemon_mode)}",
+            "cleanup_on_close = false",
+            "[system]",
+            "enable = false",
+            "[daemon]",
+            f"nydusd_config = {_q(self.nydusd_json)}",
+            f"nydusd_path = {_q(c.nydusd)}",
+            f"fs_driver = {_q(c.fs_driver)}",
+            f"recover_policy = {_q(c.recover_policy)}",
+            'failover_policy = "resend"',
+            "[cgroup]",
+            "enable = false",
+            "[log]",
+            "log_to_stdout = false",  # the snapshotter's log: <root>/logs/nydus-snapshotter.log
+            f"level = {_q(c.log_level)}",
+            "[metrics]",
+            'address = ""',
+            "[snapshot]",
+            "sync_remove = true",  # Remove stops a dedicated nydusd at once, not at a later GC
+            "",
+        ]))
+        self.crictl_yaml.write_text(f"runtime-endpoint: unix://{self.containerd.socket}\n"
+                                    f"image-endpoint: unix://{self.containerd.socket}\n"
+                                    "timeout: 60\n")
+        (self.workdir / "nerdctl.toml").write_text("")  # not the machine's /etc/nerdctl/nerdctl.toml
+
+    def _start_snapshotter(self) -> None:
+        assert self.containerd.proc is not None
+        with open(self.snapshotter_out, "ab") as out:
+            self.snapshotter = subprocess.Popen(
+                ["nsenter", f"--mount=/proc/{self.containerd.proc.pid}/ns/mnt", "--",
+                 str(self.snapshotter_bin), "--config", str(self.snapshotter_toml)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + self.start_timeout
+        error = "its socket never appeared"
+        while time.monotonic() < deadline:
+            if self.snapshotter.poll() is not None:
+                raise ColdstartError(f"containerd-nydus-grpc exited {self.snapshotter.returncode} at start: "
+                                     f"{self.snapshotter_error()}")
+            if self.snapshotter_socket.exists():
+                r = self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", check=False, timeout=10)
+                if r.ok:
+                    return
+                error = one_line(r.stderr, 200)
+            time.sleep(0.05)
+        raise ColdstartError(f"containerd-nydus-grpc did not serve containerd within {self.start_timeout:g} s "
+                             f"({error}): {self.snapshotter_error()}")
+
+    def restart_snapshotter(self) -> None:
+        """Stop the snapshotter (SIGTERM) and start it again with the same config: nydusd
+        daemons it left running are reconnected (or recovered) by the new one."""
+        self._stop_snapshotter()
+        self._start_snapshotter()
+
+    def _stop_snapshotter(self) -> None:
+        proc, self.snapshotter = self.snapshotter, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop(self) -> None:
+        """Tear everything down (see the module docstring). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        t0 = time.monotonic()
+        ctd = self.containerd
+        if ctd.proc is not None and ctd.proc.poll() is None:
+            with contextlib.suppress(ColdstartError, subprocess.SubprocessError, OSError):
+                self._remove_pods()
+            with contextlib.suppress(ColdstartError, subprocess.SubprocessError, OSError):
+                ctd._remove_all_containers()
+            with contextlib.suppress(ColdstartError, subprocess.SubprocessError, OSError):
+                self._remove_images_and_snapshots()
+        self._stop_snapshotter()
+        self._stop_processes(self.nydusd_pids(), 5)
+        if ctd.proc is not None and ctd.proc.poll() is None:
+            self._unmount_in_namespace()
+        ctd.stop()  # containers again, containerd, shims, host-side mounts, cgroups
+        self._stop_processes(self.namespace_pids(), 5)
+        self.remove_cgroups()
+        if self._own_workdir and not self.keep:
+            if not mounts_under(self.workdir):  # never rmtree into a mount
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        self.timings["stop"] = time.monotonic() - t0
+
+    def _remove_pods(self) -> None:
+        pods = self.crictl("pods", "-q", check=False, timeout=30).stdout.split()
+        for pod in pods:
+            self.crictl("stopp", pod, check=False, timeout=60)
+            self.crictl("rmp", "-f", pod, check=False, timeout=60)
+
+    def _remove_images_and_snapshots(self, timeout: float = 20) -> None:
+        ctd = self.containerd
+        namespaces = ctd.namespaces()
+        for ns in namespaces:
+            refs = subprocess.run(ctd.ctr_in(ns, "images", "ls", "-q"), capture_output=True, text=True, timeout=30)
+            if refs.stdout.split():
+                subprocess.run(ctd.ctr_in(ns, "images", "rm", "--sync", *refs.stdout.split()),
+                               capture_output=True, timeout=120)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            left = {ns: self.snapshots(ns) for ns in namespaces}
+            if not any(left.values()):
+                return
+            for ns, keys in left.items():  # what GC left (a leaf at a time): remove it ourselves
+                for key in keys:
+                    subprocess.run(ctd.ctr_in(ns, "snapshots", "--snapshotter", SNAPSHOTTER, "rm", key),
+                                   capture_output=True, timeout=60)
+            time.sleep(0.2)
+
+    def _stop_processes(self, pids: list[int], grace: float) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(pid_alive(p) and not _zombie(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _unmount_in_namespace(self) -> None:
+        for _round in range(5):
+            left = self.mounts(under=self.workdir, referencing=True)
+            if not left:
+                return
+            targets = [m.mountpoint for m in sorted(left, key=lambda m: (m.mountpoint.count("/"), m.mount_id),
+                                                    reverse=True)]
+            self.in_namespace(["umount", "-l", "--", *targets], check=False, timeout=60)
+
+    def remove_cgroups(self) -> None:
+        """The cgroups runc made for our containers (nerdctl: /<namespace>, CRI: the pods'
+        cgroup parent), in every hierarchy: processes still in them are killed first."""
+        root = Path("/sys/fs/cgroup")
+        names = [self.namespace, self.cri_cgroup_parent.strip("/")]
+        for name in names:
+            for top in [root / name, *root.glob(f"*/{name}")]:
+                if not top.is_dir():
+                    continue
+                dirs = sorted(top.glob("**/"), key=lambda p: len(p.parts), reverse=True)
+                for d in dirs:
+                    for procs in (d / "cgroup.procs",):
+                        with contextlib.suppress(OSError, ValueError):
+                            for pid in procs.read_text().split():
+                                with contextlib.suppress(ProcessLookupError):
+                                    os.kill(int(pid), signal.SIGKILL)
+                deadline = time.monotonic() + 5
+                for d in dirs:
+                    while time.monotonic() < deadline:
+                        try:
+                            d.rmdir()
+                            break
+                        except FileNotFoundError:
+                            break
+                        except OSError:
+                            time.sleep(0.05)
+
+    # -- what is there --------------------------------------------------------------------------
+    def _ctd_pid(self) -> int:
+        proc = self.containerd.proc
+        if proc is None or proc.poll() is not None:
+            raise ColdstartError("snapshotter stack: containerd is not running")
+        return proc.pid
+
+    def mounts(self, under: Path | None = None, *, referencing: bool = False) -> list[MountEntry]:
+        """What containerd's mount namespace has mounted at or below `under` (default: the
+        snapshotter's root); referencing: also mounts elsewhere whose source or options name a
+        path below it (an overlay with a lowerdir there). [] once the namespace is gone."""
+        base = str(Path(under) if under is not None else self.root)
+        proc = self.containerd.proc
+        if proc is None or proc.poll() is not None:
+            return []
+        try:
+            text = Path(f"/proc/{proc.pid}/mountinfo").read_text()
+        except OSError:
+            return []
+
+        def below(p: str) -> bool:
+            return p == base or p.startswith(base + "/")
+
+        return [m for m in parse_mountinfo(text)
+                if below(m.mountpoint) or (referencing and (base + "/" in m.source
+                                                            or any(base + "/" in o for o in m.super_options)))]
+
+    def nydusd_pids(self) -> list[int]:
+        """Processes whose `--apisock` is below the snapshotter's root: the nydusd daemons."""
+        found = []
+        prefix = os.fsencode(self.root) + b"/"
+        for pid, argv in _processes():
+            for i, arg in enumerate(argv[:-1]):
+                if arg == b"--apisock" and argv[i + 1].startswith(prefix):
+                    found.append(pid)
+                    break
+        return found
+
+    def namespace_pids(self) -> list[int]:
+        """Every process in containerd's mount namespace (containerd, shims, snapshotter, nydusd)."""
+        if self.mount_ns is None:
+            return []
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/ns/mnt") == self.mount_ns:
+                        found.append(int(entry))
+        return found
+
+    def snapshots(self, namespace: str | None = None) -> list[str]:
+        """Keys of the nydus snapshots in a containerd namespace (default: nerdctl's)."""
+        r = self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", namespace=namespace, timeout=30)
+        return [line.split()[0] for line in r.stdout.splitlines()[1:] if line.split()]
+
+    def snapshotter_log(self) -> str:
+        return _read(self.root / "logs" / "nydus-snapshotter.log")
+
+    def nydusd_logs(self) -> str:
+        """Every nydusd log file under the root, then the snapshotter's stdout/stderr (which the
+        nydusd daemons inherit)."""
+        parts = [f"== {p}\n{_read(p)}" for p in sorted((self.root / "logs").glob("*/nydusd.log*"))]
+        return "\n".join([*parts, f"== {self.snapshotter_out}\n{_read(self.snapshotter_out)}"])
+
+    def snapshotter_error(self) -> str:
+        """The last error the snapshotter logged, in one line (else the tail of its output)."""
+        for line in reversed(self.snapshotter_log().splitlines()):
+            if "level=error" in line or "level=fatal" in line:
+                return one_line(line, 300)
+        return one_line(_read(self.snapshotter_out)[-600:], 300) or "no output"
+
+    # -- commands -----------------------------------------------------------------------------
+    def _call(self, args: list[str], what: str, *, check: bool, timeout: float,
+              env: dict[str, str] | None = None) -> CmdResult:
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                               env=env, errors="replace")
+        except subprocess.TimeoutExpired as exc:
+            raise ColdstartError(f"{what}: no exit within {timeout:g} s "
+                                 f"({one_line(_text(exc.stderr) or _text(exc.stdout) or 'no output', 200)})") from None
+        result = CmdResult(args, r.returncode, r.stdout, r.stderr, time.monotonic() - t0)
+        if check and not result.ok:
+            raise ColdstartError(f"{what}: exited {r.returncode}: {one_line(r.stderr or r.stdout or 'no output')}")
+        return result
+
+    def in_namespace(self, command: Sequence[str], *, check: bool = True, timeout: float = 120) -> CmdResult:
+        """Run `command` in containerd's mount namespace."""
+        args = ["nsenter", f"--mount=/proc/{self._ctd_pid()}/ns/mnt", "--", *command]
+        return self._call(args, " ".join(command[:2]), check=check, timeout=timeout)
+
+    def ctr(self, *args: str, namespace: str | None = None, check: bool = True, timeout: float = 120) -> CmdResult:
+        cmd = self.containerd.ctr_in(namespace or self.namespace, *args)
+        return self._call(cmd, f"ctr {' '.join(args[:3])}", check=check, timeout=timeout)
+
+    def nerdctl_args(self, *args: str) -> list[str]:
+        return ["nsenter", f"--mount=/proc/{self._ctd_pid()}/ns/mnt", "--",
+                str(self.nerdctl_bin), "--address", str(self.containerd.socket), "--namespace", self.namespace,
+                "--data-root", str(self.nerdctl_root), "--snapshotter", SNAPSHOTTER,
+                "--hosts-dir", str(self.hosts_dir), "--cni-path", str(self.cni_bin),
+                "--cni-netconfpath", str(self.cni_conf), "--insecure-registry", *args]
+
+    def nerdctl(self, *args: str, check: bool = True, timeout: float = 300, what: str | None = None) -> CmdResult:
+        env = {**os.environ, "NERDCTL_TOML": str(self.workdir / "nerdctl.toml")}
+        for var in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "CONTAINERD_SNAPSHOTTER"):
+            env.pop(var, None)
+        return self._call(self.nerdctl_args(*args), what or f"nerdctl {' '.join(args[:4])}", check=check,
+                          timeout=timeout, env=env)
+
+    def pull(self, ref: str, *, check: bool = True, timeout: float = 300) -> CmdResult:
+        return self.nerdctl("pull", "--quiet", ref, check=check, timeout=timeout, what=f"nerdctl pull {ref}")
+
+    def run(self, ref: str, command: Sequence[str], *, name: str | None = None, detach: bool = False,
+            extra: Sequence[str] = (), check: bool = True, timeout: float = 300) -> CmdResult:
+        """nerdctl run of `command` in the image `ref`, no network; removed when it exits unless
+        `detach` (then stdout is the container's id)."""
+        args = ["run", "--net", "none", *(["-d"] if detach else ["--rm"]), *(["--name", name] if name else []),
+                *extra, ref, *command]
+        return self.nerdctl(*args, check=check, timeout=timeout,
+                            what=f"nerdctl run {ref} {one_line(' '.join(command), 80)}")
+
+    def rmi(self, ref: str, *, check: bool = True, timeout: float = 120) -> CmdResult:
+        return self.nerdctl("rmi", ref, check=check, timeout=timeout, what=f"nerdctl rmi {ref}")
+
+    def images(self) -> list[str]:
+        out = self.nerdctl("images", "--format", "{{.Repository}}:{{.Tag}}", timeout=60).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    # -- CRI ----------------------------------------------------------------------------------
+    def crictl(self, *args: str, check: bool = True, timeout: float = 120) -> CmdResult:
+        return self._call([str(self.crictl_bin), "--config", str(self.crictl_yaml), *args],
+                          f"crictl {' '.join(args[:2])}", check=check, timeout=timeout)
+
+    def push_sandbox_image(self) -> str:
+        """The busybox pause image (coldstart.busybox) at `sandbox_image`, pushed once."""
+        if not self._sandbox_pushed:
+            push_layout(pause_layout(), self.sandbox_image, tag=PAUSE_TAG)
+            self._sandbox_pushed = True
+        return self.sandbox_image
+
+    def _new_name(self, prefix: str) -> str:
+        self._serial += 1
+        return f"{prefix}{self._serial}"
+
+    def run_pod(self, name: str | None = None, *, timeout: float = 120) -> str:
+        """crictl runp of a host-network pod (no CNI), its cgroups under our parent; its id."""
+        self.push_sandbox_image()
+        name = name or self._new_name("pod")
+        config = self.workdir / f"pod-{name}.json"
+        config.write_text(json.dumps({
+            "metadata": {"name": name, "namespace": "default", "uid": f"{self.namespace}-{name}", "attempt": 0},
+            "log_directory": str(self.pod_logs / name),
+            "linux": {"cgroup_parent": self.cri_cgroup_parent,
+                      "security_context": {"namespace_options": {"network": 2}}},  # 2: NODE
+        }))
+        pod = self.crictl("runp", str(config), timeout=timeout).stdout.strip()
+        self._pods[pod] = config
+        return pod
+
+    def create_container(self, pod: str, name: str, image: str, command: Sequence[str], *,
+                         timeout: float = 120) -> str:
+        """crictl create of `command` in `image` (pulled already: crictl pull) in `pod`; its id."""
+        config = self.workdir / f"ctr-{pod[:12]}-{name}.json"
+        config.write_text(json.dumps({"metadata": {"name": name}, "image": {"image": image},
+                                      "command": list(command), "log_path": f"{name}.log", "linux": {}}))
+        return self.crictl("create", pod, str(config), str(self._pods[pod]), timeout=timeout).stdout.strip()
+
+    def start_container(self, cid: str, *, timeout: float = 120) -> CmdResult:
+        return self.crictl("start", cid, timeout=timeout)
+
+    def logs(self, cid: str) -> str:
+        return self.crictl("logs", cid, timeout=60).stdout
+
+    def stop_pod(self, pod: str) -> None:
+        self.crictl("stopp", pod, timeout=120)
+
+    def remove_pod(self, pod: str) -> None:
+        self.crictl("rmp", pod, timeout=120)
+        self._pods.pop(pod, None)
+
+
+def _peer(name: str) -> Path:
+    from coldstart.peers import PeerError, binary
+
+    try:
+        return binary(name)
+    except PeerError as exc:
+        raise ColdstartError(str(exc)) from None
+
+
+def _processes() -> list[tuple[int, list[bytes]]]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                found.append((int(entry), Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")))
+            except OSError:
+                continue
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _text(data: str | bytes | None) -> str:
+    if data is None:
+        return ""
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+
+
+__all__ = ["DAEMON_MODES", "FS_DRIVERS", "RECOVER_POLICIES", "CmdResult", "NydusImage", "SnapshotterConfig",
+           "SnapshotterStack", "default_nydusd", "nydusd_config_template", "push_layout", "push_nydus_image"]
