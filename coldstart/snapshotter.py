@@ -576,8 +576,17 @@ class SnapshotterStack:
         return one_line(_read(self.snapshotter_out)[-600:], 300) or "no output"
 
     # -- commands -----------------------------------------------------------------------------
+    def nydusd_error(self) -> str | None:
+        """The last error line a nydusd logged (its log files, then its inherited stderr)."""
+        logs = sorted((self.root / "logs").glob("*/nydusd.log"), key=lambda p: p.stat().st_mtime)
+        for path in [self.snapshotter_out, *logs]:
+            for line in reversed(_read(path).splitlines()):
+                if " ERROR " in line or line.startswith("nydusd: error:"):
+                    return one_line(line, 300)
+        return None
+
     def _call(self, args: list[str], what: str, *, check: bool, timeout: float,
-              env: dict[str, str] | None = None) -> CmdResult:
+              env: dict[str, str] | None = None, explain: bool = False) -> CmdResult:
         t0 = time.monotonic()
         try:
             r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
@@ -587,7 +596,9 @@ class SnapshotterStack:
                                  f"({one_line(_text(exc.stderr) or _text(exc.stdout) or 'no output', 200)})") from None
         result = CmdResult(args, r.returncode, r.stdout, r.stderr, time.monotonic() - t0)
         if check and not result.ok:
-            raise ColdstartError(f"{what}: exited {r.returncode}: {one_line(r.stderr or r.stdout or 'no output')}")
+            said = self.nydusd_error() if explain else None
+            raise ColdstartError(f"{what}: exited {r.returncode}: {one_line(r.stderr or r.stdout or 'no output')}"
+                                 + (f" (nydusd logged: {said})" if said else ""))
         return result
 
     def in_namespace(self, command: Sequence[str], *, check: bool = True, timeout: float = 120) -> CmdResult:
@@ -611,7 +622,7 @@ class SnapshotterStack:
         for var in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "CONTAINERD_SNAPSHOTTER"):
             env.pop(var, None)
         return self._call(self.nerdctl_args(*args), what or f"nerdctl {' '.join(args[:4])}", check=check,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, explain=True)
 
     def pull(self, ref: str, *, check: bool = True, timeout: float = 300) -> CmdResult:
         return self.nerdctl("pull", "--quiet", ref, check=check, timeout=timeout, what=f"nerdctl pull {ref}")
@@ -635,7 +646,7 @@ class SnapshotterStack:
     # -- CRI ----------------------------------------------------------------------------------
     def crictl(self, *args: str, check: bool = True, timeout: float = 120) -> CmdResult:
         return self._call([str(self.crictl_bin), "--config", str(self.crictl_yaml), *args],
-                          f"crictl {' '.join(args[:2])}", check=check, timeout=timeout)
+                          f"crictl {' '.join(args[:2])}", check=check, timeout=timeout, explain=True)
 
     def push_sandbox_image(self) -> str:
         """The busybox pause image (coldstart.busybox) at `sandbox_image`, pushed once."""
