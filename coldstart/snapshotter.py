@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from coldstart import ColdstartError, mounts_under, one_line, pid_alive, run as run_cmd
+from coldstart import ColdstartError, mounts_under, one_line, pid_alive, run as run_cmd, unmount_under
 from coldstart.busybox import TAG as PAUSE_TAG, pause_layout
 from coldstart.containerd import Containerd
 from fscached.util.mounts import MountEntry, parse_mountinfo
@@ -76,6 +76,8 @@ ROOT_MAX_BYTES = 70  # nydus-snapshotter refuses a longer root (config/config.go
 SNAPSHOTTER = "nydus"  # the proxy plugin's name: nerdctl's --snapshotter and CRI's snapshotter
 CRI_NAMESPACE = "k8s.io"  # the CRI plugin's containerd namespace (fixed in containerd 1.6)
 PAUSE_REPO = "fscached/pause"
+STOP_BUDGET = 60.0  # s for the orderly part of a stop (CRI, containers, images); then force
+MARKER = "stack.json"  # in the workdir: whose stack it is, for reap_leftovers()
 
 
 def default_nydusd() -> Path:
@@ -237,19 +239,20 @@ class _CriContainerd(Containerd):
     def namespaces(self) -> list[str]:
         return self.ctr("namespaces", "ls", "-q", timeout=30).split()
 
-    def _remove_all_containers(self) -> None:
+    def remove_containers(self, deadline: float) -> None:
+        """Every task killed and deleted, every container removed, in every namespace."""
         for ns in self.namespaces():
-            tasks = subprocess.run(self.ctr_in(ns, "tasks", "ls", "-q"), capture_output=True, text=True, timeout=30)
-            for task in tasks.stdout.split():
-                subprocess.run(self.ctr_in(ns, "tasks", "kill", "-s", "SIGKILL", task), capture_output=True, timeout=30)
-                subprocess.run(self.ctr_in(ns, "tasks", "delete", "-f", task), capture_output=True, timeout=30)
-            ctrs = subprocess.run(self.ctr_in(ns, "containers", "ls", "-q"), capture_output=True, text=True,
-                                  timeout=30)
-            for ctr in ctrs.stdout.split():
-                subprocess.run(self.ctr_in(ns, "containers", "delete", ctr), capture_output=True, timeout=30)
+            for task in _quiet(self.ctr_in(ns, "tasks", "ls", "-q"), deadline).split():
+                _quiet(self.ctr_in(ns, "tasks", "kill", "-s", "SIGKILL", task), deadline)
+                _quiet(self.ctr_in(ns, "tasks", "delete", "-f", task), deadline)
+            for ctr in _quiet(self.ctr_in(ns, "containers", "ls", "-q"), deadline).split():
+                _quiet(self.ctr_in(ns, "containers", "delete", ctr), deadline)
+
+    def _remove_all_containers(self) -> None:
+        self.remove_containers(time.monotonic() + 15)
 
     def _remove_cgroups(self) -> None:
-        self.stack.remove_cgroups()
+        _remove_cgroups([self.stack.namespace, self.stack.cri_cgroup_parent.strip("/")])
 
 
 class SnapshotterStack:
@@ -268,6 +271,7 @@ class SnapshotterStack:
         self.cri_cgroup_parent = f"/{self.namespace}-cri"
         self.sandbox_image = sandbox_image or f"{registry}/{PAUSE_REPO}:{PAUSE_TAG}"
         self.start_timeout = start_timeout
+        self.stop_budget = STOP_BUDGET
         self.keep = keep
         self.root = self.workdir / "nydus"
         self.snapshotter_socket = self.workdir / "nsock" / "nydus.sock"
@@ -294,6 +298,8 @@ class SnapshotterStack:
         t0 = time.monotonic()
         try:
             self._check_host()
+            if self._own_workdir:
+                reap_leftovers(self.workdir.parent)
             self._write_configs()
             self.containerd.start()
             assert self.containerd.proc is not None
@@ -367,6 +373,9 @@ class SnapshotterStack:
                                     f"image-endpoint: unix://{self.containerd.socket}\n"
                                     "timeout: 60\n")
         (self.workdir / "nerdctl.toml").write_text("")  # not the machine's /etc/nerdctl/nerdctl.toml
+        (self.workdir / MARKER).write_text(json.dumps({
+            "owner": os.getpid(), "owner_started": _start_time(os.getpid()),
+            "cgroups": [self.namespace, self.cri_cgroup_parent.strip("/")]}))
 
     def _start_snapshotter(self) -> None:
         assert self.containerd.proc is not None
@@ -412,49 +421,48 @@ class SnapshotterStack:
             return
         self._stopped = True
         t0 = time.monotonic()
+        deadline = t0 + self.stop_budget
         ctd = self.containerd
-        if ctd.proc is not None and ctd.proc.poll() is None:
+        for step in (self._remove_pods, ctd.remove_containers, self._remove_images_and_snapshots):
+            if ctd.proc is None or ctd.proc.poll() is not None or time.monotonic() >= deadline:
+                break
             with contextlib.suppress(ColdstartError, subprocess.SubprocessError, OSError):
-                self._remove_pods()
-            with contextlib.suppress(ColdstartError, subprocess.SubprocessError, OSError):
-                ctd._remove_all_containers()
-            with contextlib.suppress(ColdstartError, subprocess.SubprocessError, OSError):
-                self._remove_images_and_snapshots()
+                step(deadline)
         self._stop_snapshotter()
         self._stop_processes(self.nydusd_pids(), 5)
         if ctd.proc is not None and ctd.proc.poll() is None:
             self._unmount_in_namespace()
-        ctd.stop()  # containers again, containerd, shims, host-side mounts, cgroups
+        ctd.stop()  # containers (briefly: the orderly part is done), containerd, shims, host mounts, cgroups
         self._stop_processes(self.namespace_pids(), 5)
-        self.remove_cgroups()
-        if self._own_workdir and not self.keep:
-            if not mounts_under(self.workdir):  # never rmtree into a mount
-                shutil.rmtree(self.workdir, ignore_errors=True)
+        _remove_cgroups([self.namespace, self.cri_cgroup_parent.strip("/")])
+        if self.keep:
+            with contextlib.suppress(OSError):
+                (self.workdir / MARKER).unlink()  # stopped: nothing in it for reap_leftovers()
+        elif self._own_workdir and not mounts_under(self.workdir):  # never rmtree into a mount
+            shutil.rmtree(self.workdir, ignore_errors=True)
         self.timings["stop"] = time.monotonic() - t0
 
-    def _remove_pods(self) -> None:
-        pods = self.crictl("pods", "-q", check=False, timeout=30).stdout.split()
-        for pod in pods:
-            self.crictl("stopp", pod, check=False, timeout=60)
-            self.crictl("rmp", "-f", pod, check=False, timeout=60)
+    def _remove_pods(self, deadline: float) -> None:
+        for pod in self.crictl("pods", "-q", check=False, timeout=_left(deadline, 30)).stdout.split():
+            self.crictl("stopp", pod, check=False, timeout=_left(deadline, 60))
+            self.crictl("rmp", "-f", pod, check=False, timeout=_left(deadline, 60))
 
-    def _remove_images_and_snapshots(self, timeout: float = 20) -> None:
+    def _remove_images_and_snapshots(self, deadline: float) -> None:
+        """Every image in every namespace (a synchronous GC: the snapshots go, and a dedicated
+        nydusd with its image's), then what GC left, a leaf at a time."""
         ctd = self.containerd
         namespaces = ctd.namespaces()
         for ns in namespaces:
-            refs = subprocess.run(ctd.ctr_in(ns, "images", "ls", "-q"), capture_output=True, text=True, timeout=30)
-            if refs.stdout.split():
-                subprocess.run(ctd.ctr_in(ns, "images", "rm", "--sync", *refs.stdout.split()),
-                               capture_output=True, timeout=120)
-        deadline = time.monotonic() + timeout
+            refs = _quiet(ctd.ctr_in(ns, "images", "ls", "-q"), deadline).split()
+            if refs:
+                _quiet(ctd.ctr_in(ns, "images", "rm", "--sync", *refs), deadline)
         while time.monotonic() < deadline:
-            left = {ns: self.snapshots(ns) for ns in namespaces}
+            left = {ns: self.snapshots(ns, timeout=_left(deadline, 30)) for ns in namespaces}
             if not any(left.values()):
                 return
-            for ns, keys in left.items():  # what GC left (a leaf at a time): remove it ourselves
+            for ns, keys in left.items():
                 for key in keys:
-                    subprocess.run(ctd.ctr_in(ns, "snapshots", "--snapshotter", SNAPSHOTTER, "rm", key),
-                                   capture_output=True, timeout=60)
+                    _quiet(ctd.ctr_in(ns, "snapshots", "--snapshotter", SNAPSHOTTER, "rm", key), deadline)
             time.sleep(0.2)
 
     def _stop_processes(self, pids: list[int], grace: float) -> None:
@@ -477,32 +485,9 @@ class SnapshotterStack:
                                                     reverse=True)]
             self.in_namespace(["umount", "-l", "--", *targets], check=False, timeout=60)
 
-    def remove_cgroups(self) -> None:
-        """The cgroups runc made for our containers (nerdctl: /<namespace>, CRI: the pods'
-        cgroup parent), in every hierarchy: processes still in them are killed first."""
-        root = Path("/sys/fs/cgroup")
-        names = [self.namespace, self.cri_cgroup_parent.strip("/")]
-        for name in names:
-            for top in [root / name, *root.glob(f"*/{name}")]:
-                if not top.is_dir():
-                    continue
-                dirs = sorted(top.glob("**/"), key=lambda p: len(p.parts), reverse=True)
-                for d in dirs:
-                    for procs in (d / "cgroup.procs",):
-                        with contextlib.suppress(OSError, ValueError):
-                            for pid in procs.read_text().split():
-                                with contextlib.suppress(ProcessLookupError):
-                                    os.kill(int(pid), signal.SIGKILL)
-                deadline = time.monotonic() + 5
-                for d in dirs:
-                    while time.monotonic() < deadline:
-                        try:
-                            d.rmdir()
-                            break
-                        except FileNotFoundError:
-                            break
-                        except OSError:
-                            time.sleep(0.05)
+    def cgroups(self) -> list[Path]:
+        """The cgroup directories of our names that exist now, in every hierarchy."""
+        return _cgroup_dirs([self.namespace, self.cri_cgroup_parent.strip("/")])
 
     # -- what is there --------------------------------------------------------------------------
     def _ctd_pid(self) -> int:
@@ -554,9 +539,9 @@ class SnapshotterStack:
                         found.append(int(entry))
         return found
 
-    def snapshots(self, namespace: str | None = None) -> list[str]:
+    def snapshots(self, namespace: str | None = None, *, timeout: float = 30) -> list[str]:
         """Keys of the nydus snapshots in a containerd namespace (default: nerdctl's)."""
-        r = self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", namespace=namespace, timeout=30)
+        r = self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", namespace=namespace, timeout=timeout)
         return [line.split()[0] for line in r.stdout.splitlines()[1:] if line.split()]
 
     def snapshotter_log(self) -> str:
@@ -696,6 +681,86 @@ class SnapshotterStack:
         self._pods.pop(pod, None)
 
 
+def _left(deadline: float, cap: float) -> float:
+    """A subprocess timeout: what is left until `deadline`, at most `cap`, at least 1 s."""
+    return max(1.0, min(cap, deadline - time.monotonic()))
+
+
+def _quiet(args: list[str], deadline: float, cap: float = 60) -> str:
+    """Run a teardown command: its stdout, "" when it fails or runs out of time."""
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=_left(deadline, cap),
+                           stdin=subprocess.DEVNULL, errors="replace")
+    except (subprocess.SubprocessError, OSError):
+        return ""
+    return r.stdout if r.returncode == 0 else ""
+
+
+def _cgroup_dirs(names: Sequence[str]) -> list[Path]:
+    root = Path("/sys/fs/cgroup")
+    return [top for name in names for top in [root / name, *root.glob(f"*/{name}")] if top.is_dir()]
+
+
+def _remove_cgroups(names: Sequence[str]) -> None:
+    """The cgroups `names` (top-level, in every hierarchy) and everything below: processes
+    still in them are killed first (a container whose shim is gone)."""
+    for top in _cgroup_dirs(names):
+        dirs = sorted(top.glob("**/"), key=lambda p: len(p.parts), reverse=True)
+        for d in dirs:
+            with contextlib.suppress(OSError, ValueError):
+                for pid in (d / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        for d in dirs:
+            while time.monotonic() < deadline:
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # EBUSY until the killed processes are gone
+                    time.sleep(0.05)
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (None: no such process)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def reap_leftovers(parent: Path = Path("/var/tmp")) -> list[Path]:
+    """Stacks whose owner died without stopping them (a killed test run): every process whose
+    command line names the stack's workdir is killed (containerd, its shims, the snapshotter,
+    nydusd; the mount namespace goes with them), then the processes in its cgroups, its
+    cgroups, the host's mounts under it and the workdir. Returns the workdirs removed."""
+    reaped = []
+    for marker in sorted(parent.glob(f"fsn-*/{MARKER}")):
+        try:
+            info = json.loads(marker.read_text())
+            owner, started, names = int(info["owner"]), info.get("owner_started"), list(info["cgroups"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if pid_alive(owner) and _start_time(owner) == started:
+            continue
+        work = marker.parent
+        needle = os.fsencode(work) + b"/"
+        victims = [pid for pid, argv in _processes() if any(needle in arg for arg in argv) and pid != os.getpid()]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(pid_alive(p) and not _zombie(p) for p in victims) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _remove_cgroups(names)
+        unmount_under(work)
+        shutil.rmtree(work, ignore_errors=True)
+        reaped.append(work)
+    return reaped
+
+
 def _peer(name: str) -> Path:
     from coldstart.peers import PeerError, binary
 
@@ -737,4 +802,5 @@ def _text(data: str | bytes | None) -> str:
 
 
 __all__ = ["DAEMON_MODES", "FS_DRIVERS", "RECOVER_POLICIES", "CmdResult", "NydusImage", "SnapshotterConfig",
-           "SnapshotterStack", "default_nydusd", "nydusd_config_template", "push_layout", "push_nydus_image"]
+           "SnapshotterStack", "default_nydusd", "nydusd_config_template", "push_layout", "push_nydus_image",
+           "reap_leftovers"]
