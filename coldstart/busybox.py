@@ -81,11 +81,14 @@ def busybox_binary(cache: Path | None = None) -> Path:
 
 def busybox_rootfs(dest: Path, files: Mapping[str, bytes] | None = None, *,
                    applets: Sequence[str] = ("sh", "cat", "sleep"), busybox: Path | None = None) -> Path:
-    """A root filesystem directory at `dest`: /bin/busybox, /bin/<applet> symlinks to it, and
-    `files` (path inside the image -> content, mode 0644, parents made). Returns `dest`."""
+    """A root filesystem directory at `dest`: /bin/busybox, /bin/<applet> symlinks to it, an
+    empty /tmp (1777), and `files` (path inside the image -> content, mode 0644, parents made).
+    Returns `dest`."""
     binary = busybox or busybox_binary()
     bindir = dest / "bin"
     bindir.mkdir(parents=True, exist_ok=True)
+    (dest / "tmp").mkdir(exist_ok=True)
+    os.chmod(dest / "tmp", 0o1777)
     shutil.copy2(binary, bindir / "busybox")
     os.chmod(bindir / "busybox", 0o755)
     for applet in applets:
