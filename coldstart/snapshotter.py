@@ -136,6 +136,42 @@ class CmdResult:
         return self.returncode == 0
 
 
+class Running:
+    """A command started in the background (SnapshotterStack.start_run): `wait()` gives its
+    CmdResult; its output goes to files, so nothing blocks on a full pipe."""
+
+    def __init__(self, args: list[str], what: str, env: dict[str, str], scratch: Path) -> None:
+        self.args, self.what = args, what
+        self._out, self._err = scratch.with_suffix(".out"), scratch.with_suffix(".err")
+        self.started = time.monotonic()
+        with open(self._out, "wb") as out, open(self._err, "wb") as err:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stdout_so_far(self) -> str:
+        return _read(self._out)
+
+    def wait(self, timeout: float = 300, *, check: bool = True) -> CmdResult:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise ColdstartError(f"{self.what}: no exit within {timeout:g} s "
+                                 f"({one_line(_read(self._err) or 'no output', 200)})") from None
+        result = CmdResult(self.args, code, _read(self._out), _read(self._err), time.monotonic() - self.started)
+        if check and not result.ok:
+            raise ColdstartError(f"{self.what}: exited {code}: {one_line(result.stderr or result.stdout or 'no output')}")
+        return result
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @dataclass
 class NydusImage:
     """A nydus image converted by fscached-image and pushed: its reference, the converter's
@@ -290,6 +326,7 @@ class SnapshotterStack:
         self.timings: dict[str, float] = {}
         self._sandbox_pushed = False
         self._pods: dict[str, Path] = {}
+        self._running: list[Running] = []
         self._serial = 0
         self._stopped = False
 
@@ -423,6 +460,8 @@ class SnapshotterStack:
         t0 = time.monotonic()
         deadline = t0 + self.stop_budget
         ctd = self.containerd
+        for running in self._running:
+            running.kill()  # the nerdctl client; its container goes with the others below
         for step in (self._remove_pods, ctd.remove_containers, self._remove_images_and_snapshots):
             if ctd.proc is None or ctd.proc.poll() is not None or time.monotonic() >= deadline:
                 break
@@ -602,12 +641,15 @@ class SnapshotterStack:
                 "--hosts-dir", str(self.hosts_dir), "--cni-path", str(self.cni_bin),
                 "--cni-netconfpath", str(self.cni_conf), "--insecure-registry", *args]
 
-    def nerdctl(self, *args: str, check: bool = True, timeout: float = 300, what: str | None = None) -> CmdResult:
+    def _nerdctl_env(self) -> dict[str, str]:
         env = {**os.environ, "NERDCTL_TOML": str(self.workdir / "nerdctl.toml")}
         for var in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "CONTAINERD_SNAPSHOTTER"):
             env.pop(var, None)
+        return env
+
+    def nerdctl(self, *args: str, check: bool = True, timeout: float = 300, what: str | None = None) -> CmdResult:
         return self._call(self.nerdctl_args(*args), what or f"nerdctl {' '.join(args[:4])}", check=check,
-                          timeout=timeout, env=env, explain=True)
+                          timeout=timeout, env=self._nerdctl_env(), explain=True)
 
     def pull(self, ref: str, *, check: bool = True, timeout: float = 300) -> CmdResult:
         return self.nerdctl("pull", "--quiet", ref, check=check, timeout=timeout, what=f"nerdctl pull {ref}")
@@ -620,6 +662,24 @@ class SnapshotterStack:
                 *extra, ref, *command]
         return self.nerdctl(*args, check=check, timeout=timeout,
                             what=f"nerdctl run {ref} {one_line(' '.join(command), 80)}")
+
+    def start_run(self, ref: str, command: Sequence[str], *, name: str | None = None,
+                  extra: Sequence[str] = ()) -> Running:
+        """`run()` in the background: the test does something while the container reads."""
+        args = ["run", "--net", "none", "--rm", *(["--name", name] if name else []), *extra, ref, *command]
+        self._serial += 1
+        running = Running(self.nerdctl_args(*args), f"nerdctl run {ref} {one_line(' '.join(command), 80)}",
+                          self._nerdctl_env(), self.workdir / f"run-{self._serial}")
+        self._running.append(running)
+        return running
+
+    def kill_nydusd(self, sig: int = signal.SIGKILL) -> list[int]:
+        """Send `sig` to every nydusd of the stack; their pids."""
+        pids = self.nydusd_pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
 
     def rmi(self, ref: str, *, check: bool = True, timeout: float = 120) -> CmdResult:
         return self.nerdctl("rmi", ref, check=check, timeout=timeout, what=f"nerdctl rmi {ref}")
@@ -801,6 +861,6 @@ def _text(data: str | bytes | None) -> str:
     return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 
 
-__all__ = ["DAEMON_MODES", "FS_DRIVERS", "RECOVER_POLICIES", "CmdResult", "NydusImage", "SnapshotterConfig",
+__all__ = ["DAEMON_MODES", "FS_DRIVERS", "RECOVER_POLICIES", "CmdResult", "NydusImage", "Running", "SnapshotterConfig",
            "SnapshotterStack", "default_nydusd", "nydusd_config_template", "push_layout", "push_nydus_image",
            "reap_leftovers"]
