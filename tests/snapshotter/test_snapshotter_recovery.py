@@ -1,0 +1,70 @@
+"""fscached's `nydusd fuse` killed with -9 under the real nydus-snapshotter: with
+recover_policy = "failover" a container streaming a cold file reads on through the takeover (no
+EIO, the right sha256); with "restart" the restarted daemon serves new containers, and in shared
+mode the snapshotter's replayed mount is not stacked on the one still there."""
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+
+from coldstart.snapshotter import SnapshotterConfig, SnapshotterStack
+
+from registry_server import RegistryServer
+from snaphelpers import AppImage, wait_for
+
+pytestmark = pytest.mark.root
+
+MIB = 1 << 20
+PACE = 0.2  # s between two MiB read by the streaming reader: the file takes ~5 s to read
+
+
+def streaming_reader(mib: int) -> list[str]:
+    """A busybox shell command: /data/big one MiB at a time, PACE s apart, piped into sha256sum;
+    a failed read is reported on stderr (and spoils the digest)."""
+    loop = (f"i=0; while [ $i -lt {mib} ]; do "
+            f"dd if=/data/big bs={MIB} skip=$i count=1 2>/tmp/dd.err || {{ cat /tmp/dd.err >&2; exit 1; }}; "
+            f"i=$((i+1)); sleep {PACE}; done | sha256sum")
+    return ["/bin/sh", "-c", loop]
+
+
+@pytest.mark.parametrize("daemon_mode", ["shared", "dedicated"])
+def test_failover_under_a_streaming_reader(stacks: Callable[..., SnapshotterStack], app_image: AppImage,
+                                           snap_registry: RegistryServer, daemon_mode: str) -> None:
+    stack = stacks(SnapshotterConfig(daemon_mode=daemon_mode, recover_policy="failover"))
+    stack.pull(app_image.ref)
+    assert stack.run(app_image.ref, ["cat", "/etc/hello"], timeout=120).stdout.encode() == app_image.hello
+    mark = snap_registry.log_size()
+    reader = stack.start_run(app_image.ref, streaming_reader(app_image.big_bytes // MIB))
+    wait_for("the reader in the cold file (2 MiB fetched)",
+             lambda: snap_registry.blob_bytes_served(app_image.blob, since=mark) >= 2 * MIB or reader.poll() is not None,
+             60)
+    assert reader.poll() is None, f"the reader ended before the kill: {reader.wait(check=False)}"
+    killed = stack.kill_nydusd()
+    assert len(killed) == 1, f"one nydusd to kill: {killed}"
+    at_kill = snap_registry.blob_bytes_served(app_image.blob, since=mark)
+    assert at_kill < app_image.big_bytes - 4 * MIB, f"the file was (nearly) all fetched before the kill: {at_kill}"
+    wait_for("a new nydusd taking over", lambda: bool(set(stack.nydusd_pids()) - set(killed)), 30)
+    result = reader.wait(timeout=120, check=False)
+    assert result.returncode == 0 and result.stderr == "", f"the reader failed: {result.stderr[-500:]}"
+    assert result.stdout.split()[0] == app_image.big_sha256, "wrong bytes read across the failover"
+    after = snap_registry.blob_bytes_served(app_image.blob, since=mark)
+    assert after > at_kill, "the new daemon fetched nothing: where did the rest of the file come from?"
+    # and the node goes on: a new container of the image
+    assert stack.run(app_image.ref, ["cat", "/etc/hello"], timeout=120).stdout.encode() == app_image.hello
+
+
+@pytest.mark.parametrize("daemon_mode", ["shared", "dedicated"])
+def test_restart_serves_new_containers(stacks: Callable[..., SnapshotterStack], app_image: AppImage,
+                                       daemon_mode: str) -> None:
+    stack = stacks(SnapshotterConfig(daemon_mode=daemon_mode, recover_policy="restart"))
+    stack.pull(app_image.ref)
+    assert stack.run(app_image.ref, ["cat", "/etc/hello"], timeout=120).stdout.encode() == app_image.hello
+    killed = stack.kill_nydusd()
+    assert len(killed) == 1, f"one nydusd to kill: {killed}"
+    wait_for("a restarted nydusd", lambda: bool(set(stack.nydusd_pids()) - set(killed)), 30)
+    digest = stack.run(app_image.ref, ["sha256sum", "/data/big"], timeout=120)
+    assert digest.stdout.split()[0] == app_image.big_sha256, digest.stderr
+    assert stack.run(app_image.ref, ["cat", "/etc/hello"], timeout=120).stdout.encode() == app_image.hello
+    erofs = [m.mountpoint for m in stack.mounts() if m.fstype == "erofs"]
+    assert len(erofs) == len(set(erofs)) == 1, f"one image, one EROFS mount (none stacked): {erofs}"
