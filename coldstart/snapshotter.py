@@ -10,13 +10,19 @@ nerdctl and crictl: what a node running fscached's `nydusd` looks like, for test
             r.stdout, r.stderr, r.returncode, r.seconds
             stack.mounts(), stack.nydusd_pids(), stack.snapshots()
             stack.rmi(image.ref)
+            reader = stack.start_run(image.ref, ["sha256sum", "/data/big"])   # in the background
+            stack.kill_nydusd()                                  # SIGKILL: the recover_policy's turn
+            reader.wait(timeout=120)                             # -> CmdResult
             pod = stack.run_pod("p1")                            # crictl runp (busybox pause image)
             cid = stack.create_container(pod, "c1", image.ref, ["/bin/sh", "-c", "cat /etc/hello"])
             stack.start_container(cid); stack.logs(cid)
         stack.timings                                            # {"start": s, "stop": s}
 
 Every command returns a `CmdResult` (args, returncode, stdout, stderr, seconds) and raises a
-one-line `ColdstartError` when it fails (`check=False` returns the failure instead).
+one-line `ColdstartError` when it fails (`check=False` returns the failure instead); a failed
+nerdctl or crictl call also quotes the last error a nydusd logged (the snapshotter swallows mount
+errors: nerdctl then only says that an API socket is missing). `reg.blob_bytes_served(digest,
+since=reg.log_size())` counts what a daemon fetched of a blob (coldstart.registry).
 
 Layout (`workdir`, default a fresh /var/tmp/fsn-XXXXXXXX, removed at stop): containerd's
 root/state/sockets and its private /run (coldstart.containerd.Containerd), `nydus/` the
@@ -46,7 +52,14 @@ snapshotter then), the snapshotter (SIGTERM, SIGKILL after 10 s), the nydusd pro
 started (found by an `--apisock` under the root: SIGTERM, SIGKILL after 5 s), everything still
 mounted under `workdir` in the namespace (lazily, deepest first), containerd and its shims, any
 process left in the namespace (the namespace goes with the last one), the cgroups runc made,
-then `workdir`.
+then `workdir`. The orderly part has a budget (STOP_BUDGET): a hung snapshotter (an unanswered
+sendfd hangs it for good) cannot hang the teardown. A stack whose owner was killed (SIGKILL of a
+test run) is removed by the next stack's start (`reap_leftovers()`), found by the owner's pid and
+start time recorded in `<workdir>/stack.json`.
+
+The nydusd it runs is the project's own `nydusd` entry point beside the running interpreter
+(`<venv>/bin/nydusd`: `nydusd fuse` for fusedev, `nydusd singleton` for fscache) unless
+`SnapshotterConfig(nydusd_path=...)` names another.
 """
 from __future__ import annotations
 
