@@ -309,7 +309,8 @@ class SnapshotterStack:
     see the module docstring. `registry` is the plain-http registry's host:port (127.0.0.1)."""
 
     def __init__(self, registry: str, config: SnapshotterConfig | None = None, *, workdir: Path | None = None,
-                 sandbox_image: str | None = None, start_timeout: float = 30, keep: bool = False) -> None:
+                 sandbox_image: str | None = None, start_timeout: float = 30, command_timeout: float = 300,
+                 keep: bool = False) -> None:
         self.registry = registry
         self.config = config or SnapshotterConfig()
         self.config.check()
@@ -320,6 +321,7 @@ class SnapshotterStack:
         self.cri_cgroup_parent = f"/{self.namespace}-cri"
         self.sandbox_image = sandbox_image or f"{registry}/{PAUSE_REPO}:{PAUSE_TAG}"
         self.start_timeout = start_timeout
+        self.command_timeout = command_timeout  # nerdctl's default: a pull or a container's whole run
         self.stop_budget = STOP_BUDGET
         self.keep = keep
         self.root = self.workdir / "nydus"
@@ -660,15 +662,16 @@ class SnapshotterStack:
             env.pop(var, None)
         return env
 
-    def nerdctl(self, *args: str, check: bool = True, timeout: float = 300, what: str | None = None) -> CmdResult:
+    def nerdctl(self, *args: str, check: bool = True, timeout: float | None = None,
+                what: str | None = None) -> CmdResult:
         return self._call(self.nerdctl_args(*args), what or f"nerdctl {' '.join(args[:4])}", check=check,
-                          timeout=timeout, env=self._nerdctl_env(), explain=True)
+                          timeout=timeout or self.command_timeout, env=self._nerdctl_env(), explain=True)
 
-    def pull(self, ref: str, *, check: bool = True, timeout: float = 300) -> CmdResult:
+    def pull(self, ref: str, *, check: bool = True, timeout: float | None = None) -> CmdResult:
         return self.nerdctl("pull", "--quiet", ref, check=check, timeout=timeout, what=f"nerdctl pull {ref}")
 
     def run(self, ref: str, command: Sequence[str], *, name: str | None = None, detach: bool = False,
-            extra: Sequence[str] = (), check: bool = True, timeout: float = 300) -> CmdResult:
+            extra: Sequence[str] = (), check: bool = True, timeout: float | None = None) -> CmdResult:
         """nerdctl run of `command` in the image `ref`, no network; removed when it exits unless
         `detach` (then stdout is the container's id)."""
         args = ["run", "--net", "none", *(["-d"] if detach else ["--rm"]), *(["--name", name] if name else []),

@@ -7,7 +7,8 @@
   snap_registry  session: Debian's docker-registry with its access log (bytes served per blob)
   app_image      session: a busybox image with /etc/hello and a 24 MiB incompressible /data/big,
                  converted by fscached-image and pushed as <registry>/snap/app:nydus
-  stacks         a factory: stacks(SnapshotterConfig(...)) -> a started SnapshotterStack; after
+  stacks         a factory: stacks(SnapshotterConfig(...)) -> a started SnapshotterStack (nerdctl
+                 calls time out after COMMAND_TIMEOUT); after
                  the test, pass or fail, each is stopped and checked gone: no process left in its
                  mount namespace, no nydusd, no cgroup of its names, its workdir removed
 """
@@ -37,6 +38,7 @@ TOOLS = ("containerd", "ctr", "runc", "unshare", "nsenter", "skopeo", "docker-re
 PEERS = ("containerd-nydus-grpc", "nerdctl", "crictl")
 HELLO = b"hello from fscached under nydus-snapshotter\n"
 BIG_BYTES = 24 << 20
+COMMAND_TIMEOUT = 120  # s for one nerdctl call in a test (a daemon that never answers costs 5 min)
 APPLETS = ("sh", "cat", "sleep", "sha256sum", "dd", "ls", "head", "echo", "true")
 
 
@@ -98,6 +100,7 @@ def stacks(snap_registry: RegistryServer) -> Iterator[Callable[..., SnapshotterS
     started: list[SnapshotterStack] = []
 
     def start(config: SnapshotterConfig | None = None, **kwargs: object) -> SnapshotterStack:
+        kwargs.setdefault("command_timeout", COMMAND_TIMEOUT)
         stack = SnapshotterStack(snap_registry.host, config, **kwargs)  # type: ignore[arg-type]
         started.append(stack)
         return stack.start()

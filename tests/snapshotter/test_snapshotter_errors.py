@@ -27,7 +27,7 @@ def test_fscache_driver_without_cachefiles_on_demand(stacks: Callable[..., Snaps
     stack = stacks(SnapshotterConfig(fs_driver="fscache"))
     stack.pull(app_image.ref)
     with pytest.raises(ColdstartError) as failed:
-        stack.run(app_image.ref, ["cat", "/etc/hello"], timeout=120)
+        stack.run(app_image.ref, ["cat", "/etc/hello"])
     message = str(failed.value)
     assert "\n" not in message and message.startswith(f"nerdctl run {app_image.ref}"), message
     assert "/dev/cachefiles" in message, f"the error does not carry nydusd's reason: {message}"
@@ -42,7 +42,7 @@ def test_unknown_backend_type_is_named(stacks: Callable[..., SnapshotterStack], 
     stack = stacks(SnapshotterConfig(nydusd_config=config))
     stack.pull(app_image.ref)
     with pytest.raises(ColdstartError) as failed:
-        stack.run(app_image.ref, ["cat", "/etc/hello"], timeout=120)
+        stack.run(app_image.ref, ["cat", "/etc/hello"])
     message = str(failed.value)
     assert "\n" not in message and message.startswith(f"nerdctl run {app_image.ref}"), message
     assert "oss" in message, f"the error does not carry nydusd's reason (the backend type): {message}"

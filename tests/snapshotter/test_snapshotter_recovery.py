@@ -33,7 +33,7 @@ def test_failover_under_a_streaming_reader(stacks: Callable[..., SnapshotterStac
                                            snap_registry: RegistryServer, daemon_mode: str) -> None:
     stack = stacks(SnapshotterConfig(daemon_mode=daemon_mode, recover_policy="failover"))
     stack.pull(app_image.ref)
-    assert stack.run(app_image.ref, ["cat", "/etc/hello"], timeout=120).stdout.encode() == app_image.hello
+    assert stack.run(app_image.ref, ["cat", "/etc/hello"]).stdout.encode() == app_image.hello
     mark = snap_registry.log_size()
     reader = stack.start_run(app_image.ref, streaming_reader(app_image.big_bytes // MIB))
     wait_for("the reader in the cold file (2 MiB fetched)",
@@ -51,7 +51,7 @@ def test_failover_under_a_streaming_reader(stacks: Callable[..., SnapshotterStac
     after = snap_registry.blob_bytes_served(app_image.blob, since=mark)
     assert after > at_kill, "the new daemon fetched nothing: where did the rest of the file come from?"
     # and the node goes on: a new container of the image
-    assert stack.run(app_image.ref, ["cat", "/etc/hello"], timeout=120).stdout.encode() == app_image.hello
+    assert stack.run(app_image.ref, ["cat", "/etc/hello"]).stdout.encode() == app_image.hello
 
 
 @pytest.mark.parametrize("daemon_mode", ["shared", "dedicated"])
@@ -59,12 +59,12 @@ def test_restart_serves_new_containers(stacks: Callable[..., SnapshotterStack], 
                                        daemon_mode: str) -> None:
     stack = stacks(SnapshotterConfig(daemon_mode=daemon_mode, recover_policy="restart"))
     stack.pull(app_image.ref)
-    assert stack.run(app_image.ref, ["cat", "/etc/hello"], timeout=120).stdout.encode() == app_image.hello
+    assert stack.run(app_image.ref, ["cat", "/etc/hello"]).stdout.encode() == app_image.hello
     killed = stack.kill_nydusd()
     assert len(killed) == 1, f"one nydusd to kill: {killed}"
     wait_for("a restarted nydusd", lambda: bool(set(stack.nydusd_pids()) - set(killed)), 30)
-    digest = stack.run(app_image.ref, ["sha256sum", "/data/big"], timeout=120)
+    digest = stack.run(app_image.ref, ["sha256sum", "/data/big"])
     assert digest.stdout.split()[0] == app_image.big_sha256, digest.stderr
-    assert stack.run(app_image.ref, ["cat", "/etc/hello"], timeout=120).stdout.encode() == app_image.hello
+    assert stack.run(app_image.ref, ["cat", "/etc/hello"]).stdout.encode() == app_image.hello
     erofs = [m.mountpoint for m in stack.mounts() if m.fstype == "erofs"]
     assert len(erofs) == len(set(erofs)) == 1, f"one image, one EROFS mount (none stacked): {erofs}"
