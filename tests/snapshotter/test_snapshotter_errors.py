@@ -10,6 +10,7 @@ import pytest
 from coldstart import ColdstartError
 from coldstart.snapshotter import SnapshotterConfig, SnapshotterStack
 
+from registry_server import RegistryServer
 from snaphelpers import AppImage
 
 pytestmark = pytest.mark.root
@@ -57,3 +58,15 @@ def test_config_checked_before_anything_starts(name: str, value: str, allowed: s
     with pytest.raises(ColdstartError) as failed:
         SnapshotterStack("127.0.0.1:1", SnapshotterConfig(**{name: value}))  # type: ignore[arg-type]
     assert str(failed.value) == f"snapshotter config: {name} {value!r} is not one of {allowed}"
+
+
+def test_a_config_the_snapshotter_refuses_fails_the_start(snap_registry: RegistryServer) -> None:
+    """A nydusd config without `device`: containerd-nydus-grpc exits at start; the stack says so
+    in one line with the snapshotter's own reason, and leaves nothing behind."""
+    stack = SnapshotterStack(snap_registry.host, SnapshotterConfig(nydusd_config={"mode": "direct"}))
+    with pytest.raises(ColdstartError) as failed:
+        stack.start()
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith("containerd-nydus-grpc exited 1 at start"), message
+    assert "invalid fuse daemon configuration" in message, message
+    assert not stack.workdir.exists() and stack.namespace_pids() == [] and stack.cgroups() == []
