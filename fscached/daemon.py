@@ -1121,16 +1121,16 @@ class Daemon:
         if replay == "none":
             return None
         try:
-            if replay == "auto":
-                data = await self._registry_profile(spec)
-                if data is None:
-                    return None
-                profile = StartupProfile.from_json(data, f"the registry's profile of {spec.ref}")
-                where = f"the registry's profile of {spec.ref}"
-            else:
-                profile = await asyncio.to_thread(StartupProfile.load, Path(replay))
-                where = f"profile {replay}"
             digest = await asyncio.to_thread(bootstrap_digest, bootstrap)
+            if replay == "auto":
+                found = await self._registry_profile(spec, digest)
+                if found is None:
+                    return None
+                where, data = found
+                profile = StartupProfile.from_json(data, where)
+            else:
+                where = f"profile {replay}"
+                profile = await asyncio.to_thread(StartupProfile.load, Path(replay))
             sizes = {blob.info.blob_id: blob.size for blob in self.catalog.devices[(spec.volume, spec.fsid)]}
             profile.check_against(digest, sizes, where)
             return profile
@@ -1141,18 +1141,27 @@ class Daemon:
             log.warning("image %s: start-up profile not used: %s", spec.fsid, str(exc) or type(exc).__name__)
         return None
 
-    async def _registry_profile(self, spec: ImageSpec) -> bytes | None:
-        """profile=auto: the profile the registry holds for a `ref=` image (a referrer of its
-        manifest)."""
-        from fetcher.referrers import fetch_profile
+    async def _registry_profile(self, spec: ImageSpec, bootstrap_sha256: str) -> tuple[str, bytes] | None:
+        """profile=auto: the profile the registry holds for the image: a referrer of its
+        manifest (a `ref=` image, whose manifest was pulled), else the one tagged for its
+        bootstrap (an image bound from a bootstrap file and a registry backend, as
+        nydus-snapshotter binds them). (where it came from, its bytes), or None."""
+        from fetcher.referrers import fetch_profile, fetch_profile_for_bootstrap
 
-        digest = self.manifest_digests.get((spec.volume, spec.fsid))
-        if spec.ref is None or spec.registry is None or digest is None:
+        if spec.registry is None:
             return None
-        data: bytes | None = await fetch_profile(self.pool.registry(spec.registry), digest)
+        source = self.pool.registry(spec.registry)
+        manifest = self.manifest_digests.get((spec.volume, spec.fsid))
+        if manifest is not None:
+            data = await fetch_profile(source, manifest)
+            where = f"the registry's profile of {spec.ref}"
+        else:
+            data = await fetch_profile_for_bootstrap(source, bootstrap_sha256)
+            where = f"the registry's profile of bootstrap {bootstrap_sha256}"
         if data is None:
-            log.info("image %s: the registry has no start-up profile for %s", spec.fsid, digest)
-        return data
+            log.info("image %s: the registry has no start-up profile for %s", spec.fsid, manifest or bootstrap_sha256)
+            return None
+        return where, data
 
 
 def _check_mountpoint(spec: ImageSpec, mountpoint: Path) -> None:
