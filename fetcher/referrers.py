@@ -22,6 +22,12 @@ MAX_PROFILE_BYTES and checked against its digest and size. Errors are SourceErro
 "no profile" is None, never an error. The profile's content is not judged here: the daemon
 parses it and checks it against the image (StartupProfile.from_json / check_against).
 
+Discovery by the bootstrap (`fetch_profile_for_bootstrap`): a daemon that has an image's
+bootstrap but not its manifest digest (nydus-snapshotter's fusedev driver hands nydusd only the
+unpacked bootstrap and the repository) asks for the tag `fscached-profile-<hex of the
+bootstrap's sha256>`, which `push_profile` also puts on the artifact; the artifact must name
+that bootstrap digest in its annotation. The same checks as above apply.
+
 Pushing (`push_profile`): the two blobs (uploaded unless the registry has them), the artifact
 manifest PUT by digest; when the registry does not answer with an `OCI-Subject` header (it
 does not index referrers itself) the fallback index is read, the artifact appended (other
@@ -263,12 +269,46 @@ async def fetch_profile(source: RegistrySource, manifest_digest: str) -> bytes |
         raise ReferrerIntegrityError(f"{awhere}: digest mismatch: {where} says {digest} ({size} bytes), "
                                      f"the bytes received are {got} ({len(body)} bytes)")
     artifact = _parse(body, awhere)
-    if artifact.get("artifactType") != MEDIA_TYPE:
-        raise ReferrerError(f"{awhere}: artifactType {str(artifact.get('artifactType'))[:100]!r}, not {MEDIA_TYPE}")
     subject = artifact.get("subject")
     if not isinstance(subject, dict) or subject.get("digest") != manifest_digest:
         got_subject = subject.get("digest") if isinstance(subject, dict) else None
         raise ReferrerError(f"{awhere}: its subject is {str(got_subject)[:100]}, not {manifest_digest}")
+    return await _profile_layer(source, artifact, awhere)
+
+
+def bootstrap_tag(bootstrap_digest: str) -> str:
+    """The tag `push_profile` also puts on a profile artifact: by the bootstrap it belongs to."""
+    return "fscached-profile-" + _check_digest(bootstrap_digest).removeprefix("sha256:")
+
+
+async def fetch_profile_for_bootstrap(source: RegistrySource, bootstrap_digest: str) -> bytes | None:
+    """The profile tagged for the bootstrap `bootstrap_digest` (sha256:<hex>) in `source`'s
+    repository (see the module's doc); None when there is none; SourceError otherwise."""
+    try:
+        tag = bootstrap_tag(bootstrap_digest)
+    except ValueError as exc:
+        raise ReferrerError(f"{_what(source)}: {exc}") from None
+    name = f"profile tag {tag}"
+    awhere = f"{_what(source)}: {name}"
+    try:
+        body, _ = await _get_document(source, f"manifests/{tag}", name, OCI_MANIFEST)
+    except RegistryError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    artifact = _parse(body, awhere)
+    found = artifact.get("annotations")
+    annotations: dict[str, Any] = found if isinstance(found, dict) else {}
+    if annotations.get(ANN_BOOTSTRAP) != bootstrap_digest:
+        raise ReferrerError(f"{awhere}: it is the profile of bootstrap {str(annotations.get(ANN_BOOTSTRAP))[:100]}, "
+                            f"not {bootstrap_digest}")
+    return await _profile_layer(source, artifact, awhere)
+
+
+async def _profile_layer(source: RegistrySource, artifact: dict[str, Any], awhere: str) -> bytes:
+    """The one profile layer of an artifact manifest, checked and fetched."""
+    if artifact.get("artifactType") != MEDIA_TYPE:
+        raise ReferrerError(f"{awhere}: artifactType {str(artifact.get('artifactType'))[:100]!r}, not {MEDIA_TYPE}")
     layers = [layer for layer in artifact.get("layers") or [] if isinstance(layer, dict)
               and layer.get("mediaType") == MEDIA_TYPE]
     if len(layers) != 1:
@@ -304,6 +344,8 @@ async def push_profile(source: RegistrySource, manifest_digest: str, subject_med
         if not await source.blob_exists(sha256_digest(data)):
             await source.upload_blob(data)
     headers = await source.put_manifest(desc["digest"], body, OCI_MANIFEST)
+    # found by its bootstrap too (a daemon that has the bootstrap but not the manifest digest)
+    await source.put_manifest(bootstrap_tag(parsed.bootstrap_digest), body, OCI_MANIFEST)
     if headers.get("oci-subject") == manifest_digest:
         return str(desc["digest"])  # the registry keeps the referrers list itself
     index, _ = await _referrers_fallback(source, manifest_digest)

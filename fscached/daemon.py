@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
 from erofs_image.reader import Bootstrap
+from fanotify.group import FanotifyError
 from fetcher.auth import make_credentials
 from fetcher.registry import RegistrySource
 from fscached.cache_gc import CacheJanitor
@@ -51,6 +52,7 @@ from fscached.frontends.base import Frontend, KernelPathLost
 from fscached.frontends.cachefiles import CachefilesFrontend, RestoreUnsupported
 from fscached.frontends.cachefiles.frontend import NEEDS_NEWER_KERNEL
 from fscached.frontends.fanotify.frontend import FanotifyFrontend
+from fscached.frontends.fanotify.keeper import socket_path as keeper_socket
 from fscached.images import AlreadyBound, BusyError, Image, ImageState, ImageTable, MountpointTaken, NotBound
 from fscached.kernel_path import choose_kernel_path
 from fscached.lifecycle import fdnames
@@ -128,7 +130,7 @@ class Daemon:
         # keeps, and nydus-snapshotter's supervisor when there is one
         self.carrier: FdCarrier | None = SystemdStore(service) if service is not None else None
         # the keeper (fanotify outside systemd): asked at start whether it holds a group
-        self.keeper = KeeperCarrier(config.cache_dir / ".fscached" / "keeper.sock", config.cache_dir / "blobs")
+        self.keeper = KeeperCarrier(keeper_socket(config.cache_dir), config.cache_dir / "blobs")
         self._from_keeper = False  # run by systemd for the first time, the keeper of a manual run held the group
         self.supervisor: Supervisor | None = None
         # a takeover's device from the supervisor's fd (tests: the kernel simulator's)
@@ -362,7 +364,7 @@ class Daemon:
         self.profile_stats = self.frontend.stats
         self.janitor.attach(self.frontend)
 
-    def _take_fanotify(self) -> None:
+    def _take_fanotify(self, source: str | None = None) -> None:
         if self.carrier is None:
             self.carrier = self.keeper
         frontend = FanotifyFrontend(self.catalog, self.executor, self.config.cache_dir, self.config.read_window)
@@ -371,7 +373,8 @@ class Daemon:
         frontend.open(carried)
         if took_group:
             log.info("took the fanotify group back from %s (%d write fds)",
-                     self.keeper.what if self._from_keeper or self.carrier is self.keeper else self.carrier.what,
+                     source or (self.keeper.what if self._from_keeper or self.carrier is self.keeper
+                                else self.carrier.what),
                      sum(1 for cf in frontend.files.values() if cf.write_fd is not None))
         else:
             self.carrier.start()
@@ -905,19 +908,32 @@ class Daemon:
         try:
             self._taken_over = True
             self._adopt_config(state)
-            await self._restore_binds(state)
-            device = (self.device_factory or (lambda f: self.device_class.from_fd(f, path=str(self.config.device))))(fd)
-            frontend = self._take_cachefiles(device, taken_over=True, shared=upgrade)
-            self.janitor.attach(frontend)
+            if state.backend == "fanotify":
+                self.kernel_path = "fanotify"
+                self._take_carried()  # a keeper of the dead daemon: its write fds are the group's too
+                kept_group = self._carried.pop(fdnames.FANOTIFY_GROUP, None)
+                if kept_group is not None:
+                    os.close(kept_group)  # the same group: the supervisor's copy is the one taken
+                self._carried[fdnames.FANOTIFY_GROUP] = fd
+                self._restored = None
+                await self._restore_binds(state)
+                self._take_fanotify(source="the supervisor")
+            else:
+                await self._restore_binds(state)
+                device = (self.device_factory or (lambda f: self.device_class.from_fd(f, path=str(self.config.device))))(fd)
+                self._take_cachefiles(device, taken_over=True, shared=upgrade)
+            frontend = self.frontend
+            assert frontend is not None
             frontend.recorders = self.recorders
-            self._handing_over = True  # the supervisor holds the device too
+            self.janitor.attach(frontend)
+            self._handing_over = True  # the supervisor holds the kernel fd too
             if not upgrade:
-                frontend.requeue("takeover", required=True)
+                frontend.resume()
         except BaseException as exc:
             self._roll_back_takeover(fd)
             if isinstance(exc, RestoreUnsupported):
                 raise FailoverError(f"takeover: {NEEDS_NEWER_KERNEL}", 501, "UNSUPPORTED") from None
-            if isinstance(exc, CachefilesError):
+            if isinstance(exc, (CachefilesError, FanotifyError)):
                 raise FailoverError(f"takeover: {exc}") from None
             raise
         self.loaded = True
@@ -937,19 +953,27 @@ class Daemon:
             state = read_state(data)
         except HandoverError as exc:
             raise FailoverError(f"{where}: {exc}", 400, "BAD_REQUEST") from None
-        if state.backend != "cachefiles":
-            raise FailoverError(f"{where}: the state is a {state.backend} daemon's; this one takes over "
-                                "/dev/cachefiles (cachefiles) only", 400, "BAD_REQUEST")
+        wanted = fdnames.CACHEFILES if state.backend == "cachefiles" else fdnames.FANOTIFY_GROUP
+        if self.kernel_path not in ("auto", state.backend):
+            raise FailoverError(f"{where}: the state is a {state.backend} daemon's; this one serves "
+                                f"{self.kernel_path}", 400, "BAD_REQUEST")
         if len(fds) != 1:
-            raise FailoverError(f"{where}: expected exactly one fd (/dev/cachefiles), got {len(fds)}",
+            raise FailoverError(f"{where}: expected exactly one fd ({wanted}), got {len(fds)}", 400, "BAD_REQUEST")
+        if state.fd_names and wanted not in [fdnames.normalize(n) for n in state.fd_names]:
+            raise FailoverError(f"{where}: the state names its fds {', '.join(state.fd_names)}, not {wanted}",
                                 400, "BAD_REQUEST")
-        if state.fd_names and fdnames.CACHEFILES not in state.fd_names:
-            raise FailoverError(f"{where}: the state names its fds {', '.join(state.fd_names)}, not "
-                                f"{fdnames.CACHEFILES}", 400, "BAD_REQUEST")
         mode = os.fstat(fds[0]).st_mode
         if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
             raise FailoverError(f"{where}: the fd is a {'file' if stat.S_ISREG(mode) else 'directory'}, "
-                                "not /dev/cachefiles", 400, "BAD_REQUEST")
+                                f"not {'/dev/cachefiles' if state.backend == 'cachefiles' else 'a fanotify group'}",
+                                400, "BAD_REQUEST")
+        if state.backend == "fanotify":
+            try:
+                what = os.readlink(f"/proc/self/fd/{fds[0]}")
+            except OSError:
+                what = "unknown"
+            if what != "anon_inode:[fanotify]":
+                raise FailoverError(f"{where}: the fd is {what}, not a fanotify group", 400, "BAD_REQUEST")
         return state, fds[0]
 
     def _adopt_config(self, state: HandoverState) -> None:
@@ -975,7 +999,7 @@ class Daemon:
                 image.move(ImageState.FAILED)
                 self.images.forget(image)
         if self.frontend is not None:
-            self.frontend.close(let_go=True)
+            self.frontend.close(let_go=False)  # never let go: the journal's orphans are the next takeover's
             self.frontend = None
         else:
             try:
@@ -984,6 +1008,17 @@ class Daemon:
                 pass
         self._handing_over = False
         self._taken_over = False
+
+    async def wait_until_serving(self, timeout: float) -> bool:
+        """Wait (up to `timeout` s) for READY or RUNNING with the kernel path read: a request
+        that arrives early (nydus-snapshotter mounts before it asks for the state) is served."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.serving:
+            if self.stopping or loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     async def wait_for_takeover(self) -> bool:
         """In INIT (a failover restart, a hot upgrade): wait for the takeover, and for a hot
@@ -1086,16 +1121,16 @@ class Daemon:
         if replay == "none":
             return None
         try:
-            if replay == "auto":
-                data = await self._registry_profile(spec)
-                if data is None:
-                    return None
-                profile = StartupProfile.from_json(data, f"the registry's profile of {spec.ref}")
-                where = f"the registry's profile of {spec.ref}"
-            else:
-                profile = await asyncio.to_thread(StartupProfile.load, Path(replay))
-                where = f"profile {replay}"
             digest = await asyncio.to_thread(bootstrap_digest, bootstrap)
+            if replay == "auto":
+                found = await self._registry_profile(spec, digest)
+                if found is None:
+                    return None
+                where, data = found
+                profile = StartupProfile.from_json(data, where)
+            else:
+                where = f"profile {replay}"
+                profile = await asyncio.to_thread(StartupProfile.load, Path(replay))
             sizes = {blob.info.blob_id: blob.size for blob in self.catalog.devices[(spec.volume, spec.fsid)]}
             profile.check_against(digest, sizes, where)
             return profile
@@ -1106,18 +1141,27 @@ class Daemon:
             log.warning("image %s: start-up profile not used: %s", spec.fsid, str(exc) or type(exc).__name__)
         return None
 
-    async def _registry_profile(self, spec: ImageSpec) -> bytes | None:
-        """profile=auto: the profile the registry holds for a `ref=` image (a referrer of its
-        manifest)."""
-        from fetcher.referrers import fetch_profile
+    async def _registry_profile(self, spec: ImageSpec, bootstrap_sha256: str) -> tuple[str, bytes] | None:
+        """profile=auto: the profile the registry holds for the image: a referrer of its
+        manifest (a `ref=` image, whose manifest was pulled), else the one tagged for its
+        bootstrap (an image bound from a bootstrap file and a registry backend, as
+        nydus-snapshotter binds them). (where it came from, its bytes), or None."""
+        from fetcher.referrers import fetch_profile, fetch_profile_for_bootstrap
 
-        digest = self.manifest_digests.get((spec.volume, spec.fsid))
-        if spec.ref is None or spec.registry is None or digest is None:
+        if spec.registry is None:
             return None
-        data: bytes | None = await fetch_profile(self.pool.registry(spec.registry), digest)
+        source = self.pool.registry(spec.registry)
+        manifest = self.manifest_digests.get((spec.volume, spec.fsid))
+        if manifest is not None:
+            data = await fetch_profile(source, manifest)
+            where = f"the registry's profile of {spec.ref}"
+        else:
+            data = await fetch_profile_for_bootstrap(source, bootstrap_sha256)
+            where = f"the registry's profile of bootstrap {bootstrap_sha256}"
         if data is None:
-            log.info("image %s: the registry has no start-up profile for %s", spec.fsid, digest)
-        return data
+            log.info("image %s: the registry has no start-up profile for %s", spec.fsid, manifest or bootstrap_sha256)
+            return None
+        return where, data
 
 
 def _check_mountpoint(spec: ImageSpec, mountpoint: Path) -> None:

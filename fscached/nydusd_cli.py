@@ -1,14 +1,26 @@
-"""`nydusd`: fscached under the command line nydus-snapshotter runs (fs_driver = "fscache").
+"""`nydusd`: fscached under the command lines nydus-snapshotter runs, for both its drivers.
 
     nydusd singleton --fscache DIR --apisock PATH --log-level L [--fscache-threads N]
            [--id ID --supervisor PATH] [--upgrade] [--log-file F] [--log-rotation-size N]
            [--config F]
+    nydusd fuse [--upgrade] [--thread-num N] [--id ID] [--config F --bootstrap B] --mountpoint M
+           --apisock PATH --log-level L [--log-rotation-size N] [--supervisor P] [--log-file F]
+           [--prefetch-files X] [--backend-source URL] [--failover-policy none|resend|flush]
     nydusd --version
 
-It starts fscached's daemon on the cachefiles path (the snapshotter mounts with `-o fsid=`)
-with no image: images are bound at run time through the nydusd API on `--apisock`
-(fscached.api.server). `--config` may hold nydusd's singleton config, `{"blobs": [<bind entry>...]}`,
-bound at start.
+`singleton` (fs_driver = "fscache"): fscached's daemon on the cachefiles path (the snapshotter
+mounts with `-o fsid=`) with no image: images are bound at run time through the nydusd API on
+`--apisock` (fscached.api.server). `--config` may hold nydusd's singleton config,
+`{"blobs": [<bind entry>...]}`, bound at start.
+
+`fuse` (fs_driver = "fusedev"): the snapshotter asks for a filesystem at a directory and uses it
+as an overlay lower dir; fscached answers with a file-backed EROFS mount there, served through
+fanotify pre-content events (Linux 6.14+): native kernel reads, filled lazily, no FUSE.
+Dedicated mode (`--bootstrap` and `--config`): the one image at `--mountpoint`. Shared mode
+(neither): `--mountpoint` is the root; each image comes by `POST /api/v1/mount?mountpoint=/<id>`
+and is mounted at `<root>/<id>`, its blobs' cache files shared with the other images. The cache
+is `--fscache DIR` when given, else `<cache work_dir>/fscached/<daemon id>` (the snapshotter's
+cache dir, from the config or beside its socket dir): one group and one cache per daemon.
 
 Failover (`--supervisor`, fscached.lifecycle.supervisor): a daemon that finds /dev/cachefiles busy (the
 supervisor holds it) beside a stale API socket was restarted for failover: it serves the API in
@@ -59,7 +71,7 @@ def version_text() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog=PROG, description="fscached answering as nydusd (singleton, fscache) for nydus-snapshotter.")
-    p.add_argument("mode", nargs="?", help="singleton (the only mode: nydus-snapshotter's fscache driver)")
+    p.add_argument("mode", nargs="?", help="singleton (nydus-snapshotter's fscache driver) or fuse (fusedev)")
     p.add_argument("--version", "-V", action="store_true", help="print the version (Git Commit: ...) and exit")
     p.add_argument("--fscache", metavar="DIR", help="the cache directory (cachefiles `dir`)")
     p.add_argument("--fscache-tag", metavar="TAG", help="cachefiles tag")
@@ -72,18 +84,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--id", help="the daemon id (reported by the API)")
     p.add_argument("--supervisor", metavar="PATH", help="failover supervisor socket (sendfd / takeover)")
     p.add_argument("--upgrade", action="store_true", help="hot upgrade: wait in INIT for a takeover, then start")
-    p.add_argument("--config", metavar="FILE", help="nydusd singleton config: {\"blobs\": [bind entries]}")
+    p.add_argument("--config", metavar="FILE", help="singleton: {\"blobs\": [bind entries]}; fuse: the daemon config "
+                   "of the image at --mountpoint (with --bootstrap)")
+    p.add_argument("--mountpoint", metavar="DIR", help="fuse: the image's directory (dedicated) or the root below "
+                   "which images are mounted (shared)")
+    p.add_argument("--bootstrap", metavar="FILE", help="fuse, dedicated: the image's bootstrap")
+    p.add_argument("--failover-policy", help="fuse: accepted (none, resend, flush): fscached answers every "
+                   "request a dead daemon left from its journal")
+    p.add_argument("--prefetch-files", metavar="LIST", help="fuse: accepted, not used (prefetch is the image's)")
+    p.add_argument("--backend-source", metavar="URL", help=argparse.SUPPRESS)  # snapshotter system controller
     p.add_argument("--ready-file", metavar="FILE", help=argparse.SUPPRESS)  # fscached: written once serving
     return p.parse_args(argv)
 
 
+FAILOVER_POLICIES = ("none", "resend", "flush")
+
+
 def check_args(args: argparse.Namespace) -> None:
-    if args.mode != "singleton":
+    if args.mode not in ("singleton", "fuse"):
         what = f"mode {args.mode!r}" if args.mode else "no mode"
         raise ConfigError(f"{what}: fscached's nydusd runs `nydusd singleton --fscache DIR --apisock PATH` "
-                          "(nydus-snapshotter with fs_driver = \"fscache\"); FUSE mode is nydusd's own")
-    if not args.fscache:
+                          "(nydus-snapshotter's fscache driver) or `nydusd fuse --mountpoint DIR --apisock PATH` "
+                          "(its fusedev driver)")
+    if args.mode == "singleton" and not args.fscache:
         raise ConfigError("--fscache DIR is required (the cache directory)")
+    if args.mode == "fuse":
+        if not args.mountpoint:
+            raise ConfigError("fuse: --mountpoint DIR is required (the image's directory, or the root of them)")
+        if bool(args.bootstrap) != bool(args.config):
+            raise ConfigError("fuse: --bootstrap and --config go together (dedicated mode: one image at "
+                              "--mountpoint); give neither for the shared mode")
+        if args.failover_policy and args.failover_policy not in FAILOVER_POLICIES:
+            raise ConfigError(f"invalid --failover-policy {args.failover_policy!r}: {', '.join(FAILOVER_POLICIES)}")
     if not args.apisock:
         raise ConfigError("--apisock PATH is required (images are bound through the API)")
     if args.log_level.lower() not in LOG_LEVELS:
@@ -126,11 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(version_text())
             return 0
         check_args(args)
-        initial = read_initial_binds(args.config)
+        initial = read_initial_binds(args.config) if args.mode == "singleton" else []
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.log_file:  # nydus-snapshotter does not make the directory of the log it names
+            os.makedirs(os.path.dirname(os.path.abspath(args.log_file)), mode=0o700, exist_ok=True)
         setup_logging(LOG_LEVELS[args.log_level.lower()], args.log_file, int(args.log_rotation_size))
     except OSError as exc:
         print(f"{PROG}: error: --log-file {args.log_file}: {exc.strerror}", file=sys.stderr)
@@ -140,8 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # paths resolved here, before the loop: the cwd they are relative to, and the socket left
         args.apisock = os.path.abspath(args.apisock)
+        stale_socket = os.path.exists(args.apisock)
+        if args.mode == "fuse":
+            from fscached.nydusd_fuse import prepare, serve_fuse
+
+            return uvloop.run(serve_fuse(args, prepare(args)))
         args.fscache = os.path.realpath(args.fscache)
-        return uvloop.run(serve(args, initial, stale_socket=os.path.exists(args.apisock)))
+        return uvloop.run(serve(args, initial, stale_socket=stale_socket))
     except KeyboardInterrupt:
         return 0
 
@@ -233,7 +272,8 @@ async def bind_at_start(daemon: Daemon, api: ApiServer, entries: list[Any]) -> N
             log.error("--config blobs[%d]: %s", n, exc.message)
 
 
-async def wait_for_takeover(daemon: Daemon, apisock: Path, args: argparse.Namespace, *, upgrade: bool) -> int:
+async def wait_for_takeover(daemon: Daemon, apisock: Path, args: argparse.Namespace, *, upgrade: bool,
+                            api_options: dict[str, Any] | None = None) -> int:
     """Serve the API in INIT until the supervisor's takeover (Daemon.take_over), then serve the
     kernel: at once after a failover restart, at `start` for a hot upgrade (`--upgrade`: the
     old daemon serves until told to exit). Exit (API or signal) while waiting: leave, exit 0."""
@@ -242,7 +282,7 @@ async def wait_for_takeover(daemon: Daemon, apisock: Path, args: argparse.Namesp
     log = logging.getLogger("fscached")
     daemon.upgrade = upgrade
     daemon.autostart = False
-    api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor)
+    api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor, **(api_options or {}))
     try:
         await api.start()
     except ApiSocketError as exc:

@@ -46,6 +46,7 @@ Mapping (legacy `config.` / v2 `config_v2.`):
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
@@ -478,3 +479,57 @@ def link_blob_file(blob_file: Path, bootstrap: Path, work_dir: Path, parsed: Boo
     except OSError as exc:
         raise BadBind(f"blob_cache: cannot link localfs blob_file into {link_dir}: {exc.strerror or exc}") from None
     return link_dir
+
+
+# -- nydusd's fusedev daemon config (RafsConfig v1) --------------------------------------------------
+FUSE_CACHE_TYPES = ("", "blobcache", "fscache", "dummycache")
+
+
+def parse_rafs_config(config: Any, *, fsid: str, bootstrap: str, mountpoint: Path | None,
+                      domain: str | None = None, where: str = "config") -> BindRequest:
+    """nydusd's daemon config for the fusedev driver (what nydus-snapshotter writes for `nydusd
+    fuse --config F` and sends as the `config` string of POST /api/v1/mount):
+
+        {"device": {"backend": {"type": "registry"|"localfs", "config": {...}},
+                    "cache": {"type": "blobcache", "config": {"work_dir": "..."}}},
+         "mode": "direct", "digest_validate": false, "enable_xattr": true,
+         "fs_prefetch": {"enable": false, "prefetch_all": false, "threads_count": 4, "bandwidth_rate": 0}}
+
+    `config` is the JSON object or its text. The backend goes through the same rules as a bind
+    entry's; the cache is fscached's own (the kernel's page cache over sparse cache files), so
+    its type and work_dir are only checked. BadBind / UnsupportedBind, one line."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError as exc:
+            raise BadBind(f"{where}: not JSON: {exc}") from None
+    config = _object(config, where)
+    device = _object(config.get("device"), f"{where}.device")
+    if not device:
+        raise BadBind(f"{where}: invalid fuse daemon configuration: no `device` (nydus-snapshotter's "
+                      "nydusd_config needs one, with a backend)")
+    cache = _object(device.get("cache"), f"{where}.device.cache")
+    cache_type = _string(cache, "type", f"{where}.device.cache")
+    if cache_type not in FUSE_CACHE_TYPES:
+        raise UnsupportedBind(f"{where}.device.cache.type {cache_type[:40]!r}: fscached caches in the kernel's "
+                              "page cache over sparse cache files (blobcache, or leave it out)")
+    backend = _object(device.get("backend"), f"{where}.device.backend")
+    backend_type = _string(backend, "type", f"{where}.device.backend")
+    prefetch = _prefetch(_object(config.get("fs_prefetch"), f"{where}.fs_prefetch"), f"{where}.fs_prefetch",
+                         "threads_count", "bandwidth_rate")
+    parsed = _backend(backend_type, _object(backend.get("config"), f"{where}.device.backend.config"),
+                      f"{where}.device.backend.config", bootstrap, "", prefetch)
+    boot_path, opened = open_metadata_path(bootstrap)
+    blobs = parsed.blob_dir
+    if parsed.blob_file is not None:
+        blobs = Path(parsed.blob_file).resolve().parent
+    registry = proxy = None
+    token = None
+    if parsed.registry is not None:
+        registry, proxy = _registry_spec(f"image {fsid}", parsed.registry)
+        token = _string(parsed.registry, "registry_token", "registry") or None
+    spec = ImageSpec(fsid=check_entry_id("id", fsid), bootstrap=boot_path, blobs=blobs, domain=domain, registry=registry,
+                     proxy=proxy, prefetch=parsed.prefetch, mountpoint=mountpoint)
+    ignored = parsed.ignored + [key for key in ("digest_validate", "amplify_io", "warmup", "iostats_files",
+                                                 "access_pattern", "latest_read_files") if config.get(key)]
+    return BindRequest(spec, "fusedev", ignored, token, ProfileSpec(), opened)

@@ -41,6 +41,7 @@ its hang-up for the daemon's death.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -55,8 +56,8 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from fetcher.source import SourceError
-from fscached.api.bind_entry import BindError, check_metadata_file, parse_bind_entry
-from fscached.config import ConfigError, ImageSpec, check_auth
+from fscached.api.bind_entry import BindError, check_metadata_file, parse_bind_entry, parse_rafs_config
+from fscached.config import ConfigError, ImageSpec, check_auth, check_id
 from fscached.core.catalog import BlobObject, CatalogError
 from fscached.daemon import Daemon, DaemonState, NotServing
 from fscached.frontends.base import CullBusy, CullFailed
@@ -75,10 +76,15 @@ SUN_PATH_MAX = 108  # sockaddr_un.sun_path, with its NUL
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
               "warning": logging.WARNING, "error": logging.ERROR}
-# nydusd routes for its FUSE mode and its own statistics: known, answered 501
-NYDUSD_UNSUPPORTED = ("/api/v1/mount", "/api/v1/metrics", "/api/v1/metrics/files", "/api/v1/metrics/pattern",
-                      "/api/v1/metrics/backend", "/api/v1/metrics/inflight", "/api/v1/daemon/events",
-                      "/api/v1/daemon/backend", "/api/v1/daemon/fuse/resend")
+# nydusd routes fscached has nothing behind: known, answered 501
+NYDUSD_UNSUPPORTED = ("/api/v1/daemon/events", "/api/v1/daemon/backend", "/api/v1/daemon/fuse/resend")
+# a POST /api/v1/mount may come before the daemon serves (nydus-snapshotter mounts before it asks
+# for the state); it waits this long, under the snapshotter's 30 s per request
+MOUNT_WAIT_SECONDS = 25.0
+# nydusd's FUSE operation counters (StatsFop): fscached's reads are the kernel's, counted at Read
+FOP_READ, FOP_COUNT = 4, 15
+# nydusd's read latency buckets (microseconds): <1 ms, <20, <50, <100, <500 ms, <1 s, <2 s, more
+NYDUS_LATENCY_US = (1_000, 20_000, 50_000, 100_000, 500_000, 1_000_000, 2_000_000)
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -157,8 +163,13 @@ class ApiServer:
     READY -> RUNNING at once (otherwise at `PUT /api/v1/daemon/start`)."""
 
     def __init__(self, daemon: Daemon, path: Path, *, daemon_id: str | None = None, supervisor: str | None = None,
-                 autostart: bool | None = None, on_exit: Callable[[], None] | None = None) -> None:
+                 autostart: bool | None = None, on_exit: Callable[[], None] | None = None,
+                 fuse_root: Path | None = None, fuse_domain: str | None = None) -> None:
         self.daemon = daemon
+        # nydusd's fusedev shared mode: images mounted at <fuse_root>/<id> by POST /api/v1/mount,
+        # their blobs shared in `fuse_domain` (one cache file per blob, whatever image uses it)
+        self.fuse_root = fuse_root
+        self.fuse_domain = fuse_domain
         self.path = Path(path)
         self.daemon_id = daemon_id
         if supervisor is not None and daemon.supervisor is None:
@@ -236,6 +247,13 @@ class ApiServer:
         r.add_get("/api/v1/metrics/blobcache", self.blobcache_metrics, allow_head=False)
         r.add_put("/api/v1/config", self.put_config)
         r.add_get("/metrics", self.prometheus, allow_head=False)
+        r.add_post("/api/v1/mount", self.mount)
+        r.add_delete("/api/v1/mount", self.umount)
+        r.add_get("/api/v1/metrics", self.fs_metrics, allow_head=False)
+        r.add_get("/api/v1/metrics/backend", self.backend_metrics, allow_head=False)
+        r.add_get("/api/v1/metrics/inflight", self.inflight_metrics, allow_head=False)
+        r.add_get("/api/v1/metrics/files", self.files_metrics, allow_head=False)
+        r.add_get("/api/v1/metrics/pattern", self.files_metrics, allow_head=False)
         for path in NYDUSD_UNSUPPORTED:
             r.add_route("*", path, self.nydusd_only)
         return app
@@ -375,8 +393,164 @@ class ApiServer:
         return no_content()
 
     async def nydusd_only(self, request: web.Request) -> web.Response:
-        raise ApiError(501, "UNSUPPORTED", f"{request.path} is a nydusd FUSE-mode route: fscached serves images "
-                                           "through the kernel (fscache): see /api/v1/metrics/blobcache and /metrics")
+        raise ApiError(501, "UNSUPPORTED", f"{request.path} is a nydusd route fscached has nothing behind: it "
+                                           "serves images through the kernel: see /api/v1/metrics/blobcache and /metrics")
+
+    # -- nydusd's fusedev mounts (shared mode: one daemon, an image per directory) -------------------
+    def _mount_id(self, request: web.Request) -> str:
+        """The image's id from `?mountpoint=/<id>`: one path component below the daemon's root."""
+        if self.fuse_root is None:
+            raise ApiError(501, "UNSUPPORTED", f"{request.method} {request.path}: this daemon has no FUSE-mode "
+                                               "mountpoint (run as `nydusd fuse --mountpoint DIR`)")
+        given = request.query.get("mountpoint") or ""
+        name = given.strip("/")
+        if not name or "/" in name or name in (".", ".."):
+            raise ApiError(400, "BAD_REQUEST", f"mountpoint {given[:200]!r} must be /<id>, one directory below "
+                                               f"{self.fuse_root}")
+        try:
+            return check_id("mountpoint", name)
+        except ConfigError as exc:
+            raise ApiError(400, "BAD_REQUEST", str(exc)) from None
+
+    async def mount(self, request: web.Request) -> web.Response:
+        """POST /api/v1/mount?mountpoint=/<id> {"source": bootstrap, "fs_type": "rafs", "config":
+        "<daemon config JSON>"}: the image at <root>/<id>, a file-backed EROFS mount served through
+        fanotify. Idempotent: the same image already there (bound by this daemon, or mounted by
+        its predecessor and taken back) is a success. Failures are logged here: nydus-snapshotter
+        does not log them."""
+        sid = self._mount_id(request)
+        assert self.fuse_root is not None
+        try:
+            return await self._mount(request, sid, self.fuse_root / sid)
+        except ApiError as exc:
+            log.error("mount of image %s at %s refused (%d): %s", sid, self.fuse_root / sid, exc.status, exc.message)
+            raise
+
+    async def _mount(self, request: web.Request, sid: str, mountpoint: Path) -> web.Response:
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "BAD_REQUEST", "the body must be {\"source\": ..., \"fs_type\": \"rafs\", \"config\": ...}")
+        source, fs_type = body.get("source"), body.get("fs_type", "rafs")
+        if not isinstance(source, str) or not source:
+            raise ApiError(400, "BAD_REQUEST", f"image {sid}: `source` (the bootstrap's path) is missing")
+        if fs_type not in ("rafs", "erofs"):
+            raise ApiError(400, "BAD_REQUEST", f"image {sid}: fs_type {str(fs_type)[:40]!r}: fscached mounts RAFS v6 "
+                                               "(EROFS) images: \"rafs\"")
+        domain = self.fuse_domain
+        existing = self.daemon.images.get(domain or sid, sid)
+        if existing is not None:
+            async with existing.lock:  # a bind of it in progress ends first
+                pass
+            same = existing.spec.mountpoint == mountpoint and existing.spec.bootstrap is not None and \
+                await asyncio.to_thread(os.path.realpath, source) == str(existing.spec.bootstrap)
+            if self.daemon.images.get(domain or sid, sid) is existing and same:
+                log.info("image %s is mounted on %s already: nothing to do", sid, mountpoint)
+                return no_content()
+            if self.daemon.images.get(domain or sid, sid) is existing:
+                raise ApiError(409, "BUSY", f"image {sid}: another image is mounted on {mountpoint} (bootstrap "
+                                            f"{existing.spec.bootstrap}): unmount it first")
+        if not await self.daemon.wait_until_serving(MOUNT_WAIT_SECONDS):
+            raise ApiError(503, "NOT_READY", f"image {sid}: the daemon is not serving (state {self.state})")
+        try:
+            bind = await asyncio.to_thread(parse_rafs_config, body.get("config") or {}, fsid=sid, bootstrap=source,
+                                           mountpoint=mountpoint, domain=domain, where=f"image {sid}: config")
+        except BindError as exc:
+            raise ApiError(exc.status, exc.code, str(exc)) from None
+        if bind.ignored:
+            log.info("image %s: config fields not used by fscached: %s", sid, ", ".join(bind.ignored))
+        await self._bind(bind.spec, bind.profile, bind.bootstrap, bind.registry_token)
+        log.info("mounted image %s on %s", sid, mountpoint)
+        return no_content()
+
+    async def umount(self, request: web.Request) -> web.Response:
+        """DELETE /api/v1/mount?mountpoint=/<id>: unmount the image and stop serving it."""
+        sid = self._mount_id(request)
+        try:
+            await self.daemon.unbind_image(self.fuse_domain or sid, sid)
+        except NotBound as exc:
+            raise ApiError(404, "NOT_FOUND", str(exc)) from None
+        except BusyError as exc:
+            log.error("unmount of image %s refused: %s", sid, exc)
+            raise ApiError(409, "BUSY", str(exc)) from None
+        return no_content()
+
+    # -- nydusd's statistics -----------------------------------------------------------------------
+    def _metrics_specs(self, request: web.Request) -> list[ImageSpec]:
+        wanted = (request.query.get("id") or "").lstrip("/")
+        if not wanted:
+            return [spec for _, spec in sorted(self.daemon.catalog.images.items())]
+        specs = self._images_with_id(wanted)
+        if not specs:
+            raise ApiError(404, "NOT_FOUND", f"no image with id {wanted}")
+        return specs
+
+    async def fs_metrics(self, request: web.Request) -> web.Response:
+        """nydusd's FsIoStats, from fscached's counters: the kernel's reads answered (fscached
+        sees them per cache-file range, not per file: they are the daemon's, for ?id= too)."""
+        self._metrics_specs(request)
+        frontend = self.daemon.frontend
+        hits = [0] * FOP_COUNT
+        errors = [0] * FOP_COUNT
+        latency = [0] * (len(NYDUS_LATENCY_US) + 1)
+        data_read = sizes = 0
+        size_counts: list[int] = []
+        total_us = 0
+        if frontend is not None:
+            stats = frontend.requests
+            hits[FOP_READ] = stats.total("cached") + stats.total("filled")
+            errors[FOP_READ] = stats.total("failed")
+            data_read = stats.bytes["cached"] + stats.bytes["filled"]
+            size_counts = list(stats.size_counts)
+            sizes = len(size_counts)
+            for outcome in ("cached", "filled", "failed"):
+                total_us += int(stats.seconds[outcome] * 1e6)
+                for bound, count in zip((*stats.buckets, float("inf")), stats.counts[outcome]):
+                    latency[bisect.bisect_left(NYDUS_LATENCY_US, bound * 1e6)] += count
+        return web.json_response({
+            "files_account_enabled": False, "access_pattern_enabled": False, "measure_latency": True,
+            "id": (request.query.get("id") or "").lstrip("/"),
+            "data_read": data_read,
+            "block_count_read": size_counts or [0] * sizes,
+            "fop_hits": hits, "fop_errors": errors,
+            "fop_cumulative_latency_total": [total_us if n == FOP_READ else 0 for n in range(FOP_COUNT)],
+            "read_latency_dist": latency,
+            "nr_opens": frontend.objects_open() if frontend is not None else 0,
+        })
+
+    async def backend_metrics(self, request: web.Request) -> web.Response:
+        """nydusd's BackendMetrics, summed over the blob sources behind the images."""
+        specs = self._metrics_specs(request)
+        chains = {id(blob.source): blob.source for spec in specs
+                  for blob in self.daemon.catalog.devices.get((spec.volume, spec.fsid), [])}
+        ok = failed = amount = 0
+        kinds = set()
+        for chain in chains.values():
+            for key, value in chain.stats.items():
+                name, _, result = key.rpartition(":")
+                kinds.add(name.split(" ")[0])
+                if result == "ok":
+                    ok += value
+                elif result in ("failed", "integrity"):
+                    failed += value
+            amount += sum(chain.bytes.values())
+        return web.json_response({"id": (request.query.get("id") or "").lstrip("/"),
+                                  "backend_type": ",".join(sorted(kinds)) or "none",
+                                  "read_count": ok + failed, "read_errors": failed, "read_amount_total": amount})
+
+    async def inflight_metrics(self, request: web.Request) -> web.Response:
+        """nydusd's in-flight requests: 204 when none (as nydusd answers), else a JSON array."""
+        frontend = self.daemon.frontend
+        flights = frontend.in_flight() if frontend is not None else []
+        if not flights:
+            return no_content()
+        return web.json_response([{"inode": f.inode, "opcode": 15, "unique": f.request,
+                                   "timestamp_secs": int(f.started)} for f in flights])
+
+    async def files_metrics(self, request: web.Request) -> web.Response:
+        """nydusd's per-file statistics and access patterns: the kernel reads the files of an
+        EROFS mount itself, fscached sees only ranges of blobs: none to report."""
+        self._metrics_specs(request)
+        return web.json_response([])
 
     # -- binds ----------------------------------------------------------------------------------
     async def bind(self, request: web.Request) -> web.Response:
@@ -405,8 +579,14 @@ class ApiServer:
                                                "point: give an empty directory")
         if spec.bootstrap is None:  # fscached's "ref": pull the bootstrap, then check it as any other
             spec = await self._pull(spec)
+        spec = await self._bind(spec, bind.profile, bind.bootstrap, bind.registry_token)
+        log.info("bound image %s%s (%s form)", spec.fsid, f" in domain {spec.domain}" if spec.domain else "", bind.form)
+        return spec
+
+    async def _bind(self, spec: ImageSpec, profile: Any, parsed: Any, token: str | None) -> ImageSpec:
+        """The daemon's bind, its errors as nydusd's answers."""
         try:
-            spec = await self.daemon.bind_image(spec, profile=bind.profile, parsed=bind.bootstrap)
+            spec = await self.daemon.bind_image(spec, profile=profile, parsed=parsed)
         except AlreadyBound as exc:
             raise ApiError(400, "ALREADY_EXISTS", str(exc)) from None
         except NotServing as exc:
@@ -418,9 +598,8 @@ class ApiServer:
                            + (f" ({exc.filename})" if exc.filename else "")) from None
         except SourceError as exc:
             raise ApiError(500, "DAEMON_ERROR", f"image {spec.fsid}: {exc}") from None
-        if bind.registry_token:
-            self.daemon.seed_registry_token(spec, bind.registry_token)
-        log.info("bound image %s%s (%s form)", spec.fsid, f" in domain {spec.domain}" if spec.domain else "", bind.form)
+        if token:
+            self.daemon.seed_registry_token(spec, token)
         return spec
 
     async def _pull(self, spec: ImageSpec) -> ImageSpec:

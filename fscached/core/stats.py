@@ -11,6 +11,9 @@ LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    2.5, 5.0, 10.0, 30.0)
 
 
+SIZE_BUCKETS = tuple(4096 << n for n in range(9))  # 4 KiB .. 1 MiB
+
+
 class RequestStats:
     """What happened to the kernel's requests, observed by a frontend when it answers one: its
     outcome ("cached": answered without fetching; "filled": bytes fetched, verified, written;
@@ -21,6 +24,8 @@ class RequestStats:
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.buckets = buckets
+        # requests answered with data, by size: up to 4 KiB, 8, 16, ... 1 MiB, more
+        self.size_counts = [0] * (len(SIZE_BUCKETS) + 1)
         # per outcome: a count per bucket (not cumulative; the last one is +Inf), sum, bytes
         self.counts: dict[str, list[int]] = {o: [0] * (len(buckets) + 1) for o in OUTCOMES}
         self.seconds: dict[str, float] = dict.fromkeys(OUTCOMES, 0.0)
@@ -31,6 +36,8 @@ class RequestStats:
         self.counts[outcome][bisect.bisect_left(self.buckets, seconds)] += 1
         self.seconds[outcome] += seconds
         self.bytes[outcome] += nbytes
+        if nbytes:
+            self.size_counts[bisect.bisect_left(SIZE_BUCKETS, nbytes)] += 1
 
     def total(self, outcome: str) -> int:
         return sum(self.counts[outcome])

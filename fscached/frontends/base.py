@@ -37,6 +37,15 @@ class KernelPathLost(Exception):
 
 
 @dataclass(frozen=True)
+class InFlight:
+    """A kernel request being filled now (nydusd's /api/v1/metrics/inflight)."""
+
+    inode: int  # the cache file's inode (fanotify) or the kernel object's id (cachefiles)
+    request: int  # the event's fd number or the READ's msg_id
+    started: float  # wall-clock seconds
+
+
+@dataclass(frozen=True)
 class BlobFill:
     """What a frontend holds of one blob now (for the API's and the metrics' eyes)."""
 
@@ -179,6 +188,11 @@ class Frontend(Protocol):
         (cachefiles: a kernel without `restore`)."""
     def started(self) -> None:
         """nydusd's `start` (READY -> RUNNING): a hot upgrade's new process takes over now."""
+    def resume(self) -> None:
+        """At a takeover (not a hot upgrade's: that waits for start): the requests the dead
+        predecessor took and left come to this daemon (cachefiles: `restore`, raising
+        RestoreUnsupported on a kernel without it; fanotify: its journal's orphans are answered
+        once the reader is armed)."""
     def begin_hand_over(self) -> None:
         """Another process holds the kernel fd too and will serve on: from now on a request
         that cannot be answered with its data is left for it, never failed."""
@@ -193,6 +207,8 @@ class Frontend(Protocol):
     def open_blobs(self) -> list[BlobFill]:
         """Every blob with an fd open now."""
     def objects_open(self) -> int: ...
+    def in_flight(self) -> list[InFlight]:
+        """The kernel's requests being filled now, oldest first."""
 
     # -- what outlives the daemon (fscached.lifecycle) -----------------------------------------
     def carried_fds(self) -> dict[str, int]:

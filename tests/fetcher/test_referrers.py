@@ -18,7 +18,7 @@ from aiohttp import web
 
 from frontserver import FrontServer
 from registry_server import TEST_PASSWORD as PASSWORD, TEST_USER as USER
-from fetcher.referrers import (ANN_BOOTSTRAP, ANN_CREATED, EMPTY_DATA, EMPTY_DIGEST,
+from fetcher.referrers import (ANN_BOOTSTRAP, bootstrap_tag, fetch_profile_for_bootstrap, ANN_CREATED, EMPTY_DATA, EMPTY_DIGEST,
                                ReferrerError, fallback_tag, fetch_profile, manifest_descriptor,
                                profile_artifact, push_profile)
 from fetcher.registry import RegistrySource
@@ -416,3 +416,29 @@ def test_bad_arguments():
             with pytest.raises(ValueError):
                 await push_profile(src, "sha256:" + "0" * 64, OCI_MANIFEST, 10, b"not a profile")
     run(main())
+
+
+# -- found by the bootstrap (an image bound from its bootstrap file, no manifest digest) -------------
+async def fetch_by_bootstrap(reg, repo: str, digest: str) -> bytes | None:
+    async with source(reg, repo) as src:
+        return await fetch_profile_for_bootstrap(src, digest)
+
+
+def test_a_pushed_profile_is_found_by_its_bootstrap(registry, image):
+    out, p1, p2 = image
+    digest = pushed(registry, image, "ref/byboot")
+    boot = bootstrap_digest(out / "image.boot")
+    assert run(fetch_by_bootstrap(registry, "ref/byboot", boot)) is None  # nothing pushed yet
+    run(push(registry, "ref/byboot", digest, p1))
+    assert run(fetch_by_bootstrap(registry, "ref/byboot", boot)) == p1
+    run(push(registry, "ref/byboot", digest, p2))  # a newer profile of the same image replaces it
+    assert run(fetch_by_bootstrap(registry, "ref/byboot", boot)) == p2
+    tag = bootstrap_tag(boot)
+    assert tag == "fscached-profile-" + boot.removeprefix("sha256:") and len(tag) <= 128
+    # another bootstrap: not found; a tag whose artifact names another bootstrap: refused
+    other = "sha256:" + "0" * 64
+    assert run(fetch_by_bootstrap(registry, "ref/byboot", other)) is None
+    artifact = get_json(registry, "ref/byboot", tag, OCI_MANIFEST)
+    put_manifest(registry, "ref/byboot", bootstrap_tag(other), json.dumps(artifact).encode(), OCI_MANIFEST)
+    with pytest.raises(SourceError, match="it is the profile of bootstrap"):
+        run(fetch_by_bootstrap(registry, "ref/byboot", other))

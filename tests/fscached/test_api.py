@@ -341,8 +341,9 @@ def test_other_routes(running: tuple[ApiDaemon, KernelSimulator], built: Path, w
     # daemon that bound the device itself takes nothing over
     assert_error(call(sock, "PUT", "/api/v1/daemon/fuse/sendfd"), 500, "DAEMON_ERROR", "/run/sup.sock")
     assert_error(call(sock, "PUT", "/api/v1/daemon/fuse/takeover"), 400, "BAD_REQUEST", "not waiting")
-    # nydusd's FUSE-mode routes: known, unsupported
-    assert_error(call(sock, "GET", "/api/v1/metrics"), 501, "UNSUPPORTED")
+    # nydusd's statistics are answered (issue 15); its fusedev mounts only by `nydusd fuse`
+    status, _, fs = call(sock, "GET", "/api/v1/metrics")
+    assert status == 200 and fs["fop_errors"] == [0] * 15 and "data_read" in fs, fs
     assert_error(call(sock, "POST", "/api/v1/mount?mountpoint=/x", {}), 501, "UNSUPPORTED")
     # unknown route, wrong method, missing query
     assert_error(call(sock, "GET", "/api/v1/nothing"), 404, "NO_ROUTE", "/api/v1/nothing")
@@ -570,7 +571,7 @@ def test_nydusd_version_matches_the_api(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, text", [
     ([], "no mode"),
-    (["fuse", "--fscache", "/x", "--apisock", "/y"], "mode 'fuse'"),
+    (["fuse", "--fscache", "/x", "--apisock", "/y"], "--mountpoint DIR is required"),
     (["singleton", "--apisock", "/y"], "--fscache"),
     (["singleton", "--fscache", "/x"], "--apisock"),
     (["singleton", "--fscache", "/x", "--apisock", "/y", "--log-level", "loud"], "--log-level"),

@@ -22,8 +22,8 @@ ALLOWED = {
     "fscached.kernel_path": ["fanotify"],
     # the wiring: everything below it, nothing above it (the API, the command lines)
     "fscached.daemon": ["fscached.util", "fscached.config", "fscached.core", "fscached.frontends", "fscached.lifecycle",
-                        "fscached.images", "fscached.kernel_path", "fscached.cache_gc", "cachefiles", "erofs_image",
-                        "fetcher"],
+                        "fscached.images", "fscached.kernel_path", "fscached.cache_gc", "cachefiles", "fanotify",
+                        "erofs_image", "fetcher"],
     "fscached.cache_gc": ["fscached.util", "fscached.config", "fscached.frontends.base"],
     "fscached.metrics": ["fscached.util", "fscached.core.stats", "fscached.daemon", "fscached.frontends.base"],
     "fscached.api": ["fscached.util", "fscached.config", "fscached.core", "fscached.daemon", "fscached.frontends.base",

@@ -36,7 +36,7 @@ from fscached.core.extents import chunks_with_data
 from fscached.core.fill import DEFAULT_WINDOW, Filler, FillTarget, settle
 from fscached.core.profile_recorder import ProfileRecorders
 from fscached.core.stats import RequestStats
-from fscached.frontends.base import BlobFill, KernelPathLost, exact_fill, fill_outcome, prefetch_blob, wants_background
+from fscached.frontends.base import BlobFill, InFlight, KernelPathLost, exact_fill, fill_outcome, prefetch_blob, wants_background
 from fscached.frontends.cachefiles.cull import CachefilesCuller
 from fscached.lifecycle import fdnames
 from fscached.util import mounts
@@ -83,6 +83,7 @@ class CachefilesFrontend:
         self.objects = ObjectTable()
         self.tasks: set[asyncio.Task[None]] = set()
         self.reading: set[int] = set()  # msg_ids of the READs being served
+        self._in_flight: dict[int, InFlight] = {}  # msg_id -> when it came
         # stopping for a hand-over: never complete a READ without its data
         self.handing_over = False
         # another daemon serves this device too (a hot upgrade's overlap, until `start`): READs
@@ -232,6 +233,7 @@ class CachefilesFrontend:
             if live is not None and isinstance(live.served, BlobObject) and live.served.recorders:
                 self.recorders.note(live.served, req.offset, req.length)  # in the order READs come
         self.reading.add(req.msg_id)
+        self._in_flight[req.msg_id] = InFlight(req.object_id, req.msg_id, time.time())
         task = asyncio.ensure_future(self._serve_read(req, time.monotonic()))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -247,6 +249,7 @@ class CachefilesFrontend:
                 await self._fill_and_complete(live, req, started)
         finally:
             self.reading.discard(req.msg_id)
+            self._in_flight.pop(req.msg_id, None)
 
     async def _fill_and_complete(self, live: LiveObject, req: ReadRequest, started: float) -> None:
         served = live.served
@@ -330,6 +333,9 @@ class CachefilesFrontend:
             return str(exc)
         return None if self.device.restore_supported else NEEDS_NEWER_KERNEL
 
+    def resume(self) -> None:
+        self.requeue("takeover", required=True)
+
     def started(self) -> None:
         """A hot upgrade's new process at `start`: the old one was told to exit, its READs come
         to this one now."""
@@ -395,6 +401,9 @@ class CachefilesFrontend:
 
     def objects_open(self) -> int:
         return len(self.objects)
+
+    def in_flight(self) -> list[InFlight]:
+        return sorted(self._in_flight.values(), key=lambda f: f.started)
 
     def open_volumes(self, key: bytes) -> set[str]:
         """The volumes where the kernel has an object of this cookie key open."""

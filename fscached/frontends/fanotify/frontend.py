@@ -33,10 +33,11 @@ from fscached.core.catalog import BlobObject, BootstrapObject, Catalog
 from fscached.core.fill import DEFAULT_WINDOW, Filler, settle
 from fscached.core.profile_recorder import ProfileRecorders
 from fscached.core.stats import RequestStats
-from fscached.frontends.base import BlobFill, exact_fill, fill_outcome, prefetch_blob, wants_background
+from fscached.frontends.base import BlobFill, InFlight, exact_fill, fill_outcome, prefetch_blob, wants_background
 from fscached.frontends.fanotify.cache_file import (CacheFile, create_or_open, take_clean_stop_record,
                                                     trust_clean_stop_record, write_clean_stop_record)
 from fscached.frontends.fanotify.cull import FanotifyCuller
+from fscached.frontends.fanotify import keeper
 from fscached.frontends.fanotify.journal import EventJournal, Orphan
 from fscached.lifecycle import fdnames
 from fscached.util import mounts
@@ -65,6 +66,7 @@ class FanotifyFrontend:
         self.filler = Filler(executor, self.stats, read_window)
         self.requests = RequestStats()  # outcome, latency and bytes of every event answered
         self.tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[int, InFlight] = {}  # event fd -> what is being filled for it
         self.files: dict[str, CacheFile] = {}
         self.by_inode: dict[tuple[int, int], CacheFile] = {}
         # cache files of unbound images that keep their mark: a mount of them by hand (made
@@ -333,6 +335,7 @@ class FanotifyFrontend:
             self.requests.observe("cached", time.monotonic() - started, max(count, 0))
             return
         self.journal.record(event.fd, st.st_dev, st.st_ino, event.offset, count)
+        self._in_flight[event.fd] = InFlight(st.st_ino, event.fd, time.time())
         self._spawn(self._fill_and_answer(cf, event.fd, event.offset, count, started))
 
     async def _fill(self, cf: CacheFile, offset: int, length: int, kind: str, req: str) -> bool:
@@ -356,6 +359,7 @@ class FanotifyFrontend:
             if not done and self.handing_over:
                 # left journaled and unanswered: the successor answers it (the reader waits)
                 self.stats["read_left"] += 1
+                self._in_flight.pop(event_fd, None)
                 os.close(event_fd)
             else:
                 self._answer(event_fd, FAN_ALLOW if done else deny_errno(errno.EIO))
@@ -369,6 +373,7 @@ class FanotifyFrontend:
         except OSError as exc:
             log.error("event req=fd:%d: answering failed: %s", event_fd, exc)
         self.journal.clear(event_fd)
+        self._in_flight.pop(event_fd, None)
         os.close(event_fd)
 
     def _unmark(self, cf: CacheFile) -> None:
@@ -473,6 +478,9 @@ class FanotifyFrontend:
     def started(self) -> None:
         """Nothing: the group is served from the takeover on."""
 
+    def resume(self) -> None:
+        """Nothing now: the journal's orphans are answered once the reader is armed."""
+
     def begin_hand_over(self) -> None:
         self.handing_over = True
 
@@ -513,6 +521,9 @@ class FanotifyFrontend:
     def objects_open(self) -> int:
         return len(self.files)
 
+    def in_flight(self) -> list[InFlight]:
+        return sorted(self._in_flight.values(), key=lambda f: f.started)
+
     def bound_file(self, name: str) -> bool:
         """Whether "<volume>/<blob id>" is a cache file a bound image uses."""
         return name in self.files
@@ -530,7 +541,7 @@ class FanotifyFrontend:
         return {"state_dir": self.state_dir,
                 "event_journal": self.journal.path if self.journal is not None else None,
                 "clean_stop_record": self.record_path,
-                "keeper_socket": self.state_dir / "keeper.sock"}
+                "keeper_socket": keeper.socket_path(self.cache_dir)}
 
 
 def _read_one_byte(path: Path) -> None:

@@ -22,6 +22,7 @@ a session of its own.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import selectors
@@ -42,8 +43,22 @@ PROBE_SECONDS = 2.0  # without a daemon: how often the keeper asks whether anyth
 QUIET_SECONDS = 5.0  # no probe this soon after a request (a successor may be taking over)
 
 
+KEEPERS_RUN_DIR = Path("/run/fscached/keepers")
+
+
 class KeeperError(Exception):
     """Talking to the keeper failed, worded for the user."""
+
+
+def socket_path(cache_dir: Path) -> Path:
+    """Where the keeper of a cache dir listens: `<cache>/.fscached/keeper.sock`, or, when that
+    path is too long for a unix socket, a name derived from the cache dir in a 0700 directory
+    of /run (the same cache dir always finds the same keeper)."""
+    inside = cache_dir / ".fscached" / "keeper.sock"
+    if len(os.fsencode(inside)) <= _SUN_PATH_MAX:
+        return inside
+    digest = hashlib.sha256(os.fsencode(cache_dir.resolve())).hexdigest()[:32]
+    return KEEPERS_RUN_DIR / f"{digest}.sock"
 
 
 # -- the daemon's side -------------------------------------------------------------------------
@@ -124,6 +139,8 @@ def start(path: Path, blobs_dir: Path | None = None, timeout: float = 10) -> Non
     `blobs_dir`: the cache files it watches to decide when nothing needs it any more."""
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise KeeperError(f"keeper socket path {path} is longer than {_SUN_PATH_MAX} bytes: use a shorter cache dir")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
     argv = [sys.executable, "-m", "fscached.frontends.fanotify.keeper", str(path)]
     if blobs_dir is not None:
         argv.append(str(blobs_dir))
