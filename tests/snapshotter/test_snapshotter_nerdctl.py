@@ -32,8 +32,9 @@ def test_nerdctl_run_reads_the_image(stacks: Callable[..., SnapshotterStack], ap
 
 def test_reads_are_lazy(stacks: Callable[..., SnapshotterStack], app_image: AppImage,
                         snap_registry: RegistryServer) -> None:
-    """A small file costs a small part of the blob; the big file then comes through the same
-    registry (the count is real), in full."""
+    """A small file costs a small part of the blob (its chunks, busybox's and the read-ahead
+    around them); the big file then comes through the same registry (the count is real), and no
+    byte is fetched twice."""
     stack = stacks(SnapshotterConfig(daemon_mode="shared"))
     mark = snap_registry.log_size()
     stack.pull(app_image.ref)
@@ -41,11 +42,12 @@ def test_reads_are_lazy(stacks: Callable[..., SnapshotterStack], app_image: AppI
     hello = stack.run(app_image.ref, ["cat", "/etc/hello"])
     assert hello.stdout.encode() == app_image.hello, hello.stderr
     small = snap_registry.blob_bytes_served(app_image.blob, since=mark)
-    assert 0 < small < app_image.blob_size // 4, f"cat /etc/hello fetched {small} of the blob's {app_image.blob_size} bytes"
+    assert 0 < small < app_image.blob_size // 2, f"cat /etc/hello fetched {small} of the blob's {app_image.blob_size} bytes"
     digest = stack.run(app_image.ref, ["sha256sum", "/data/big"])
     assert digest.stdout.split()[0] == app_image.big_sha256, digest.stderr
     total = snap_registry.blob_bytes_served(app_image.blob, since=mark)
-    assert total - small >= app_image.big_bytes, f"reading /data/big fetched {total - small} bytes"
+    assert total >= app_image.big_bytes, f"all of /data/big was read, {total} bytes of the blob fetched"
+    assert total <= app_image.blob_size * 1.05, f"{total} bytes fetched of a {app_image.blob_size}-byte blob"
 
 
 @pytest.mark.parametrize("daemon_mode", ["dedicated", "shared"])
