@@ -49,7 +49,8 @@ Teardown (`stop()`, the context manager's exit, also after a failed start; idemp
 pods stopped and removed, every task killed and container removed in every containerd
 namespace, every image removed (the snapshots go with them: a dedicated nydusd is stopped by the
 snapshotter then), the snapshotter (SIGTERM, SIGKILL after 10 s), the nydusd processes it
-started (found by an `--apisock` under the root: SIGTERM, SIGKILL after 5 s), everything still
+started (found by an `--apisock` under the root: SIGTERM, SIGKILL after 5 s), then any other
+process with an argument below the root (fscached's fanotify keepers), everything still
 mounted under `workdir` in the namespace (lazily, deepest first), containerd and its shims, any
 process left in the namespace (the namespace goes with the last one), the cgroups runc made,
 then `workdir`. The orderly part has a budget (STOP_BUDGET): a hung snapshotter (an unanswered
@@ -483,7 +484,8 @@ class SnapshotterStack:
             with contextlib.suppress(ColdstartError, subprocess.SubprocessError, OSError):
                 step(deadline)
         self._stop_snapshotter()
-        self._stop_processes(self.nydusd_pids(), 5)
+        self._stop_processes(self.nydusd_pids(), 5)  # SIGTERM: each unmounts and exits
+        self._stop_processes(self.root_pids(), 5)  # what they left (fscached's fanotify keepers)
         if ctd.proc is not None and ctd.proc.poll() is None:
             self._unmount_in_namespace()
         ctd.stop()  # containers (briefly: the orderly part is done), containerd, shims, host mounts, cgroups
@@ -580,6 +582,12 @@ class SnapshotterStack:
                     found.append(pid)
                     break
         return found
+
+    def root_pids(self) -> list[int]:
+        """Processes with an argument below the snapshotter's root: the nydusd daemons and
+        anything they started there (fscached's keepers, whose sockets live in its cache)."""
+        prefix = os.fsencode(self.root) + b"/"
+        return [pid for pid, argv in _processes() if any(arg.startswith(prefix) for arg in argv)]
 
     def namespace_pids(self) -> list[int]:
         """Every process in containerd's mount namespace (containerd, shims, snapshotter, nydusd)."""

@@ -8,9 +8,9 @@
   app_image      session: a busybox image with /etc/hello and a 24 MiB incompressible /data/big,
                  converted by fscached-image and pushed as <registry>/snap/app:nydus
   stacks         a factory: stacks(SnapshotterConfig(...)) -> a started SnapshotterStack (nerdctl
-                 calls time out after COMMAND_TIMEOUT); after
-                 the test, pass or fail, each is stopped and checked gone: no process left in its
-                 mount namespace, no nydusd, no cgroup of its names, its workdir removed
+                 calls time out after COMMAND_TIMEOUT); after the test, pass or fail, each is
+                 stopped and checked gone: no process left in its mount namespace, no nydusd or
+                 keeper, no cgroup of its names, its workdir removed
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def stacks(snap_registry: RegistryServer) -> Iterator[Callable[..., SnapshotterS
         stack.stop()
         left = {
             "processes in its mount namespace": stack.namespace_pids(),
-            "nydusd": stack.nydusd_pids(),
+            "nydusd or its keepers": stack.root_pids(),
             "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{stack.namespace}*")],
             "workdir": [str(stack.workdir)] if stack.workdir.exists() else [],
         }
