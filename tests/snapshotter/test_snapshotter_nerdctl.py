@@ -64,7 +64,7 @@ def test_rmi_unmounts_cleanly(stacks: Callable[..., SnapshotterStack], app_image
     wait_for("the nydus snapshots removed", lambda: stack.snapshots() == [])
     wait_for("every mount under the snapshotter's root gone", lambda: stack.mounts(referencing=True) == [])
     if daemon_mode == "dedicated":
-        wait_for("the image's nydusd exited", lambda: stack.nydusd_pids() == [])
+        wait_for("the image's nydusd (and anything it started) exited", lambda: stack.root_pids() == [])
     else:
         assert stack.nydusd_pids() == daemons, "the shared nydusd serves on with no image"
     # the node can take the image again
