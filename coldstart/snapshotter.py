@@ -177,7 +177,8 @@ class Running:
                                  f"({one_line(_read(self._err) or 'no output', 200)})") from None
         result = CmdResult(self.args, code, _read(self._out), _read(self._err), time.monotonic() - self.started)
         if check and not result.ok:
-            raise ColdstartError(f"{self.what}: exited {code}: {one_line(result.stderr or result.stdout or 'no output')}")
+            said = one_line(result.stderr or result.stdout or "no output")
+            raise ColdstartError(f"{self.what}: exited {code}: {said}")
         return result
 
     def kill(self) -> None:
@@ -885,6 +886,6 @@ def _text(data: str | bytes | None) -> str:
     return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 
 
-__all__ = ["DAEMON_MODES", "FS_DRIVERS", "RECOVER_POLICIES", "CmdResult", "NydusImage", "Running", "SnapshotterConfig",
-           "SnapshotterStack", "default_nydusd", "nydusd_config_template", "push_layout", "push_nydus_image",
-           "reap_leftovers"]
+__all__ = ["CRI_NAMESPACE", "DAEMON_MODES", "FS_DRIVERS", "RECOVER_POLICIES", "CmdResult", "NydusImage", "Running",
+           "SnapshotterConfig", "SnapshotterStack", "default_nydusd", "nydusd_config_template", "push_layout",
+           "push_nydus_image", "reap_leftovers"]

@@ -42,7 +42,8 @@ def test_reads_are_lazy(stacks: Callable[..., SnapshotterStack], app_image: AppI
     hello = stack.run(app_image.ref, ["cat", "/etc/hello"])
     assert hello.stdout.encode() == app_image.hello, hello.stderr
     small = snap_registry.blob_bytes_served(app_image.blob, since=mark)
-    assert 0 < small < app_image.blob_size // 2, f"cat /etc/hello fetched {small} of the blob's {app_image.blob_size} bytes"
+    assert 0 < small < app_image.blob_size // 2, \
+        f"cat /etc/hello fetched {small} of the blob's {app_image.blob_size} bytes"
     digest = stack.run(app_image.ref, ["sha256sum", "/data/big"])
     assert digest.stdout.split()[0] == app_image.big_sha256, digest.stderr
     total = snap_registry.blob_bytes_served(app_image.blob, since=mark)

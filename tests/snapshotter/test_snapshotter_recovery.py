@@ -35,20 +35,23 @@ def test_failover_under_a_streaming_reader(stacks: Callable[..., SnapshotterStac
     stack.pull(app_image.ref)
     assert stack.run(app_image.ref, ["cat", "/etc/hello"]).stdout.encode() == app_image.hello
     mark = snap_registry.log_size()
+
+    def fetched() -> int:
+        return snap_registry.blob_bytes_served(app_image.blob, since=mark)
+
     reader = stack.start_run(app_image.ref, streaming_reader(app_image.big_bytes // MIB))
-    wait_for("the reader in the cold file (2 MiB fetched)",
-             lambda: snap_registry.blob_bytes_served(app_image.blob, since=mark) >= 2 * MIB or reader.poll() is not None,
+    wait_for("the reader in the cold file (2 MiB fetched)", lambda: fetched() >= 2 * MIB or reader.poll() is not None,
              60)
     assert reader.poll() is None, f"the reader ended before the kill: {reader.wait(check=False)}"
     killed = stack.kill_nydusd()
     assert len(killed) == 1, f"one nydusd to kill: {killed}"
-    at_kill = snap_registry.blob_bytes_served(app_image.blob, since=mark)
+    at_kill = fetched()
     assert at_kill < app_image.big_bytes - 4 * MIB, f"the file was (nearly) all fetched before the kill: {at_kill}"
     wait_for("a new nydusd taking over", lambda: bool(set(stack.nydusd_pids()) - set(killed)), 30)
     result = reader.wait(timeout=120, check=False)
     assert result.returncode == 0 and result.stderr == "", f"the reader failed: {result.stderr[-500:]}"
     assert result.stdout.split()[0] == app_image.big_sha256, "wrong bytes read across the failover"
-    after = snap_registry.blob_bytes_served(app_image.blob, since=mark)
+    after = fetched()
     assert after > at_kill, "the new daemon fetched nothing: where did the rest of the file come from?"
     # and the node goes on: a new container of the image
     assert stack.run(app_image.ref, ["cat", "/etc/hello"]).stdout.encode() == app_image.hello
