@@ -71,3 +71,20 @@ def test_restart_serves_new_containers(stacks: Callable[..., SnapshotterStack], 
     assert stack.run(app_image.ref, ["cat", "/etc/hello"]).stdout.encode() == app_image.hello
     erofs = [m.mountpoint for m in stack.mounts() if m.fstype == "erofs"]
     assert len(erofs) == len(set(erofs)) == 1, f"one image, one EROFS mount (none stacked): {erofs}"
+
+
+def test_snapshotter_restart_keeps_the_daemon(stacks: Callable[..., SnapshotterStack], app_image: AppImage) -> None:
+    """The snapshotter restarted under a live shared daemon (with failover): it reconnects to it
+    (same `Git Commit` from `nydusd --version`: no hot upgrade), a running container reads on and
+    a new one starts."""
+    stack = stacks(SnapshotterConfig(daemon_mode="shared", recover_policy="failover"))
+    stack.pull(app_image.ref)
+    stack.run(app_image.ref, ["sleep", "1000"], detach=True, name="idle")
+    daemons = stack.nydusd_pids()
+    assert len(daemons) == 1, daemons
+    stack.restart_snapshotter()
+    assert stack.nydusd_pids() == daemons, "the live daemon was replaced (an upgrade?) or lost"
+    read = stack.nerdctl("exec", "idle", "sha256sum", "/data/big")
+    assert read.stdout.split()[0] == app_image.big_sha256, read.stderr
+    assert stack.run(app_image.ref, ["cat", "/etc/hello"]).stdout.encode() == app_image.hello
+    assert stack.nydusd_pids() == daemons
