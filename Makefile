@@ -28,6 +28,7 @@ venv: $(STAMP)
 # A real container's cold start three ways (classic pull, lazy, lazy + start-up profile) over a
 # shaped network, with a table and a chart: coldstart/demo.py.
 demo: deps venv
+	$(PY) -m coldstart.peers install containerd-nydus-grpc nerdctl
 	$(PY) -m coldstart.demo
 
 # ruff (pyproject.toml's rule set) and mypy (every package) first: a finding fails the run
@@ -39,6 +40,7 @@ test: deps venv lint
 	$(PY) -m pytest -q
 
 bench: deps venv
+	$(PY) -m coldstart.peers install containerd-nydus-grpc nerdctl
 	$(PY) bench/build.py
 	$(PY) bench/fanotify.py --json bench-fanotify.json --markdown bench-fanotify.md
 	$(PY) bench/serve.py
