@@ -28,6 +28,7 @@ venv: $(STAMP)
 # A real container's cold start three ways (classic pull, lazy, lazy + start-up profile) over a
 # shaped network, with a table and a chart: coldstart/demo.py.
 demo: deps venv
+	$(PY) -m coldstart.peers install containerd-nydus-grpc nerdctl
 	$(PY) -m coldstart.demo
 
 # the real peers the tests run beside fscached (nydus-snapshotter, nerdctl, crictl, Dragonfly),
@@ -45,6 +46,7 @@ test: deps venv lint peers
 	$(PY) -m pytest -q
 
 bench: deps venv
+	$(PY) -m coldstart.peers install containerd-nydus-grpc nerdctl
 	$(PY) bench/build.py
 	$(PY) bench/fanotify.py --json bench-fanotify.json --markdown bench-fanotify.md
 	$(PY) bench/serve.py

@@ -70,6 +70,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -80,7 +81,7 @@ from typing import Any, Sequence
 
 from coldstart import ColdstartError, mounts_under, one_line, pid_alive, run as run_cmd, unmount_under
 from coldstart.busybox import TAG as PAUSE_TAG, pause_layout
-from coldstart.containerd import Containerd
+from coldstart.containerd import Containerd, RunResult, stream_run
 from fscached.util.mounts import MountEntry, parse_mountinfo
 
 FS_DRIVERS = ("fusedev", "fscache")
@@ -573,16 +574,38 @@ class SnapshotterStack:
                 if below(m.mountpoint) or (referencing and (base + "/" in m.source
                                                             or any(base + "/" in o for o in m.super_options)))]
 
-    def nydusd_pids(self) -> list[int]:
-        """Processes whose `--apisock` is below the snapshotter's root: the nydusd daemons."""
+    def _nydusd_processes(self) -> list[tuple[int, Path]]:
+        """(pid, `--apisock`) of every process whose `--apisock` is below the snapshotter's root."""
         found = []
         prefix = os.fsencode(self.root) + b"/"
         for pid, argv in _processes():
             for i, arg in enumerate(argv[:-1]):
                 if arg == b"--apisock" and argv[i + 1].startswith(prefix):
-                    found.append(pid)
+                    found.append((pid, Path(os.fsdecode(argv[i + 1]))))
                     break
         return found
+
+    def nydusd_pids(self) -> list[int]:
+        """The nydusd daemons: processes whose `--apisock` is below the snapshotter's root."""
+        return [pid for pid, _ in self._nydusd_processes()]
+
+    def nydusd_sockets(self) -> list[Path]:
+        """The `--apisock` of every running nydusd of the stack."""
+        return [sock for _, sock in self._nydusd_processes()]
+
+    def wait_shared_daemon(self, timeout: float = 60) -> Path:
+        """Wait until the shared-mode nydusd the snapshotter starts at its own start answers
+        GET /api/v1/daemon with state RUNNING; its API socket."""
+        deadline = time.monotonic() + timeout
+        said = "no nydusd started"
+        while time.monotonic() < deadline:
+            for sock in self.nydusd_sockets():
+                said = _daemon_state(sock)
+                if said == "RUNNING":
+                    return sock
+            time.sleep(0.05)
+        raise ColdstartError(f"the shared nydusd was not RUNNING within {timeout:g} s ({said}): "
+                             f"{self.nydusd_error() or self.snapshotter_error()}")
 
     def root_pids(self) -> list[int]:
         """Processes with an argument below the snapshotter's root: the nydusd daemons and
@@ -687,6 +710,13 @@ class SnapshotterStack:
                 *extra, ref, *command]
         return self.nerdctl(*args, check=check, timeout=timeout,
                             what=f"nerdctl run {ref} {one_line(' '.join(command), 80)}")
+
+    def run_streamed(self, ref: str, command: Sequence[str], *, timeout: float | None = None) -> RunResult:
+        """`run()` with the container's stdout read as it comes (the first line timestamped on
+        arrival, coldstart.containerd.stream_run): a cold start measured as a user sees it,
+        pull included when the image is not there yet."""
+        args = self.nerdctl_args("run", "--net", "none", "--rm", ref, *command)
+        return stream_run(args, f"nerdctl run {ref}", timeout or self.command_timeout, env=self._nerdctl_env())
 
     def start_run(self, ref: str, command: Sequence[str], *, name: str | None = None,
                   extra: Sequence[str] = ()) -> Running:
@@ -864,6 +894,20 @@ def _processes() -> list[tuple[int, list[bytes]]]:
             except OSError:
                 continue
     return found
+
+
+def _daemon_state(sock: Path) -> str:
+    """nydusd's GET /api/v1/daemon `state` at `sock`, or what went wrong asking."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(sock))
+            s.sendall(b"GET /api/v1/daemon HTTP/1.0\r\nHost: nydusd\r\n\r\n")
+            data = b"".join(iter(lambda: s.recv(65536), b""))
+        body = data.split(b"\r\n\r\n", 1)[1]
+        return str(json.loads(body).get("state", "no state"))
+    except (OSError, IndexError, ValueError, AttributeError) as exc:
+        return f"{sock}: {exc}"
 
 
 def _zombie(pid: int) -> bool:
