@@ -77,6 +77,9 @@ HANDOVER_DRAIN_SECONDS = 2.0
 # a stop that must go on serving (a busy mount, a detached mount still read): how often it
 # looks again whether nothing reads any more
 STILL_SERVING_POLL = 1.0
+# profile=auto asks the registry before the mount: a registry that does not answer costs the
+# bind this long at most, then the image is served without a profile
+PROFILE_LOOKUP_SECONDS = 5.0
 T = TypeVar("T")
 
 __all__ = ["AlreadyBound", "BusyError", "Daemon", "DaemonState", "MountpointTaken", "NotBound"]
@@ -1123,7 +1126,11 @@ class Daemon:
         try:
             digest = await asyncio.to_thread(bootstrap_digest, bootstrap)
             if replay == "auto":
-                found = await self._registry_profile(spec, digest)
+                try:
+                    found = await asyncio.wait_for(self._registry_profile(spec, digest), PROFILE_LOOKUP_SECONDS)
+                except TimeoutError:
+                    raise TimeoutError(f"the registry did not answer the profile lookup within "
+                                       f"{PROFILE_LOOKUP_SECONDS:g} s") from None
                 if found is None:
                     return None
                 where, data = found
