@@ -123,6 +123,9 @@ class SnapshotterConfig:
     nydusd_path: Path | None = None
     nydusd_config: dict[str, Any] | None = None
     log_level: str = "debug"
+    # more of the snapshotter's config.toml, merged over what the stack writes (a table into a
+    # table): a user's config, as the README's is run by tests/snapshotter/test_readme_configs.py
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         for name, value, allowed in (("fs_driver", self.fs_driver, FS_DRIVERS),
@@ -230,6 +233,39 @@ def push_nydus_image(source: Path, out: Path, ref: str, *, convert_args: Sequenc
 def _q(value: object) -> str:
     """A TOML basic string (JSON's escaping is TOML's for what paths contain)."""
     return json.dumps(str(value))
+
+
+def merge_settings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into a copy of `base`: a table into a table, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _toml_value(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _q(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
+    raise ColdstartError(f"snapshotter config: {where}: a {type(value).__name__} cannot be written as TOML here")
+
+
+def toml_text(doc: dict[str, Any], prefix: str = "") -> str:
+    """A TOML document of scalars, lists of scalars and tables (what tomllib reads back)."""
+    lines = [f"{key} = {_toml_value(value, prefix + key)}" for key, value in doc.items() if not isinstance(value, dict)]
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            name = f"{prefix}{key}"
+            lines += ["", f"[{name}]", toml_text(value, name + ".").rstrip("\n")]
+    return "\n".join(line for line in lines) + "\n"
 
 
 class _CriContainerd(Containerd):
@@ -399,31 +435,7 @@ class SnapshotterStack:
         (self.hosts_dir / self.registry / "hosts.toml").write_text(
             f"server = {_q(url)}\n[host.{_q(url)}]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n")
         self.nydusd_json.write_text(json.dumps(c.nydusd_config or nydusd_config_template(c.fs_driver), indent=1))
-        self.snapshotter_toml.write_text("\n".join([
-            "version = 1",
-            f"root = {_q(self.root)}",
-            f"address = {_q(self.snapshotter_socket)}",
-            f"daemon_mode = {_q(c.daemon_mode)}",
-            "cleanup_on_close = false",
-            "[system]",
-            "enable = false",
-            "[daemon]",
-            f"nydusd_config = {_q(self.nydusd_json)}",
-            f"nydusd_path = {_q(c.nydusd)}",
-            f"fs_driver = {_q(c.fs_driver)}",
-            f"recover_policy = {_q(c.recover_policy)}",
-            'failover_policy = "resend"',
-            "[cgroup]",
-            "enable = false",
-            "[log]",
-            "log_to_stdout = false",  # the snapshotter's log: <root>/logs/nydus-snapshotter.log
-            f"level = {_q(c.log_level)}",
-            "[metrics]",
-            'address = ""',
-            "[snapshot]",
-            "sync_remove = true",  # Remove stops a dedicated nydusd at once, not at a later GC
-            "",
-        ]))
+        self.snapshotter_toml.write_text(toml_text(merge_settings(self.snapshotter_settings(), c.settings)))
         self.crictl_yaml.write_text(f"runtime-endpoint: unix://{self.containerd.socket}\n"
                                     f"image-endpoint: unix://{self.containerd.socket}\n"
                                     "timeout: 60\n")
@@ -431,6 +443,26 @@ class SnapshotterStack:
         (self.workdir / MARKER).write_text(json.dumps({
             "owner": os.getpid(), "owner_started": _start_time(os.getpid()),
             "cgroups": [self.namespace, self.cri_cgroup_parent.strip("/")]}))
+
+    def snapshotter_settings(self) -> dict[str, Any]:
+        """The snapshotter's config.toml as the stack writes it (before `config.settings`)."""
+        c = self.config
+        return {
+            "version": 1,
+            "root": str(self.root),
+            "address": str(self.snapshotter_socket),
+            "daemon_mode": c.daemon_mode,
+            "cleanup_on_close": False,
+            "system": {"enable": False},
+            "daemon": {"nydusd_config": str(self.nydusd_json), "nydusd_path": str(c.nydusd),
+                       "fs_driver": c.fs_driver, "recover_policy": c.recover_policy, "failover_policy": "resend"},
+            "cgroup": {"enable": False},
+            # the snapshotter's log: <root>/logs/nydus-snapshotter.log
+            "log": {"log_to_stdout": False, "level": c.log_level},
+            "metrics": {"address": ""},
+            # Remove stops a dedicated nydusd at once, not at a later GC
+            "snapshot": {"sync_remove": True},
+        }
 
     def _start_snapshotter(self) -> None:
         assert self.containerd.proc is not None
@@ -931,5 +963,5 @@ def _text(data: str | bytes | None) -> str:
 
 
 __all__ = ["CRI_NAMESPACE", "DAEMON_MODES", "FS_DRIVERS", "RECOVER_POLICIES", "CmdResult", "NydusImage", "Running",
-           "SnapshotterConfig", "SnapshotterStack", "default_nydusd", "nydusd_config_template", "push_layout",
-           "push_nydus_image", "reap_leftovers"]
+           "SnapshotterConfig", "SnapshotterStack", "default_nydusd", "merge_settings", "nydusd_config_template",
+           "push_layout", "push_nydus_image", "reap_leftovers", "toml_text"]
