@@ -66,6 +66,11 @@ PEERS: dict[str, Peer] = {peer.name: peer for peer in (
     GoPeer("crictl", "sigs.k8s.io/cri-tools", "v1.34.0", "./cmd/crictl",
            "-X sigs.k8s.io/cri-tools/pkg/version.Version=v1.34.0"),
     GoPeer("scheduler", "d7y.io/dragonfly/v2", "v2.5.1", "./cmd/scheduler"),
+    # nydusd, the peer bench/nydusd_side_by_side.py compares fscached with (not for the tests).
+    # 2.2.0 is the newest nydus-rs on crates.io; its lock file pins a `time` that newer Rust
+    # rejects, so it is built unlocked (the dependencies resolve to their newest semver matches).
+    CargoPeer("nydus-rs", "nydus-rs", "2.2.0", ("nydusd", "nydus-image"), locked=False,
+              debian=("pkg-config", "libssl-dev", "cmake", "clang", "libclang-dev")),
 )}
 # what `make test` needs (the Rust ones are added where they are pinned)
 FOR_TEST = ["containerd-nydus-grpc", "nerdctl", "crictl", "scheduler"]
