@@ -496,6 +496,7 @@ class ApiServer:
         size_counts: list[int] = []
         total_us = 0
         if frontend is not None:
+            frontend.refresh_stats()
             stats = frontend.requests
             hits[FOP_READ] = stats.total("cached") + stats.total("filled")
             errors[FOP_READ] = stats.total("failed")
@@ -724,7 +725,7 @@ class ApiServer:
             "blob_id": blob.info.blob_id,
             "cache_file": cache_file,
             "size": blob.size,
-            "chunks": len(blob.chunk_map.chunks),
+            "chunks": len(blob.chunk_map),
             "chunks_filled": len(filled),
             "bytes_filled": sum(c.uncompressed_size for c in filled),
             "open": target is not None,
