@@ -51,9 +51,13 @@ PROFILE_WAITS_FOR_IDLE = False  # True: strictly behind on-demand reads, as pref
 # the kernel's own read-ahead: READAHEAD_MIN on the first sequential READ, doubled each time the
 # reader goes on, up to READAHEAD_BYTES; a jump elsewhere starts over. Start-up reads many small
 # files that lie side by side in a blob: a fixed 16 MiB ahead fetched 3x the working set there.
+# A reader that keeps going sequentially gets ever larger requests: each read-ahead fetch is a
+# quarter of the current distance (READAHEAD_RUN at most), so a long sequential read of a blob
+# from a registry is a few 16 MiB GETs in flight rather than many small ones, while the first
+# read-aheads, all a reader of a few files side by side gets, stay small.
 READAHEAD_MIN = 2 << 20
-READAHEAD_BYTES = 16 << 20
-READAHEAD_RUN = 4 << 20
+READAHEAD_BYTES = 64 << 20
+READAHEAD_RUN = 16 << 20
 READ, PREFETCH, PROFILE = "read", "prefetch", "profile"  # what a fetch job is for
 
 
@@ -387,7 +391,7 @@ class Filler:
         if ahead_end <= ahead_start:
             return
         self._start_jobs(obj, target, obj.chunk_map.chunks_in(ahead_start, ahead_end), READ,
-                         max(self.window, READAHEAD_RUN))
+                         max(self.window, min(READAHEAD_RUN, target.ahead_size // 4)))
         target.ahead_end = ahead_end
         self.stats["readahead_windows"] += 1  # read-ahead fetches started
 
