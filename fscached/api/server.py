@@ -319,8 +319,11 @@ class ApiServer:
             pass
         mount = None
         if daemon.frontend is not None:
-            source, options = daemon.frontend.mount_args(spec)
-            mount = {"source": str(source), "fstype": "erofs", "options": options}
+            try:
+                source, options = daemon.frontend.mount_args(spec)
+                mount = {"source": str(source), "fstype": "erofs", "options": options}
+            except KeyError:  # still binding: in the catalog, its cache files not made yet
+                pass
         return {
             "id": spec.fsid,
             "domain_id": spec.domain or "",
