@@ -12,7 +12,6 @@ A bootstrap without a chunk table (a plain EROFS image) has no digests to verify
 """
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 import struct
@@ -41,6 +40,7 @@ class BlobChunks:
     sizes: array
     _table: bytes | memoryview
     _order: array
+    _mapping: native.MappedRange | None
     _first: int
     _made: dict[int, ChunkRef] = field(default_factory=dict)
 
@@ -170,14 +170,15 @@ def _index(cls: type[BootstrapIndex], fd: int, n: int, path: Path) -> BootstrapI
         raise err(f"chunk table at offset {ext.chunk_table_offset} (+{ext.chunk_table_size} bytes) is past the "
                   f"end of the file ({n} bytes)")
     # mapped, not read: its pages are the page cache's (dropped under pressure, read again when
-    # a chunk is first asked for), so a huge image costs the daemon its index arrays only
-    mapped = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
-    table = memoryview(mapped)[ext.chunk_table_offset:ext.chunk_table_offset + ext.chunk_table_size]
+    # a chunk is first asked for), so a huge image costs the daemon its index arrays only; the
+    # mapping holds no fd (a bound image keeps no bootstrap fd open)
+    mapping = native.MappedRange(fd, ext.chunk_table_offset, ext.chunk_table_size)
+    table = mapping.view
     try:
         index = native.chunk_index(table, [(b.uncompressed_size, b.compressed_size, b.chunk_size) for b in blobs])
     except ValueError as e:
         raise err(str(e)) from None
-    mapped.madvise(mmap.MADV_DONTNEED)  # checked: out of our RSS again (clean file pages)
+    mapping.drop_resident()  # checked: out of our RSS again (clean file pages)
     prefetch: list[int] = []
     if ext.prefetch_table_size:  # in bytes (nydus-image writes 4 * entries)
         entries = ext.prefetch_table_size // 4
@@ -186,7 +187,8 @@ def _index(cls: type[BootstrapIndex], fd: int, n: int, path: Path) -> BootstrapI
     chunks = []
     for i in range(len(blobs)):
         first, last = index.blob_first[i], index.blob_first[i + 1]
-        chunks.append(BlobChunks(i, index.starts[first:last], index.sizes[first:last], table, index.order, first))
+        chunks.append(BlobChunks(i, index.starts[first:last], index.sizes[first:last], table, index.order,
+                                 mapping, first))
     chunk_size = ext.chunk_size or (blobs[0].chunk_size if blobs else 0) or 1 << 20
     return cls(path, n, blobs, chunk_size, prefetch, chunks)
 

@@ -34,6 +34,7 @@ __all__ = [
     "FanFastPath",
     "FanStats",
     "FillResult",
+    "MappedRange",
     "blake3",
     "chunk_index",
     "copy_range",
@@ -449,3 +450,26 @@ def chunk_index(table: bytes | memoryview, blobs: Sequence[tuple[int, int, int]]
         return out
     return ChunkIndex(arr("I", order, 4), arr("Q", starts, 8), arr("I", sizes, 4),
                       [int(first[i]) for i in range(len(blobs) + 1)])
+
+
+class MappedRange:
+    """`length` bytes at `offset` of a file, mapped read-only (no fd kept: the file can be
+    closed at once); `view` reads them. `drop_resident()` gives the pages back (clean file
+    pages: read again from the page cache or the disk when touched). Unmapped when collected."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        start = offset - offset % PAGE_SIZE
+        self._length = length + (offset - start)
+        ptr = lib.fsc_map(fd, start, self._length)
+        if ptr == ffi.NULL:
+            raise OSError(12, f"mmap of {self._length} bytes at {start} failed")
+        size = self._length
+
+        def unmap(p: Any) -> None:
+            lib.fsc_unmap(p, size)
+
+        self._base: Any = ffi.gc(ptr, unmap)
+        self.view = memoryview(ffi.buffer(ffi.cast("char *", self._base) + (offset - start), length)).toreadonly()
+
+    def drop_resident(self) -> None:
+        lib.fsc_map_drop(self._base, self._length)

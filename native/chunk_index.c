@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "fscached_native.h"
 
@@ -118,4 +119,23 @@ int64_t fsc_chunk_index(const uint8_t *table, size_t n, const struct fsc_blob_li
         if (blob_first[b] < blob_first[b - 1])
             blob_first[b] = blob_first[b - 1];
     return (int64_t)kept;
+}
+
+/* A read-only mapping of part of a file that holds no fd (Python's mmap keeps a dup of it). */
+void *fsc_map(int fd, uint64_t offset, uint64_t length)
+{
+    void *p = mmap(NULL, length ? length : 1, PROT_READ, MAP_SHARED, fd, (off_t)offset);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void fsc_unmap(void *p, uint64_t length)
+{
+    if (p)
+        munmap(p, length ? length : 1);
+}
+
+void fsc_map_drop(void *p, uint64_t length)
+{
+    if (p && length)
+        madvise(p, length, MADV_DONTNEED); /* clean file pages: out of our RSS, read again on use */
 }

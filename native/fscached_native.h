@@ -97,4 +97,7 @@ struct fsc_blob_limit {
 int64_t fsc_chunk_index(const uint8_t *table, size_t n, const struct fsc_blob_limit *blobs,
                         size_t nblobs, uint32_t *order, uint64_t *starts, uint32_t *sizes,
                         uint64_t *blob_first, char *err, size_t errlen);
+void *fsc_map(int fd, uint64_t offset, uint64_t length);
+void fsc_unmap(void *p, uint64_t length);
+void fsc_map_drop(void *p, uint64_t length);
 #endif
