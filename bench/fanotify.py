@@ -1,21 +1,31 @@
 #!/usr/bin/env python3
 """The fanotify backend on this machine's own kernel: ratios against baselines from the same run.
 
+  goals         : issue 17's goal table first, each row met or MISSED from this run (the spread
+                  of all runs beside the best): the cold reads below, a cold walk of a 2,000-file
+                  50 MiB tree from the registry vs the same walk of the tree on local disk, the
+                  fast path's capacity (events answered per second by the C fast path, 1 and 4
+                  reader processes, the cache file's pages in memory and the mount's dropped:
+                  every read raises an event for a filled range), the daemon's CPU per GiB of a
+                  cold local read, the bind of the cold-start workload's bootstrap (in a fresh
+                  process) and the daemon's start to its first mount, the warm read, the RSS
+                  with 100 images
   cold local    : read of the raw blob file / read of the same file through fscached, fresh
                   cache, local uncompressed blob                              (goal >= 0.7)
   cold registry : `curl` of the blob from a loopback registry / read through fscached from that
-                  registry (image pushed with skopeo)                         (goal >= 0.9)
+                  registry (image pushed with skopeo)                         (goal >= 0.5)
   warm          : read through a plain file-backed EROFS mount of the image / read through
                   fscached once the cache is filled                           (goal >= 0.95)
   random 4 KiB  : cold preads at random offsets through fscached: p50 / p99 latency (the raw
                   blob read the same way is the baseline); events answered per second on the
-                  fast path (ranges already filled, page cache dropped)
+                  fast path by one reader after drop_caches (each read also waits for the disk)
   RSS           : the daemon's resident memory with 20 images mounted, local and from one
-                  registry repository, vs with 1 image                         (goal < 80 MiB)
+                  registry repository, and 100 local ones, vs with 1 image    (goal < 100 MiB)
 Every timed read drops the page cache first and uses the same reader (1 MiB reads, unbuffered);
 cold and warm times are best of 3. Timings are never asserted: the machine is noisy. Bytes read
 through fscached are checked against the source file after each timed read.
-Usage: bench/fanotify.py [--size-mib 256] [--reads 2000] [--json OUT.json] [--markdown OUT.md]
+Usage: bench/fanotify.py [--size-mib 256] [--reads 2000] [--runs 3] [--threads 1,4] [--fast-reads 20000]
+       [--walk-files 2000] [--walk-mib 50] [--images 20] [--many-images 100] [--json OUT.json] [--markdown OUT.md]
 Needs root, a 6.14+ kernel with fanotify pre-content events and file-backed EROFS, skopeo,
 docker-registry and curl.
 """
@@ -454,49 +464,61 @@ def fast_capacity(bench: Bench, image: Path, source: Path, size: int, reads: int
             buf = bytearray(MIB)
             for _ in range(half // MIB):
                 f.readinto(buf)
-        per_thread = [[rng.randrange(0, half // 4096) * 4096 for _ in range(reads)] for _ in range(threads)]
-        results: list[list[bytes]] = [[] for _ in range(threads)]
         fd = os.open(mnt / "big.bin", os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.close(fd)
         before = proc.counters()
         assert proc.proc is not None
         cpu0 = cpu_seconds(proc.proc.pid)
-
-        def reader(k: int) -> None:
-            results[k] = [os.pread(fd, 4096, off) for off in per_thread[k]]
-
+        go = bench.work / "runs" / run / "go"
+        # readers are processes (threads of one interpreter would measure its GIL): each waits
+        # for `go`, times its own preads, then checks every byte it read against the source
+        readers = [subprocess.Popen([sys.executable, "-c", FAST_READER, str(mnt / "big.bin"), str(source), str(go),
+                                     str(rng.randrange(1 << 30)), str(reads), str(half)], stdout=subprocess.PIPE, text=True)
+                   for _ in range(threads)]
+        time.sleep(0.5)  # all started and waiting
         with watchdog(READ_TIMEOUT, lambda: bench.cleanup_daemon(proc)) as fired:
-            workers = [threading.Thread(target=reader, args=(k,)) for k in range(threads)]
-            start = time.perf_counter()
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            elapsed = time.perf_counter() - start
-        os.close(fd)
+            go.touch()
+            outs = [json.loads(r.communicate()[0]) for r in readers]
         if fired.is_set():
             bench.problem("fast-path capacity reads hung; daemon killed")
             raise Hang("fastcap")
+        elapsed = max(o["seconds"] for o in outs)
         cpu = cpu_seconds(proc.proc.pid) - cpu0
         after = proc.counters()
-        wrong = 0
-        with open(source, "rb", buffering=0) as f:
-            for offsets, datas in zip(per_thread, results):
-                for off, data in zip(offsets, datas):
-                    f.seek(off)
-                    wrong += f.read(4096) != data
+        wrong = sum(o["wrong"] for o in outs)
         if wrong:
             bench.problem(f"fast-path capacity: {wrong} preads returned WRONG BYTES")
         events = after.get("read", 0) - before.get("read", 0)
         fast = after.get("read_fast", 0) - before.get("read_fast", 0)
         return {"threads": threads, "preads": threads * reads, "seconds": elapsed, "events": events,
+                "reader_seconds": [o["seconds"] for o in outs],
                 "read_fast": fast, "events_per_second": fast / elapsed,
                 "daemon_cpu_us_per_event": 1e6 * cpu / max(events, 1), "wrong_reads": wrong,
                 "fetches": after.get("fetches", 0) - before.get("fetches", 0)}
     finally:
         bench.stop(proc, "fast path capacity")
         bench.remove_run(run)
+
+
+# one reader process of fast_capacity: argv = mounted file, source file, go file, seed, reads, span
+FAST_READER = r"""
+import json, os, random, sys, time
+path, source, go, seed, reads, span = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+rng = random.Random(seed)
+offsets = [rng.randrange(0, span // 4096) * 4096 for _ in range(reads)]
+fd = os.open(path, os.O_RDONLY)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+pread = os.pread
+while not os.path.exists(go):
+    time.sleep(0.001)
+start = time.perf_counter()
+datas = [pread(fd, 4096, off) for off in offsets]
+seconds = time.perf_counter() - start
+src = os.open(source, os.O_RDONLY)
+wrong = sum(pread(src, 4096, off) != data for off, data in zip(offsets, datas))
+print(json.dumps({"seconds": seconds, "wrong": wrong}))
+"""
 
 
 def make_tree(work: Path, files: int, total_mib: int) -> tuple[Path, Path]:
@@ -748,8 +770,11 @@ def goal_rows(r: dict[str, Any], size_mib: int) -> list[list[str]]:
                     f"{w['ratio']:.2f}", spread(ratios, ".2f") + " (pairs)", ">= 0.7", met(w["ratio"] >= 0.7)])
     if "fast_capacity" in r:
         f = r["fast_capacity"]
-        out.append([f"fast path, events answered per second ({f['threads']} readers)", f"{f['events_per_second']:,.0f}",
-                    f"{f['daemon_cpu_us_per_event']:.1f} us daemon CPU per event", ">= 150,000",
+        others = ", ".join(f"{c['threads']} readers {c['events_per_second'] / 1000:,.0f}k"
+                           for c in r.get("fast_capacity_all", [f]))
+        out.append([f"fast path, events answered per second (best: {f['threads']} readers)",
+                    f"{f['events_per_second']:,.0f}",
+                    f"{others}; {f['daemon_cpu_us_per_event']:.1f} us daemon CPU/event", ">= 150,000",
                     met(f["events_per_second"] >= 150_000)])
     if "cold_local" in r:
         c = r["cold_local"]
@@ -845,7 +870,9 @@ def main() -> int:
     parser.add_argument("--many-images", type=int, default=100, help="local images bound for the RSS goal")
     parser.add_argument("--walk-files", type=int, default=2000, help="files of the cold tree walk")
     parser.add_argument("--walk-mib", type=int, default=50, help="MiB of the cold tree walk's files")
-    parser.add_argument("--threads", type=int, default=4, help="readers of the fast-path capacity")
+    parser.add_argument("--threads", default="1,4", help="reader processes of the fast-path capacity, one "
+                        "measurement per number given (the best is the goal row's)")
+    parser.add_argument("--fast-reads", type=int, default=20000, help="preads of each fast-path capacity reader")
     parser.add_argument("--json", type=Path, metavar="OUT.json")
     parser.add_argument("--markdown", type=Path, metavar="OUT.md")
     args = parser.parse_args()
@@ -893,7 +920,9 @@ def main() -> int:
         console.print("4/8 random 4 KiB reads, fast path ...")
         results["random"] = random_reads(bench, image, blob, source, size, args.reads)
         console.print(f"5/8 fast path capacity, {args.threads} readers ...")
-        results["fast_capacity"] = fast_capacity(bench, image, source, size, args.reads, args.threads)
+        caps = [fast_capacity(bench, image, source, size, args.fast_reads, int(n)) for n in args.threads.split(",")]
+        results["fast_capacity_all"] = caps
+        results["fast_capacity"] = max(caps, key=lambda c: c["events_per_second"])
         console.print(f"6/8 cold walk of a {args.walk_files}-file tree from the registry ...")
         tree, walk_image = make_tree(work, args.walk_files, args.walk_mib)
         results["walk"] = tree_walk(bench, registry, tree, walk_image, args.runs)
