@@ -66,6 +66,15 @@ PEERS: dict[str, Peer] = {peer.name: peer for peer in (
     GoPeer("crictl", "sigs.k8s.io/cri-tools", "v1.34.0", "./cmd/crictl",
            "-X sigs.k8s.io/cri-tools/pkg/version.Version=v1.34.0"),
     GoPeer("scheduler", "d7y.io/dragonfly/v2", "v2.5.1", "./cmd/scheduler"),
+    # nydusd, the peer a side-by-side bench would compare fscached with (not for the tests).
+    # 2.2.0 is the newest nydus-rs on crates.io; its lock file pins a `time` that newer Rust
+    # rejects, so it is built unlocked (the dependencies resolve to their newest semver matches).
+    # That does not compile today either: nydus-rafs 0.2.2 gets nydus-storage 0.6.4 (published
+    # after nydus-rs 2.2.0), whose BlobChunkInfo trait has `is_encrypted` (missing in
+    # nydus-rafs's impls, E0046) and which brings nydus-api 0.3.1 beside nydus-rafs's 0.2.2 (two
+    # ConfigV2 types, E0308). `install` says so, with the log.
+    CargoPeer("nydus-rs", "nydus-rs", "2.2.0", ("nydusd", "nydus-image"), locked=False,
+              debian=("pkg-config", "libssl-dev", "cmake", "clang", "libclang-dev")),
 )}
 # what `make test` needs (the Rust ones are added where they are pinned)
 FOR_TEST = ["containerd-nydus-grpc", "nerdctl", "crictl", "scheduler"]

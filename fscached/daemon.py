@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
+from erofs_image.index import BootstrapIndex
 from erofs_image.reader import Bootstrap
 from fanotify.group import FanotifyError
 from fetcher.auth import make_credentials
@@ -305,7 +306,7 @@ class Daemon:
                      ", ".join(restored))
 
     async def _add_to_catalog(self, image: Image, bootstrap: Path | None = None,
-                              parsed: Bootstrap | None = None) -> Path:
+                              parsed: Bootstrap | BootstrapIndex | None = None) -> Path:
         """Pull (a `ref`) and parse (in a worker thread: never on the loop) the image's
         bootstrap, serve it in the catalog, start its profiles. Returns the bootstrap served."""
         spec = image.spec
@@ -639,7 +640,7 @@ class Daemon:
 
     # -- images at run time (the control API) ---------------------------------------------------
     async def bind_image(self, spec: ImageSpec, profile: ProfileSpec | None = None,
-                         parsed: Bootstrap | None = None) -> ImageSpec:
+                         parsed: Bootstrap | BootstrapIndex | None = None) -> ImageSpec:
         """Serve one more image while the others are mounted and read. AlreadyBound (a live
         bind of the id), MountpointTaken, NotServing, CatalogError, SourceError, ValueError
         (a bad mountpoint), OSError (a failed mount). Whatever fails, nothing of the bind is
@@ -659,7 +660,7 @@ class Daemon:
                 self._operations.discard(task)
         return image.spec
 
-    async def _bind(self, image: Image, profile: ProfileSpec | None, parsed: Bootstrap | None) -> None:
+    async def _bind(self, image: Image, profile: ProfileSpec | None, parsed: Bootstrap | BootstrapIndex | None) -> None:
         spec = image.spec
         if profile is not None:
             if profile == ProfileSpec():
@@ -1070,6 +1071,8 @@ class Daemon:
     # -- counters ---------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         """The daemon's counters plus each source's, as "source:<name>:<ok|failed|...>"."""
+        if self.frontend is not None:
+            self.frontend.refresh_stats()
         merged = dict(self.frontend.stats) if self.frontend is not None else dict(self.profile_stats)
         for chain in self.catalog.sources():
             for key, value in chain.stats.items():

@@ -60,6 +60,7 @@ from fscached.config import (
 )
 
 if TYPE_CHECKING:
+    from erofs_image.index import BootstrapIndex
     from erofs_image.reader import Bootstrap
 
 log = logging.getLogger("fscached.api")
@@ -101,7 +102,7 @@ class BindRequest:
     ignored: list[str] = field(default_factory=list)  # field names only, never values
     registry_token: str | None = field(default=None, repr=False)  # a bearer token: never shown
     profile: ProfileSpec = field(default_factory=ProfileSpec)  # fscached's record_profile / profile fields
-    bootstrap: Bootstrap | None = field(default=None, repr=False)  # the checked bootstrap, parsed
+    bootstrap: Bootstrap | BootstrapIndex | None = field(default=None, repr=False)  # the checked bootstrap, parsed
 
 
 def check_entry_id(kind: str, value: Any) -> str:
@@ -157,7 +158,7 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
         raise BadBind("blob_cache: missing blob cache configuration information (`config` or `config_v2`)")
     where = f"image {fsid}"
     bootstrap: Path | None = Path(parsed.metadata_path)
-    opened: Bootstrap | None = None  # parsed here (a worker thread), served as it is
+    opened: Bootstrap | BootstrapIndex | None = None  # parsed here (a worker thread), served as it is
     blobs = parsed.blob_dir
     if ref is not None:
         _registry_from_ref(parsed, ref)
@@ -420,15 +421,16 @@ def _registry_spec(where: str, backend: dict[str, Any]) -> tuple[RegistrySpec, P
     return RegistrySpec(host, repo, scheme, auth, ca_file, skip_verify, timeout), proxy
 
 
-def open_metadata_path(value: str) -> tuple[Path, Bootstrap]:
+def open_metadata_path(value: str) -> tuple[Path, Bootstrap | BootstrapIndex]:
     """The bootstrap: an existing regular file holding a RAFS v6 (EROFS) image, as nydusd checks
     it (its messages), plus fscached's reader's own validation; and the parsed bootstrap (the
-    daemon serves that one: a big bootstrap is parsed once per bind, off the event loop)."""
-    from erofs_image.reader import Bootstrap
+    daemon serves that one: read once per bind, off the event loop: its chunk index, or the
+    whole image when it has no chunk table)."""
+    from erofs_image.index import open_served
 
     path = check_metadata_file(value)
     try:
-        return path, Bootstrap.open(path)
+        return path, open_served(path)
     except (ValueError, OSError) as exc:
         raise BadBind(f"blob_cache: `config.metadata_path={value[:300]}` is not a usable RAFS v6 bootstrap: "
                       f"{exc}") from None
@@ -454,7 +456,8 @@ def check_metadata_file(value: str) -> Path:
     return path
 
 
-def link_blob_file(blob_file: Path, bootstrap: Path, work_dir: Path, parsed: Bootstrap | None = None) -> Path:
+def link_blob_file(blob_file: Path, bootstrap: Path, work_dir: Path,
+                   parsed: Bootstrap | BootstrapIndex | None = None) -> Path:
     """nydusd's localfs `blob_file`: the one data blob of the image, whatever its name. Named by
     its blob id, its directory serves it; otherwise a link named by the blob id is made in
     `<work_dir>/fscached-blobs/` (the bind's own work directory)."""

@@ -158,7 +158,8 @@ def test_orphans_a_dead_daemon_took_are_answered_with_their_bytes(big_image, sil
     work, _ = big_image
     mnt = work / "mnt"
     boot = work / "img" / "image.boot"
-    hanging = f"fsid=big,bootstrap={boot},registry=127.0.0.1:{silent_server}/test/repo,scheme=http,mountpoint={mnt}"
+    hanging = (f"fsid=big,bootstrap={boot},registry=127.0.0.1:{silent_server}/test/repo,scheme=http,mountpoint={mnt},"
+               "profile=none")  # no profile lookup: that registry never answers
     local = f"fsid=big,bootstrap={boot},blobs={work / 'img' / 'blobs'},mountpoint={mnt}"
     first = FscachedProcess(work / "cache", [hanging])
     second = FscachedProcess(work / "cache", [local])
