@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := erofs-utils qemu-system-x86 skopeo docker-registry e2fsprogs containerd runc debootstrap iproute2
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint deps venv bench clean
+.PHONY: demo test lint peers deps venv bench clean
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
@@ -13,7 +13,7 @@ deps:
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; \
 	fi
 
 # setup.py also generates fscached/_proto/ from proto/: a changed .proto installs again
@@ -30,12 +30,18 @@ venv: $(STAMP)
 demo: deps venv
 	$(PY) -m coldstart.demo
 
+# the real peers the tests run beside fscached (nydus-snapshotter, nerdctl, crictl, Dragonfly),
+# built by name from the Go module proxy and crates.io into /var/cache/fscached/peers (or
+# $FSCACHED_PEER_CACHE) when missing: coldstart/peers.py
+peers: venv
+	$(PY) -m coldstart.peers install
+
 # ruff (pyproject.toml's rule set) and mypy (every package) first: a finding fails the run
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: deps venv lint
+test: deps venv lint peers
 	$(PY) -m pytest -q
 
 bench: deps venv
