@@ -688,19 +688,35 @@ scheduler:
     def registry_blob_gets(self) -> dict[str, int]:
         """blob digest hex -> how many GETs of it the registry's access log shows (the stat
         `Range: bytes=0-0` of every new task included)."""
-        assert self.registry is not None
         counts: dict[str, int] = {}
-        try:
-            text = self.registry.log_path.read_text(errors="replace")
-        except OSError:
-            return counts
-        for m in re.finditer(r'"GET /v2/[^"]*/blobs/sha256:([0-9a-f]{64}) HTTP', text):
-            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        for digest, _status, _size, _agent in self._access_log():
+            counts[digest] = counts.get(digest, 0) + 1
         return counts
+
+    def registry_blob_bytes(self) -> dict[str, dict[str, int]]:
+        """blob digest hex -> {client: body bytes the registry sent for it}, from its access
+        log; the client is "dragonfly" (a dfdaemon going back to source) or "fscached" (a node's
+        fscached falling back to the registry), else the user agent."""
+        sent: dict[str, dict[str, int]] = {}
+        for digest, status, size, agent in self._access_log():
+            if status not in (200, 206):
+                continue
+            who = "dragonfly" if agent.startswith("dragonfly/") else "fscached" if "aiohttp" in agent else agent
+            per = sent.setdefault(digest, {})
+            per[who] = per.get(who, 0) + size
+        return sent
+
+    def _access_log(self) -> list[tuple[str, int, int, str]]:
+        try:
+            text = (self.hosts["reg"].dir / "registry.log").read_text(errors="replace")
+        except (OSError, KeyError):
+            return []
+        return [(m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)) for m in _ACCESS.finditer(text)]
 
 
 # --------------------------------------------------------------------------- helpers
 
+_ACCESS = re.compile(r'"GET /v2/[^" ]*/blobs/sha256:([0-9a-f]{64}) HTTP/[\d.]+" (\d{3}) (\d+) "[^"]*" "([^"]*)"')
 _GRPC_FORK_NOISE = re.compile(r"[EWI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.cc:\d+\]")
 _DOWNLOAD_STARTED = re.compile(
     r'download task started: Download \{ url: "(?P<url>[^"]*)", range: (?:None|Some\(Range \{ start: '

@@ -11,10 +11,14 @@ resets every such stream (`RST_STREAM`, error 1): without the option no call to 
 succeeds. Its reconnect backoff is capped at a few seconds, so a restarted dfdaemon is used
 again soon after it is back.
 
-Task identity: dfdaemon hashes url + tag + application (+ piece_length) + "STANDARD" into the
-task id; the range is not part of it. Every request for a blob carries the SAME url
-(`url_for(blob_id)`), tag, application and piece length (fixed per source), so every node
-asking for a blob joins one P2P task.
+Task identity: every request sets `enable_task_id_based_blob_digest` (field 30;
+`blob_digest_task_id=False` turns it off): for a registry blob URL (`/v2/<name>/blobs/sha256:<hex>`)
+dfdaemon then takes the blob's digest hex as the task id, whatever the registry's host name,
+tag, application or piece length: every node asking for a blob joins one P2P task, also nodes
+that reach the registry by other names (mirrors) and nodes using dfdaemon's HTTP proxy, whose
+registry mirror does the same by default. Without it the id is sha256 over url + tag +
+application (+ piece_length) + "STANDARD"; the range is never part of it. Every request for a
+blob carries the same url (`url_for(blob_id)`), tag, application and piece length anyway.
 
 One whole task per blob, first. The scheduler triggers the seed peer with the download of the
 FIRST peer that registers a task, range included: a first request for 1 MiB makes the seed
@@ -247,6 +251,7 @@ class DragonflyGrpcSource:
         piece_cache: PieceCache | None = None,
         whole_task: bool = True,
         scheduling_policy: int = SCHEDULING_ALWAYS,
+        blob_digest_task_id: bool = True,
     ) -> None:
         if socket_path.startswith("unix:"):
             socket_path = socket_path[len("unix:"):]
@@ -277,6 +282,7 @@ class DragonflyGrpcSource:
         self.timeout = timeout
         self.filtered_query_params = list(filtered_query_params or [])
         self.whole_task = whole_task
+        self.blob_digest_task_id = blob_digest_task_id
         self._channel: grpc.aio.Channel | None = None
         self._stub: dfdaemon_pb2_grpc.DfdaemonDownloadStub | None = None
         self._whole: dict[str, _WholeTask] = {}  # url -> this node's whole-task download
@@ -335,6 +341,7 @@ class DragonflyGrpcSource:
             request_header=request_header,
             filtered_query_params=self.filtered_query_params,
             scheduling_policy=self.scheduling_policy,
+            enable_task_id_based_blob_digest=self.blob_digest_task_id,
             timeout=duration_pb2.Duration(seconds=int(timeout), nanos=int((timeout % 1) * 1e9)),
         )
         if self.tag:

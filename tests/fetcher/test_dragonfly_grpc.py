@@ -116,7 +116,7 @@ def test_ranged_reads_return_exact_bytes(dragonfly_peer):
             return src.task_ids
     ids = run(main())
     url = dragonfly_peer.blob_url(REPO, digest)
-    assert ids == {url: task_id(url)}  # dfdaemon's own id: url + application, no range in it
+    assert ids == {url: digest}  # the blob's digest: one task whatever the registry's name or the range
 
 
 def test_the_first_request_is_the_whole_blob_and_ranges_are_served_locally(dragonfly_peer):
@@ -137,7 +137,7 @@ def test_the_first_request_is_the_whole_blob_and_ranges_are_served_locally(drago
     assert asked[0]["range"] is None and not asked[0]["prefetch"], asked[0]  # the whole task, first
     assert all(a["range"] is not None for a in asked[1:]) and len(asked) >= 4, asked
     assert len({a["task_id"] for a in asked}) == 1
-    (task,) = [t for tid, t in dragonfly_peer.tasks().items() if tid == task_id(url)]
+    (task,) = [t for tid, t in dragonfly_peer.tasks().items() if tid == digest]
     assert task["peers"] == 1 and task["ranges"] == {None}, task  # the ranges never reached the scheduler
 
 
@@ -149,7 +149,8 @@ def test_small_ranges_reach_the_scheduler_only_with_scheduling_policy_always(dra
 
     async def main():
         for tag, policy in (("auto", common_pb2.AUTO), ("always", common_pb2.ALWAYS)):
-            async with Peer(dragonfly_peer, tag=tag, scheduling_policy=policy, whole_task=False) as src:
+            async with Peer(dragonfly_peer, tag=tag, scheduling_policy=policy, whole_task=False,
+                            blob_digest_task_id=False) as src:
                 assert await src.read(digest, MiB, MiB) == data[MiB:2 * MiB]
     run(main())
     tasks = dragonfly_peer.tasks()
@@ -162,17 +163,23 @@ def test_small_ranges_reach_the_scheduler_only_with_scheduling_policy_always(dra
     assert all(a["prefetch"] and a["range"] == (MiB, MiB) for a in firsts), firsts
 
 
-def test_tag_and_piece_length_change_the_task_id(dragonfly_peer):
+def test_url_based_task_ids_hash_url_tag_application_and_piece_length(dragonfly_peer):
+    """Without blob-digest task ids (field 30): dfdaemon's id of the url, tag, application and
+    piece length, never the range."""
     digest, data = push(dragonfly_peer, 10 * MiB)
     url = dragonfly_peer.blob_url(REPO, digest)
 
     async def main():
-        async with Peer(dragonfly_peer, tag="t1", piece_length=8 * MiB) as src:
-            assert await src.read(digest, PIECE - 5, 10) == data[PIECE - 5:PIECE + 5]
-            assert src._piece_length[url] == 8 * MiB  # dfdaemon cut the task into 8 MiB pieces
-            return src.task_ids
-    ids = run(main())
-    assert ids[url] == task_id(url, "t1", piece_length=8 * MiB) != task_id(url)
+        ids = []
+        for kw in ({}, {"tag": "t1", "piece_length": 8 * MiB}):
+            async with Peer(dragonfly_peer, blob_digest_task_id=False, **kw) as src:
+                assert await src.read(digest, PIECE - 5, 10) == data[PIECE - 5:PIECE + 5]
+                if kw:
+                    assert src._piece_length[url] == 8 * MiB  # dfdaemon cut the task into 8 MiB pieces
+                ids.append(src.task_ids[url])
+        return ids
+    plain, tagged = run(main())
+    assert plain == task_id(url) and tagged == task_id(url, "t1", piece_length=8 * MiB) != plain
 
 
 def test_range_inside_a_delivered_piece_makes_no_rpc(dragonfly_peer):
@@ -345,10 +352,11 @@ def test_registry_auth_reaches_the_origin(dragonfly_peer):
     async def main():
         async with Peer(dragonfly_peer) as src:
             assert await src.read(digest, PIECE - 3, 1000) == data[PIECE - 3:PIECE + 997]
-        # without credentials the origin says 401, and that is what we are told (another tag:
-        # another task, which the peer has to fetch for itself)
+        # without credentials the origin says 401, and that is what we are told (another task,
+        # which the peer has to fetch for itself: by url and tag, not by the blob's digest)
         async with DragonflyGrpcSource(str(dragonfly_peer.socket("node1")),
-                                       lambda b: dragonfly_peer.blob_url(REPO, b), tag="anonymous") as anon:
+                                       lambda b: dragonfly_peer.blob_url(REPO, b), tag="anonymous",
+                                       blob_digest_task_id=False) as anon:
             with pytest.raises(SourceError, match="HTTP 401"):
                 await anon.read(digest, 0, 10)
     run(main())
