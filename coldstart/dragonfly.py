@@ -694,16 +694,16 @@ scheduler:
         return counts
 
     def registry_blob_bytes(self) -> dict[str, dict[str, int]]:
-        """blob digest hex -> {client: body bytes the registry sent for it}, from its access
-        log; the client is "dragonfly" (a dfdaemon going back to source) or "fscached" (a node's
-        fscached falling back to the registry), else the user agent."""
+        """blob digest hex -> {user agent: body bytes the registry sent for it}, from its access
+        log. dfdaemon says `dragonfly/<version>` when it goes back to source for a task started
+        over gRPC, but forwards its client's own headers for a task its HTTP proxy started (so a
+        seed peer fetching for a proxy user shows that user's agent); fscached's own registry
+        reads show aiohttp's."""
         sent: dict[str, dict[str, int]] = {}
         for digest, status, size, agent in self._access_log():
-            if status not in (200, 206):
-                continue
-            who = "dragonfly" if agent.startswith("dragonfly/") else "fscached" if "aiohttp" in agent else agent
-            per = sent.setdefault(digest, {})
-            per[who] = per.get(who, 0) + size
+            if status in (200, 206):
+                per = sent.setdefault(digest, {})
+                per[agent] = per.get(agent, 0) + size
         return sent
 
     def _access_log(self) -> list[tuple[str, int, int, str]]:
