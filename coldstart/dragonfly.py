@@ -126,14 +126,17 @@ class DragonflyCluster:
     def __init__(self, workdir: Path, nodes: int = 3, *, uplink: str = "100mbit", lan: str = "1gbit",
                  seed: bool = True, restart_timeout: float = 120.0,
                  back_to_source_concurrency: int | None = None, log_level: str = "info",
-                 registry_users: dict[str, str] | None = None) -> None:
+                 registry_users: dict[str, str] | None = None, peers: bool = True) -> None:
+        """peers=False: the same network and registry, no scheduler and no dfdaemon (nodes that
+        fetch straight from the registry, to compare with)."""
         if not 1 <= nodes <= 16:
             raise ClusterError(f"nodes must be 1..16, not {nodes}")
         self.workdir = Path(workdir).resolve()
         self.nodes = [f"node{i}" for i in range(1, nodes + 1)]
         self.uplink, self.lan = uplink, lan
         self.uplink_bits, self.lan_bits = rate_bits(uplink), rate_bits(lan)
-        self.with_seed = seed
+        self.with_peers = peers
+        self.with_seed = seed and peers
         self.restart_timeout = restart_timeout
         self.back_to_source_concurrency = back_to_source_concurrency
         self.log_level = log_level
@@ -148,6 +151,8 @@ class DragonflyCluster:
         self.delay_mode = "none"
         self.scheduler_started = 0.0  # time.monotonic() of the scheduler's last start
         self.timings: dict[str, float] = {}
+        self.scheduler_bin: Path | None = None
+        self.dfdaemon_bin: Path | None = None
         self._net: ipaddress.IPv4Network | None = None
         self._made: list[str] = []  # namespaces we created
 
@@ -200,6 +205,8 @@ class DragonflyCluster:
 
     def peers(self) -> list[str]:
         """The hosts running a dfdaemon: the seed (if any) and the nodes."""
+        if not self.with_peers:
+            return []
         return (["seed"] if self.with_seed else []) + self.nodes
 
     def _host(self, name: str) -> Host:
@@ -215,16 +222,18 @@ class DragonflyCluster:
         t0 = time.monotonic()
         cleanup_leftovers()
         try:
-            self.scheduler_bin = binary("scheduler")
-            self.dfdaemon_bin = binary("dfdaemon")
+            if self.with_peers:
+                self.scheduler_bin = binary("scheduler")
+                self.dfdaemon_bin = binary("dfdaemon")
             self._network()
             self.timings["network"] = time.monotonic() - t0
             self._start_registry()
             self.timings["registry"] = time.monotonic() - t0
-            self.start_scheduler()
-            self.timings["scheduler"] = time.monotonic() - t0
-            self._start_peers(self.peers())
-            self.timings["dfdaemons"] = time.monotonic() - t0
+            if self.with_peers:
+                self.start_scheduler()
+                self.timings["scheduler"] = time.monotonic() - t0
+                self._start_peers(self.peers())
+                self.timings["dfdaemons"] = time.monotonic() - t0
             if self.with_seed:
                 self.wait_seed_usable()
                 self.timings["seed_usable"] = time.monotonic() - t0
@@ -262,7 +271,7 @@ class DragonflyCluster:
     # -- the network ------------------------------------------------------------------------------
     def _network(self) -> None:
         self._net = net = _free_subnet()
-        plan = [("reg", 10), ("sched", 11)] + ([("seed", 12)] if self.with_seed else [])
+        plan = [("reg", 10)] + ([("sched", 11)] if self.with_peers else []) + ([("seed", 12)] if self.with_seed else [])
         plan += [(name, 20 + i) for i, name in enumerate(self.nodes, start=1)]
         with IPRoute() as ipr:
             ipr.link("add", ifname=self.bridge, kind="bridge")
@@ -683,7 +692,8 @@ scheduler:
 
     def lan_bytes(self) -> int:
         """Bytes the seed and the nodes sent into the LAN (pieces to each other, requests)."""
-        return sum(_rx(self.hosts[name].host_if) for name in self.peers())
+        senders = (["seed"] if self.with_seed else []) + self.nodes
+        return sum(_rx(self.hosts[name].host_if) for name in senders)
 
     def registry_blob_gets(self) -> dict[str, int]:
         """blob digest hex -> how many GETs of it the registry's access log shows (the stat

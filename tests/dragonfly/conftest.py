@@ -78,11 +78,11 @@ def node_daemons() -> Iterator[Callable[..., FscachedProcess]]:
     started: list[tuple[FscachedProcess, list[Path]]] = []
 
     def start(cluster: Any, node: str, images: list[str], *, name: str | None = None,
-              timeout: float = 120, **kwargs: Any) -> FscachedProcess:
+              timeout: float = 120, mountpoints: list[Path] = (), **kwargs: Any) -> FscachedProcess:
         d = Path(cluster.work) / (name or node)
         d.mkdir(parents=True, exist_ok=True)
         proc = FscachedProcess(d / "cache", images, **kwargs)
-        started.append((proc, image_mountpoints(images)))
+        started.append((proc, image_mountpoints(images) + list(mountpoints)))
         with cluster.inside(node):  # its registry fallback goes out through the node's link
             return proc.start(timeout)
 

@@ -1,7 +1,8 @@
 """The hold-out tree served on three nodes of a real Dragonfly cluster at once, each node's
-fscached fetching through its own dfdaemon (two over the gRPC socket, one through the HTTP
-proxy): every file equal on every node, one P2P task per blob, and the registry sent each blob
-about once, not three times."""
+fscached fetching through its own dfdaemon: node1 over the gRPC socket (the image key
+`dragonfly=`), node2 over the gRPC socket too but bound at run time through the API (the bind
+entry's `dragonfly`), node3 through the HTTP proxy (`proxy=`, `ping_url=`): every file equal on
+every node, one P2P task per blob, and the registry sent each blob about once, not three times."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from dfnodes import push_layout
+from apiclient import call
 from daemon_proc import drop_caches
 from test_fanotify_trees import add_edge_files, assert_served, assert_tree, counter
 from trees import convert, make_real_tree, manifest
@@ -45,11 +47,21 @@ def test_three_nodes_share_one_task_per_blob(cluster: Any, holdout: dict[str, An
     ref, blobs = holdout["ref"], holdout["blobs"]
     assert sum(blobs.values()) > 4 << 20, blobs  # premise: several pieces to share
     egress0, lan0 = cluster.registry_egress(), cluster.lan_bytes()
-    sources = {"node1": f"dragonfly={cluster.socket('node1')}", "node2": f"dragonfly={cluster.socket('node2')}",
-               "node3": f"proxy={cluster.proxy_url('node3')}"}
+    sources = {"node1": f"dragonfly={cluster.socket('node1')}", "node2": "the API",
+               "node3": f"proxy={cluster.proxy_url('node3')},ping_url={cluster.health_url('node3')}"}
     daemons, mounts = {}, {}
     for node, source in sources.items():
         mounts[node] = Path(cluster.work) / node / "mnt"
+        if node == "node2":
+            sock = Path(cluster.work) / node / "api.sock"
+            daemons[node] = node_daemons(cluster, node, [], extra=["--apisock", str(sock)], mountpoints=[mounts[node]])
+            entry = {"type": "bootstrap", "id": "tree", "ref": ref, "mountpoint": str(mounts[node]),
+                     "dragonfly": str(cluster.socket(node)),
+                     "config": {"id": "tree", "backend_type": "registry", "backend_config": {"scheme": "http"},
+                                "cache_type": "fscache", "cache_config": {"work_dir": str(sock.parent / "work")}}}
+            status, answer = call(sock, "PUT", "/api/v2/blobs", entry)
+            assert status == 204, (status, answer)
+            continue
         daemons[node] = node_daemons(cluster, node, [f"fsid=tree,ref={ref},scheme=http,{source},"
                                                      f"mountpoint={mounts[node]}"])
     drop_caches()
