@@ -22,6 +22,10 @@ fscached's own extensions (top-level fields of the entry):
 - `"profile": "auto" | "none" | "/path/to/profile.json"`: the start-up profile to replay at the
   mount (the image key `profile=`; default "auto": the registry's profile of a `ref` image). A
   profile that cannot be used is skipped with a warning: it never fails the bind.
+- `"dragonfly": "/path/to/dfdaemon.sock"`: the node's Dragonfly peer, its gRPC unix socket (the
+  image key `dragonfly=`): blobs of the registry backend are fetched through it first, then
+  from the registry. nydusd itself only knows the HTTP proxy (the registry backend's `proxy`),
+  which works here too.
 
 Mapping (legacy `config.` / v2 `config_v2.`):
 
@@ -148,6 +152,7 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
             raise BadBind(str(exc)) from None
     ref = _ref(entry.get("ref"))
     record_profile, profile = _profile_fields(entry, fsid)
+    dragonfly = _dragonfly_socket(entry.get("dragonfly"))
     if entry.get("config_v2") is not None:  # nydusd prefers it when both are given
         parsed = _from_v2(entry["config_v2"], ref is not None)
         form = "config_v2"
@@ -175,10 +180,13 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
     if parsed.registry is not None:
         registry, proxy = _registry_spec(where, parsed.registry)
         token = _string(parsed.registry, "registry_token", "registry") or None
+    if dragonfly is not None and registry is None:
+        raise BadBind(f"image {fsid}: dragonfly: a Dragonfly peer fetches from a registry: give a registry "
+                      "backend or ref")
     spec = ImageSpec(
         fsid=fsid, bootstrap=bootstrap, blobs=Path(blobs) if blobs is not None else None, domain=domain,
-        ref=ref.text if ref is not None else None, registry=registry, proxy=proxy, prefetch=parsed.prefetch,
-        mountpoint=mountpoint,
+        ref=ref.text if ref is not None else None, registry=registry, dragonfly_socket=dragonfly, proxy=proxy,
+        prefetch=parsed.prefetch, mountpoint=mountpoint,
     )
     return BindRequest(spec, form, parsed.ignored, token, ProfileSpec(record_profile, profile), opened)
 
@@ -225,6 +233,15 @@ def _ref(value: Any) -> _Ref | None:
     except ValueError as exc:
         raise BadBind(f"ref: {exc}") from None
     return _Ref(value, parsed.host, parsed.repo)
+
+
+def _dragonfly_socket(value: Any) -> Path | None:
+    """fscached's `dragonfly`: the dfdaemon's gRPC unix socket, an absolute path."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
+        raise BadBind("dragonfly must be the absolute path of the dfdaemon's unix socket")
+    return Path(value)
 
 
 def _registry_from_ref(parsed: _Parsed, ref: _Ref) -> None:
