@@ -3,8 +3,9 @@
 Layout (as nydus): block 0 holds the superblock at 1024, the RAFS extended superblock at 1152
 and the device table at 1408 (one slot per blob); then, 4 KiB aligned, the blob table, the
 chunk table (one 80-byte entry per unique chunk, ordered by (blob, chunk index)) and the
-prefetch table (u32 nids); then the inode area at meta_blkaddr (root first, so root nid 0),
-then the directory / symlink blocks that are not inlined.
+prefetch table (u32 nids); then the inode area one block past meta_blkaddr (root first, so
+root nid 128, as nydus-image writes it), then the directory / symlink blocks that are not inlined.
+No superblock checksum and a 4 KiB aligned chunk table: nydusd refuses anything else.
 """
 from __future__ import annotations
 
@@ -199,25 +200,29 @@ def build_bootstrap(image: Image) -> bytes:
     # header region
     devt_end = R.DEVICE_TABLE_OFFSET + L.DEVICE_SLOT_SIZE * nblobs
     blob_table_off = _align(devt_end, BS)
-    chunk_table_off = blob_table_off + R.BLOB_ENTRY_SIZE * nblobs
+    # 4 KiB aligned: nydusd refuses a chunk table that is not ("invalid chunk table offset")
+    chunk_table_off = _align(blob_table_off + R.BLOB_ENTRY_SIZE * nblobs, BS)
     prefetch_off = chunk_table_off + R.CHUNK_INFO_SIZE * len(chunk_keys)
     prefetch_nodes = [lookup(image.root, path) for path in image.prefetch]
     meta_start = _align(prefetch_off + 4 * len(prefetch_nodes), BS)
 
-    # inode area: root first, inline tails never cross a block boundary
+    # inode area: root first, inline tails never cross a block boundary. As nydus-image does,
+    # meta_blkaddr is one block before the area, so no inode has nid 0: nydusd takes the nid for
+    # the inode number and aborts on 0 (an assertion in RAFS v6's `ino()`), and readdir hides ino 0.
+    nid_bias = BS >> L.ISLOT_BITS
     pos = 0
     nids: dict[int, int] = {}
     for p in plans:
         pos = _align(pos, L.ISLOT_SIZE)
         if p.layout == L.LAYOUT_FLAT_INLINE and pos % BS + p.record > BS:
             pos = _align(pos, BS)
-        p.nid = pos >> L.ISLOT_BITS
+        p.nid = nid_bias + (pos >> L.ISLOT_BITS)
         nids[id(p.inode)] = p.nid
         pos += p.record
     if plans[0].nid >= 1 << 16:
         raise ValueError("root nid does not fit 16 bits")
-    meta_blkaddr = meta_start // BS
-    blk = meta_blkaddr + _align(pos, BS) // BS
+    meta_blkaddr = meta_start // BS - 1
+    blk = meta_start // BS + _align(pos, BS) // BS
     for p in plans:
         if p.data_blocks:
             p.blkaddr = blk
@@ -230,7 +235,7 @@ def build_bootstrap(image: Image) -> bytes:
     # inodes and data
     for p in plans:
         node = p.inode
-        off = meta_start + p.nid * L.ISLOT_SIZE
+        off = meta_blkaddr * BS + p.nid * L.ISLOT_SIZE
         fmt = stat.S_IFMT(node.mode)
         i_u = 0
         if p.layout == L.LAYOUT_CHUNK_BASED:
@@ -317,14 +322,17 @@ def build_bootstrap(image: Image) -> bytes:
                          chunk_table_off, R.CHUNK_INFO_SIZE * len(chunk_keys),
                          prefetch_off if prefetch_nodes else 0, 4 * len(prefetch_nodes))  # bytes, as nydus
     buf[R.EXT_SUPER_OFFSET:R.EXT_SUPER_OFFSET + R.EXT_SUPER_SIZE] = ext.pack()
+    # No SB_CHKSUM: every nydusd (2.2 to 2.4) refuses a RAFS v6 superblock whose checksum field
+    # is not 0 ("invalid checksum ... in Rafsv6 superblock"); nydus-image never sets it either.
+    # The readers here still check it in bootstraps that have it.
     sb = L.Superblock(
-        feature_compat=L.FEATURE_COMPAT_RAFS_V6 | L.FEATURE_COMPAT_SB_CHKSUM,
+        feature_compat=L.FEATURE_COMPAT_RAFS_V6,
         root_nid=plans[0].nid, inos=len(plans), build_time=image.build_time,
-        blocks=total_blocks, meta_blkaddr=meta_blkaddr,
+        # with no blob nydusd wants 0 (or 4096) blocks: "invalid extra device count"; the kernel
+        # only reports it in statfs, and nydus-image writes the blobs' block count there
+        blocks=total_blocks if nblobs else 0, meta_blkaddr=meta_blkaddr,
         feature_incompat=L.FEATURE_INCOMPAT_CHUNKED_FILE | L.FEATURE_INCOMPAT_DEVICE_TABLE,
         extra_devices=nblobs, devt_slotoff=R.DEVT_SLOTOFF)
-    buf[L.SUPER_OFFSET:L.SUPER_OFFSET + L.SUPER_SIZE] = sb.pack()
-    sb.checksum = L.superblock_checksum(bytes(buf[:BS]))
     buf[L.SUPER_OFFSET:L.SUPER_OFFSET + L.SUPER_SIZE] = sb.pack()
     for p in plans:  # nids for callers (the tree model has a slot for them)
         p.inode.nid = p.nid

@@ -78,7 +78,9 @@ def test_round_trip_everything(tmp_path: Path) -> None:
     assert disk(b"/sym").layout == L.LAYOUT_FLAT_INLINE
     assert disk(b"/file").layout == L.LAYOUT_CHUNK_BASED
     assert disk(b"/").nlink == 2 + 3 and disk(b"/sub").nlink == 3
-    assert b.image.root.nid == 0 and b.superblock.root_nid == 0
+    # as nydus-image: the inode area starts one block past meta_blkaddr, so no nid is 0 (nydusd
+    # takes the nid for the inode number)
+    assert b.image.root.nid == 128 and b.superblock.root_nid == 128
 
 
 def test_dirents_sorted_across_blocks_and_dotdot(tmp_path: Path) -> None:
@@ -100,7 +102,7 @@ def test_dirents_sorted_across_blocks_and_dotdot(tmp_path: Path) -> None:
         if b"." in dot:
             assert dot[b"."] == big.nid and dot[b".."] == b.image.root.nid
     assert names == sorted(names)
-    root_di = L.DiskInode.unpack(raw, b.superblock.meta_blkaddr * 4096)
+    root_di = L.DiskInode.unpack(raw, b.superblock.meta_blkaddr * 4096 + 32 * b.superblock.root_nid)
     assert root_di.mode & stat.S_IFDIR
 
 
@@ -204,6 +206,11 @@ def test_reader_rejects_bad_images(tmp_path: Path) -> None:
     bad[1024] ^= 1
     with pytest.raises(BootstrapError, match="magic"):
         Bootstrap.parse(bytes(bad))
+    # written without SB_CHKSUM (nydusd refuses a non-zero checksum); one that has it is checked
+    assert good[1028:1032] == bytes(4) and not good[1024 + 8] & L.FEATURE_COMPAT_SB_CHKSUM
+    good[1024 + 8] |= L.FEATURE_COMPAT_SB_CHKSUM
+    good[1028:1032] = L.superblock_checksum(bytes(good[:4096])).to_bytes(4, "little")
+    Bootstrap.parse(bytes(good))
     bad = bytearray(good)
     bad[1024 + 64] ^= 1  # a uuid byte: checksum mismatch
     with pytest.raises(BootstrapError, match="checksum"):
