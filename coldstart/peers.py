@@ -14,11 +14,19 @@ Go peers are built inside their own module (`go mod download` of the exact versi
 build` there): `go install module/cmd/x@version` does not work for these two reasons, both seen
 on the Go module proxy these machines reach: nydus-snapshotter's go.mod has `exclude` lines
 (refused for a module that is not the main one), and the proxy refuses the version *list* of
-some modules (nerdctl, Dragonfly) that `go install` asks for. Rust peers are `cargo install`ed.
+some modules (nerdctl, Dragonfly) that `go install` asks for. Rust peers are `cargo install`ed,
+or, where `cargo install` cannot build the version (`source_build`), built from the crate's own
+source: fetched by name through cargo (a throwaway manifest depending on `crate = "=version"`,
+`cargo fetch`, the unpacked crate taken from CARGO_HOME/registry/src), copied to
+`<cache>/build/<crate>-<version>`, its lock file changed only by the `precise` pins (`cargo
+update -p NAME --precise V`; the lock diff goes to the build log), then `cargo build --release
+--locked` per binary (`cargo rustc ... -- --cap-lints=warn` with `cap_lints`: a crate's own
+`#![deny(warnings)]` against lints newer than it), target dir `<cache>/build/<crate>-<version>.target`.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import fcntl
 import json
 import os
@@ -53,6 +61,9 @@ class CargoPeer:
     locked: bool = True
     debian: tuple[str, ...] = ()  # Debian packages the build needs
     env: dict[str, str] = field(default_factory=dict)
+    source_build: bool = False  # built from the crate's source, not `cargo install` (module doc)
+    precise: tuple[tuple[str, str], ...] = ()  # (package, version): the lock file changes
+    cap_lints: bool = False  # the crate's binaries built with --cap-lints=warn
 
     @property
     def dir_name(self) -> str:
@@ -72,14 +83,20 @@ PEERS: dict[str, Peer] = {peer.name: peer for peer in (
     GoPeer("crictl", "sigs.k8s.io/cri-tools", "v1.34.0", "./cmd/crictl",
            "-X sigs.k8s.io/cri-tools/pkg/version.Version=v1.34.0"),
     GoPeer("scheduler", "d7y.io/dragonfly/v2", "v2.5.1", "./cmd/scheduler"),
-    # nydusd, the peer a side-by-side bench would compare fscached with (not for the tests).
-    # 2.2.0 is the newest nydus-rs on crates.io; its lock file pins a `time` that newer Rust
-    # rejects, so it is built unlocked (the dependencies resolve to their newest semver matches).
-    # That does not compile today either: nydus-rafs 0.2.2 gets nydus-storage 0.6.4 (published
-    # after nydus-rs 2.2.0), whose BlobChunkInfo trait has `is_encrypted` (missing in
-    # nydus-rafs's impls, E0046) and which brings nydus-api 0.3.1 beside nydus-rafs's 0.2.2 (two
-    # ConfigV2 types, E0308). `install` says so, with the log.
-    CargoPeer("nydus-rs", "nydus-rs", "2.2.0", ("nydusd", "nydus-image"), locked=False,
+    # nydusd, the peer bench/nydusd.py compares fscached with (not for the tests: not in
+    # FOR_TEST). 2.2.0 is the newest nydus-rs on crates.io, and `cargo install` cannot build it:
+    # --locked pins `time` 0.3.14, which Rust 1.80 and later reject (time before 0.3.35 no
+    # longer type-checks); unlocked, nydus-rafs 0.2.2 gets nydus-storage 0.6.4 (published after
+    # nydus-rs 2.2.0, its BlobChunkInfo has `is_encrypted`: E0046) and nydus-api 0.3.1 beside
+    # 0.2.2 (E0308). So it is built from its own source with its own lock file and one pin, time
+    # 0.3.36 (cargo moves what that time needs with it: time-macros, serde, proc-macro2, quote;
+    # the build log has the lock diff), the crate's `#![deny(warnings)]` capped to warnings
+    # (rustc 1.95's dead_code and noop_method_call lints fire in nydus-image), and
+    # RUSTUP_TOOLCHAIN=stable (the crate's rust-toolchain file names 1.66.1: not installed, and
+    # time 0.3.36 needs 1.67). About 8 minutes on 2 busy cores (the dependencies 432 s at nice
+    # 19, the two binaries 31 s).
+    CargoPeer("nydus-rs", "nydus-rs", "2.2.0", ("nydusd", "nydus-image"), source_build=True,
+              precise=(("time", "0.3.36"),), cap_lints=True, env={"RUSTUP_TOOLCHAIN": "stable"},
               debian=("pkg-config", "libssl-dev", "cmake", "clang", "libclang-dev")),
     # Dragonfly's peer daemon (seed peer and peers). --locked: the versions upstream tested
     # (without it cargo re-resolves ~540 dependencies). A first build takes 25-35 min on 2 cores,
@@ -180,12 +197,71 @@ def _build_cargo(peer: CargoPeer, stage: Path, log: Path) -> None:
     root = cache_root()
     env = dict(os.environ)
     env.update(CARGO_HOME=str(root / "cargo-home"), CARGO_TARGET_DIR=str(root / "cargo-target"), **peer.env)
+    if peer.source_build:
+        _build_cargo_source(peer, stage, env, log)
+        return
     cmd = ["cargo", "install", peer.crate, "--version", peer.version, "--root", str(stage)]
     if peer.locked:
         cmd.append("--locked")
     for name in peer.bins:
         cmd += ["--bin", name]
     _run(cmd, cwd=None, env=env, log=log, what=peer.name)
+
+
+def _crate_source(peer: CargoPeer, env: dict[str, str], log: Path) -> Path:
+    """The crate's own source as crates.io serves it, by name through cargo: a throwaway
+    manifest depending on exactly this version, `cargo fetch`, and the unpacked crate in
+    CARGO_HOME/registry/src (already there: taken as it is)."""
+    home = Path(env["CARGO_HOME"])
+
+    def unpacked() -> Path | None:
+        found = sorted(home.glob(f"registry/src/*/{peer.crate}-{peer.version}/Cargo.toml"))
+        return found[0].parent if found else None
+
+    source = unpacked()
+    if source is None:
+        fetch = cache_root() / "build" / f".fetch-{peer.dir_name}"
+        (fetch / "src").mkdir(parents=True, exist_ok=True)
+        (fetch / "src" / "lib.rs").write_text("")
+        (fetch / "Cargo.toml").write_text(
+            f'[package]\nname = "fetch-{peer.crate}"\nversion = "0.0.0"\nedition = "2021"\n'
+            f'publish = false\n\n[dependencies]\n{peer.crate} = "={peer.version}"\n\n[workspace]\n')
+        _run(["cargo", "fetch"], cwd=fetch, env=env, log=log, what=f"{peer.name}: fetching its source")
+        source = unpacked()
+        if source is None:
+            raise PeerError(f"{peer.name}: `cargo fetch` of {peer.crate} ={peer.version} left no "
+                            f"{peer.crate}-{peer.version} under {home}/registry/src (log {log})")
+    return source
+
+
+def _build_cargo_source(peer: CargoPeer, stage: Path, env: dict[str, str], log: Path) -> None:
+    """`source_build` (the module's doc): the crate's source in `<cache>/build`, the `precise`
+    lock changes, `cargo build --release --locked` (or `cargo rustc ... --cap-lints=warn`) per
+    binary, the binaries copied into the stage."""
+    source = _crate_source(peer, env, log)
+    build = cache_root() / "build" / peer.dir_name
+    if build.exists():
+        shutil.rmtree(build)
+    shutil.copytree(source, build)
+    for path in build.rglob("*"):  # registry sources may be read-only; the lock file is rewritten
+        path.chmod(path.stat().st_mode | 0o200)
+    env = {**env, "CARGO_TARGET_DIR": str(cache_root() / "build" / f"{peer.dir_name}.target")}
+    lock_before = (build / "Cargo.lock").read_text() if (build / "Cargo.lock").exists() else ""
+    for package, version in peer.precise:
+        _run(["cargo", "update", "-p", package, "--precise", version], cwd=build, env=env, log=log,
+             what=f"{peer.name}: pinning {package} {version}")
+    if peer.precise:
+        diff = difflib.unified_diff(lock_before.splitlines(), (build / "Cargo.lock").read_text().splitlines(),
+                                    "Cargo.lock (the crate's)", "Cargo.lock (built with)", lineterm="", n=1)
+        with open(log, "a") as out:
+            out.write("\n".join(diff) + "\n")
+    for program in peer.bins:
+        if peer.cap_lints:
+            cmd = ["cargo", "rustc", "--release", "--locked", "--bin", program, "--", "--cap-lints=warn"]
+        else:
+            cmd = ["cargo", "build", "--release", "--locked", "--bin", program]
+        _run(cmd, cwd=build, env=env, log=log, what=f"{peer.name}: {program}")
+        shutil.copy2(Path(env["CARGO_TARGET_DIR"]) / "release" / program, stage / "bin" / program)
 
 
 def install(name: str) -> tuple[Path, float]:
