@@ -250,8 +250,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # -- the measurements ----------------------------------------------------------------------------
-def make_big(work: Path, size_mib: int) -> tuple[Path, Path, str]:
-    """(image dir, source file, sha256 of the source file)."""
+def make_big(work: Path, size_mib: int, compressor: str = "none") -> tuple[Path, Path, str]:
+    """(image dir, source file, sha256 of the source file); random bytes, so zstd stores most
+    chunks as they are (bench/nydusd.py builds it with zstd, what both daemons read)."""
     tree = work / "big-tree"
     tree.mkdir()
     source = tree / "big.bin"
@@ -261,7 +262,7 @@ def make_big(work: Path, size_mib: int) -> tuple[Path, Path, str]:
             block = os.urandom(MIB)
             h.update(block)
             f.write(block)
-    image = convert(tree, work / "big", "none")
+    image = convert(tree, work / "big", compressor)
     return image, source, h.hexdigest()
 
 
