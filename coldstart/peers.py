@@ -93,8 +93,9 @@ PEERS: dict[str, Peer] = {peer.name: peer for peer in (
     # the build log has the lock diff), the crate's `#![deny(warnings)]` capped to warnings
     # (rustc 1.95's dead_code and noop_method_call lints fire in nydus-image), and
     # RUSTUP_TOOLCHAIN=stable (the crate's rust-toolchain file names 1.66.1: not installed, and
-    # time 0.3.36 needs 1.67). About 8 minutes on 2 busy cores (the dependencies 432 s at nice
-    # 19, the two binaries 31 s).
+    # time 0.3.36 needs 1.67). 5 to 8 minutes on 2 busy cores: from an empty cache, downloads
+    # included, 316 s at nice 19 (277 s of CPU; nydusd with every dependency 291 s, nydus-image
+    # 20 s more).
     CargoPeer("nydus-rs", "nydus-rs", "2.2.0", ("nydusd", "nydus-image"), source_build=True,
               precise=(("time", "0.3.36"),), cap_lints=True, env={"RUSTUP_TOOLCHAIN": "stable"},
               debian=("pkg-config", "libssl-dev", "cmake", "clang", "libclang-dev")),
