@@ -21,7 +21,9 @@ no body; 200 with a JSON body) and error bodies `{"code": "...", "message": "...
 Errors: 400 bad request (a broken rule, bad JSON, a wrong method), 404 unknown route
 ("NO_ROUTE") or unknown entry ("NOT_FOUND"), 409 an image mounted by the daemon and in use, or
 still read ("BUSY"), 500 daemon error, 501 unsupported, 503 not ready (INIT, STOPPING,
-STOPPED). A bind of an id already bound, or being bound, gets nydusd's 400 "ALREADY_EXISTS".
+STOPPED). A bind of an id already bound, or being bound, gets nydusd's 400 "ALREADY_EXISTS";
+except the first bind of exactly an image's spec after a takeover gave it back (nydus-snapshotter
+binds every image again after a hot upgrade): 204, nothing changes (Daemon.rebind_restored).
 
 The state is the daemon's own (fscached.daemon.DaemonState): INIT (not answering the kernel yet:
 binds get 503; a daemon restarted for failover, or started with --upgrade, waits there for a
@@ -511,6 +513,8 @@ class ApiServer:
         if bind.ignored:
             log.info("image %s: bind fields not used by fscached: %s", spec.fsid, ", ".join(bind.ignored))
         if self.daemon.images.get(spec.volume, spec.fsid) is not None:
+            if self.daemon.rebind_restored(spec):  # nydus-snapshotter's bind after a hot upgrade
+                return spec
             raise ApiError(400, "ALREADY_EXISTS", f"blob_cache: bootstrap blob already exists: image {spec.fsid} "
                                                   f"in {spec.volume}")
         claimed = any(image.spec.mountpoint == spec.mountpoint for image in self.daemon.images)

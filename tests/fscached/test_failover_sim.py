@@ -311,6 +311,17 @@ def test_upgrade_old_daemon_leaves_its_reads_for_the_new_one(
         assert blob.reopens == 1
         wait_for(lambda: b.state() == "RUNNING", "RUNNING after start")
         assert b.daemon.counters().get("read_failed", 0) == 0
+        # then nydus-snapshotter binds every image again (RecoverRafsInstances), and takes an
+        # error for a failed upgrade: exactly the image the state gave back is accepted, once
+        other = legacy_entry("img", built, work)
+        other["config"]["backend_config"]["dir"] = str(work)
+        status, body = call(b.sock, "PUT", "/api/v2/blobs", other)
+        assert status == 400 and body["code"] == "ALREADY_EXISTS", body
+        assert call(b.sock, "PUT", "/api/v2/blobs", legacy_entry("img", built, work)) == (204, None)
+        status, body = call(b.sock, "PUT", "/api/v2/blobs", legacy_entry("img", built, work))
+        assert status == 400 and body["code"] == "ALREADY_EXISTS", body
+        assert [fsid for _, fsid in b.daemon.catalog.images] == ["img"]
+        assert sim.read(blob, 4096, 4096) == want[4096:8192]
         sim.check()
     finally:
         a.stop()
