@@ -252,6 +252,10 @@ def test_sendfd_kill_takeover_restore_start_serves_the_reads_again(
         assert pending.result(10) == want[1 << 20:(1 << 20) + 8192]
         assert blob.reopens == 1 and blob.object_id not in old_ids
         assert b.state() == "READY"
+        # asked again (two failovers of one daemon, when the one between them died in its
+        # takeover): done already, nothing more taken from the supervisor
+        assert call(b.sock, "PUT", "/api/v1/daemon/fuse/takeover") == (204, None)
+        assert supervisor.sent == 1 and sim.commands.count("restore") == restores + 1
         assert call(b.sock, "PUT", "/api/v1/daemon/start")[0] == 204
         wait_for(lambda: b.state() == "RUNNING", "RUNNING after start")
         # the bootstrap object died with the daemon too: its next READ re-opens it
