@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := erofs-utils qemu-system-x86 skopeo docker-registry e2fsprogs containerd runc debootstrap iproute2
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint deps venv bench clean
+.PHONY: demo test lint peers deps venv bench clean
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
@@ -13,7 +13,7 @@ deps:
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; \
 	fi
 
 # setup.py also generates fscached/_proto/ from proto/: a changed .proto installs again
@@ -28,17 +28,25 @@ venv: $(STAMP)
 # A real container's cold start three ways (classic pull, lazy, lazy + start-up profile) over a
 # shaped network, with a table and a chart: coldstart/demo.py.
 demo: deps venv
+	$(PY) -m coldstart.peers install containerd-nydus-grpc nerdctl
 	$(PY) -m coldstart.demo
+
+# the real peers the tests run beside fscached (nydus-snapshotter, nerdctl, crictl, Dragonfly),
+# built by name from the Go module proxy and crates.io into /var/cache/fscached/peers (or
+# $FSCACHED_PEER_CACHE) when missing: coldstart/peers.py
+peers: venv
+	$(PY) -m coldstart.peers install
 
 # ruff (pyproject.toml's rule set) and mypy (every package) first: a finding fails the run
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: deps venv lint
+test: deps venv lint peers
 	$(PY) -m pytest -q
 
 bench: deps venv
+	$(PY) -m coldstart.peers install containerd-nydus-grpc nerdctl
 	$(PY) bench/build.py
 	$(PY) bench/fanotify.py --json bench-fanotify.json --markdown bench-fanotify.md
 	$(PY) bench/serve.py

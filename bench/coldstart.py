@@ -1,11 +1,15 @@
 """Cold start of a real container: classic pull vs lazy (fscached) vs lazy with a start-up
-profile, per network, on the host kernel (fanotify). Writes JSON, a Markdown table and a PNG.
+profile vs `nerdctl run` through the real nydus-snapshotter (with and without the profile), per
+network, on the host kernel (fanotify). Writes JSON, a Markdown table and a PNG.
 
     .venv/bin/python bench/coldstart.py [--size full] [--networks 100mbit,1gbit,unshaped]
+        [--modes classic,lazy,snapshotter,lazy_profile,snapshotter_profile]
+        [--snapshotter-daemon-mode shared|dedicated]
         [--json bench-coldstart.json] [--markdown bench-coldstart.md] [--chart bench-coldstart.png]
 
 Root, a 6.14+ kernel with fanotify pre-content events, Debian's containerd/runc/debootstrap/
-skopeo/docker-registry (`make deps`). The workload image is built once (debootstrap + PyPI
+skopeo/docker-registry (`make deps`), the snapshotter modes the peers containerd-nydus-grpc
+and nerdctl (`make peers`). The workload image is built once (debootstrap + PyPI
 wheels, minutes) and cached in /var/cache/fscached/workload. Every ratio is against the classic
 pull of the same network in this run. Goals are printed as met / MISSED, never asserted.
 """
@@ -21,7 +25,8 @@ sys.path.insert(0, str(REPO))
 
 from coldstart import ColdstartError  # noqa: E402
 from coldstart import report  # noqa: E402
-from coldstart.scenario import Scenario  # noqa: E402
+from coldstart.scenario import MODES, Scenario  # noqa: E402
+from coldstart.snapshotter import DAEMON_MODES  # noqa: E402
 from coldstart.workload import build_workload  # noqa: E402
 from erofs_image.profile import StartupProfile  # noqa: E402
 
@@ -29,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="full", help="workload size: small or full (default)")
     p.add_argument("--networks", default="100mbit,1gbit,unshaped")
-    p.add_argument("--modes", default="classic,lazy,lazy_profile")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="in this order: snapshotter before lazy_profile (which pushes the profile)")
+    p.add_argument("--snapshotter-daemon-mode", default="shared", choices=DAEMON_MODES,
+                   help="nydus-snapshotter's daemon_mode (shared: one nydusd started before t0)")
     p.add_argument("--json", type=Path, default=Path("bench-coldstart.json"))
     p.add_argument("--markdown", type=Path, default=Path("bench-coldstart.md"))
     p.add_argument("--chart", type=Path, default=Path("bench-coldstart.png"))
@@ -40,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[dict] = []
         working_set: int | None = None
         for network in [n for n in args.networks.split(",") if n]:
-            with Scenario(workload, network) as sc:
+            with Scenario(workload, network, snapshotter_daemon_mode=args.snapshotter_daemon_mode) as sc:
                 for mode in modes:
                     t = time.monotonic()
                     result = getattr(sc, mode)()
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                          "layer_bytes": workload.layer_bytes, "uncompressed_bytes": workload.uncompressed_bytes,
                          "nydus_blob_bytes": workload.nydus_blob_bytes, "bootstrap_bytes": workload.bootstrap_bytes,
                          "command": workload.command},
-            "kernel_path": "fanotify", "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "kernel_path": "fanotify", "snapshotter_daemon_mode": args.snapshotter_daemon_mode, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     args.json.write_text(report.to_json(runs, meta, working_set))
     md = report.markdown(runs, working_set, title=f"Cold start, {workload.size} workload "
                          f"({workload.uncompressed_bytes / report.MiB:.0f} MiB unpacked), host kernel (fanotify)")

@@ -225,33 +225,7 @@ class Containerd:
         flags = [f"--env={k}={v}" for k, v in env.items()]
         where = ["--rootfs", str(rootfs), cid] if rootfs is not None else [str(image), cid]
         args = self.ctr_args("run", "--rm", *flags, *where, *command)
-        started = time.monotonic()
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        stderr: list[bytes] = []
-        reader = threading.Thread(target=_drain, args=(proc.stderr, stderr), daemon=True)
-        reader.start()
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        lines: list[str] = []
-        first: float | None = None
-        try:
-            assert proc.stdout is not None
-            for raw in iter(proc.stdout.readline, b""):
-                if first is None:
-                    first = time.monotonic()
-                lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-            code = proc.wait()
-        finally:
-            timer.cancel()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        ended = time.monotonic()
-        reader.join(5)
-        err = b"".join(stderr).decode("utf-8", "replace")
-        if ended - started >= timeout:
-            raise ColdstartError(f"ctr run {cid}: no exit within {timeout:g} s")
-        return RunResult(started, first, ended, code, lines, err)
+        return stream_run(args, f"ctr run {cid}", timeout)
 
     @contextlib.contextmanager
     def overlay_rootfs(self, lower: Path, name: str | None = None) -> Iterator[Path]:
@@ -311,10 +285,43 @@ class Containerd:
                         sub.rmdir()
 
 
+def stream_run(args: Sequence[str], what: str, timeout: float, env: dict[str, str] | None = None) -> RunResult:
+    """Run `args` (a container's run: ctr run, nerdctl run) with its stdout read as it comes:
+    the first line is timestamped on arrival. Killed after `timeout` s (a ColdstartError)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=env)
+    stderr: list[bytes] = []
+    reader = threading.Thread(target=_drain, args=(proc.stderr, stderr), daemon=True)
+    reader.start()
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    lines: list[str] = []
+    first: float | None = None
+    try:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            if first is None:
+                first = time.monotonic()
+            lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+        code = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ended = time.monotonic()
+    reader.join(5)
+    err = b"".join(stderr).decode("utf-8", "replace")
+    if ended - started >= timeout:
+        raise ColdstartError(f"{what}: no exit within {timeout:g} s")
+    return RunResult(started, first, ended, code, lines, err)
+
+
 def _drain(stream: IO[bytes] | None, into: list[bytes]) -> None:
     if stream is not None:
         for chunk in iter(lambda: stream.read(65536), b""):
             into.append(chunk)
 
 
-__all__ = ["NAMESPACE", "Containerd", "RunResult", "ensure_cgroups"]
+__all__ = ["NAMESPACE", "Containerd", "RunResult", "ensure_cgroups", "stream_run"]

@@ -1,4 +1,4 @@
-"""`python -m coldstart.demo` (make demo): a container's cold start, three ways, measured.
+"""`python -m coldstart.demo` (make demo): a container's cold start, five ways, measured.
 
 1. Build (first run: a few minutes; later runs reuse it) a real workload image: Debian bookworm
    minbase + python3 (debootstrap) + numpy from PyPI, three gzip layers, and its nydus form made
@@ -6,13 +6,21 @@
 2. Start docker-registry in a network namespace of its own, behind a veth pair shaped like a
    node's network (default 100 Mbit/s, 2 ms round trip), and push both forms with skopeo.
 3. Start a container of `python3 /app/start.py` (import numpy, print a line) with Debian's
-   containerd and runc (state of their own), three ways:
+   containerd and runc (state of their own), five ways:
    - classic: `ctr images pull` (download and unpack every layer), then `ctr run`;
    - lazy: fscached, already running, binds the image (pulls the bootstrap, mounts it), then
      `ctr run --rootfs` on an overlay over the mount: bytes arrive as the container reads them;
+   - nerdctl + nydus-snapshotter: what a containerd user types, `nerdctl run --snapshotter
+     nydus`, with the real nydus-snapshotter (fusedev driver) driving fscached's `nydusd`, which
+     answers with a lazily filled EROFS mount (not FUSE) on the fanotify path;
    - lazy + start-up profile: a first node records what start-up read, `fscached-image profile
      push` attaches it to the image in the registry, and a fresh node fetches exactly that, in
-     large requests, as soon as the image is mounted.
+     large requests, as soon as the image is mounted;
+   - nydus-snapshotter + profile: the same through nerdctl (the snapshotter's nydusd finds the
+     profile by the image's bootstrap).
+   The snapshotter modes need the peers containerd-nydus-grpc and nerdctl (built by `make demo`
+   from the Go module proxy into /var/cache/fscached/peers, a few minutes the first time). In
+   the QEMU guest the demo runs the three direct modes.
 4. Print the table (time to first output, bytes fetched, share of the image, speed-up over
    classic) and write a chart of bytes over time (PNG), JSON and Markdown.
 

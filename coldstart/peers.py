@@ -54,6 +54,12 @@ class CargoPeer:
     debian: tuple[str, ...] = ()  # Debian packages the build needs
     env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def dir_name(self) -> str:
+        """`<crate>-<version>`: the cache directory is named by what `cargo install` installs
+        (several binaries of one crate share one build), not by the binary we run."""
+        return f"{self.crate}-{self.version}"
+
 
 Peer = GoPeer | CargoPeer
 
@@ -66,9 +72,23 @@ PEERS: dict[str, Peer] = {peer.name: peer for peer in (
     GoPeer("crictl", "sigs.k8s.io/cri-tools", "v1.34.0", "./cmd/crictl",
            "-X sigs.k8s.io/cri-tools/pkg/version.Version=v1.34.0"),
     GoPeer("scheduler", "d7y.io/dragonfly/v2", "v2.5.1", "./cmd/scheduler"),
+    # nydusd, the peer a side-by-side bench would compare fscached with (not for the tests).
+    # 2.2.0 is the newest nydus-rs on crates.io; its lock file pins a `time` that newer Rust
+    # rejects, so it is built unlocked (the dependencies resolve to their newest semver matches).
+    # That does not compile today either: nydus-rafs 0.2.2 gets nydus-storage 0.6.4 (published
+    # after nydus-rs 2.2.0), whose BlobChunkInfo trait has `is_encrypted` (missing in
+    # nydus-rafs's impls, E0046) and which brings nydus-api 0.3.1 beside nydus-rafs's 0.2.2 (two
+    # ConfigV2 types, E0308). `install` says so, with the log.
+    CargoPeer("nydus-rs", "nydus-rs", "2.2.0", ("nydusd", "nydus-image"), locked=False,
+              debian=("pkg-config", "libssl-dev", "cmake", "clang", "libclang-dev")),
+    # Dragonfly's peer daemon (seed peer and peers). --locked: the versions upstream tested
+    # (without it cargo re-resolves ~540 dependencies). A first build takes 25-35 min on 2 cores,
+    # most of it RocksDB's C++ (librocksdb-sys); Debian's librocksdb (7.8) cannot replace it.
+    CargoPeer("dfdaemon", "dragonfly-client", "1.5.10", bins=("dfdaemon",), locked=True,
+              debian=("protobuf-compiler", "libclang-dev", "clang", "cmake")),
 )}
-# what `make test` needs (the Rust ones are added where they are pinned)
-FOR_TEST = ["containerd-nydus-grpc", "nerdctl", "crictl", "scheduler"]
+# what `make test` needs
+FOR_TEST = ["containerd-nydus-grpc", "nerdctl", "crictl", "scheduler", "dfdaemon"]
 
 
 class PeerError(Exception):
@@ -80,7 +100,19 @@ def cache_root() -> Path:
 
 
 def peer_dir(peer: Peer) -> Path:
+    if isinstance(peer, CargoPeer):
+        return cache_root() / peer.dir_name
     return cache_root() / f"{peer.name}-{peer.version}"
+
+
+def _built(peer: Peer) -> bool:
+    """Built: the build's `.complete` marker, or a Rust peer installed by hand into its
+    directory (`cargo install --root` copies the binaries only once the whole build succeeded:
+    every binary of `bins` there and executable is a complete build; `install` adopts it)."""
+    final = peer_dir(peer)
+    if (final / ".complete").exists():
+        return True
+    return isinstance(peer, CargoPeer) and all(os.access(final / "bin" / b, os.X_OK) for b in peer.bins)
 
 
 def binary(name: str, program: str | None = None) -> Path:
@@ -162,7 +194,9 @@ def install(name: str) -> tuple[Path, float]:
     final = peer_dir(peer)
     root = cache_root()
     with _locked(root, name):
-        if (final / ".complete").exists():
+        if _built(peer):
+            if not (final / ".complete").exists():  # installed by hand: adopted, not rebuilt
+                (final / ".complete").write_text(json.dumps({"version": peer.version, "adopted": True}))
             return final, 0.0
         stage = Path(tempfile.mkdtemp(prefix=f".stage-{name}-", dir=root))
         (stage / "bin").mkdir()
@@ -199,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             print(binary(args.name, args.program))
         elif args.command == "list":
             for peer in PEERS.values():
-                built = (peer_dir(peer) / ".complete").exists()
+                built = _built(peer)
                 print(f"{peer.name:24} {peer.version:10} {'built' if built else 'missing'}  {peer_dir(peer)}")
         else:
             for name in args.names or FOR_TEST:

@@ -18,6 +18,15 @@ Modes (each with a fresh containerd; the page cache dropped right before t0):
   file to the image (an OCI referrer), then a fresh daemon with a fresh cache (the next node)
   binds normally, finds the profile in the registry itself, and that run is measured. Where
   the profile support is not installed the result says so (`available=False`), with no numbers.
+- `snapshotter`: what a containerd user sees. The real containerd + nydus-snapshotter stack
+  (coldstart.snapshotter: fusedev driver on the fanotify path, fscache on cachefiles; daemon
+  mode `shared` by default, so its one fscached `nydusd` is running before t0, as on a node)
+  with empty caches; t0 = the start of `nerdctl run --snapshotter nydus <reg>/<repo>:nydus`
+  (the manifest and the bootstrap layer pulled, the snapshotter has nydusd mount the image,
+  overlay, runc). Must run before `lazy_profile`: no profile exists in the registry yet.
+- `snapshotter_profile`: the same with the profile `lazy_profile` pushed (recorded and pushed
+  first when `lazy_profile` did not run): the snapshotter's nydusd finds it by the bootstrap's
+  digest (profile=auto; the snapshotter passes no manifest digest) and replays it.
 
 Measured, per mode: seconds from t0 to the container's first output line; bytes fetched (the
 registry veth's rx counter from t0 to the container's exit: everyone's downloads); the image's
@@ -45,10 +54,14 @@ from typing import Any, Iterator
 from coldstart import ColdstartError, drop_caches, one_line, run as run_cmd, unmount_under
 from coldstart.containerd import Containerd, RunResult
 from coldstart.netns import RegistryNetwork
+from coldstart.snapshotter import DAEMON_MODES, SnapshotterConfig, SnapshotterStack
 from coldstart.workload import Workload, push
 
 WORK_ROOT = Path(os.environ.get("FSCACHED_COLDSTART_DIR", "/var/tmp"))  # ext4: fanotify marks, overlay
-MODES = ("classic", "lazy", "lazy_profile")
+# in this order: the snapshotter mode must run before lazy_profile pushes a profile that the
+# snapshotter's nydusd would find (profile=auto) and replay
+MODES = ("classic", "lazy", "snapshotter", "lazy_profile", "snapshotter_profile")
+DIRECT_MODES = ("classic", "lazy", "lazy_profile")  # no snapshotter: what the VM guests run
 FSID = "coldstart"
 RECORD_SECONDS = 60.0  # the recording is written at the unbind, long before this
 
@@ -204,9 +217,12 @@ class Scenario:
     """The registry network with both forms of `workload` pushed; one method per mode."""
 
     def __init__(self, workload: Workload, network: str = "unshaped", *, workdir: Path | None = None,
-                 repo: str | None = None, kernel_path: str = "fanotify") -> None:
+                 repo: str | None = None, kernel_path: str = "fanotify", snapshotter_daemon_mode: str = "shared") -> None:
         if kernel_path not in ("fanotify", "cachefiles"):
             raise ColdstartError(f"kernel path {kernel_path!r}: choose fanotify or cachefiles")
+        if snapshotter_daemon_mode not in DAEMON_MODES:
+            raise ColdstartError(f"snapshotter daemon mode {snapshotter_daemon_mode!r}: choose {' or '.join(DAEMON_MODES)}")
+        self.snapshotter_daemon_mode = snapshotter_daemon_mode
         self.workload = workload
         self.network_name = network
         self.kernel_path = kernel_path
@@ -217,6 +233,7 @@ class Scenario:
         self.net: RegistryNetwork | None = None
         self.plain_ref = self.nydus_ref = ""
         self.profile_path: Path | None = None  # the last profile recorded (inside workdir)
+        self.profile_pushed = False  # to the nydus image: every later bind with profile=auto replays it
         self._runs = 0
 
     def __enter__(self) -> Scenario:
@@ -279,10 +296,53 @@ class Scenario:
         if why is not None:
             return ModeResult("lazy_profile", self.network_name, self.kernel_path, None, 0,
                               self._nydus_bytes(), available=False, note=why)
+        self._push_profile(record_seconds)
+        return self._lazy_run("lazy_profile", self._fresh_dir("lazy-profile"))
+
+    def snapshotter(self) -> ModeResult:
+        if self.profile_pushed:
+            raise ColdstartError("the snapshotter mode runs before lazy_profile: the profile pushed since would be "
+                                 "found and replayed by the snapshotter's nydusd (profile=auto)")
+        return self._snapshotter_run("snapshotter", self._fresh_dir("snapshotter"))
+
+    def snapshotter_profile(self, record_seconds: float = RECORD_SECONDS) -> ModeResult:
+        why = profile_support()
+        if why is not None:
+            return ModeResult("snapshotter_profile", self.network_name, self.kernel_path, None, 0,
+                              self._nydus_bytes(), available=False, note=why)
+        if not self.profile_pushed:
+            self._push_profile(record_seconds)
+        return self._snapshotter_run("snapshotter_profile", self._fresh_dir("snapshotter-profile"))
+
+    def _push_profile(self, record_seconds: float) -> None:
+        """Record the start-up profile on a node of its own and push it to the nydus image."""
         profile = self.profile_path = self._record_profile(self._fresh_dir("record"), record_seconds)
         run_cmd([sys.executable, "-m", "erofs_image.cli", "profile", "push", str(profile), self.nydus_ref,
                  "--plain-http"], f"fscached-image profile push to {self.nydus_ref}", timeout=300)
-        return self._lazy_run("lazy_profile", self._fresh_dir("lazy-profile"))
+        self.profile_pushed = True
+
+    # -- snapshotter helper ---------------------------------------------------------------------
+    def _snapshotter_run(self, mode: str, d: Path) -> ModeResult:
+        net = self._network
+        config = SnapshotterConfig(fs_driver="fusedev" if self.kernel_path == "fanotify" else "fscache",
+                                   daemon_mode=self.snapshotter_daemon_mode, log_level="info")
+        with SnapshotterStack(net.host, config, workdir=d / "stack", command_timeout=1200) as stack:
+            if self.snapshotter_daemon_mode == "shared":
+                stack.wait_shared_daemon()  # a node's daemon is up before anyone runs a container
+            drop_caches()
+            rx0, t0 = net.rx_bytes(), time.monotonic()
+            with net.sampling() as samples:
+                result = stack.run_streamed(self.nydus_ref, self.workload.command)
+                rx1 = net.rx_bytes()
+            if result.exit_code != 0:
+                said = stack.nydusd_error()
+                raise ColdstartError(f"{mode} run ({self.network_name}): nerdctl run exited {result.exit_code}: "
+                                     f"{one_line(result.stderr or ' | '.join(result.lines))}"
+                                     + (f" (nydusd logged: {said})" if said else ""))
+            profile_said = [line for line in stack.nydusd_logs().splitlines() if "start-up profile" in line]
+        out = self._result(mode, t0, rx0, rx1, result, samples, self._nydus_bytes(), {})
+        out.note = one_line(profile_said[-1], 300) if profile_said else "nydusd logged nothing of a start-up profile"
+        return out
 
     # -- lazy helpers -------------------------------------------------------------------------
     def _lazy_run(self, mode: str, d: Path, **bind_extra: Any) -> ModeResult:

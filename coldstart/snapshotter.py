@@ -70,6 +70,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -80,7 +81,7 @@ from typing import Any, Sequence
 
 from coldstart import ColdstartError, mounts_under, one_line, pid_alive, run as run_cmd, unmount_under
 from coldstart.busybox import TAG as PAUSE_TAG, pause_layout
-from coldstart.containerd import Containerd
+from coldstart.containerd import Containerd, RunResult, stream_run
 from fscached.util.mounts import MountEntry, parse_mountinfo
 
 FS_DRIVERS = ("fusedev", "fscache")
@@ -122,6 +123,9 @@ class SnapshotterConfig:
     nydusd_path: Path | None = None
     nydusd_config: dict[str, Any] | None = None
     log_level: str = "debug"
+    # more of the snapshotter's config.toml, merged over what the stack writes (a table into a
+    # table): a user's config, as the README's is run by tests/snapshotter/test_readme_configs.py
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         for name, value, allowed in (("fs_driver", self.fs_driver, FS_DRIVERS),
@@ -229,6 +233,39 @@ def push_nydus_image(source: Path, out: Path, ref: str, *, convert_args: Sequenc
 def _q(value: object) -> str:
     """A TOML basic string (JSON's escaping is TOML's for what paths contain)."""
     return json.dumps(str(value))
+
+
+def merge_settings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into a copy of `base`: a table into a table, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _toml_value(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _q(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
+    raise ColdstartError(f"snapshotter config: {where}: a {type(value).__name__} cannot be written as TOML here")
+
+
+def toml_text(doc: dict[str, Any], prefix: str = "") -> str:
+    """A TOML document of scalars, lists of scalars and tables (what tomllib reads back)."""
+    lines = [f"{key} = {_toml_value(value, prefix + key)}" for key, value in doc.items() if not isinstance(value, dict)]
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            name = f"{prefix}{key}"
+            lines += ["", f"[{name}]", toml_text(value, name + ".").rstrip("\n")]
+    return "\n".join(line for line in lines) + "\n"
 
 
 class _CriContainerd(Containerd):
@@ -398,31 +435,7 @@ class SnapshotterStack:
         (self.hosts_dir / self.registry / "hosts.toml").write_text(
             f"server = {_q(url)}\n[host.{_q(url)}]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n")
         self.nydusd_json.write_text(json.dumps(c.nydusd_config or nydusd_config_template(c.fs_driver), indent=1))
-        self.snapshotter_toml.write_text("\n".join([
-            "version = 1",
-            f"root = {_q(self.root)}",
-            f"address = {_q(self.snapshotter_socket)}",
-            f"daemon_mode = {_q(c.daemon_mode)}",
-            "cleanup_on_close = false",
-            "[system]",
-            "enable = false",
-            "[daemon]",
-            f"nydusd_config = {_q(self.nydusd_json)}",
-            f"nydusd_path = {_q(c.nydusd)}",
-            f"fs_driver = {_q(c.fs_driver)}",
-            f"recover_policy = {_q(c.recover_policy)}",
-            'failover_policy = "resend"',
-            "[cgroup]",
-            "enable = false",
-            "[log]",
-            "log_to_stdout = false",  # the snapshotter's log: <root>/logs/nydus-snapshotter.log
-            f"level = {_q(c.log_level)}",
-            "[metrics]",
-            'address = ""',
-            "[snapshot]",
-            "sync_remove = true",  # Remove stops a dedicated nydusd at once, not at a later GC
-            "",
-        ]))
+        self.snapshotter_toml.write_text(toml_text(merge_settings(self.snapshotter_settings(), c.settings)))
         self.crictl_yaml.write_text(f"runtime-endpoint: unix://{self.containerd.socket}\n"
                                     f"image-endpoint: unix://{self.containerd.socket}\n"
                                     "timeout: 60\n")
@@ -430,6 +443,26 @@ class SnapshotterStack:
         (self.workdir / MARKER).write_text(json.dumps({
             "owner": os.getpid(), "owner_started": _start_time(os.getpid()),
             "cgroups": [self.namespace, self.cri_cgroup_parent.strip("/")]}))
+
+    def snapshotter_settings(self) -> dict[str, Any]:
+        """The snapshotter's config.toml as the stack writes it (before `config.settings`)."""
+        c = self.config
+        return {
+            "version": 1,
+            "root": str(self.root),
+            "address": str(self.snapshotter_socket),
+            "daemon_mode": c.daemon_mode,
+            "cleanup_on_close": False,
+            "system": {"enable": False},
+            "daemon": {"nydusd_config": str(self.nydusd_json), "nydusd_path": str(c.nydusd),
+                       "fs_driver": c.fs_driver, "recover_policy": c.recover_policy, "failover_policy": "resend"},
+            "cgroup": {"enable": False},
+            # the snapshotter's log: <root>/logs/nydus-snapshotter.log
+            "log": {"log_to_stdout": False, "level": c.log_level},
+            "metrics": {"address": ""},
+            # Remove stops a dedicated nydusd at once, not at a later GC
+            "snapshot": {"sync_remove": True},
+        }
 
     def _start_snapshotter(self) -> None:
         assert self.containerd.proc is not None
@@ -579,16 +612,38 @@ class SnapshotterStack:
                 if below(m.mountpoint) or (referencing and (base + "/" in m.source
                                                             or any(base + "/" in o for o in m.super_options)))]
 
-    def nydusd_pids(self) -> list[int]:
-        """Processes whose `--apisock` is below the snapshotter's root: the nydusd daemons."""
+    def _nydusd_processes(self) -> list[tuple[int, Path]]:
+        """(pid, `--apisock`) of every process whose `--apisock` is below the snapshotter's root."""
         found = []
         prefix = os.fsencode(self.root) + b"/"
         for pid, argv in _processes():
             for i, arg in enumerate(argv[:-1]):
                 if arg == b"--apisock" and argv[i + 1].startswith(prefix):
-                    found.append(pid)
+                    found.append((pid, Path(os.fsdecode(argv[i + 1]))))
                     break
         return found
+
+    def nydusd_pids(self) -> list[int]:
+        """The nydusd daemons: processes whose `--apisock` is below the snapshotter's root."""
+        return [pid for pid, _ in self._nydusd_processes()]
+
+    def nydusd_sockets(self) -> list[Path]:
+        """The `--apisock` of every running nydusd of the stack."""
+        return [sock for _, sock in self._nydusd_processes()]
+
+    def wait_shared_daemon(self, timeout: float = 60) -> Path:
+        """Wait until the shared-mode nydusd the snapshotter starts at its own start answers
+        GET /api/v1/daemon with state RUNNING; its API socket."""
+        deadline = time.monotonic() + timeout
+        said = "no nydusd started"
+        while time.monotonic() < deadline:
+            for sock in self.nydusd_sockets():
+                said = _daemon_state(sock)
+                if said == "RUNNING":
+                    return sock
+            time.sleep(0.05)
+        raise ColdstartError(f"the shared nydusd was not RUNNING within {timeout:g} s ({said}): "
+                             f"{self.nydusd_error() or self.snapshotter_error()}")
 
     def root_pids(self) -> list[int]:
         """Processes with an argument below the snapshotter's root: the nydusd daemons and
@@ -693,6 +748,13 @@ class SnapshotterStack:
                 *extra, ref, *command]
         return self.nerdctl(*args, check=check, timeout=timeout,
                             what=f"nerdctl run {ref} {one_line(' '.join(command), 80)}")
+
+    def run_streamed(self, ref: str, command: Sequence[str], *, timeout: float | None = None) -> RunResult:
+        """`run()` with the container's stdout read as it comes (the first line timestamped on
+        arrival, coldstart.containerd.stream_run): a cold start measured as a user sees it,
+        pull included when the image is not there yet."""
+        args = self.nerdctl_args("run", "--net", "none", "--rm", ref, *command)
+        return stream_run(args, f"nerdctl run {ref}", timeout or self.command_timeout, env=self._nerdctl_env())
 
     def start_run(self, ref: str, command: Sequence[str], *, name: str | None = None,
                   extra: Sequence[str] = ()) -> Running:
@@ -872,6 +934,20 @@ def _processes() -> list[tuple[int, list[bytes]]]:
     return found
 
 
+def _daemon_state(sock: Path) -> str:
+    """nydusd's GET /api/v1/daemon `state` at `sock`, or what went wrong asking."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(sock))
+            s.sendall(b"GET /api/v1/daemon HTTP/1.0\r\nHost: nydusd\r\n\r\n")
+            data = b"".join(iter(lambda: s.recv(65536), b""))
+        body = data.split(b"\r\n\r\n", 1)[1]
+        return str(json.loads(body).get("state", "no state"))
+    except (OSError, IndexError, ValueError, AttributeError) as exc:
+        return f"{sock}: {exc}"
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
@@ -893,5 +969,5 @@ def _text(data: str | bytes | None) -> str:
 
 
 __all__ = ["CRI_NAMESPACE", "DAEMON_MODES", "FS_DRIVERS", "RECOVER_POLICIES", "CmdResult", "NydusImage", "Running",
-           "SnapshotterConfig", "SnapshotterStack", "default_nydusd", "nydusd_config_template", "push_layout",
-           "push_nydus_image", "reap_leftovers"]
+           "SnapshotterConfig", "SnapshotterStack", "default_nydusd", "merge_settings", "nydusd_config_template",
+           "push_layout", "push_nydus_image", "reap_leftovers", "toml_text"]

@@ -43,6 +43,12 @@ NEEDS = ("fanotify pre-content events need Linux 6.14+ built with CONFIG_FANOTIF
          "CONFIG_FANOTIFY_ACCESS_PERMISSIONS=y, CAP_SYS_ADMIN, and a cache dir on ext4, xfs or btrfs")
 
 
+# the C fast path of a group (native/fanotify_fast.c): filled ranges answered without Python
+FastPath = native.FanFastPath
+FastEvent = native.FanEvent
+FastStats = native.FanStats
+
+
 class FanotifyError(Exception):
     """A fanotify failure worded for the user."""
 
@@ -137,6 +143,11 @@ class Group:
             if exc.errno == errno.ENOENT:
                 return False
             raise
+
+    def fast_path(self, journal: object, journal_slots: int, buckets: tuple[float, ...]) -> FastPath:
+        """A C thread that answers the events of ranges already filled and queues the rest
+        (see native/fanotify_fast.c); `journal`: the event journal's writable buffer."""
+        return FastPath(self.fd, journal, journal_slots, buckets)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
-from typing import Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from fetcher.source import BlobSource, IntegrityError, SourceError
 
@@ -61,9 +61,11 @@ class SourceChain:
         self._seen.add(key)
         return True
 
-    async def read_verified(self, blob_id: str, offset: int, length: int, verify: Callable[[bytes], T | Awaitable[T]],
-                            *, prefetch: bool = False) -> T:
-        """verify(raw) for the first source whose bytes pass it; SourceError when none does."""
+    async def read_verified(self, blob_id: str, offset: int, length: int, verify: Callable[[Any], T | Awaitable[T]],
+                            *, prefetch: bool = False, local: bool = False) -> T:
+        """verify(raw) for the first source whose bytes pass it; SourceError when none does.
+        `local`: a source of local files (`local_range`) hands verify a fetcher.source.LocalRange
+        to read itself instead of the bytes (verify may raise SourceError for a short file)."""
         sources = self.sources if self.fallback else self.sources[:1]
         reasons: list[str] = []
         for i, source in enumerate(sources):
@@ -77,12 +79,17 @@ class SourceChain:
                                 blob_id, source.name, sources[i + 1].name)
                 continue
             try:
-                self.in_flight[source.name] += 1
-                try:
-                    raw = await source.read(blob_id, offset, length, prefetch=prefetch)
-                finally:
-                    self.in_flight[source.name] -= 1
-                self.bytes[source.name] += len(raw)
+                local_range = getattr(source, "local_range", None) if local else None
+                if local_range is not None:
+                    raw: Any = await local_range(blob_id, offset, length)
+                    self.bytes[source.name] += length
+                else:
+                    self.in_flight[source.name] += 1
+                    try:
+                        raw = await source.read(blob_id, offset, length, prefetch=prefetch)
+                    finally:
+                        self.in_flight[source.name] -= 1
+                    self.bytes[source.name] += len(raw)
                 result = verify(raw)
                 if inspect.isawaitable(result):  # verification may run in a worker thread
                     result = await result

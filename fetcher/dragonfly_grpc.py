@@ -5,22 +5,46 @@ message, then WHOLE pieces (4 MiB or larger) in completion order, each carrying 
 `crc32:<decimal>` digest. We cut the wanted range out of them by piece.offset, check every
 piece's CRC-32, and insist on full coverage of the range.
 
-Task identity: dfdaemon hashes url + tag + application (+ piece_length) into the task id; the
-range is not part of it. So every range of a blob is asked for with the SAME url
-(`url_for(blob_id)`), and all readers of a blob anywhere in the cluster join one P2P task.
+The channel carries `grpc.default_authority = localhost`: for a `unix:` target grpc-python puts
+the socket's path, percent-encoded, into `:authority`, and dfdaemon's h2 server (tonic/hyper)
+resets every such stream (`RST_STREAM`, error 1): without the option no call to a real dfdaemon
+succeeds. Its reconnect backoff is capped at a few seconds, so a restarted dfdaemon is used
+again soon after it is back.
 
-Prefetch: the first on-demand read of each blob sets `prefetch = true`, which makes dfdaemon
-pull the whole task in the background (since dfdaemon 1.4.9 small ranges are otherwise served
-from local pieces or straight from the origin, so cluster sharing comes from that prefetch).
-Later reads send `prefetch = false`. A failed first read leaves the flag for the next one.
+Task identity: every request sets `enable_task_id_based_blob_digest` (field 30;
+`blob_digest_task_id=False` turns it off): for a registry blob URL (`/v2/<name>/blobs/sha256:<hex>`)
+dfdaemon then takes the blob's digest hex as the task id, whatever the registry's host name,
+tag, application or piece length: every node asking for a blob joins one P2P task, also nodes
+that reach the registry by other names (mirrors) and nodes using dfdaemon's HTTP proxy, whose
+registry mirror does the same by default. Without it the id is sha256 over url + tag +
+application (+ piece_length) + "STANDARD"; the range is never part of it. Every request for a
+blob carries the same url (`url_for(blob_id)`), tag, application and piece length anyway.
+
+One whole task per blob, first. The scheduler triggers the seed peer with the download of the
+FIRST peer that registers a task, range included: a first request for 1 MiB makes the seed
+fetch 1 MiB, and every later range nobody has waits ~2 s for the scheduler's "back to source",
+then comes from the registry, once per node. So the first time a blob is read, this source
+starts the blob's whole-task download (`DownloadTask` without a range and without content,
+priority LEVEL6: the seed peer goes back to source for all of it, everyone else shares from
+it) and keeps reading that stream's piece messages: they say which pieces have landed in the
+local dfdaemon's storage. A read waits until the pieces under its range are local (at most
+`timeout`), then asks dfdaemon for the range: served from its own storage, without another
+registration at the scheduler (each costs a delay there: 30 ms and more, up to 1 s when a
+host registers many peers at once). When the whole-task download fails (dfdaemon restarted,
+the scheduler gone), reads ask for their ranges directly and the next read starts the
+whole-task download again.
+
+Scheduling policy ALWAYS (`Download.scheduling_policy`, field 35): dfdaemon 1.4.9+ sends a
+range of <= 4 MiB, or any task of a blob <= 4 MiB, straight to the origin unless asked
+ALWAYS; then small reads go through the scheduler and are shared too.
 
 Priority (common.v2.Priority): LEVEL1 forbids the download and LEVEL2 forbids going back to
 source for a task the cluster has never seen, so neither is usable here. LEVEL3..LEVEL6 all
 allow back-to-source and differ in which peer the scheduler lets fetch from the origin first
-(normal, weak, strong, super/seed peer). On-demand reads block a process in the kernel, so
-they use LEVEL6 (dfdaemon's own default; the seed peers go back to source, then everyone shares
-from them); background prefetch reads use LEVEL3 (this peer may go to the origin itself).
-These are the values nydus sends in proxy mode (6 on-demand, 3 prefetch).
+(normal, weak, strong, super/seed peer). The whole-task download and on-demand reads use
+LEVEL6 (dfdaemon's own default: the seed peers go back to source, then everyone shares from
+them); background prefetch reads use LEVEL3 (this peer may go to the origin itself). These are
+the values nydus sends in proxy mode (6 on-demand, 3 prefetch).
 
 Errors all become SourceError naming the socket, blob and range: an origin failure comes back
 from dfdaemon as INTERNAL with JSON `{message, header, status_code}` in the
@@ -36,13 +60,13 @@ over. The verified pieces a response delivers are kept in a small per-source LRU
 (`piece_cache_bytes`, 32 MiB by default, 0 turns it off; bounded by the bytes held, a piece
 larger than the whole limit is not kept), keyed by the blob's task url, piece offset and length.
 A range covered entirely by cached pieces is served without an RPC; a range covered in part asks
-dfdaemon only for the span from its first to its last missing byte. A read served from the cache
-is not an RPC: it neither uses up nor triggers the first-read prefetch flag.
+dfdaemon only for the span from its first to its last missing byte.
 """
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import logging
 import time
@@ -67,7 +91,16 @@ PRIORITY_PREFETCH = common_pb2.LEVEL3
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),  # pieces are >= 4 MiB: the 4 MiB default fails
     ("grpc.max_send_message_length", -1),
+    # grpc-python sends a unix target's percent-encoded path as :authority; dfdaemon's h2 server
+    # resets every such stream (RST_STREAM, error 1). Any plain host name works.
+    ("grpc.default_authority", "localhost"),
+    # a restarted dfdaemon is used again within seconds (grpc's default backoff grows to 120 s)
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 3000),
 ]
+SCHEDULING_ALWAYS = common_pb2.ALWAYS
+# the whole-task download runs as long as the blob takes: no deadline of the read timeout's size
+WHOLE_TASK_TIMEOUT = 6 * 3600.0
 _HEADER_NAMES_NOT_SENT = {"range", "host", "content-length"}
 DEFAULT_PIECE_CACHE_BYTES = 32 << 20
 
@@ -141,6 +174,63 @@ class PieceCache:
         return covered
 
 
+class _WholeTask:
+    """This node's whole-task download of one blob: one DownloadTask without a range or content,
+    read to its end in the background; its piece messages say which pieces are in the local
+    dfdaemon's storage."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.task_id = ""
+        self.content_length: int | None = None
+        self.piece_length = 0
+        self.local: set[int] = set()
+        self.started_at = time.monotonic()
+        self.finished = False      # the stream ended without an error: every piece is local
+        self.error: str | None = None
+        self.runner: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def pieces_of(self, start: int, end: int) -> range | None:
+        """The piece numbers under [start, end) once the piece length is known."""
+        if not self.piece_length:
+            return None
+        return range(start // self.piece_length, (end - 1) // self.piece_length + 1)
+
+    def holds(self, start: int, end: int) -> bool:
+        if self.finished or (self.content_length is not None and end > self.content_length):
+            return True  # all there, or never: the read past the end is refused by the caller
+        numbers = self.pieces_of(start, end)
+        return numbers is not None and all(n in self.local for n in numbers)
+
+    async def wait_local(self, start: int, end: int, deadline: float) -> bool:
+        """True once the pieces under [start, end) are local; False when the download failed
+        first; TimeoutError at `deadline` (time.monotonic())."""
+        while True:
+            if self.holds(start, end):
+                return True
+            if self.error is not None:
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(self._changed.wait(), remaining)  # TimeoutError at the deadline
+
+    def progress(self) -> str:
+        if self.content_length is None or not self.piece_length:
+            return "not started yet"
+        count = -(-self.content_length // self.piece_length)
+        return f"{len(self.local)} of {count} pieces local after {time.monotonic() - self.started_at:.1f} s"
+
+
 class DragonflyGrpcSource:
     """BlobSource reading through the local dfdaemon's DfdaemonDownload.DownloadTask."""
 
@@ -159,6 +249,9 @@ class DragonflyGrpcSource:
         filtered_query_params: list[str] | None = None,
         piece_cache_bytes: int = DEFAULT_PIECE_CACHE_BYTES,
         piece_cache: PieceCache | None = None,
+        whole_task: bool = True,
+        scheduling_policy: int = SCHEDULING_ALWAYS,
+        blob_digest_task_id: bool = True,
     ) -> None:
         if socket_path.startswith("unix:"):
             socket_path = socket_path[len("unix:"):]
@@ -173,9 +266,12 @@ class DragonflyGrpcSource:
         for p in (priority_ondemand, priority_prefetch):
             if p not in common_pb2.Priority.values():
                 raise ValueError(f"priority must be a common.v2.Priority level 0..6, not {p!r}")
-        # checked to be levels of the enum just above (whose values are plain ints at run time)
+        if scheduling_policy not in common_pb2.SchedulingPolicy.values():
+            raise ValueError(f"scheduling_policy must be AUTO or ALWAYS, not {scheduling_policy!r}")
+        # checked to be levels of the enums just above (whose values are plain ints at run time)
         self.priority_ondemand = cast(common_pb2.Priority, priority_ondemand)
         self.priority_prefetch = cast(common_pb2.Priority, priority_prefetch)
+        self.scheduling_policy = cast(common_pb2.SchedulingPolicy, scheduling_policy)
         self.socket_path = socket_path
         self.name = f"dragonfly {socket_path}"
         self.url_for = url_for
@@ -185,9 +281,12 @@ class DragonflyGrpcSource:
         self.piece_length = piece_length
         self.timeout = timeout
         self.filtered_query_params = list(filtered_query_params or [])
+        self.whole_task = whole_task
+        self.blob_digest_task_id = blob_digest_task_id
         self._channel: grpc.aio.Channel | None = None
         self._stub: dfdaemon_pb2_grpc.DfdaemonDownloadStub | None = None
-        self._prefetch_asked: set[str] = set()
+        self._whole: dict[str, _WholeTask] = {}  # url -> this node's whole-task download
+        self._prefetch_asked: set[str] = set()  # whole_task=False: urls asked with prefetch=true
         self._closed = False
         # one cache may serve every source of the same dfdaemon (keys carry the task url)
         self.piece_cache = piece_cache if piece_cache is not None else PieceCache(piece_cache_bytes)
@@ -197,7 +296,9 @@ class DragonflyGrpcSource:
         self._inflight: dict[str, list[tuple[int, int, asyncio.Future[None]]]] = {}
         self._piece_length: dict[str, int] = {}
         self.stats = {"requests": 0, "pieces": 0, "bytes_received": 0, "errors": 0,
-                      "piece_cache_hits": 0, "piece_cache_joined": 0, "piece_cache_misses": 0}
+                      "piece_cache_hits": 0, "piece_cache_joined": 0, "piece_cache_misses": 0,
+                      "whole_tasks": 0, "whole_tasks_failed": 0, "waited_for_pieces": 0}
+        self.task_ids: dict[str, str] = {}  # blob url -> dfdaemon's task id (what it answered)
 
     def __repr__(self) -> str:
         return f"DragonflyGrpcSource(unix:{self.socket_path}, application={self.application!r})"
@@ -212,6 +313,13 @@ class DragonflyGrpcSource:
 
     async def close(self) -> None:
         self._closed = True
+        runners = [w.runner for w in self._whole.values() if w.runner is not None and not w.runner.done()]
+        for runner in runners:
+            runner.cancel()
+        for runner in runners:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await runner
+        self._whole.clear()
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -222,6 +330,93 @@ class DragonflyGrpcSource:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+    def _new_download(self, url: str, request_header: dict[str, str], priority: common_pb2.Priority,
+                      timeout: float) -> common_pb2.Download:
+        download = common_pb2.Download(
+            url=url,
+            type=common_pb2.STANDARD,
+            application=self.application,
+            priority=priority,
+            request_header=request_header,
+            filtered_query_params=self.filtered_query_params,
+            scheduling_policy=self.scheduling_policy,
+            enable_task_id_based_blob_digest=self.blob_digest_task_id,
+            timeout=duration_pb2.Duration(seconds=int(timeout), nanos=int((timeout % 1) * 1e9)),
+        )
+        if self.tag:
+            download.tag = self.tag
+        if self.piece_length is not None:
+            download.piece_length = self.piece_length
+        return download
+
+    # -- the whole-task download -------------------------------------------------------------
+    def _whole_task(self, url: str, request_header: dict[str, str]) -> _WholeTask:
+        """The blob's whole-task download: the running one, or a new one when there is none
+        (or the last one failed)."""
+        whole = self._whole.get(url)
+        if whole is not None and whole.alive:
+            return whole
+        whole = self._whole[url] = _WholeTask(url)
+        download = self._new_download(url, request_header, self.priority_ondemand, WHOLE_TASK_TIMEOUT)
+        self.stats["whole_tasks"] += 1
+        whole.runner = asyncio.get_running_loop().create_task(self._run_whole(whole, download),
+                                                              name=f"{self.name} whole task {url}")
+        return whole
+
+    async def _run_whole(self, whole: _WholeTask, download: common_pb2.Download) -> None:
+        what = f"{self.name}: whole-task download of {whole.url}"
+        try:
+            call = self._get_stub().DownloadTask(dfdaemon_pb2.DownloadTaskRequest(download=download),
+                                                 timeout=WHOLE_TASK_TIMEOUT)
+            async for resp in call:
+                kind = resp.WhichOneof("response")
+                if kind == "download_task_started_response":
+                    started = resp.download_task_started_response
+                    whole.task_id = resp.task_id
+                    self.task_ids[whole.url] = resp.task_id
+                    whole.content_length = started.content_length
+                    for piece in started.pieces:  # the real dfdaemon lists every piece of the task
+                        if piece.number:
+                            whole.piece_length = piece.offset // piece.number
+                            break
+                        whole.piece_length = max(whole.piece_length, piece.length)
+                elif kind == "download_piece_finished_response":
+                    piece = resp.download_piece_finished_response.piece
+                    if piece.number:
+                        whole.piece_length = piece.offset // piece.number
+                    elif not whole.piece_length:
+                        whole.piece_length = piece.length
+                    whole.local.add(piece.number)
+                else:
+                    continue
+                whole.changed()
+            whole.finished = True
+            log.debug("%s: done (%s)", what, whole.progress())
+        except asyncio.CancelledError:
+            whole.error = "cancelled"
+            raise
+        except grpc.aio.AioRpcError as exc:
+            whole.error = str(self._rpc_error(exc, what))
+            self.stats["whole_tasks_failed"] += 1
+            log.info("%s failed (%s); reads ask for their ranges directly: %s", what, whole.progress(),
+                     whole.error)
+        except Exception as exc:  # never lose the reason: the reads waiting on it need to go on
+            whole.error = f"{what}: {type(exc).__name__}: {exc}"
+            self.stats["whole_tasks_failed"] += 1
+            log.warning("%s", whole.error)
+        finally:
+            whole.changed()
+
+    async def _request_header(self, what: str) -> dict[str, str]:
+        """The origin's credentials for dfdaemon to send when it goes back to source."""
+        if self.headers is None:
+            return {}
+        try:
+            got = await self.headers()
+        except SourceError as exc:
+            raise SourceError(f"{what}: cannot get origin credentials: {exc}") from None
+        return {k: v for k, v in got.items() if k.lower() not in _HEADER_NAMES_NOT_SENT}
 
     # -- the BlobSource method ---------------------------------------------------------------
     async def read(self, blob_id: str, offset: int, length: int, *, prefetch: bool = False) -> bytes:
@@ -236,6 +431,8 @@ class DragonflyGrpcSource:
         end = offset + length
         buf = bytearray(length)
         joined = False
+        started = time.monotonic()
+        request_header: dict[str, str] | None = None
         while True:
             covered = self.piece_cache.copy_into(url, offset, end, buf)
             missing = _gaps(covered, offset, end)
@@ -245,42 +442,42 @@ class DragonflyGrpcSource:
                 return bytes(buf)
             pending = [done for start, stop, done in self._inflight.get(url, ())
                        if start < missing[-1][1] and stop > missing[0][0]]
-            if not pending:
+            if pending:
+                joined = True
+                await asyncio.wait(pending)  # their pieces land in the cache (or they failed)
+                continue
+            if request_header is None:
+                request_header = await self._request_header(what)
+            # ask only for the span from the first to the last missing byte; dfdaemon answers
+            # with the whole pieces around it, which fill the cache for the next reads
+            ask_start, ask_end = missing[0][0], missing[-1][1]
+            if not self.whole_task:
                 break
-            joined = True
-            await asyncio.wait(pending)  # their pieces land in the cache (or they failed)
-        self.stats["piece_cache_misses"] += 1
-        request_header: dict[str, str] = {}
-        if self.headers is not None:
+            whole = self._whole_task(url, request_header)
+            if whole.content_length is not None and ask_end > whole.content_length:
+                raise SourceError(f"{what}: read past end: the blob has {whole.content_length} bytes")
+            if whole.holds(ask_start, ask_end):
+                break
+            self.stats["waited_for_pieces"] += 1
             try:
-                got = await self.headers()
-            except SourceError as exc:
-                raise SourceError(f"{what}: cannot get origin credentials: {exc}") from None
-            request_header = {k: v for k, v in got.items() if k.lower() not in _HEADER_NAMES_NOT_SENT}
-        # ask only for the span from the first to the last missing byte; dfdaemon answers with
-        # the whole pieces around it, which fill the cache for the next reads
-        ask_start, ask_end = missing[0][0], missing[-1][1]
-        ask_prefetch = not prefetch and blob_id not in self._prefetch_asked
-        if ask_prefetch:
-            self._prefetch_asked.add(blob_id)  # concurrent first reads: only one asks
-        download = common_pb2.Download(
-            url=url,
-            type=common_pb2.STANDARD,
-            application=self.application,
-            priority=self.priority_prefetch if prefetch else self.priority_ondemand,
-            range=common_pb2.Range(start=ask_start, length=ask_end - ask_start),
-            request_header=request_header,
-            need_piece_content=True,
-            prefetch=ask_prefetch,
-            filtered_query_params=self.filtered_query_params,
-            timeout=duration_pb2.Duration(seconds=int(self.timeout), nanos=int((self.timeout % 1) * 1e9)),
-        )
-        if self.tag:
-            download.tag = self.tag
-        if self.piece_length is not None:
-            download.piece_length = self.piece_length
+                local = await whole.wait_local(ask_start, ask_end, started + self.timeout)
+            except TimeoutError:
+                self.stats["errors"] += 1
+                raise SourceError(f"{what}: dfdaemon did not have the pieces within {self.timeout:g}s "
+                                  f"(the blob's P2P download: {whole.progress()})") from None
+            if not local:
+                break  # the whole-task download failed: ask for the range itself
+            # local now: another read may have asked for them meanwhile, look again
+        self.stats["piece_cache_misses"] += 1
+        download = self._new_download(url, request_header,
+                                      self.priority_prefetch if prefetch else self.priority_ondemand,
+                                      self.timeout)
+        download.range.CopyFrom(common_pb2.Range(start=ask_start, length=ask_end - ask_start))
+        download.need_piece_content = True
+        if not self.whole_task and url not in self._prefetch_asked:
+            download.prefetch = True  # dfdaemon's own whole-task prefetch, with the first read
+            self._prefetch_asked.add(url)
         self.stats["requests"] += 1
-        started = time.monotonic()
         piece = self._piece_length.get(url)
         span = ((ask_start // piece * piece, -(-ask_end // piece) * piece) if piece else (ask_start, ask_end))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -290,8 +487,8 @@ class DragonflyGrpcSource:
             await self._download(stub, download, what, url, offset, buf, covered)
         except BaseException:
             self.stats["errors"] += 1
-            if ask_prefetch:
-                self._prefetch_asked.discard(blob_id)
+            if download.prefetch:
+                self._prefetch_asked.discard(url)  # the next read asks again
             raise
         finally:
             done.set_result(None)
@@ -299,8 +496,8 @@ class DragonflyGrpcSource:
             spans.remove(entry)
             if not spans:
                 self._inflight.pop(url, None)
-        log.debug("%s: %d bytes (%d asked for) in %.3fs%s", what, length, ask_end - ask_start,
-                  time.monotonic() - started, " (asked dfdaemon to prefetch the blob)" if ask_prefetch else "")
+        log.debug("%s: %d bytes (%d asked for) in %.3fs", what, length, ask_end - ask_start,
+                  time.monotonic() - started)
         return bytes(buf)
 
     async def _download(self, stub, download, what: str, url: str, offset: int, buf: bytearray,

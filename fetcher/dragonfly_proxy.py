@@ -4,12 +4,25 @@ The request is the registry's own ranged blob GET (same URL, Range and Authoriza
 RegistrySource machinery builds it, handles auth challenges, redirects and the 206 checks),
 sent through the forward proxy with:
 
-- `X-Dragonfly-Use-P2P: true` so dfdaemon serves it through a P2P task;
+- `X-Dragonfly-Use-P2P: true` so dfdaemon serves it through a P2P task (dfdaemon 1.5 answers
+  a range 206 with its Content-Range, and adds X-Dragonfly-Task-ID);
 - `X-Dragonfly-Priority`: 6 for on-demand reads, 3 for prefetch (nydus's values);
-- `X-Dragonfly-Prefetch: true` on the first on-demand read of each blob, so the peer pulls
-  the whole blob in the background (small ranges are otherwise not shared between peers);
+- `X-Dragonfly-Scheduling-Policy: always`: dfdaemon 1.4.9+ sends a range of <= 4 MiB straight
+  to the origin otherwise, each node on its own;
 - `X-Dragonfly-Registry: <https origin>` when `use_http` rewrote https to http for the proxy,
   so the peer still goes back to the real origin over https.
+
+One whole task per blob, first (`whole_task`, the default; see fetcher.dragonfly_grpc for
+why: the scheduler triggers the seed peer with the download of the first peer that registers a
+task, range included). The first read of a blob starts a GET of the WHOLE blob through the
+proxy (no Range, priority 6), read to its end in the background and thrown away: it makes the
+blob one P2P task the seed fetches once, and its body, which the proxy writes in order, says how
+far the blob is in the local dfdaemon's storage. A read waits until that stream has passed the
+end of its range (at most the registry timeout), then asks for its range, which dfdaemon serves
+from its storage. When the whole-blob GET fails, reads ask for their ranges directly and the
+next read starts it again. With `whole_task=False` the first on-demand read of each blob
+carries `X-Dragonfly-Prefetch: true` instead (dfdaemon's own background prefetch: nydusd's way,
+but then that first range is what the seed is asked for).
 
 Failure policy (the fallback decision itself belongs to fetcher.chain.SourceChain): HTTP >= 500,
 429 (rate limited), 403 (blocked) and connection failures to the proxy raise SourceError at
@@ -28,7 +41,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 import aiohttp
 from yarl import URL
@@ -44,6 +57,50 @@ PRIORITY_PREFETCH = 3
 
 # the prefetch flag of the read in progress (read() -> RegistrySource machinery -> _open)
 _PREFETCH: contextvars.ContextVar[bool] = contextvars.ContextVar("dragonfly_proxy_prefetch", default=False)
+# set while the whole-blob GET is being opened (no Range, no prefetch hint, no read timeout)
+_WHOLE: contextvars.ContextVar[bool] = contextvars.ContextVar("dragonfly_proxy_whole", default=False)
+WHOLE_CHUNK = 1 << 20
+
+
+class ProxyFailure(SourceError):
+    """The proxy itself failed (HTTP 5xx, 429, 403, a refused connection or CONNECT): it is marked
+    unhealthy; the same request straight to the registry may well work."""
+
+
+class _WholeBody:
+    """This node's GET of a whole blob through the proxy, read to its end and thrown away: how
+    far it got (the proxy writes the body in order) is how much of the blob is local."""
+
+    def __init__(self, blob_id: str) -> None:
+        self.blob_id = blob_id
+        self.received = 0
+        self.content_length: int | None = None
+        self.started_at = time.monotonic()
+        self.finished = False
+        self.error: str | None = None
+        self.proxy_failed = False  # the error was the proxy's own (ProxyFailure)
+        self.runner: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def holds(self, end: int) -> bool:
+        return (self.finished or self.received >= end
+                or (self.content_length is not None and end > self.content_length))
+
+    async def wait(self, end: int, deadline: float) -> None:
+        """Until the stream has passed `end`, or failed; TimeoutError at `deadline`."""
+        while not self.holds(end) and self.error is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def progress(self) -> str:
+        total = f" of {self.content_length}" if self.content_length is not None else ""
+        return f"{self.received}{total} bytes after {time.monotonic() - self.started_at:.1f} s"
 
 
 def redact_url(url: str | URL) -> str:
@@ -69,6 +126,7 @@ class DragonflyProxySource(RegistrySource):
         *,
         retries: int = 0,
         ping_timeout: float | None = None,
+        whole_task: bool = True,
     ) -> None:
         """registry: a RegistrySource (its host, repo, scheme, TLS settings, timeouts and its
         auth state, tokens included, are shared) or the keyword arguments of one."""
@@ -103,8 +161,10 @@ class DragonflyProxySource(RegistrySource):
         self._unhealthy_until = 0.0
         self._health_task: asyncio.Task | None = None
         self._prefetch_sent: set[str] = set()
+        self.whole_task = whole_task
+        self._whole: dict[str, _WholeBody] = {}
         self.stats.update({"proxy_errors": 0, "prefetch_hints": 0, "full_body": 0, "range_only_200": 0,
-                           "pings": 0})
+                           "pings": 0, "whole_tasks": 0, "whole_tasks_failed": 0, "waited_for_pieces": 0})
 
     def __repr__(self) -> str:
         return (f"DragonflyProxySource({redact_url(self.proxy_url)} -> {self.base}/{self.repo}, "
@@ -165,19 +225,74 @@ class DragonflyProxySource(RegistrySource):
     # -- reads -------------------------------------------------------------------------------
     async def read(self, blob_id: str, offset: int, length: int, *, prefetch: bool = False) -> bytes:
         self.start_health_checks()
+        if self.whole_task and length > 0 and offset >= 0 and not self._closed:
+            await self._wait_whole(blob_id, offset + length)
         token = _PREFETCH.set(prefetch)
         try:
             return await super().read(blob_id, offset, length, prefetch=prefetch)
         finally:
             _PREFETCH.reset(token)
 
+    # -- the whole-blob GET --------------------------------------------------------------------
+    async def _wait_whole(self, blob_id: str, end: int) -> None:
+        whole = self._whole.get(blob_id)
+        if whole is None or whole.error is not None:
+            whole = self._whole[blob_id] = _WholeBody(blob_id)
+            self.stats["whole_tasks"] += 1
+            whole.runner = asyncio.get_running_loop().create_task(self._run_whole(whole),
+                                                                  name=f"{self.name} whole blob {blob_id}")
+        if whole.holds(end):
+            return
+        self.stats["waited_for_pieces"] += 1
+        wait = self.timeout.total or 60.0
+        try:
+            await whole.wait(end, time.monotonic() + wait)
+        except TimeoutError:
+            raise SourceError(f"{self.name}: blob {blob_id}: the proxy's P2P download did not reach byte {end} "
+                              f"within {wait:g}s ({whole.progress()})") from None
+        if whole.proxy_failed:  # a range would fail the same way: one request per read to a broken proxy
+            raise SourceError(whole.error)
+
+    async def _run_whole(self, whole: _WholeBody) -> None:
+        what = f"blob {whole.blob_id} (the whole blob)"
+
+        async def take(resp: aiohttp.ClientResponse, _final: URL, _hops: int) -> None:
+            whole.content_length = resp.content_length
+            async for chunk in resp.content.iter_chunked(WHOLE_CHUNK):
+                whole.received += len(chunk)
+                whole.changed()
+            whole.finished = True
+
+        async def fail(resp: aiohttp.ClientResponse, where: str) -> NoReturn:
+            raise SourceError(f"{self.name}: {what}: HTTP {resp.status} from {where}")
+
+        token = _WHOLE.set(True)
+        try:
+            await self._exchange(self._get_session(), URL(self.blob_url(whole.blob_id)), {}, take, what=what,
+                                 opener=lambda s, u, h: self._open(s, u, h, whole.blob_id), fail=fail)
+            log.debug("%s: %s: done (%s)", self.name, what, whole.progress())
+        except asyncio.CancelledError:
+            whole.error = "cancelled"
+            raise
+        except Exception as exc:  # the reads waiting on it go on without it
+            whole.error = str(exc) or type(exc).__name__
+            whole.proxy_failed = isinstance(exc, ProxyFailure)
+            self.stats["whole_tasks_failed"] += 1
+            log.info("%s: %s failed (%s); reads ask for their ranges directly: %s", self.name, what,
+                     whole.progress(), whole.error)
+        finally:
+            _WHOLE.reset(token)
+            whole.changed()
+
     @contextlib.asynccontextmanager
     async def _open(self, session: aiohttp.ClientSession, url: URL, headers: dict[str, str], blob_id: str):
-        prefetch = _PREFETCH.get()
+        whole = _WHOLE.get()
+        prefetch = _PREFETCH.get() and not whole
         headers = dict(headers)
         headers["X-Dragonfly-Use-P2P"] = "true"
         headers["X-Dragonfly-Priority"] = str(PRIORITY_PREFETCH if prefetch else PRIORITY_ON_DEMAND)
-        hint = not prefetch and blob_id not in self._prefetch_sent
+        headers["X-Dragonfly-Scheduling-Policy"] = "always"
+        hint = not self.whole_task and not prefetch and blob_id not in self._prefetch_sent
         if hint:
             headers["X-Dragonfly-Prefetch"] = "true"
             self._prefetch_sent.add(blob_id)  # concurrent first reads: only one carries the hint
@@ -188,14 +303,20 @@ class DragonflyProxySource(RegistrySource):
         proxy = redact_url(self.proxy_url)
         delivered = False
         try:
-            async with session.get(target, headers=headers, proxy=self.proxy_url,
-                                   allow_redirects=False) as resp:
+            if whole:  # the whole blob may take long: no total timeout, one per read of the body
+                timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout.sock_connect,
+                                                sock_read=self.timeout.total)
+                request = session.get(target, headers=headers, proxy=self.proxy_url, allow_redirects=False,
+                                      timeout=timeout)
+            else:
+                request = session.get(target, headers=headers, proxy=self.proxy_url, allow_redirects=False)
+            async with request as resp:
                 status = resp.status
                 if status >= 500 or status in (429, 403):
                     kind = resp.headers.get("X-Dragonfly-Error-Type")
                     why = f"HTTP {status}" + (f" ({kind} error)" if kind else "")
                     self._mark_unhealthy(why)
-                    raise SourceError(f"{self.name}: blob {blob_id}: {why}")
+                    raise ProxyFailure(f"{self.name}: blob {blob_id}: {why}")
                 if hint:
                     self.stats["prefetch_hints"] += 1
                     if status not in (200, 206) and status not in (301, 302, 303, 307, 308):
@@ -209,7 +330,7 @@ class DragonflyProxySource(RegistrySource):
                 self._prefetch_sent.discard(blob_id)
             why = f"cannot reach the proxy {proxy}: {type(exc).__name__}"
             self._mark_unhealthy(why)
-            raise SourceError(f"{self.name}: blob {blob_id}: {why}") from None
+            raise ProxyFailure(f"{self.name}: blob {blob_id}: {why}") from None
         except aiohttp.ClientHttpProxyError as exc:  # https origin: the proxy refused the CONNECT
             if delivered:
                 raise
@@ -217,7 +338,7 @@ class DragonflyProxySource(RegistrySource):
                 self._prefetch_sent.discard(blob_id)
             why = f"the proxy {proxy} refused the CONNECT tunnel: HTTP {exc.status}"
             self._mark_unhealthy(why)
-            raise SourceError(f"{self.name}: blob {blob_id}: {why}") from None
+            raise ProxyFailure(f"{self.name}: blob {blob_id}: {why}") from None
         except SourceError:
             if hint and not delivered:
                 self._prefetch_sent.discard(blob_id)
@@ -238,6 +359,13 @@ class DragonflyProxySource(RegistrySource):
     async def close(self) -> None:
         task, self._health_task = self._health_task, None
         self._closed = True
+        runners = [w.runner for w in self._whole.values() if w.runner is not None and not w.runner.done()]
+        for runner in runners:
+            runner.cancel()
+        for runner in runners:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await runner
+        self._whole.clear()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -7,6 +7,7 @@ in the daemon's blob reader, so every source gets verification for free.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 _BLOB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -18,6 +19,19 @@ class SourceError(Exception):
 
 class IntegrityError(Exception):
     """Bytes a source delivered failed verification (digest, size, decompression)."""
+
+
+@dataclass(frozen=True)
+class LocalRange:
+    """Bytes of a local blob file that its source does not read itself: the caller reads
+    `length` bytes at `offset` of `fd` where it needs them (the fill core, in C, straight into
+    its own buffer). Handed to `verify` by SourceChain.read_verified(..., local=True) in place
+    of the bytes; fewer bytes there than `length` is the source's failure (SourceError)."""
+
+    fd: int
+    offset: int
+    length: int
+    direct_fd: int = -1  # the file opened O_DIRECT (whole blocks into aligned memory), or -1
 
 
 def check_blob_id(blob_id: str) -> str:

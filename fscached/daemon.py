@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
+from erofs_image.index import BootstrapIndex
 from erofs_image.reader import Bootstrap
 from fanotify.group import FanotifyError
 from fetcher.auth import make_credentials
@@ -77,6 +78,9 @@ HANDOVER_DRAIN_SECONDS = 2.0
 # a stop that must go on serving (a busy mount, a detached mount still read): how often it
 # looks again whether nothing reads any more
 STILL_SERVING_POLL = 1.0
+# profile=auto asks the registry before the mount: a registry that does not answer costs the
+# bind this long at most, then the image is served without a profile
+PROFILE_LOOKUP_SECONDS = 5.0
 T = TypeVar("T")
 
 __all__ = ["AlreadyBound", "BusyError", "Daemon", "DaemonState", "MountpointTaken", "NotBound"]
@@ -303,7 +307,7 @@ class Daemon:
                      ", ".join(restored))
 
     async def _add_to_catalog(self, image: Image, bootstrap: Path | None = None,
-                              parsed: Bootstrap | None = None) -> Path:
+                              parsed: Bootstrap | BootstrapIndex | None = None) -> Path:
         """Pull (a `ref`) and parse (in a worker thread: never on the loop) the image's
         bootstrap, serve it in the catalog, start its profiles. Returns the bootstrap served."""
         spec = image.spec
@@ -651,7 +655,7 @@ class Daemon:
         return True
 
     async def bind_image(self, spec: ImageSpec, profile: ProfileSpec | None = None,
-                         parsed: Bootstrap | None = None) -> ImageSpec:
+                         parsed: Bootstrap | BootstrapIndex | None = None) -> ImageSpec:
         """Serve one more image while the others are mounted and read. AlreadyBound (a live
         bind of the id), MountpointTaken, NotServing, CatalogError, SourceError, ValueError
         (a bad mountpoint), OSError (a failed mount). Whatever fails, nothing of the bind is
@@ -671,7 +675,7 @@ class Daemon:
                 self._operations.discard(task)
         return image.spec
 
-    async def _bind(self, image: Image, profile: ProfileSpec | None, parsed: Bootstrap | None) -> None:
+    async def _bind(self, image: Image, profile: ProfileSpec | None, parsed: Bootstrap | BootstrapIndex | None) -> None:
         spec = image.spec
         if profile is not None:
             if profile == ProfileSpec():
@@ -1082,6 +1086,8 @@ class Daemon:
     # -- counters ---------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         """The daemon's counters plus each source's, as "source:<name>:<ok|failed|...>"."""
+        if self.frontend is not None:
+            self.frontend.refresh_stats()
         merged = dict(self.frontend.stats) if self.frontend is not None else dict(self.profile_stats)
         for chain in self.catalog.sources():
             for key, value in chain.stats.items():
@@ -1138,7 +1144,11 @@ class Daemon:
         try:
             digest = await asyncio.to_thread(bootstrap_digest, bootstrap)
             if replay == "auto":
-                found = await self._registry_profile(spec, digest)
+                try:
+                    found = await asyncio.wait_for(self._registry_profile(spec, digest), PROFILE_LOOKUP_SECONDS)
+                except TimeoutError:
+                    raise TimeoutError(f"the registry did not answer the profile lookup within "
+                                       f"{PROFILE_LOOKUP_SECONDS:g} s") from None
                 if found is None:
                     return None
                 where, data = found

@@ -127,6 +127,8 @@ class DaemonCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         daemon = self.daemon
         frontend = daemon.frontend
+        if frontend is not None:
+            frontend.refresh_stats()
         stats: dict[str, int] = dict(frontend.stats) if frontend is not None else {}
 
         info = GaugeMetricFamily("fscached_info", "the daemon: package version and kernel path",

@@ -7,8 +7,10 @@ back from C as -errno and are raised here as OSError with that errno.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from typing import Any
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 try:
     from native._fscached_native import ffi, lib
@@ -24,12 +26,22 @@ CACHEFILES_IOC_READ_COMPLETE = 0x40049801
 __all__ = [
     "BLOCK_SIZE",
     "CACHEFILES_IOC_READ_COMPLETE",
+    "FILL_COMPRESSORS",
     "PAGE_SIZE",
     "AlignedBuffer",
+    "ChunkIndex",
+    "FanEvent",
+    "FanFastPath",
+    "FanStats",
+    "FillResult",
+    "MappedRange",
+    "blake3",
+    "chunk_index",
     "copy_range",
     "copy_ranges",
     "fanotify_init",
     "fanotify_mark",
+    "fill_run",
     "fs_type",
     "mount",
     "pwrite_full",
@@ -216,3 +228,248 @@ def umount(target: str | os.PathLike[str], flags: int = 0) -> None:
     r = lib.fsc_umount(os.fsencode(target), flags)
     if r < 0:
         _raise(r, f"umount {os.fspath(target)}")
+
+
+# -- the fanotify fast path (fanotify_fast.c) ------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class FanEvent:
+    """An event the fast path left to Python (a miss, an unknown file, an overflow, a blob whose
+    reads are recorded). `known`: a file the fast path knows, journaled already; `stat_ok`:
+    dev and ino were read from the event's fd."""
+
+    fd: int
+    mask: int
+    pid: int
+    offset: int
+    count: int
+    dev: int
+    ino: int
+    known: bool
+    stat_ok: bool
+
+
+class FanStats(NamedTuple):
+    """What the fast path answered, cumulative: events, bytes, seconds (summed per event, from
+    the read of its batch to its answer), latency counts per bucket (the buckets given at
+    creation, then one for everything above), size counts (4 KiB << n, n = 0..8, then more),
+    read(2) batches, answers the kernel refused, and the thread's error (-errno, 0)."""
+
+    events: int
+    bytes: int
+    seconds: float
+    latency: list[int]
+    sizes: list[int]
+    batches: int
+    answer_errors: int
+    error: int
+
+
+class FanFastPath:
+    """The C fast path of one fanotify group: a thread of its own reads the events and answers
+    those whose range already holds verified bytes; the rest wait in `take()` for Python, which
+    `notify_fd` (an eventfd) wakes. Blobs are added by (dev, ino, size), their chunk blocks
+    marked as needing a fill, then as filled once their verified bytes are written; a blob
+    answers on the fast path only while `set_fast(id, True)`."""
+
+    TAKE_MAX = 4096
+
+    def __init__(self, group_fd: int, journal: Any, journal_slots: int, buckets: Sequence[float]) -> None:
+        # the journal: a writable buffer (the journal's mmap) of journal_slots 40-byte slots
+        self._journal = (ffi.from_buffer("char[]", journal, require_writable=True)
+                         if journal is not None else ffi.NULL)
+        self._buckets = ffi.new("double[]", list(buckets))
+        self._nbuckets = len(buckets)
+        ptr = lib.fsc_fan_new(group_fd, self._journal, journal_slots if journal is not None else 0,
+                              self._buckets, len(buckets))
+        if ptr == ffi.NULL:
+            raise OSError(12, "fanotify fast path: out of memory or eventfd failed")
+        self._fan: Any = ptr
+        self._out = ffi.new("struct fsc_fan_event[]", self.TAKE_MAX)
+        self._stats = ffi.new("struct fsc_fan_stats *")
+        self.started = False
+
+    @property
+    def notify_fd(self) -> int:
+        return int(lib.fsc_fan_notify_fd(self._fan))
+
+    def add_blob(self, dev: int, ino: int, size: int) -> int:
+        r = lib.fsc_fan_add_blob(self._fan, dev, ino, size)
+        if r < 0:
+            _raise(r, "fanotify fast path: adding a blob")
+        return int(r)
+
+    def remove_blob(self, blob_id: int) -> None:
+        lib.fsc_fan_remove_blob(self._fan, blob_id)
+
+    def set_fast(self, blob_id: int, on: bool) -> None:
+        lib.fsc_fan_set_fast(self._fan, blob_id, 1 if on else 0)
+
+    def set_ranges(self, blob_id: int, ranges: Sequence[tuple[int, int]], filled: bool) -> None:
+        """Mark (offset, length) ranges of the blob: filled (verified bytes written, or nothing
+        to fill) or needing a fill."""
+        if not ranges:
+            return
+        offsets = ffi.new("uint64_t[]", [r[0] for r in ranges])
+        lengths = ffi.new("uint64_t[]", [r[1] for r in ranges])
+        r = lib.fsc_fan_set_ranges(self._fan, blob_id, offsets, lengths, len(ranges), 1 if filled else 0)
+        if r < 0:
+            _raise(r, "fanotify fast path: marking ranges")
+
+    def start(self) -> None:
+        r = lib.fsc_fan_start(self._fan)
+        if r < 0:
+            _raise(r, "fanotify fast path: starting its thread")
+        self.started = True
+
+    def stop(self) -> None:
+        """Stop the thread (after its current batch): events it took are answered or queued."""
+        lib.fsc_fan_stop(self._fan)
+        self.started = False
+
+    def take(self) -> list[FanEvent]:
+        n = lib.fsc_fan_take(self._fan, self._out, self.TAKE_MAX)
+        out: Any = self._out
+        return [FanEvent(int(e.fd), int(e.mask), int(e.pid), int(e.offset), int(e.count), int(e.dev), int(e.ino),
+                         bool(e.known), bool(e.stat_ok)) for e in (out[i] for i in range(n))]
+
+    def stats(self) -> FanStats:
+        st: Any = self._stats
+        err = lib.fsc_fan_get_stats(self._fan, st)
+        return FanStats(int(st.events), int(st.bytes), float(st.seconds),
+                        [int(st.latency[i]) for i in range(self._nbuckets + 1)],
+                        [int(st.sizes[i]) for i in range(10)], int(st.batches), int(st.answer_errors), int(err))
+
+    def close(self) -> None:
+        """Stop the thread and free everything; the journal buffer is let go (it can be closed)."""
+        if self._fan is not None:
+            lib.fsc_fan_free(self._fan)
+            self._fan = None
+        if self._journal != ffi.NULL:
+            ffi.release(self._journal)
+            self._journal = ffi.NULL
+
+
+# -- one run of chunks: read / decompress / verify / write, without the GIL (fill.c) ---------------
+FILL_COMPRESSORS = {"none": 0, "lz4_block": 1, "zstd": 3}  # what fill_run decodes (not gzip)
+
+
+class FillResult(NamedTuple):
+    """fill_run's outcome: `error` 0 and `written` bytes, or -errno and the index of the chunk
+    that failed (-EBADMSG: its bytes do not decode, or do not match their size or digest;
+    another errno: reading the source or writing the cache). On an error nothing of a chunk
+    at or after `failed` was written, and on a bad chunk nothing at all."""
+
+    error: int
+    written: int
+    failed: int
+
+
+def blake3(data: bytes | bytearray | memoryview) -> bytes:
+    """The blake3 digest (32 bytes) of `data`, by the C implementation the fill uses."""
+    out = ffi.new("uint8_t[32]")
+    lib.fsc_blake3(ffi.from_buffer(data), len(data), out)
+    return bytes(ffi.buffer(out, 32))
+
+
+SRC_DIRECT = 0x40000000  # fsc_fill_run: the source fd was opened O_DIRECT
+
+
+def fill_run(chunks: Sequence[tuple[int, int, int, int, bool, bytes]], compressor: str, dst_fd: int, *,
+             src_fd: int = -1, src: bytes | bytearray | memoryview | None = None, src_base: int = 0,
+             src_len: int = 0, src_direct: bool = False, direct: bool = False, dst_size: int = 0) -> FillResult:
+    """Fill one run in one C call with the GIL released: the stored bytes come from `src_fd`
+    (pread at `src_base`, `src_len` bytes; `src_direct`: an O_DIRECT fd, read in whole blocks
+    into an aligned buffer, the page cache left alone) or from `src` (the run's bytes, received); each chunk
+    is (offset in those bytes, offset in the cache file, stored size, size, compressed, blake3
+    digest). Every chunk is decoded and checked before the first byte is written, each padded
+    with zeros to whole 4 KiB blocks, in one pwrite per stretch of adjacent chunks (`direct`:
+    an O_DIRECT fd, written up to the last block of `dst_size`; else up to `dst_size`)."""
+    code = FILL_COMPRESSORS.get(compressor)
+    if code is None:
+        raise ValueError(f"fill_run: compressor {compressor!r} is not decoded in C")
+    n = len(chunks)
+    arr: Any = ffi.new("struct fsc_chunk[]", max(n, 1))
+    for i, (s_off, d_off, s_len, d_len, compressed, digest) in enumerate(chunks):
+        c = arr[i]
+        c.src_off, c.dst_off, c.src_len, c.dst_len = s_off, d_off, s_len, d_len
+        c.flags = 1 if compressed else 0
+        if len(digest) != 32:
+            raise ValueError(f"fill_run: chunk {i} has a {len(digest)}-byte digest, not 32")
+        c.digest = digest
+    failed: Any = ffi.new("size_t *")
+    if src is not None:
+        buf: Any = ffi.from_buffer(src)
+        src_len = len(src)
+    else:
+        buf = ffi.NULL
+        if src_fd < 0:
+            raise ValueError("fill_run needs src_fd or src")
+        if src_direct:
+            src_fd |= SRC_DIRECT
+    r = lib.fsc_fill_run(src_fd, buf, src_base, src_len, code, arr, n, dst_fd, 1 if direct else 0, dst_size, failed)
+    if r < 0:
+        return FillResult(int(r), 0, int(failed[0]))
+    return FillResult(0, int(r), n)
+
+
+# -- a bootstrap's chunk table, checked and indexed (chunk_index.c) ---------------------------------
+class ChunkIndex(NamedTuple):
+    """The chunk table by (blob, uncompressed offset): `order` the table's entry numbers, `starts`
+    and `sizes` their uncompressed offsets and sizes; blob b's chunks are positions
+    blob_first[b] .. blob_first[b + 1]."""
+
+    order: array
+    starts: array
+    sizes: array
+    blob_first: list[int]
+
+
+def chunk_index(table: bytes | memoryview, blobs: Sequence[tuple[int, int, int]]) -> ChunkIndex:
+    """Check every 80-byte entry of a RAFS chunk table against its blob (uncompressed size,
+    compressed size or 0, chunk size or 0) and index them; ValueError naming the first bad one
+    (or two overlapping chunks)."""
+    if len(table) % 80:
+        raise ValueError(f"chunk table size {len(table)} is not a multiple of 80")
+    n = len(table) // 80
+    limits: Any = ffi.new("struct fsc_blob_limit[]", max(len(blobs), 1))
+    for i, (usize, csize, chunk_size) in enumerate(blobs):
+        limits[i].uncompressed_size, limits[i].compressed_size, limits[i].chunk_size = usize, csize, chunk_size
+    order: Any = ffi.new("uint32_t[]", max(n, 1))
+    starts: Any = ffi.new("uint64_t[]", max(n, 1))
+    sizes: Any = ffi.new("uint32_t[]", max(n, 1))
+    first: Any = ffi.new("uint64_t[]", len(blobs) + 1)
+    err: Any = ffi.new("char[]", 512)
+    kept = lib.fsc_chunk_index(ffi.from_buffer(table), n, limits, len(blobs), order, starts, sizes, first, err, 512)
+    if kept < 0:
+        message = ffi.string(err)
+        raise ValueError(message.decode(errors="replace") if isinstance(message, bytes) else message)
+
+    def arr(code: str, ptr: Any, size: int) -> array:
+        out = array(code)
+        out.frombytes(ffi.buffer(ptr, kept * size))
+        return out
+    return ChunkIndex(arr("I", order, 4), arr("Q", starts, 8), arr("I", sizes, 4),
+                      [int(first[i]) for i in range(len(blobs) + 1)])
+
+
+class MappedRange:
+    """`length` bytes at `offset` of a file, mapped read-only (no fd kept: the file can be
+    closed at once); `view` reads them. `drop_resident()` gives the pages back (clean file
+    pages: read again from the page cache or the disk when touched). Unmapped when collected."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        start = offset - offset % PAGE_SIZE
+        self._length = length + (offset - start)
+        ptr = lib.fsc_map(fd, start, self._length)
+        if ptr == ffi.NULL:
+            raise OSError(12, f"mmap of {self._length} bytes at {start} failed")
+        size = self._length
+
+        def unmap(p: Any) -> None:
+            lib.fsc_unmap(p, size)
+
+        self._base: Any = ffi.gc(ptr, unmap)
+        self.view = memoryview(ffi.buffer(ffi.cast("char *", self._base) + (offset - start), length)).toreadonly()
+
+    def drop_resident(self) -> None:
+        lib.fsc_map_drop(self._base, self._length)

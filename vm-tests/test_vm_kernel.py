@@ -33,6 +33,17 @@ def test_kernel_features(vm_kernel, vm_scenario):
     assert r["tmpfs_dir"] is None
     assert r["tmpfs_bind"] == errno.errorcode[errno.EOPNOTSUPP]  # "ENOTSUP": same number (95)
 
+    # a setup this kernel cannot serve is told so in one line, with what to do instead
+    fuse = r["user_errors"]["nydusd_fuse"]
+    lines = fuse["stderr"].strip().splitlines()
+    assert fuse["returncode"] != 0 and len(lines) == 1, fuse
+    assert "fanotify pre-content events (Linux 6.14+)" in lines[0] and 'fs_driver = "fscache"' in lines[0], fuse
+    neither = r["user_errors"]["neither_path"]
+    lines = neither["stderr"].strip().splitlines()
+    assert neither["returncode"] != 0 and len(lines) == 1, neither
+    assert "no kernel path can serve images here" in lines[0] and "no-such-device does not exist" in lines[0], neither
+    assert "CONFIG_CACHEFILES_ONDEMAND" in lines[0], neither
+
 
 def test_scenario_failure_is_reported(vm_kernels, vm_scenario):
     """A scenario that raises in the guest surfaces as ScenarioError carrying the traceback."""

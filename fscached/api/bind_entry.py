@@ -22,6 +22,10 @@ fscached's own extensions (top-level fields of the entry):
 - `"profile": "auto" | "none" | "/path/to/profile.json"`: the start-up profile to replay at the
   mount (the image key `profile=`; default "auto": the registry's profile of a `ref` image). A
   profile that cannot be used is skipped with a warning: it never fails the bind.
+- `"dragonfly": "/path/to/dfdaemon.sock"`: the node's Dragonfly peer, its gRPC unix socket (the
+  image key `dragonfly=`): blobs of the registry backend are fetched through it first, then
+  from the registry. nydusd itself only knows the HTTP proxy (the registry backend's `proxy`),
+  which works here too.
 
 Mapping (legacy `config.` / v2 `config_v2.`):
 
@@ -60,6 +64,7 @@ from fscached.config import (
 )
 
 if TYPE_CHECKING:
+    from erofs_image.index import BootstrapIndex
     from erofs_image.reader import Bootstrap
 
 log = logging.getLogger("fscached.api")
@@ -101,7 +106,7 @@ class BindRequest:
     ignored: list[str] = field(default_factory=list)  # field names only, never values
     registry_token: str | None = field(default=None, repr=False)  # a bearer token: never shown
     profile: ProfileSpec = field(default_factory=ProfileSpec)  # fscached's record_profile / profile fields
-    bootstrap: Bootstrap | None = field(default=None, repr=False)  # the checked bootstrap, parsed
+    bootstrap: Bootstrap | BootstrapIndex | None = field(default=None, repr=False)  # the checked bootstrap, parsed
 
 
 def check_entry_id(kind: str, value: Any) -> str:
@@ -147,6 +152,7 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
             raise BadBind(str(exc)) from None
     ref = _ref(entry.get("ref"))
     record_profile, profile = _profile_fields(entry, fsid)
+    dragonfly = _dragonfly_socket(entry.get("dragonfly"))
     if entry.get("config_v2") is not None:  # nydusd prefers it when both are given
         parsed = _from_v2(entry["config_v2"], ref is not None)
         form = "config_v2"
@@ -157,7 +163,7 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
         raise BadBind("blob_cache: missing blob cache configuration information (`config` or `config_v2`)")
     where = f"image {fsid}"
     bootstrap: Path | None = Path(parsed.metadata_path)
-    opened: Bootstrap | None = None  # parsed here (a worker thread), served as it is
+    opened: Bootstrap | BootstrapIndex | None = None  # parsed here (a worker thread), served as it is
     blobs = parsed.blob_dir
     if ref is not None:
         _registry_from_ref(parsed, ref)
@@ -174,10 +180,13 @@ def parse_bind_entry(entry: Any, *, check_files: bool = True) -> BindRequest:
     if parsed.registry is not None:
         registry, proxy = _registry_spec(where, parsed.registry)
         token = _string(parsed.registry, "registry_token", "registry") or None
+    if dragonfly is not None and registry is None:
+        raise BadBind(f"image {fsid}: dragonfly: a Dragonfly peer fetches from a registry: give a registry "
+                      "backend or ref")
     spec = ImageSpec(
         fsid=fsid, bootstrap=bootstrap, blobs=Path(blobs) if blobs is not None else None, domain=domain,
-        ref=ref.text if ref is not None else None, registry=registry, proxy=proxy, prefetch=parsed.prefetch,
-        mountpoint=mountpoint,
+        ref=ref.text if ref is not None else None, registry=registry, dragonfly_socket=dragonfly, proxy=proxy,
+        prefetch=parsed.prefetch, mountpoint=mountpoint,
     )
     return BindRequest(spec, form, parsed.ignored, token, ProfileSpec(record_profile, profile), opened)
 
@@ -224,6 +233,15 @@ def _ref(value: Any) -> _Ref | None:
     except ValueError as exc:
         raise BadBind(f"ref: {exc}") from None
     return _Ref(value, parsed.host, parsed.repo)
+
+
+def _dragonfly_socket(value: Any) -> Path | None:
+    """fscached's `dragonfly`: the dfdaemon's gRPC unix socket, an absolute path."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
+        raise BadBind("dragonfly must be the absolute path of the dfdaemon's unix socket")
+    return Path(value)
 
 
 def _registry_from_ref(parsed: _Parsed, ref: _Ref) -> None:
@@ -420,15 +438,16 @@ def _registry_spec(where: str, backend: dict[str, Any]) -> tuple[RegistrySpec, P
     return RegistrySpec(host, repo, scheme, auth, ca_file, skip_verify, timeout), proxy
 
 
-def open_metadata_path(value: str) -> tuple[Path, Bootstrap]:
+def open_metadata_path(value: str) -> tuple[Path, Bootstrap | BootstrapIndex]:
     """The bootstrap: an existing regular file holding a RAFS v6 (EROFS) image, as nydusd checks
     it (its messages), plus fscached's reader's own validation; and the parsed bootstrap (the
-    daemon serves that one: a big bootstrap is parsed once per bind, off the event loop)."""
-    from erofs_image.reader import Bootstrap
+    daemon serves that one: read once per bind, off the event loop: its chunk index, or the
+    whole image when it has no chunk table)."""
+    from erofs_image.index import open_served
 
     path = check_metadata_file(value)
     try:
-        return path, Bootstrap.open(path)
+        return path, open_served(path)
     except (ValueError, OSError) as exc:
         raise BadBind(f"blob_cache: `config.metadata_path={value[:300]}` is not a usable RAFS v6 bootstrap: "
                       f"{exc}") from None
@@ -454,7 +473,8 @@ def check_metadata_file(value: str) -> Path:
     return path
 
 
-def link_blob_file(blob_file: Path, bootstrap: Path, work_dir: Path, parsed: Bootstrap | None = None) -> Path:
+def link_blob_file(blob_file: Path, bootstrap: Path, work_dir: Path,
+                   parsed: Bootstrap | BootstrapIndex | None = None) -> Path:
     """nydusd's localfs `blob_file`: the one data blob of the image, whatever its name. Named by
     its blob id, its directory serves it; otherwise a link named by the blob id is made in
     `<work_dir>/fscached-blobs/` (the bind's own work directory)."""

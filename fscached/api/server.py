@@ -262,8 +262,11 @@ class ApiServer:
             pass
         mount = None
         if daemon.frontend is not None:
-            source, options = daemon.frontend.mount_args(spec)
-            mount = {"source": str(source), "fstype": "erofs", "options": options}
+            try:
+                source, options = daemon.frontend.mount_args(spec)
+                mount = {"source": str(source), "fstype": "erofs", "options": options}
+            except KeyError:  # still binding: in the catalog, its cache files not made yet
+                pass
         return {
             "id": spec.fsid,
             "domain_id": spec.domain or "",
@@ -444,6 +447,7 @@ class ApiServer:
         size_counts: list[int] = []
         total_us = 0
         if frontend is not None:
+            frontend.refresh_stats()
             stats = frontend.requests
             hits[FOP_READ] = stats.total("cached") + stats.total("filled")
             errors[FOP_READ] = stats.total("failed")
@@ -674,7 +678,7 @@ class ApiServer:
             "blob_id": blob.info.blob_id,
             "cache_file": cache_file,
             "size": blob.size,
-            "chunks": len(blob.chunk_map.chunks),
+            "chunks": len(blob.chunk_map),
             "chunks_filled": len(filled),
             "bytes_filled": sum(c.uncompressed_size for c in filled),
             "open": target is not None,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from erofs_image.index import BootstrapIndex, open_served
 from erofs_image.reader import Bootstrap
 from erofs_image.tree import BlobInfo, ChunkRef, Inode
 from fetcher.chain import SourceChain
@@ -41,7 +42,7 @@ class BlobObject:
     info: BlobInfo
     chunk_map: ChunkMap
     source: SourceChain
-    bootstrap: Bootstrap
+    bootstrap: Bootstrap | BootstrapIndex
     users: set[str] = field(default_factory=set)  # fsids referencing it
     prefetch_mode: str = "none"
     prefetch_bandwidth: int = 0
@@ -68,18 +69,21 @@ class Catalog:
         self.devices: dict[tuple[str, str], list[BlobObject]] = {}
 
     def add_image(self, spec: ImageSpec, bootstrap_path: Path, source: SourceChain,
-                  parsed: Bootstrap | None = None) -> None:
+                  parsed: Bootstrap | BootstrapIndex | None = None) -> None:
         """Serve `spec`. `parsed`: its bootstrap already opened (open_bootstrap, off the event
-        loop: a big image's takes a few hundred ms); else it is opened here."""
+        loop); else it is opened here."""
         if (spec.volume, spec.fsid) in self.images:
             raise CatalogError(f"image {spec.fsid}: already served in volume {spec.volume}")
         bootstrap = parsed if parsed is not None else open_bootstrap(spec, bootstrap_path)
+        if isinstance(bootstrap, BootstrapIndex) and spec.prefetch.mode != "none":
+            bootstrap = open_bootstrap(spec, bootstrap_path)  # the prefetch table's files: the tree
         if spec.blobs is not None and not spec.blobs.is_dir() and spec.registry is None and bootstrap.blobs:
             what = "is not a directory" if spec.blobs.exists() else "does not exist"
             raise CatalogError(f"image {spec.fsid}: blob directory {spec.blobs} {what}")
         devices: list[BlobObject] = []
-        grouped = chunks_by_blob(bootstrap.image)
-        prefetch_nodes = prefetch_table_nodes(bootstrap) if spec.prefetch.mode != "none" else []
+        grouped = chunks_by_blob(bootstrap.image) if isinstance(bootstrap, Bootstrap) else {}
+        prefetch_nodes = (prefetch_table_nodes(bootstrap) if spec.prefetch.mode != "none"
+                          and isinstance(bootstrap, Bootstrap) else [])
         new: dict[tuple[str, str], Served] = {}
         for index, info in enumerate(bootstrap.blobs):
             key = (spec.volume, info.blob_id)
@@ -90,7 +94,9 @@ class Catalog:
             if existing is not None or info.blob_id == spec.fsid:
                 raise CatalogError(f"image {spec.fsid}: blob id {info.blob_id} collides with an fsid")
             try:
-                chunk_map = ChunkMap(grouped.get(index, []), info.uncompressed_size)
+                chunk_map = (ChunkMap.from_index(bootstrap.chunks[index], info.uncompressed_size)
+                             if isinstance(bootstrap, BootstrapIndex)
+                             else ChunkMap(grouped.get(index, []), info.uncompressed_size))
             except ValueError as exc:
                 raise CatalogError(f"image {spec.fsid}: blob {info.blob_id}: {exc}") from None
             new[key] = BlobObject(info, chunk_map, source, bootstrap, {spec.fsid},
@@ -169,10 +175,12 @@ class Catalog:
         return list(unique.values())
 
 
-def open_bootstrap(spec: ImageSpec, path: Path) -> Bootstrap:
-    """The image's bootstrap, parsed and validated (CatalogError, worded for the user)."""
+def open_bootstrap(spec: ImageSpec, path: Path) -> Bootstrap | BootstrapIndex:
+    """The image's bootstrap as served: its chunk index (erofs_image.index: the superblocks,
+    blob and chunk tables read and checked, no tree), or the whole image parsed and validated
+    when it has no chunk table or its prefetch table is used (CatalogError, worded for the user)."""
     try:
-        return Bootstrap.open(path)
+        return open_served(path) if spec.prefetch.mode == "none" else Bootstrap.open(path)
     except FileNotFoundError:
         raise CatalogError(f"image {spec.fsid}: bootstrap {path} not found") from None
     except (ValueError, OSError) as exc:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from erofs_image.index import BlobChunks
 from erofs_image.tree import ChunkRef, Image
 
 BLOCK = 4096
@@ -27,23 +29,60 @@ class Span:
 
 
 class ChunkMap:
-    """The chunks of one blob, by uncompressed offset."""
+    """The chunks of one blob, by uncompressed offset: from a list of ChunkRefs, or from a
+    bootstrap's chunk index (`from_index`: each ChunkRef made when it is first asked for)."""
 
     def __init__(self, chunks: list[ChunkRef], size: int) -> None:
-        self.chunks = sorted(chunks, key=lambda c: c.uncompressed_offset)
-        self._starts = [c.uncompressed_offset for c in self.chunks]
+        self._chunks: list[ChunkRef] | None = sorted(chunks, key=lambda c: c.uncompressed_offset)
+        self._index: BlobChunks | None = None
+        self._starts: Sequence[int] = [c.uncompressed_offset for c in self._chunks]
+        self._sizes: Sequence[int] = [c.uncompressed_size for c in self._chunks]
         self.size = size
-        for before, after in zip(self.chunks, self.chunks[1:]):
+        for before, after in zip(self._chunks, self._chunks[1:]):
             if before.uncompressed_offset + before.uncompressed_size > after.uncompressed_offset:
                 raise ValueError(
                     f"chunks overlap at uncompressed offset {after.uncompressed_offset}"
                 )
-        if self.chunks:
-            last = self.chunks[-1]
+        if self._chunks:
+            last = self._chunks[-1]
             if last.uncompressed_offset + last.uncompressed_size > size:
                 raise ValueError(
                     f"chunk at {last.uncompressed_offset} ends past the blob's size {size}"
                 )
+
+    @classmethod
+    def from_index(cls, index: BlobChunks, size: int) -> ChunkMap:
+        """A blob's chunks from its bootstrap's chunk index (checked there: sorted, no overlap,
+        none past the blob's end)."""
+        chunk_map = cls.__new__(cls)
+        chunk_map._chunks = None
+        chunk_map._index = index
+        chunk_map._starts = index.starts
+        chunk_map._sizes = index.sizes
+        chunk_map.size = size
+        if len(index) and index.starts[-1] + index.sizes[-1] > size:
+            raise ValueError(f"chunk at {index.starts[-1]} ends past the blob's size {size}")
+        return chunk_map
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def _at(self, i: int) -> ChunkRef:
+        if self._chunks is not None:
+            return self._chunks[i]
+        assert self._index is not None
+        return self._index.ref(i)
+
+    @property
+    def chunks(self) -> list[ChunkRef]:
+        """Every chunk, in address order (an indexed map makes them all now: prefer chunks_in)."""
+        if self._chunks is None:
+            self._chunks = [self._at(i) for i in range(len(self))]
+        return self._chunks
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """(uncompressed offset, size) of every chunk, without making ChunkRefs."""
+        return list(zip(self._starts, self._sizes))
 
     def spans(self, offset: int, length: int) -> list[Span]:
         """Cover [offset, offset+length) rounded out to blocks: whole chunks and zero gaps.
@@ -56,8 +95,9 @@ class ChunkMap:
         spans: list[Span] = []
         pos = start
         i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        count = len(self._starts)
         while pos < end:
-            chunk = self.chunks[i] if i < len(self.chunks) else None
+            chunk = self._at(i) if i < count else None
             if chunk is not None and chunk.uncompressed_offset + round_up(chunk.uncompressed_size) <= pos:
                 i += 1
                 continue
@@ -77,10 +117,11 @@ class ChunkMap:
         """The chunks overlapping [start, end), in address order."""
         i = max(bisect.bisect_right(self._starts, start) - 1, 0)
         found: list[ChunkRef] = []
-        while i < len(self.chunks) and self.chunks[i].uncompressed_offset < end:
-            chunk = self.chunks[i]
-            if chunk.uncompressed_offset + chunk.uncompressed_size > start:
-                found.append(chunk)
+        starts, sizes = self._starts, self._sizes
+        count = len(starts)
+        while i < count and starts[i] < end:
+            if starts[i] + sizes[i] > start:
+                found.append(self._at(i))
             i += 1
         return found
 

@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable, ContextManager, Sequence, TypeVar, 
 import native
 from erofs_image.reader import ChunkVerifyError, digest_matches, verify_chunk
 from erofs_image.tree import BlobInfo, ChunkRef
-from fetcher.source import IntegrityError
+from fetcher.source import IntegrityError, LocalRange, SourceError
 from fscached.core.catalog import BlobObject, BootstrapObject
 from fscached.core.chunkmap import BLOCK, contiguous_runs, round_down, round_up
 from fscached.core.extents import chunks_with_data
@@ -51,9 +51,13 @@ PROFILE_WAITS_FOR_IDLE = False  # True: strictly behind on-demand reads, as pref
 # the kernel's own read-ahead: READAHEAD_MIN on the first sequential READ, doubled each time the
 # reader goes on, up to READAHEAD_BYTES; a jump elsewhere starts over. Start-up reads many small
 # files that lie side by side in a blob: a fixed 16 MiB ahead fetched 3x the working set there.
+# A reader that keeps going sequentially gets ever larger requests: each read-ahead fetch is a
+# quarter of the current distance (READAHEAD_RUN at most), so a long sequential read of a blob
+# from a registry is a few 16 MiB GETs in flight rather than many small ones, while the first
+# read-aheads, all a reader of a few files side by side gets, stay small.
 READAHEAD_MIN = 2 << 20
-READAHEAD_BYTES = 16 << 20
-READAHEAD_RUN = 4 << 20
+READAHEAD_BYTES = 64 << 20
+READAHEAD_RUN = 16 << 20
 READ, PREFETCH, PROFILE = "read", "prefetch", "profile"  # what a fetch job is for
 
 
@@ -134,14 +138,60 @@ def write_run_buffered(fd: int, run: list[ChunkRef], datas: list[bytes]) -> None
         start = end
 
 
-def decode_and_write_run(fd: int, info: BlobInfo, run: list[ChunkRef], raw: bytes, buffered: bool = False) -> None:
-    """Verify every chunk of the run (VerifyError: nothing written), then write them all:
+def decode_and_write_run(fd: int, info: BlobInfo, run: list[ChunkRef], raw: bytes | LocalRange,
+                         buffered: bool = False) -> None:
+    """Verify every chunk of the run (VerifyError: nothing written), then write them all. `raw`:
+    the run's stored bytes, or a LocalRange of a local blob file to read them from. In C, in
+    one call without the GIL (native.fill_run), for the compressors it decodes; else in Python:
     through an aligned bounce buffer for an O_DIRECT cachefiles fd, straight into a buffered one."""
+    if info.compressor in native.FILL_COMPRESSORS and all(ref.digest for ref in run):
+        fill_run_native(fd, info, run, raw, buffered)
+        return
+    if isinstance(raw, LocalRange):
+        raw = read_local(raw)
     datas = decode_run(info, run, raw)
     if buffered:
         write_run_buffered(fd, run, datas)
     else:
         write_run(fd, info, run, datas)
+
+
+def read_local(where: LocalRange) -> bytes:
+    data = os.pread(where.fd, where.length, where.offset)
+    if len(data) != where.length:
+        raise SourceError(f"short read at {where.offset}: wanted {where.length} bytes, the file has {len(data)}")
+    return data
+
+
+def fill_run_native(fd: int, info: BlobInfo, run: list[ChunkRef], raw: bytes | LocalRange, buffered: bool) -> None:
+    """decode_and_write_run in C: read (a LocalRange), decompress, check every chunk's size and
+    blake3 digest, then write; a bad chunk raises VerifyError with nothing written."""
+    base = run[0].compressed_offset
+    chunks = [(ref.compressed_offset - base, ref.uncompressed_offset, ref.compressed_size, ref.uncompressed_size,
+               ref.compressed, ref.digest) for ref in run]
+    if isinstance(raw, LocalRange):
+        result = native.FillResult(-errno.EINVAL, 0, len(run))
+        if raw.direct_fd >= 0:
+            result = native.fill_run(chunks, info.compressor, fd, src_fd=raw.direct_fd, src_base=raw.offset,
+                                     src_len=raw.length, src_direct=True, direct=not buffered,
+                                     dst_size=info.uncompressed_size)
+        if result.error == -errno.EINVAL and result.failed == len(run):
+            # no O_DIRECT fd, or its read refused (EINVAL): through the page cache
+            result = native.fill_run(chunks, info.compressor, fd, src_fd=raw.fd, src_base=raw.offset,
+                                     src_len=raw.length, direct=not buffered, dst_size=info.uncompressed_size)
+    else:
+        result = native.fill_run(chunks, info.compressor, fd, src=raw, direct=not buffered,
+                                 dst_size=info.uncompressed_size)
+    if not result.error:
+        return
+    err = -result.error
+    if err == errno.ENODATA:
+        raise SourceError(f"blob {info.blob_id}: the local file ends inside the run at {base}")
+    if err in (errno.EBADMSG, errno.EINVAL, errno.EPROTONOSUPPORT):
+        ref = run[min(result.failed, len(run) - 1)]
+        raise VerifyError(f"blob {info.blob_id}: chunk {ref.index} at {ref.compressed_offset} does not decode "
+                          "to its size and blake3 digest")
+    raise OSError(err, f"blob {info.blob_id}: filling the run at {run[0].uncompressed_offset}: {os.strerror(err)}")
 
 
 def write_zeros(fd: int, offset: int, length: int) -> None:
@@ -198,9 +248,13 @@ class FillTarget:
         # called once, when `written` first holds `chunk_count` chunks (the whole blob)
         self.chunk_count = 0
         self.on_complete: Callable[[], None] | None = None
+        # told of every chunk once its verified bytes are in place (the fanotify fast path's map)
+        self.on_written: Callable[[list[ChunkRef]], None] | None = None
 
     def mark_written(self, chunks: list[ChunkRef]) -> None:
         self.written.update(c.uncompressed_offset for c in chunks)
+        if self.on_written is not None and chunks:
+            self.on_written(chunks)
         if self.on_complete is not None and len(self.written) >= self.chunk_count:
             done, self.on_complete = self.on_complete, None
             done()
@@ -337,7 +391,7 @@ class Filler:
         if ahead_end <= ahead_start:
             return
         self._start_jobs(obj, target, obj.chunk_map.chunks_in(ahead_start, ahead_end), READ,
-                         max(self.window, READAHEAD_RUN))
+                         max(self.window, min(READAHEAD_RUN, target.ahead_size // 4)))
         target.ahead_end = ahead_end
         self.stats["readahead_windows"] += 1  # read-ahead fetches started
 
@@ -401,7 +455,7 @@ class Filler:
         length = run[-1].compressed_offset + run[-1].compressed_size - start
         info = obj.info
 
-        async def verify_and_write(raw: bytes) -> None:
+        async def verify_and_write(raw: bytes | LocalRange) -> None:
             # one worker-thread hop: every chunk is checked before the first byte is written
             try:
                 await self.blocking(decode_and_write_run, target.fd, info, run, raw, target.buffered)
@@ -414,20 +468,20 @@ class Filler:
         if kind == PREFETCH:
             await self._wait_for_idle()
             async with self._prefetch:
-                await obj.source.read_verified(info.blob_id, start, length, verify, prefetch=True)
+                await obj.source.read_verified(info.blob_id, start, length, verify, prefetch=True, local=True)
             self.stats["prefetched_chunks"] += len(run)
         elif kind == PROFILE:  # beside on-demand reads, within its own budget (replay)
             if PROFILE_WAITS_FOR_IDLE:
                 await self._wait_for_idle()
             async with self._profile:
-                await obj.source.read_verified(info.blob_id, start, length, verify, prefetch=True)
+                await obj.source.read_verified(info.blob_id, start, length, verify, prefetch=True, local=True)
             self.stats["profile_chunks_prefetched"] += len(run)
         else:
             self._ondemand_waiting += 1
             self._idle.clear()
             try:
                 async with self._ondemand:
-                    await obj.source.read_verified(info.blob_id, start, length, verify)
+                    await obj.source.read_verified(info.blob_id, start, length, verify, local=True)
             finally:
                 self._ondemand_waiting -= 1
                 if not self._ondemand_waiting:

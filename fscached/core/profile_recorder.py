@@ -28,6 +28,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,9 @@ class ProfileRecorders:
         self.dir = work_dir / PROFILE_DIR
         self.images: dict[tuple[str, str], ImageRecorder] = {}
         self.written: dict[tuple[str, str], Path] = {}  # the profiles written (tests, logs)
+        # told whenever a blob's recorders change (the fanotify fast path stops answering the
+        # reads of a blob being recorded: every read of it is noted)
+        self.listeners: list[Callable[[BlobObject], None]] = []
 
     def add(self, volume: str, fsid: str, bootstrap: Path, seconds: float, image: str,
             blobs: list[BlobObject]) -> ImageRecorder:
@@ -118,9 +122,14 @@ class ProfileRecorders:
         self.images[(volume, fsid)] = rec
         for blob in rec.blobs:  # a domain's shared blob: into every recording image that uses it
             blob.recorders.append(rec)
+            self._changed(blob)
         log.info("image %s: recording its start-up profile for %g s after the mount, into %s",
                  fsid, seconds, rec.path)
         return rec
+
+    def _changed(self, blob: BlobObject) -> None:
+        for listener in self.listeners:
+            listener(blob)
 
     def recording(self, blob: BlobObject) -> bool:
         """Whether some image records this blob now (cachefiles: serve it exactly, no prefetch)."""
@@ -169,6 +178,7 @@ class ProfileRecorders:
         for blob in rec.blobs:
             if rec in blob.recorders:
                 blob.recorders.remove(rec)
+                self._changed(blob)
         return path
 
     async def finish_all(self, why: str) -> None:

@@ -160,6 +160,9 @@ class Frontend(Protocol):
     def fileno(self) -> int: ...
     def on_readable(self) -> None:
         """Answer everything the kernel queued (KernelPathLost when the path died)."""
+    def refresh_stats(self) -> None:
+        """Bring `stats` and `requests` up to date with what was answered outside Python (the
+        fanotify fast path); called before they are read."""
     def start_background(self) -> None:
         """Once the reader is armed: what runs beside the kernel's requests (orphans of a dead
         predecessor, prefetch, start-up profile replays)."""

@@ -1,6 +1,6 @@
 """Fixtures for the cold-start harness tests (coldstart), on the host kernel.
 
-  coldstart_host   session: skips unless root, with the tools (debootstrap, containerd, runc,
+  coldstart_host   session: fails unless root, with the tools (debootstrap, containerd, runc,
                    skopeo, docker-registry) and a kernel whose /var/tmp takes fanotify
                    pre-content marks
   small_workload   session: the `small` workload (built once per machine, then from the cache
@@ -23,15 +23,15 @@ TOOLS = ("debootstrap", "containerd", "ctr", "runc", "skopeo", "docker-registry"
 @pytest.fixture(scope="session")
 def coldstart_host() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, mounts, containerd)")
+        pytest.fail("needs root (namespaces, mounts, containerd): make test runs as root")
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (make deps)")
+        pytest.fail(f"not installed: {', '.join(missing)} (make deps)")
     from fanotify.group import probe
 
     reason = probe(Path("/var/tmp"))
     if reason is not None:
-        pytest.skip(f"no fanotify pre-content events here: {reason}")
+        pytest.fail(f"no fanotify pre-content events here: {reason}")
 
 
 @pytest.fixture(scope="session")

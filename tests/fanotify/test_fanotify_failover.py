@@ -158,7 +158,8 @@ def test_orphans_a_dead_daemon_took_are_answered_with_their_bytes(big_image, sil
     work, _ = big_image
     mnt = work / "mnt"
     boot = work / "img" / "image.boot"
-    hanging = f"fsid=big,bootstrap={boot},registry=127.0.0.1:{silent_server}/test/repo,scheme=http,mountpoint={mnt}"
+    hanging = (f"fsid=big,bootstrap={boot},registry=127.0.0.1:{silent_server}/test/repo,scheme=http,mountpoint={mnt},"
+               "profile=none")  # no profile lookup: that registry never answers
     local = f"fsid=big,bootstrap={boot},blobs={work / 'img' / 'blobs'},mountpoint={mnt}"
     first = FscachedProcess(work / "cache", [hanging])
     second = FscachedProcess(work / "cache", [local])
@@ -193,3 +194,28 @@ def test_orphans_a_dead_daemon_took_are_answered_with_their_bytes(big_image, sil
             reader.kill()
         first.cleanup([mnt])
         second.cleanup([mnt])
+
+
+def test_a_registry_silent_to_the_profile_lookup_does_not_hold_the_mount(big_image, silent_server) -> None:
+    """profile=auto (the default) asks the image's registry for a start-up profile before the
+    mount; a registry that accepts the connection and never answers costs the bind
+    PROFILE_LOOKUP_SECONDS, then the image is mounted and served without a profile (its blobs
+    are local here), with one warning saying why."""
+    from fscached.daemon import PROFILE_LOOKUP_SECONDS
+
+    work, _ = big_image
+    mnt = work / "mnt"
+    boot = work / "img" / "image.boot"
+    spec = (f"fsid=big,bootstrap={boot},blobs={work / 'img' / 'blobs'},"
+            f"registry=127.0.0.1:{silent_server}/test/repo,scheme=http,mountpoint={mnt}")
+    daemon = FscachedProcess(work / "cache", [spec])
+    try:
+        daemon.start()
+        assert "big.bin" in os.listdir(mnt), "the image is mounted"
+        assert f"did not answer the profile lookup within {PROFILE_LOOKUP_SECONDS:g} s" in daemon.log_text()
+        with open(mnt / "big.bin", "rb") as f:
+            f.seek(100 << 20)
+            assert len(f.read(1 << 20)) == 1 << 20
+        assert daemon.stop() == 0
+    finally:
+        daemon.cleanup([mnt])

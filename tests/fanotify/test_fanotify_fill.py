@@ -100,3 +100,51 @@ def test_prefetch_fills_the_blob_without_readers_and_removes_its_mark(image: Pat
         assert daemon.stop() == 0
     finally:
         daemon.cleanup([mnt])
+
+
+def test_filled_ranges_are_answered_without_python_and_misses_still_fetched(image: Path) -> None:
+    """The fast path (native/fanotify_fast.c) answers the events of ranges already holding
+    verified bytes by itself, counted as read_fast; an event of a range not filled still goes
+    to Python and through the full fetch, verify and write."""
+    work = image
+    mnt = work / "mnt"
+    spec = f"fsid=img,bootstrap={work / 'img' / 'image.boot'},mountpoint={mnt}"
+    proc = FscachedProcess(work / "cache", [spec])
+    want = (work / "src" / "a.bin").read_bytes()
+
+    def preads(offsets: list[int]) -> list[bytes]:
+        fd = os.open(mnt / "a.bin", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the mount's pages: its reads raise events again
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            return [os.pread(fd, 65536, off) for off in offsets]
+        finally:
+            os.close(fd)
+
+    try:
+        proc.start()
+        drop_caches()
+        assert preads([0]) == [want[:65536]]  # fills the read window around it (1 MiB)
+        before = proc.counters()
+        assert before.get("read_fast", 0) == 0, before  # that event was a miss: Python's
+        filled = [0, 256 << 10, 768 << 10]
+        assert preads(filled) == [want[off:off + 65536] for off in filled]
+        after = proc.counters()
+
+        def delta(key: str, a: dict[str, int] = before, b: dict[str, int] = after) -> int:
+            return b.get(key, 0) - a.get(key, 0)
+
+        assert delta("read") >= 1, (before, after)
+        assert delta("read_fast") == delta("read") == delta("read_cached"), (before, after)  # none went to Python
+        assert delta("fetches") == 0, (before, after)
+        missed = [6 * MiB]
+        assert preads(missed) == [want[6 * MiB:6 * MiB + 65536]]
+        last = proc.counters()
+        assert delta("fetches", after, last) >= 1, (after, last)  # a miss: fetched, verified, written
+        assert delta("read_fast", after, last) == 0 or delta("read", after, last) > delta("read_fast", after, last)
+        assert last.get("read_failed", 0) == 0, last
+        assert proc.stop() == 0
+        final = proc.final_counters()
+        assert final["read_fast"] >= after["read_fast"], final  # the C counts survive into the last stats
+    finally:
+        proc.cleanup([mnt])

@@ -1,7 +1,8 @@
 """`make demo` end to end: `python -m coldstart.demo` as the Makefile runs it, judged by what it
-prints and writes: three cold starts of a real container (classic, lazy, lazy + profile) with
-the right output, lazy fetching less than classic, a real PNG chart and tables, nothing left
-behind (network namespaces, mounts, processes)."""
+prints and writes: five cold starts of a real container (classic, lazy, nerdctl through the real
+nydus-snapshotter, and both lazy ways with a start-up profile) with the right output, lazy
+fetching less than classic, a real PNG chart and tables, nothing left behind (network
+namespaces, mounts, processes, snapshotter stacks)."""
 from __future__ import annotations
 
 import json
@@ -36,14 +37,14 @@ def leftovers() -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "/fscd-cs-" in cmd:
+        if "/fscd-cs-" in cmd or "/fsn-" in cmd:
             found.append(f"process {pid}: {cmd[:200]}")
     return found
 
 
 @pytest.mark.root
 @pytest.mark.timeout(1200)
-def test_make_demo_starts_a_container_three_ways(tmp_path: Path) -> None:
+def test_make_demo_starts_a_container_five_ways(tmp_path: Path) -> None:
     if missing_tools():
         pytest.fail(f"{missing_tools()} missing: `make test` installs them (make deps)")
     before = leftovers()
@@ -51,7 +52,7 @@ def test_make_demo_starts_a_container_three_ways(tmp_path: Path) -> None:
     assert code == 0, output
     doc = json.loads((tmp_path / "coldstart.json").read_text())
     runs = {r["mode"]: r for r in doc["runs"]}
-    assert set(runs) == {"classic", "lazy", "profile"}, output
+    assert set(runs) == {"classic", "lazy", "profile", "snapshotter", "snapshotter_profile"}, output
     expected = runs["classic"]["output"][0]
     assert expected.startswith("numpy ") and "sum=499500" in expected, runs["classic"]
     for mode, run in runs.items():
@@ -59,10 +60,13 @@ def test_make_demo_starts_a_container_three_ways(tmp_path: Path) -> None:
         assert run["seconds"] > 0 and run["bytes"] > 0, run
     assert runs["lazy"]["bytes"] < runs["classic"]["bytes"], output
     assert runs["profile"]["bytes"] < runs["classic"]["bytes"], output
+    assert runs["snapshotter"]["bytes"] < runs["classic"]["bytes"], output
+    assert runs["snapshotter_profile"]["bytes"] < runs["snapshotter"]["bytes"], output
     png = (tmp_path / "coldstart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert str(tmp_path / "coldstart.png") in output  # the user is told where the chart is
-    for label in ("classic pull", "lazy (fscached)", "lazy + start-up profile"):
+    for label in ("classic pull", "lazy (fscached)", "lazy + start-up profile", "nerdctl + nydus-snapshotter",
+                  "nydus-snapshotter + profile"):
         assert label in output and label in (tmp_path / "coldstart.md").read_text(), label
     # nothing of its own left (it may clean up what a killed run left before it: that is not new)
     assert [item for item in leftovers() if item not in before] == [], output

@@ -28,6 +28,7 @@ from cachefiles.device import CachefilesDevice
 from erofs_image.builder import convert
 from erofs_image.reader import Bootstrap
 from fetcher.local import LocalDirectorySource
+from fetcher.source import LocalRange
 from fscached.api.server import ApiServer
 from fscached.config import Config, ImageSpec
 from fscached.daemon import Daemon
@@ -176,7 +177,15 @@ def held(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
             await asyncio.sleep(0.005)
         return await original(self, blob_id, offset, length, prefetch=prefetch)
 
+    original_range = LocalDirectorySource.local_range
+
+    async def local_range(self: LocalDirectorySource, blob_id: str, offset: int, length: int) -> LocalRange:
+        while hold.is_set():  # noqa: ASYNC110  (the fill core's reads of local blobs: the same hold)
+            await asyncio.sleep(0.005)
+        return await original_range(self, blob_id, offset, length)
+
     monkeypatch.setattr(LocalDirectorySource, "read", read)
+    monkeypatch.setattr(LocalDirectorySource, "local_range", local_range)
     return hold
 
 

@@ -142,6 +142,19 @@ def test_mountpoint_extension(tmp_path: Path) -> None:
     refused(entry, "root directory")
 
 
+def test_dragonfly_extension() -> None:
+    entry = legacy()
+    entry["dragonfly"] = "/run/df/dfdaemon.sock"
+    spec = parse(entry).spec
+    assert spec.dragonfly_socket == Path("/run/df/dfdaemon.sock") and spec.registry is not None
+    assert parse(v2() | {"dragonfly": "/s.sock"}).spec.dragonfly_socket == Path("/s.sock")
+    assert parse(legacy()).spec.dragonfly_socket is None
+    for bad in ("relative.sock", "", 5, "/a\0b"):
+        refused({**legacy(), "dragonfly": bad}, "absolute path of the dfdaemon's unix socket")
+    refused({**legacy(backend_type="localfs", backend_config={"dir": "/blobs"}), "dragonfly": "/s.sock"},
+            "fetches from a registry")
+
+
 # -- config_v2 ----------------------------------------------------------------------------------
 def test_v2_registry_entry_maps_every_field() -> None:
     bind = parse(v2())

@@ -11,7 +11,7 @@ import pytest
 from coldstart.snapshotter import SnapshotterConfig, SnapshotterStack
 
 from registry_server import RegistryServer
-from snaphelpers import AppImage, wait_for
+from snaphelpers import AppImage, container_stderr, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -49,7 +49,7 @@ def test_failover_under_a_streaming_reader(stacks: Callable[..., SnapshotterStac
     assert at_kill < app_image.big_bytes - 4 * MIB, f"the file was (nearly) all fetched before the kill: {at_kill}"
     wait_for("a new nydusd taking over", lambda: bool(set(stack.nydusd_pids()) - set(killed)), 30)
     result = reader.wait(timeout=120, check=False)
-    assert result.returncode == 0 and result.stderr == "", f"the reader failed: {result.stderr[-500:]}"
+    assert result.returncode == 0 and container_stderr(result.stderr) == "", f"the reader failed: {result.stderr[-500:]}"
     assert result.stdout.split()[0] == app_image.big_sha256, "wrong bytes read across the failover"
     after = fetched()
     assert after > at_kill, "the new daemon fetched nothing: where did the rest of the file come from?"
@@ -71,3 +71,20 @@ def test_restart_serves_new_containers(stacks: Callable[..., SnapshotterStack], 
     assert stack.run(app_image.ref, ["cat", "/etc/hello"]).stdout.encode() == app_image.hello
     erofs = [m.mountpoint for m in stack.mounts() if m.fstype == "erofs"]
     assert len(erofs) == len(set(erofs)) == 1, f"one image, one EROFS mount (none stacked): {erofs}"
+
+
+def test_snapshotter_restart_keeps_the_daemon(stacks: Callable[..., SnapshotterStack], app_image: AppImage) -> None:
+    """The snapshotter restarted under a live shared daemon (with failover): it reconnects to it
+    (same `Git Commit` from `nydusd --version`: no hot upgrade), a running container reads on and
+    a new one starts."""
+    stack = stacks(SnapshotterConfig(daemon_mode="shared", recover_policy="failover"))
+    stack.pull(app_image.ref)
+    stack.run(app_image.ref, ["sleep", "1000"], detach=True, name="idle")
+    daemons = stack.nydusd_pids()
+    assert len(daemons) == 1, daemons
+    stack.restart_snapshotter()
+    assert stack.nydusd_pids() == daemons, "the live daemon was replaced (an upgrade?) or lost"
+    read = stack.nerdctl("exec", "idle", "sha256sum", "/data/big")
+    assert read.stdout.split()[0] == app_image.big_sha256, read.stderr
+    assert stack.run(app_image.ref, ["cat", "/etc/hello"]).stdout.encode() == app_image.hello
+    assert stack.nydusd_pids() == daemons

@@ -1,5 +1,12 @@
 """A stand-in Dragonfly v2 dfdaemon: `dfdaemon.v2.DfdaemonDownload/DownloadTask` on a unix socket.
 
+ONLY for what the real dfdaemon (dragonfly-client, which the tests run: coldstart/dragonfly.py)
+cannot be made to do: send damaged pieces (with a wrong or a matching CRC), hang or die
+mid-stream on cue, refuse for overload; and for the VM tests, whose guest has no scheduler.
+Everything a real peer does is tested against the real one (tests/fetcher/test_dragonfly_grpc.py,
+tests/dragonfly/); test_the_standin_answers_like_the_real_dfdaemon checks that this one still
+answers the same requests the same ways.
+
 Behaves like the real peer daemon as far as a client can tell (see shared docs/dragonfly.md):
 - fetches from the origin by HTTP with the request's url and request_header (so registry auth
   reaches the registry), one ranged GET per piece; pieces are `piece_length` when the request
@@ -14,8 +21,9 @@ Behaves like the real peer daemon as far as a client can tell (see shared docs/d
 - caches pieces per task id: a later range of the same task is served without going back to
   the origin (each piece is fetched at most once, concurrent requests share the fetch);
 - `prefetch = true` pulls the whole task into the cache in the background;
-- errors: INVALID_ARGUMENT (no download / no url), FAILED_PRECONDITION (range outside the
-  content), INTERNAL when the origin answers >= 400 or cannot be reached. Like dfdaemon
+- errors: INVALID_ARGUMENT (no download / no url), INTERNAL "invalid parameter" (a range
+  outside the content: what dfdaemon 1.5 answers), INTERNAL when the origin answers >= 400 or
+  cannot be reached. Like dfdaemon
   (tonic's `Status::with_details`), the origin's error travels as JSON
   `{"message", "header", "status_code"}` in the `grpc-status-details-bin` trailing metadata
   (raw JSON bytes, not a google.rpc.Status), with the status message as the human text.
@@ -235,7 +243,7 @@ class _Servicer(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
                 "task_id": task_id, "url": d.url, "range": rng, "priority": d.priority,
                 "prefetch": d.prefetch, "is_prefetch": d.is_prefetch, "headers": dict(d.request_header),
                 "tag": tag, "application": app, "piece_length": piece_length,
-                "need_piece_content": d.need_piece_content,
+                "need_piece_content": d.need_piece_content, "scheduling_policy": d.scheduling_policy,
             })
         if call_no <= faults.resource_exhausted:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limited by the stand-in dfdaemon")
@@ -262,8 +270,7 @@ class _Servicer(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
         else:
             start, length = rng
             if length == 0 or start + length > content_length:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"range {start}+{length} outside content length {content_length}")
+                context.abort(grpc.StatusCode.INTERNAL, "invalid parameter")  # as dfdaemon 1.5 answers
         if length == 0:
             numbers = []
         else:

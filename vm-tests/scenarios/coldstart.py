@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from coldstart.scenario import MODES, Scenario
+from coldstart.scenario import DIRECT_MODES, Scenario
 from coldstart.workload import MARKER, Workload
 
 
@@ -24,7 +24,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     results = []
     with Scenario(workload, args.get("network", "unshaped"), workdir=work, kernel_path="cachefiles") as sc:
         delay_mode = sc.net.delay_mode if sc.net is not None else "?"
-        for mode in args.get("modes", MODES):
+        for mode in args.get("modes", DIRECT_MODES):
             result = getattr(sc, mode)()
             print(result.summary(), flush=True)
             results.append(result.to_json())

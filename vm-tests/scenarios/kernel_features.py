@@ -3,6 +3,10 @@
 Reports the kernel release, whether EROFS is registered, and what /dev/cachefiles does with
 `dir` + `bind ondemand` on the scratch ext4 disk, a second open while bound, a read with
 nothing queued, `restore`, and `bind ondemand` on a tmpfs directory (must be refused).
+
+Then what a user whose setup does not fit this kernel (no fanotify pre-content events) is told:
+`nydusd fuse` (nydus-snapshotter's fusedev driver) and `fscached --kernel-path auto` with no
+usable /dev/cachefiles (a kernel with neither path); each command's exit code and stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import errno
 import os
 import platform
 import select
+import subprocess
+import sys
 
 from vmharness.guest import scratch_dir
 
@@ -76,4 +82,22 @@ def run(args: dict) -> dict:
         out["tmpfs_bind"] = _cmd(fd, "bind ondemand")
     finally:
         os.close(fd)
+    out["user_errors"] = _user_errors(scratch_dir() / "user-errors")
     return out
+
+
+def _user_errors(work: os.PathLike[str] | str) -> dict[str, dict[str, object]]:
+    """Exit code and stderr of the two commands a wrong setup runs on this kernel."""
+    root = os.fspath(work)
+    os.makedirs(root, exist_ok=True)
+    commands = {
+        "nydusd_fuse": [sys.executable, "-m", "fscached.nydusd_cli", "fuse", "--mountpoint", f"{root}/mnt",
+                        "--apisock", f"{root}/socket/d1/api.sock", "--id", "d1"],
+        "neither_path": [sys.executable, "-m", "fscached.cli", "--kernel-path", "auto", "--device",
+                         f"{root}/no-such-device", "--cache-dir", f"{root}/cache"],
+    }
+    found: dict[str, dict[str, object]] = {}
+    for name, argv in commands.items():
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        found[name] = {"returncode": r.returncode, "stderr": r.stderr, "left": sorted(os.listdir(root))}
+    return found

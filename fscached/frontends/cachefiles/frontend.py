@@ -99,6 +99,9 @@ class CachefilesFrontend:
         self.recorders: ProfileRecorders | None = None
         self.culler = CachefilesCuller(self, space_limits)
 
+    def refresh_stats(self) -> None:
+        """Nothing: every READ is answered in Python."""
+
     def fileno(self) -> int:
         return self.device.fileno()
 

@@ -39,6 +39,7 @@ class CacheFile:
         self.target: FillTarget | None = None
         self.marked = False
         self.reverify = False  # the file held bytes before this process: check before trusting
+        self.fast_id = -1  # its id in the group's fast path (-1: none)
 
     def adopt(self, fd: int, on_complete: Callable[[CacheFile], None]) -> FillTarget:
         """Take `fd` (non-notifying, read-write) as the file's write fd. `on_complete` runs
@@ -46,7 +47,7 @@ class CacheFile:
         self.write_fd = SharedFd(fd)
         self.target = FillTarget(fd, self.write_fd.hold, holes_read_as_zeros=True, buffered=True,
                                  reverify=self.reverify)
-        self.target.chunk_count = len(self.blob.chunk_map.chunks)
+        self.target.chunk_count = len(self.blob.chunk_map)
         self.target.on_complete = lambda: on_complete(self)
         return self.target
 

@@ -27,18 +27,18 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-from fanotify.group import FAN_ALLOW, FAN_Q_OVERFLOW, Event, FanotifyError, Group, deny_errno
+from fanotify.group import FAN_ALLOW, FAN_Q_OVERFLOW, Event, FanotifyError, FastPath, FastStats, Group, deny_errno
 from fscached.config import ImageSpec
 from fscached.core.catalog import BlobObject, BootstrapObject, Catalog
 from fscached.core.fill import DEFAULT_WINDOW, Filler, settle
 from fscached.core.profile_recorder import ProfileRecorders
 from fscached.core.stats import RequestStats
-from fscached.frontends.base import BlobFill, InFlight, exact_fill, fill_outcome, prefetch_blob, wants_background
+from fscached.frontends.base import BlobFill, InFlight, KernelPathLost, exact_fill, fill_outcome, prefetch_blob, wants_background
 from fscached.frontends.fanotify.cache_file import (CacheFile, create_or_open, take_clean_stop_record,
                                                     trust_clean_stop_record, write_clean_stop_record)
 from fscached.frontends.fanotify.cull import FanotifyCuller
 from fscached.frontends.fanotify import keeper
-from fscached.frontends.fanotify.journal import EventJournal, Orphan
+from fscached.frontends.fanotify.journal import SLOTS, EventJournal, Orphan
 from fscached.lifecycle import fdnames
 from fscached.util import mounts
 from fscached.util.files import FileWriteError, write_atomic
@@ -82,10 +82,23 @@ class FanotifyFrontend:
         # nothing watched their blobs, their page cache may hold holes read as zeros; never
         # served, whoever holds the group later (kept in the state dir beside the journal)
         self.unwatched: dict[str, int] = {}
-        self.recorders: ProfileRecorders | None = None
+        self._recorders: ProfileRecorders | None = None
+        # the C fast path: a thread answering events of filled ranges; Python sees the rest
+        self.fast: FastPath | None = None
+        self._fast_seen = FastStats(0, 0, 0.0, [], [], 0, 0, 0)
         self.culler = FanotifyCuller(self)
         # called whenever the fds a successor needs change (a carrier must hold them again)
         self.on_fds_changed: Callable[[], None] = lambda: None
+
+    @property
+    def recorders(self) -> ProfileRecorders | None:
+        return self._recorders
+
+    @recorders.setter
+    def recorders(self, recorders: ProfileRecorders | None) -> None:
+        self._recorders = recorders
+        if recorders is not None and self._recording_changed not in recorders.listeners:
+            recorders.listeners.append(self._recording_changed)
 
     @property
     def record_path(self) -> Path:
@@ -108,6 +121,7 @@ class FanotifyFrontend:
         else:
             self.group = Group.create()
         self.journal = EventJournal(self.state_dir / "events.journal")
+        self.fast = self.group.fast_path(self.journal.buffer, SLOTS, self.requests.buckets)
         if not self.journal.durable:
             log.warning("event journal %s: the events in flight at a kill -9 will be answered EIO by the next "
                         "daemon, not with their bytes", self.journal.error)
@@ -175,11 +189,83 @@ class FanotifyFrontend:
         st = os.stat(path)
         self.files[cf.name] = cf
         self.by_inode[(st.st_dev, st.st_ino)] = cf
+        if self.fast is not None:
+            cf.fast_id = self.fast.add_blob(st.st_dev, st.st_ino, blob.size)
+            # every chunk's blocks need a fill; the rest of the file is holes, read as zeros
+            self.fast.set_ranges(cf.fast_id, blob.chunk_map.ranges(), filled=False)
+            self._fast_attach(cf)
         return cf
 
+    # -- the fast path ----------------------------------------------------------------------------
+    def _fast_attach(self, cf: CacheFile) -> None:
+        """Once the file has a write fd: what it holds, and from now on every run written into
+        it, goes to the fast path's map (only after the verified bytes are in place)."""
+        if self.fast is None or cf.fast_id < 0 or cf.target is None:
+            return
+        target = cf.target
+        if target.on_written is None:
+            fast, fast_id = self.fast, cf.fast_id
+
+            def written(chunks: list[Any]) -> None:
+                fast.set_ranges(fast_id, [(c.uncompressed_offset, c.uncompressed_size) for c in chunks], filled=True)
+            target.on_written = written
+            if target.written:
+                written([c for c in cf.blob.chunk_map.chunks if c.uncompressed_offset in target.written])
+        self._fast_update(cf)
+
+    def _fast_update(self, cf: CacheFile) -> None:
+        """A blob is answered on the fast path while it has a write fd and no start-up profile
+        records its reads (a recording notes every read, filled or not: those go to Python)."""
+        if self.fast is not None and cf.fast_id >= 0:
+            self.fast.set_fast(cf.fast_id, cf.target is not None and not cf.target.closed and not cf.blob.recorders)
+
+    def _recording_changed(self, blob: BlobObject) -> None:
+        for cf in self.files.values():
+            if cf.blob is blob:
+                self._fast_update(cf)
+
+    def refresh_stats(self) -> None:
+        """Fold what the fast path answered since the last call into the counters and the
+        request stats (`read`, `read_cached`, and `read_fast` for the fast path's own share)."""
+        if self.fast is None:
+            return
+        now = self.fast.stats()
+        last = self._fast_seen
+        events = now.events - last.events
+        if events:
+            self.stats["read"] += events
+            self.stats["read_cached"] += events
+            self.stats["read_fast"] += events
+            self.requests.add("cached", [a - b for a, b in zip(now.latency, last.latency or [0] * len(now.latency))],
+                              now.seconds - last.seconds, now.bytes - last.bytes,
+                              [a - b for a, b in zip(now.sizes, last.sizes or [0] * len(now.sizes))])
+        if now.answer_errors != last.answer_errors:
+            self.stats["fast_answer_errors"] += now.answer_errors - last.answer_errors
+        self._fast_seen = now
+
+    def _take_fast_misses(self) -> None:
+        """Everything the fast path left to Python: misses, unknown files, overflows, blobs
+        being recorded. A file's events were journaled by the fast path already."""
+        assert self.fast is not None
+        while True:
+            events = self.fast.take()
+            if not events:
+                return
+            for ev in events:
+                event = Event(ev.fd, ev.mask, ev.pid, ev.offset, ev.count)
+                try:
+                    self._handle(event, (ev.dev, ev.ino) if ev.stat_ok else None)
+                except Exception:  # a bug must still not leave the reader waiting
+                    log.exception("event req=fd:%d off=%d: unexpected error: answering EIO", event.fd, event.offset)
+                    self.stats["read_failed"] += 1
+                    self.requests.observe("failed", 0.0)
+                    if event.fd >= 0:
+                        self._answer(event.fd, deny_errno(errno.EIO))
+
     def fileno(self) -> int:
+        """What the event loop watches: the fast path's eventfd (it wakes Python for misses)."""
         assert self.group is not None
-        return self.group.fd
+        return self.fast.notify_fd if self.fast is not None else self.group.fd
 
     # -- images ---------------------------------------------------------------------------------
     def image_added(self, spec: ImageSpec) -> None:
@@ -205,6 +291,9 @@ class FanotifyFrontend:
                 continue
             del self.files[cf.name]
             self.by_inode = {k: v for k, v in self.by_inode.items() if v is not cf}
+            if self.fast is not None and cf.fast_id >= 0:
+                self.fast.remove_blob(cf.fast_id)  # its events go to Python (EIO: not served)
+                cf.fast_id = -1
             if cf.marked:  # the mark stays: what still reads the file gets EIO, never holes
                 self.retired.add(cf.path)
             cf.close()
@@ -268,6 +357,14 @@ class FanotifyFrontend:
     # -- events ---------------------------------------------------------------------------------
     def on_readable(self) -> None:
         assert self.group is not None
+        if self.fast is not None:
+            if not self.fast.started:  # the reader is armed: the fast path's thread reads from now on
+                self.fast.start()
+            self._take_fast_misses()
+            self.refresh_stats()
+            if self._fast_seen.error:
+                raise KernelPathLost(f"fanotify group: reading its events failed: {os.strerror(-self._fast_seen.error)}")
+            return
         while True:
             events = self.group.read_events()
             if not events:
@@ -277,7 +374,7 @@ class FanotifyFrontend:
             stats = [self._journal_first(event) for event in events]
             for event, st in zip(events, stats):
                 try:
-                    self._handle(event, st)
+                    self._handle(event, (st.st_dev, st.st_ino) if st is not None else None)
                 except Exception:  # a bug must still not leave the reader waiting
                     log.exception("event req=fd:%d off=%d: unexpected error: answering EIO", event.fd, event.offset)
                     self.stats["read_failed"] += 1
@@ -301,7 +398,7 @@ class FanotifyFrontend:
                 self.journal.record(event.fd, st.st_dev, st.st_ino, event.offset, count)
         return st
 
-    def _handle(self, event: Event, st: os.stat_result | None = None) -> None:
+    def _handle(self, event: Event, dev_ino: tuple[int, int] | None = None) -> None:
         assert self.group is not None and self.journal is not None
         started = time.monotonic()
         self.stats["read"] += 1
@@ -309,21 +406,25 @@ class FanotifyFrontend:
             self.stats["event_overflow"] += 1
             log.error("fanotify queue overflow (mask %#x): events were lost", event.mask)
             return
-        try:
-            st = st or os.fstat(event.fd)
-        except OSError:
-            self._answer(event.fd, deny_errno(errno.EIO))
-            self.requests.observe("failed", time.monotonic() - started)
-            return
-        cf = self.by_inode.get((st.st_dev, st.st_ino))
+        if dev_ino is None:
+            try:
+                st = os.fstat(event.fd)
+            except OSError:
+                self._answer(event.fd, deny_errno(errno.EIO))
+                self.requests.observe("failed", time.monotonic() - started)
+                return
+            dev_ino = (st.st_dev, st.st_ino)
+        dev, ino = dev_ino
+        cf = self.by_inode.get(dev_ino)
         if cf is None:  # marked by an older configuration: nothing here can fill it
             self.stats["read_unknown_object"] += 1
-            log.error("event req=fd:%d for a file this daemon does not serve (inode %d): EIO", event.fd, st.st_ino)
+            log.error("event req=fd:%d for a file this daemon does not serve (inode %d): EIO", event.fd, ino)
             self._answer(event.fd, deny_errno(errno.EIO))
             self.requests.observe("failed", time.monotonic() - started)
             return
         if cf.target is None:
             cf.adopt(os.dup(event.fd), self._unmark)  # the kernel opened it without notification
+            self._fast_attach(cf)
             self.on_fds_changed()
         assert cf.target is not None
         count = event.count if event.count >= 0 else cf.blob.size - event.offset
@@ -334,8 +435,8 @@ class FanotifyFrontend:
             self._answer(event.fd, FAN_ALLOW)
             self.requests.observe("cached", time.monotonic() - started, max(count, 0))
             return
-        self.journal.record(event.fd, st.st_dev, st.st_ino, event.offset, count)
-        self._in_flight[event.fd] = InFlight(st.st_ino, event.fd, time.time())
+        self.journal.record(event.fd, dev, ino, event.offset, count)
+        self._in_flight[event.fd] = InFlight(ino, event.fd, time.time())
         self._spawn(self._fill_and_answer(cf, event.fd, event.offset, count, started))
 
     async def _fill(self, cf: CacheFile, offset: int, length: int, kind: str, req: str) -> bool:
@@ -485,6 +586,12 @@ class FanotifyFrontend:
         self.handing_over = True
 
     async def drain(self, timeout: float) -> None:
+        if self.fast is not None and self.fast.started:
+            # the reader is removed: the thread stops after its batch; what it queued is served
+            # here (or, in a hand-over, left journaled for the successor)
+            await asyncio.to_thread(self.fast.stop)
+            self._take_fast_misses()
+            self.refresh_stats()
         for cf in self.files.values():
             if cf.target is not None and cf.target.prefetch is not None:
                 cf.target.prefetch.cancel()
@@ -501,6 +608,10 @@ class FanotifyFrontend:
             log.warning("recording the filled state at stop: %s", exc)
         for cf in self.files.values():
             cf.close()
+        if self.fast is not None:  # before the journal: the thread writes into its slots
+            self.refresh_stats()
+            self.fast.close()
+            self.fast = None
         if self.journal is not None:
             if let_go:
                 self.journal.reset()
