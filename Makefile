@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := erofs-utils qemu-system-x86 skopeo docker-registry e2fsprogs containerd runc debootstrap iproute2
+DEB_PACKAGES := erofs-utils qemu-system-x86 skopeo docker-registry e2fsprogs containerd runc debootstrap iproute2 librust-blake3-dev libzstd-dev liblz4-dev libffi-dev
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint peers deps venv bench clean

@@ -72,8 +72,8 @@ from typing import Any, Iterator
 
 from pyroute2 import IPRoute, NetNS, netns
 
-from coldstart import ColdstartError, one_line, pid_alive
-from coldstart.netns import NETNS_DIR, NetnsRegistry, _add_tbf, _has_netem, _remove_link, _remove_ns
+from coldstart import ColdstartError, one_line
+from coldstart.netns import NetnsRegistry, _add_tbf, _has_netem, _remove_link, _remove_ns, remove_leftovers
 
 PREFIX = "fdf"
 SUBNET = "10.214"
@@ -798,24 +798,6 @@ def _free_subnet() -> ipaddress.IPv4Network:
 _OURS = re.compile(rf"{PREFIX}(\d+)(?:-[a-z0-9]+|b|h\d+)$")
 
 
-def _dead(name: str) -> bool:
-    m = _OURS.match(name)
-    return m is not None and not pid_alive(int(m.group(1)))
-
-
 def cleanup_leftovers() -> list[str]:
     """Remove namespaces and links named fdf<pid>* whose pid is dead; what was removed."""
-    removed = []
-    if NETNS_DIR.is_dir():
-        for name in netns.listnetns():
-            if _dead(name):
-                _remove_ns(name)
-                removed.append(name)
-    with IPRoute() as ipr:
-        for link in ipr.get_links():
-            name = link.get_attr("IFLA_IFNAME")
-            if name and _dead(name):
-                with contextlib.suppress(Exception):
-                    ipr.link("del", index=link["index"])
-                removed.append(name)
-    return removed
+    return remove_leftovers(_OURS)

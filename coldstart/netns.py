@@ -324,27 +324,32 @@ def _pid_tag() -> str:
 _OURS = re.compile(rf"{re.escape(PREFIX)}(\d+)(?:-[hr])?$")
 
 
-def _dead(name: str) -> bool:
-    m = _OURS.match(name)
-    return m is not None and not pid_alive(int(m.group(1)))
+def remove_leftovers(ours: re.Pattern[str]) -> list[str]:
+    """Remove the namespaces and host links whose name `ours` matches with a dead pid in its
+    first group (a harness process that did not clean up); what was removed."""
+    def dead(name: str) -> bool:
+        m = ours.match(name)
+        return m is not None and not pid_alive(int(m.group(1)))
 
-
-def cleanup_leftovers() -> list[str]:
-    """Remove namespaces and host links named fscd-<pid>* whose pid is dead; what was removed."""
     removed = []
     if NETNS_DIR.is_dir():
         for name in netns.listnetns():
-            if _dead(name):
+            if dead(name):
                 _remove_ns(name)
                 removed.append(name)
     with IPRoute() as ipr:
         for link in ipr.get_links():
             name = link.get_attr("IFLA_IFNAME")
-            if name and _dead(name):
+            if name and dead(name):
                 with contextlib.suppress(Exception):
                     ipr.link("del", index=link["index"])
                 removed.append(name)
     return removed
+
+
+def cleanup_leftovers() -> list[str]:
+    """Remove namespaces and host links named fscd-<pid>* whose pid is dead; what was removed."""
+    return remove_leftovers(_OURS)
 
 
 def _remove_ns(name: str) -> None:

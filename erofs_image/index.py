@@ -22,7 +22,7 @@ from pathlib import Path
 import native
 from erofs_image import layout as L
 from erofs_image import rafs as R
-from erofs_image.reader import (MAX_BOOTSTRAP_SIZE, Bootstrap, BootstrapError, BootstrapNotFoundError, _blob_entry,
+from erofs_image.reader import (MAX_BOOTSTRAP_SIZE, Bootstrap, BootstrapError, BootstrapNotFoundError, read_blob_table,
                                 _file_type, _valid_chunk_size, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
 from erofs_image.tree import BlobInfo, ChunkRef
 
@@ -145,25 +145,7 @@ def _index(cls: type[BootstrapIndex], fd: int, n: int, path: Path) -> BootstrapI
                   f"in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
     if not ext.chunk_table_size:
         return None
-    devices = []
-    if sb.extra_devices:
-        devt = region(sb.devt_slotoff * 128, L.DEVICE_SLOT_SIZE * sb.extra_devices,
-                      f"device table ({sb.extra_devices} slots)")
-        devices = [L.DeviceSlot.unpack(devt, i * L.DEVICE_SLOT_SIZE) for i in range(sb.extra_devices)]
-    blobs: list[BlobInfo] = []
-    if ext.blob_table_size:
-        if ext.blob_table_size % R.BLOB_ENTRY_SIZE:
-            raise err(f"blob table size {ext.blob_table_size} is not a multiple of {R.BLOB_ENTRY_SIZE}")
-        count = ext.blob_table_size // R.BLOB_ENTRY_SIZE
-        if count > R.MAX_BLOBS:
-            raise err(f"blob table claims {count} blobs (at most {R.MAX_BLOBS})")
-        bt = region(ext.blob_table_offset, ext.blob_table_size, "blob table")
-        blobs = [_blob_entry(err, bt, i) for i in range(count)]
-        if devices and len(devices) != len(blobs):
-            raise err(f"device table has {len(devices)} slots but the blob table {len(blobs)} entries")
-        for i, (dev, blob) in enumerate(zip(devices, blobs)):
-            if dev.tag != blob.blob_id.encode():
-                raise err(f"device slot {i} tag {dev.tag[:64]!r} differs from blob {i} id {blob.blob_id!r}")
+    _, blobs = read_blob_table(err, region, sb, ext)
     if ext.chunk_table_size % R.CHUNK_INFO_SIZE:
         raise err(f"chunk table size {ext.chunk_table_size} is not a multiple of {R.CHUNK_INFO_SIZE}")
     if ext.chunk_table_offset + ext.chunk_table_size > n:

@@ -19,6 +19,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import blake3
 
@@ -215,6 +216,32 @@ def _parse(cls: type[Bootstrap], data: bytes, path: Path) -> Bootstrap:
             raise err(f"{what} at offset {off} (+{size} bytes) is past the end of the file ({n} bytes)")
         return data[off:off + size]
 
+    devices, blobs = read_blob_table(err, region, sb, ext)
+    chunk_table: list[R.ChunkInfo] = []
+    if ext.chunk_table_size:
+        if ext.chunk_table_size % R.CHUNK_INFO_SIZE:
+            raise err(f"chunk table size {ext.chunk_table_size} is not a multiple of {R.CHUNK_INFO_SIZE}")
+        raw = region(ext.chunk_table_offset, ext.chunk_table_size, "chunk table")
+        chunk_table = R.unpack_chunk_table(raw)
+        for i, ci in enumerate(chunk_table):
+            _check_chunk_info(err, i, ci, blobs)
+    prefetch: list[int] = []
+    if ext.prefetch_table_size:  # in bytes (nydus-image writes 4 * entries)
+        entries = ext.prefetch_table_size // 4
+        pt = region(ext.prefetch_table_offset, 4 * entries, "prefetch table")
+        prefetch = list(dict.fromkeys(struct.unpack(f"<{entries}I", pt)))  # unique, in order
+    parser = _TreeParser(data, sb, chunk_table, blobs, path)
+    root = parser.parse_root()
+    chunk_size = ext.chunk_size or (blobs[0].chunk_size if blobs else 0) or parser.chunk_size or 1 << 20
+    image = Image(root=root, blobs=blobs, chunk_size=chunk_size, build_time=sb.build_time)
+    image.prefetch = parser.prefetch_paths(prefetch)
+    return cls(path, sb, ext, image, blobs, devices, chunk_table, prefetch)
+
+
+def read_blob_table(err: Callable[[str], BootstrapError], region: Callable[[int, int, str], bytes],
+                    sb: L.Superblock, ext: R.RafsSuperExt) -> tuple[list[L.DeviceSlot], list[BlobInfo]]:
+    """The device table and the blob table (checked against the devices' tags), or for plain
+    EROFS with a device table and no blob table, the devices as blobs (only their tags known)."""
     devices = []
     if sb.extra_devices:
         devt = region(sb.devt_slotoff * 128, L.DEVICE_SLOT_SIZE * sb.extra_devices,
@@ -241,25 +268,7 @@ def _parse(cls: type[Bootstrap], data: bytes, path: Path) -> Bootstrap:
             if not _BLOB_ID.fullmatch(d.tag):
                 raise err(f"device slot {i}: tag {d.tag[:64]!r} is not a usable blob id")
         blobs = [BlobInfo(d.tag.decode("ascii"), "none", 0, 0, 0, d.blocks * BS) for d in devices]
-    chunk_table: list[R.ChunkInfo] = []
-    if ext.chunk_table_size:
-        if ext.chunk_table_size % R.CHUNK_INFO_SIZE:
-            raise err(f"chunk table size {ext.chunk_table_size} is not a multiple of {R.CHUNK_INFO_SIZE}")
-        raw = region(ext.chunk_table_offset, ext.chunk_table_size, "chunk table")
-        chunk_table = R.unpack_chunk_table(raw)
-        for i, ci in enumerate(chunk_table):
-            _check_chunk_info(err, i, ci, blobs)
-    prefetch: list[int] = []
-    if ext.prefetch_table_size:  # in bytes (nydus-image writes 4 * entries)
-        entries = ext.prefetch_table_size // 4
-        pt = region(ext.prefetch_table_offset, 4 * entries, "prefetch table")
-        prefetch = list(dict.fromkeys(struct.unpack(f"<{entries}I", pt)))  # unique, in order
-    parser = _TreeParser(data, sb, chunk_table, blobs, path)
-    root = parser.parse_root()
-    chunk_size = ext.chunk_size or (blobs[0].chunk_size if blobs else 0) or parser.chunk_size or 1 << 20
-    image = Image(root=root, blobs=blobs, chunk_size=chunk_size, build_time=sb.build_time)
-    image.prefetch = parser.prefetch_paths(prefetch)
-    return cls(path, sb, ext, image, blobs, devices, chunk_table, prefetch)
+    return devices, blobs
 
 
 def _blob_entry(err, table: bytes, i: int) -> BlobInfo:

@@ -107,17 +107,7 @@ async def start_and_serve(config: Config, apisock: Path | None = None) -> int:
     if apisock is None:
         return await daemon.run()
     api = ApiServer(daemon, apisock)  # on the daemon's loop, beside run()
-    try:
-        await api.start()
-    except ApiSocketError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        daemon.stop()  # let run() release what take_kernel_path() took (keeper, device), then exit 1
-        await daemon.run()
-        return 1
-    try:
-        return await daemon.run()
-    finally:
-        await api.stop()
+    return await api.serve_daemon(lambda message: print(f"{PROG}: error: {message}", file=sys.stderr))
 
 
 def _under_systemd(service: Service) -> None:

@@ -167,14 +167,4 @@ async def serve_fuse(args: argparse.Namespace, start: FuseStart) -> int:
     if args.supervisor:
         daemon.check_failover_support()
     api = ApiServer(daemon, apisock, daemon_id=args.id, supervisor=args.supervisor, **api_options)
-    try:
-        await api.start()
-    except ApiSocketError as exc:
-        fail(args, str(exc))
-        daemon.stop()
-        await daemon.run()
-        return 1
-    try:
-        return await daemon.run()
-    finally:
-        await api.stop()
+    return await api.serve_daemon(lambda message: fail(args, message))

@@ -1,3 +1,3 @@
 /* avx2 with its instruction set enabled for this file alone (one cffi extension, one set of flags) */
 #pragma GCC target("avx2")
-#include "blake3/blake3_avx2.c"
+#include "blake3_avx2.c"

@@ -17,7 +17,7 @@
 #include <lz4.h>
 #include <zstd.h>
 
-#include "blake3/blake3.h"
+#include "blake3.h"
 #include "fscached_native.h"
 
 int64_t fsc_pwritev_full(int fd, struct iovec *iov, int cnt, uint64_t len, uint64_t off);

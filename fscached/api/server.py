@@ -165,6 +165,22 @@ class ApiServer:
         except OSError:
             pass
 
+    async def serve_daemon(self, report: Callable[[str], object]) -> int:
+        """Start the API, run the daemon beside it until it stops, stop the API: the daemon's exit
+        code. An API socket that cannot be served is reported in one line; the daemon is stopped
+        (run() releases what it took: keeper, device) and 1 returned."""
+        try:
+            await self.start()
+        except ApiSocketError as exc:
+            report(str(exc))
+            self.daemon.stop()
+            await self.daemon.run()
+            return 1
+        try:
+            return await self.daemon.run()
+        finally:
+            await self.stop()
+
     @property
     def runner(self) -> web.AppRunner | None:
         return self._runner
