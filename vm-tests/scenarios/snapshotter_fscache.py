@@ -49,6 +49,7 @@ the image, sizes_mib: {"big", "again", "slow", "upgrade"}, domain: {"repo", "dom
 from __future__ import annotations
 
 import http.client
+import dataclasses
 import json
 import os
 import re
@@ -234,7 +235,9 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     with RegistryRunner(reg_dir, access_log=True) as reg:
         ref = f"{reg.host}/{args['repo']}"
         out["ref"] = ref
-        config = SnapshotterConfig(fs_driver="fscache", daemon_mode="shared", recover_policy="failover")
+        # the README's fscache setup as written (coldstart.readme.snapshotter_setup on the host):
+        # its config.toml settings and nydusd config; the fscache driver runs one shared daemon
+        config = SnapshotterConfig(**{"daemon_mode": "shared", **args["snapshotter"]})
         stack = SnapshotterStack(reg.host, config, workdir=scratch / "s", start_timeout=180,
                                  command_timeout=float(args.get("command_timeout", 600)))
 
@@ -315,6 +318,8 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             res["restart_seconds"] = round(time.monotonic() - t0, 2)
             res["upgrade_logged"] = snapshotter_log_count("Upgraded daemon success") - upgrades
             res["takeover_after"] = takeover_done_after(stack, wall0)
+            # a hot upgrade: the old process exits once the new one took over (not at once)
+            res["one_nydusd_after"] = wait_for("one nydusd after the restart", lambda: len(stack.nydusd_pids()) == 1, 60)
             res["nydusd_after"] = {pid: argv_of(pid) for pid in stack.nydusd_pids()}
             tasks = stack.ctr("tasks", "ls").stdout
             res["running_after_restart"] = any(line.split()[:1] == [cid] and "RUNNING" in line
@@ -327,6 +332,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             stack.nerdctl("rm", key)
             res["hello_after"] = stack.run(ref, ["cat", files["hello"]]).stdout
             res["daemon"] = api_get(api_socket(stack), "/api/v1/daemon")
+            res["blob_calls_after"] = len(blob_api_calls(stack))
             return res
 
         def p_start() -> dict[str, Any]:
@@ -340,6 +346,8 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             sock = api_socket(stack)
             res["socket_mode"] = oct(os.stat(sock).st_mode & 0o777) if sock is not None else None
             res["daemon"] = api_get(sock, "/api/v1/daemon")
+            res["snapshotter_toml"] = stack.snapshotter_toml.read_text()
+            res["nydusd_json"] = stack.nydusd_json.read_text()
             return res
 
         def p_run() -> dict[str, Any]:
@@ -365,8 +373,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             script = scratch / "nydusd-next"
             script.write_text(NEXT_NYDUSD.format(real=real, commit=NEXT_COMMIT))
             script.chmod(0o755)
-            new = SnapshotterConfig(fs_driver="fscache", daemon_mode="shared", recover_policy="failover",
-                                    nydusd_path=script)
+            new = dataclasses.replace(config, nydusd_path=script)
             res = restart_under_reader("upgrade", new)
             res["upgrade_failed"] = [line[-400:] for line in stack.snapshotter_log().splitlines()
                                      if "hot upgrade failed" in line]
@@ -374,9 +381,8 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
 
         def p_domain() -> dict[str, Any]:
             dom = args["domain"]
-            template = {**nydusd_config_template("fscache"), "domain_id": dom["domain_id"]}
-            new = SnapshotterConfig(fs_driver="fscache", daemon_mode="shared", recover_policy="failover",
-                                    nydusd_config=template)  # the real nydusd again: no upgrade
+            template = {**(config.nydusd_config or nydusd_config_template("fscache")), "domain_id": dom["domain_id"]}
+            new = dataclasses.replace(config, nydusd_config=template)  # the real nydusd again: no upgrade
             res: dict[str, Any] = {"nydusd_before": {pid: argv_of(pid) for pid in stack.nydusd_pids()}}
             stack.restart_snapshotter(new)
             res["nydusd_after"] = {pid: argv_of(pid) for pid in stack.nydusd_pids()}
@@ -392,6 +398,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             res["images_after_rmi"] = stack.images()
             res["erofs_after_rmi"] = erofs_mounts(stack)
             res["daemon_after_rmi"] = api_get(api_socket(stack), "/api/v1/daemon")
+            res["blob_calls_after"] = len(blob_api_calls(stack))
             return res
 
         def p_rmi() -> dict[str, Any]:
