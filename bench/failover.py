@@ -15,10 +15,13 @@ exit code is 1. Figures, not assertions: the machines are noisy, and guest times
 10-30x slower than a node (Python's start-up dominates "new proc" to "takeover" there).
 
 Sections (each fills ROW_SOURCES[<path>]):
-  cachefiles  nydus-snapshotter's supervisor protocol (fscached.lifecycle.supervisor), in a VM per kernel
-              (vm-tests/scenarios/failover.py): kill -9 under 4 readers streaming a cold file;
-              killed again, then the next one killed in the middle of its takeover; a hot
-              upgrade (--upgrade) under 4 readers.
+  cachefiles  the real nydus-snapshotter (containerd-nydus-grpc, recover_policy = "failover") under
+              containerd, in a VM per kernel (vm-tests/scenarios/snapshotter_fscache.py, the
+              phases of test_vm_snapshotter.py): kill -9 under a container streaming a cold
+              file; killed again, then the next one killed in the middle of its takeover (from
+              the first kill); a hot upgrade (a "new build" installed, the snapshotter
+              restarted) with the container waiting across it, so no "moving" figure. One
+              reader (the container), the test's file sizes (--size-mib is fanotify's).
   fanotify    the systemd service (fscached/systemd.py) run by the systemd stand-in on this
               machine's kernel, fd store and LISTEN_FDS: kill -9, `systemctl restart` with busy
               mounts, a watchdog kill of a stopped loop, each under 4 readers of a cold file
@@ -57,48 +60,52 @@ class Row:
 
 # -- cachefiles: nydus-snapshotter's supervisor, in a VM --------------------------------------------
 def cachefiles_rows(args: argparse.Namespace) -> list[Row]:
-    from test_vm_failover import run_failover  # vm-tests/: builds the image, boots, runs the scenario
+    from test_vm_snapshotter import build_images, run_guest  # vm-tests/: the images, one boot
     from vmharness import find_kernel
 
     rows: list[Row] = []
-    for series in args.kernel or ["6.12", "6.1"]:
-        kernel = find_kernel(series)
-        if kernel is None:
-            rows.append(Row("cachefiles", series, "-", ok=False,
-                            note=f"no kernel {series}: vm-tests/kernel/build-kernel.sh {series}"))
-            continue
-        with tempfile.TemporaryDirectory(prefix="fscached-bench-failover-", dir="/var/tmp") as tmp:
-            out, want, duration = run_failover(kernel, Path(tmp), args.size_mib)
-        rows += cachefiles_rows_of(series, out, want, duration)
+    with tempfile.TemporaryDirectory(prefix="fscached-bench-failover-", dir="/var/tmp") as tmp:
+        built = build_images(Path(tmp))
+        for series in args.kernel or ["6.12", "6.1"]:
+            kernel = find_kernel(series)
+            if kernel is None:
+                rows.append(Row("cachefiles", series, "-", ok=False,
+                                note=f"no kernel {series}: vm-tests/kernel/build-kernel.sh {series}"))
+                continue
+            res = run_guest(kernel, built, ["start", "run", "failover", "again", "upgrade"])
+            rows += cachefiles_rows_of(series, res.result, built.digests, res.duration)
     return rows
 
 
-def _readers_ok(readers: list[dict[str, Any]], want: list[str]) -> bool:
-    return all(r["error"] is None for r in readers) and [r["digest"] for r in readers] == want
+CACHEFILES_EVENTS = {"failover": "kill -9", "again": "kill -9, then kill during takeover"}
 
 
-def cachefiles_rows_of(series: str, out: dict[str, Any], want: dict[str, list[str]], duration: float) -> list[Row]:
-    """The rows of one VM run (vm-tests/scenarios/failover.py's result)."""
+def cachefiles_rows_of(series: str, out: dict[str, Any], want: dict[str, str], duration: float) -> list[Row]:
+    """The rows of one VM run (vm-tests/scenarios/snapshotter_fscache.py's result)."""
     rows = []
-    for kill in out["kills"]:
-        stalls = [s for s in kill["stalls"] if s is not None]
+    files = {"failover": "big", "again": "again"}
+    for phase, title in CACHEFILES_EVENTS.items():
+        got = out.get("phases", {}).get(phase)
+        if got is None:
+            rows.append(Row("cachefiles", series, title, ok=False, note=f"not run: {out.get('error')}"))
+            continue
+        times, reader = got["times"], got["reader"]
+        moving = times["moving"]
         rows.append(Row(
-            "cachefiles", series, kill["what"], new_process=kill["spawned"], takeover=kill["takeover"],
-            moving_first=min(stalls) if stalls else None, moving_last=max(stalls) if stalls else None,
-            since_new=(max(stalls) - kill["spawned"]) if stalls else None,
-            ok=_readers_ok(kill["readers"], want[kill["file"]]),
-            note="" if stalls else "readers had finished", extra={"init": kill["init"], "running": kill["running"]}))
-    up = out["upgrade"]
-    nexts = [s for s in up["stalls_from_old_exit"] if s is not None]  # each reader's next read
-    rows.append(Row(
-        "cachefiles", series, "hot upgrade (from the old one's exit)", new_process=round(-up["old_exit"], 3),
-        takeover=round(up["takeover"] - up["old_exit"], 3),
-        moving_first=min(nexts) if nexts else None, moving_last=max(nexts) if nexts else None,
-        since_new=(max(nexts) + up["old_exit"]) if nexts else None,
-        ok=_readers_ok(out["upgrade_readers"], want["upgrade"]),
-        note=(f"new process and takeover before the exit (negative); longest gap between two reads "
-              f"{up['max_gap']:.2f} s") + ("" if nexts else "; readers had finished"),
-        extra={"boot_seconds": round(duration, 1)}))
+            "cachefiles", series, title, new_process=times["new_process"], takeover=times["takeover"],
+            moving_first=moving, moving_last=moving,
+            since_new=(moving - times["new_process"]) if moving is not None else None,
+            ok=reader["returncode"] == 0 and reader["stdout"].split()[:1] == [want[files[phase]]],
+            note="" if moving is not None else "the reader had finished"))
+    up = out.get("phases", {}).get("upgrade")
+    if up is None:
+        rows.append(Row("cachefiles", series, "hot upgrade", ok=False, note=f"not run: {out.get('error')}"))
+    else:
+        rows.append(Row(
+            "cachefiles", series, "hot upgrade (from the snapshotter's restart)", takeover=up["takeover_after"],
+            ok=up["exit_code"] == "0" and up["sha256"] == want["upgrade"] and up["upgrade_logged"] == 1,
+            note=f"snapshotter back after {up['restart_seconds']:.2f} s; the container waits across it",
+            extra={"boot_seconds": round(duration, 1)}))
     return rows
 
 
@@ -159,7 +166,7 @@ def table(rows: list[Row]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mib", type=int, default=256, help="size of each streamed file (default 256)")
+    parser.add_argument("--size-mib", type=int, default=256, help="fanotify: size of each streamed file (default 256)")
     parser.add_argument("--kernel", action="append", help="cachefiles: a VM kernel series (default 6.12 and 6.1)")
     parser.add_argument("--path", action="append", choices=sorted(ROW_SOURCES),
                         help="only these kernel paths (default: all)")
@@ -168,8 +175,8 @@ def main() -> int:
     rows: list[Row] = []
     for name in args.path or sorted(ROW_SOURCES):
         rows += ROW_SOURCES[name](args)
-    print(f"failover: seconds from the event, {args.size_mib} MiB files, 4 readers "
-          "(cachefiles rows: guest times under TCG)")
+    print(f"failover: seconds from the event (cachefiles: the real nydus-snapshotter, one container reading, guest "
+          f"times under TCG; fanotify: {args.size_mib} MiB files, 4 readers)")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))

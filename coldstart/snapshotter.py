@@ -486,10 +486,16 @@ class SnapshotterStack:
         raise ColdstartError(f"containerd-nydus-grpc did not serve containerd within {self.start_timeout:g} s "
                              f"({error}): {self.snapshotter_error()}")
 
-    def restart_snapshotter(self) -> None:
-        """Stop the snapshotter (SIGTERM) and start it again with the same config: nydusd
-        daemons it left running are reconnected (or recovered) by the new one."""
+    def restart_snapshotter(self, config: SnapshotterConfig | None = None) -> None:
+        """Stop the snapshotter (SIGTERM) and start it again, with the same config or `config`
+        (e.g. another nydusd_path: a new nydusd installed, which the snapshotter hot-upgrades
+        live daemons to when its `--version` names another Git Commit): nydusd daemons it left
+        running are reconnected (or recovered, or upgraded) by the new one."""
         self._stop_snapshotter()
+        if config is not None:
+            config.check()
+            self.config = config
+            self._write_configs()
         self._start_snapshotter()
 
     def _stop_snapshotter(self) -> None:

@@ -296,6 +296,7 @@ class Daemon:
                 image.move(ImageState.FAILED)
                 self.images.forget(image)
                 continue
+            image.restored = True
             got = tuple(blob.info.blob_id for blob in self.catalog.devices.get(image.key, []))
             if bind.blob_ids and got != bind.blob_ids:
                 log.warning("image %s: its bootstrap now names other blobs than the previous daemon served "
@@ -639,6 +640,20 @@ class Daemon:
         log.info("image %s mounted on %s", spec.fsid, mountpoint)
 
     # -- images at run time (the control API) ---------------------------------------------------
+    def rebind_restored(self, spec: ImageSpec) -> bool:
+        """A bind of exactly the spec of an image restored from a predecessor's state, the
+        first since: that image, served already (True; nothing changes). nydus-snapshotter
+        binds every image again after a hot upgrade (RecoverRafsInstances), and counts an error
+        as a failed upgrade while the new daemon serves. Any other bind of a bound id: False
+        (AlreadyBound, as nydusd answers)."""
+        image = self.images.get(spec.volume, spec.fsid)
+        if image is None or not image.restored or image.state != ImageState.BOUND or image.spec != spec:
+            return False
+        image.restored = False
+        log.info("image %s: bound again as before the hand-over: served already from the state, nothing changed",
+                 spec.fsid)
+        return True
+
     async def bind_image(self, spec: ImageSpec, profile: ProfileSpec | None = None,
                          parsed: Bootstrap | BootstrapIndex | None = None) -> ImageSpec:
         """Serve one more image while the others are mounted and read. AlreadyBound (a live

@@ -72,6 +72,9 @@ class Image:
     state: ImageState = ImageState.BINDING
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     mounted_at: Path | None = None  # the mount this daemon made (or adopted), to unmount
+    # restored from a predecessor's state and not bound again through this daemon since: the
+    # first bind of exactly its spec is that image (Daemon.rebind_restored)
+    restored: bool = False
 
     @property
     def key(self) -> tuple[str, str]:

@@ -21,7 +21,9 @@ no body; 200 with a JSON body) and error bodies `{"code": "...", "message": "...
 Errors: 400 bad request (a broken rule, bad JSON, a wrong method), 404 unknown route
 ("NO_ROUTE") or unknown entry ("NOT_FOUND"), 409 an image mounted by the daemon and in use, or
 still read ("BUSY"), 500 daemon error, 501 unsupported, 503 not ready (INIT, STOPPING,
-STOPPED). A bind of an id already bound, or being bound, gets nydusd's 400 "ALREADY_EXISTS".
+STOPPED). A bind of an id already bound, or being bound, gets nydusd's 400 "ALREADY_EXISTS";
+except the first bind of exactly an image's spec after a takeover gave it back (nydus-snapshotter
+binds every image again after a hot upgrade): 204, nothing changes (Daemon.rebind_restored).
 
 The state is the daemon's own (fscached.daemon.DaemonState): INIT (not answering the kernel yet:
 binds get 503; a daemon restarted for failover, or started with --upgrade, waits there for a
@@ -48,8 +50,6 @@ import json
 import logging
 import os
 import platform
-import socket
-import stat
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -65,6 +65,7 @@ from fscached.images import AlreadyBound, BusyError, MountpointTaken, NotBound
 from fscached.lifecycle.supervisor import FailoverError, Supervisor
 from fscached.metrics import render as render_metrics
 from fscached.util import mounts
+from fscached.util.api_socket import ApiSocketError, Listener, bind_listening, check_socket_path
 from fscached.util.buildinfo import build_info
 
 log = logging.getLogger("fscached.api")
@@ -72,7 +73,6 @@ log = logging.getLogger("fscached.api")
 # an idle connection is never closed by the server (aiohttp needs a finite number: 10 years)
 KEEPALIVE_SECONDS = 10 * 365 * 24 * 3600.0
 SHUTDOWN_SECONDS = 2.0
-SUN_PATH_MAX = 108  # sockaddr_un.sun_path, with its NUL
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
               "warning": logging.WARNING, "error": logging.ERROR}
@@ -94,64 +94,12 @@ class ApiError(Exception):
         self.message = " ".join(message.split("\n"))
 
 
-class ApiSocketError(Exception):
-    """The API socket cannot be served at that path (worded for the user, one line)."""
-
-
 def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status)
 
 
 def no_content() -> web.Response:
     return web.Response(status=204)
-
-
-def check_socket_path(path: Path) -> None:
-    """Make the API socket's directory safe (0700 when we create it) and clear a stale socket.
-    Raises ApiSocketError; nothing is created for a path that cannot be a socket."""
-    if len(os.fsencode(path)) >= SUN_PATH_MAX:
-        raise ApiSocketError(f"API socket path {path} is {len(os.fsencode(path))} bytes: a unix socket path must be "
-                             f"shorter than {SUN_PATH_MAX}")
-    parent = path.parent
-    if not parent.exists():
-        try:
-            parent.mkdir(mode=0o700, parents=True)
-            os.chmod(parent, 0o700)  # not widened by the umask, whatever it is
-        except OSError as exc:
-            raise ApiSocketError(f"cannot create the API socket directory {parent}: {exc.strerror}") from None
-    try:
-        st = os.stat(parent)
-    except OSError as exc:
-        raise ApiSocketError(f"API socket directory {parent}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ApiSocketError(f"API socket directory {parent} is not a directory")
-    me = os.geteuid()
-    if st.st_uid != me and st.st_mode & 0o022:
-        raise ApiSocketError(f"API socket directory {parent} is writable by others and not owned by this user "
-                             f"(mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid}): another user could replace "
-                             "the socket; use a directory of our own (it is created 0700 when missing)")
-    if st.st_uid not in (me, 0):
-        raise ApiSocketError(f"API socket directory {parent} belongs to uid {st.st_uid}, not to this user: "
-                             "use a directory of our own (it is created 0700 when missing)")
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(existing.st_mode):
-        raise ApiSocketError(f"API socket path {path} exists and is not a socket: not removing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)  # stale: its daemon is gone
-        log.info("removed the stale API socket %s", path)
-        return
-    except OSError as exc:
-        raise ApiSocketError(f"API socket {path}: {exc.strerror or exc}") from None
-    finally:
-        probe.close()
-    raise ApiSocketError(f"API socket {path} is in use: another daemon answers on it")
 
 
 class ApiServer:
@@ -184,29 +132,24 @@ class ApiServer:
         build_info()  # the code this process runs: hashed now, not at the first request
 
     # -- lifecycle ----------------------------------------------------------------------------
-    async def start(self) -> None:
-        check_socket_path(self.path)
+    async def start(self, listener: Listener | None = None) -> None:
+        """Serve on `listener` (a socket bound at our path already: nydusd binds it before its
+        imports, fscached.nydusd_cli), else on a socket bound now (ApiSocketError)."""
+        if listener is None:
+            check_socket_path(self.path)
+            listener = bind_listening(self.path)
         runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
                                keepalive_timeout=KEEPALIVE_SECONDS, shutdown_timeout=SHUTDOWN_SECONDS)
-        await runner.setup()
-        # bound under a temporary name, made 0600, then renamed into place: the socket appears
-        # at its path listening and 0600 at once (a client waiting for it never sees it wider)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        if len(os.fsencode(tmp)) >= SUN_PATH_MAX:
-            tmp = self.path  # no room for a longer name: bound in place, then narrowed
-        site = web.UnixSite(runner, str(tmp))
         try:
-            await site.start()
-            os.chmod(tmp, 0o600)
-            if tmp != self.path:
-                os.rename(tmp, self.path)
-        except OSError as exc:
+            await runner.setup()
+            await web.SockSite(runner, listener.sock).start()
+        except BaseException as exc:
             await runner.cleanup()
-            if tmp != self.path:
-                tmp.unlink(missing_ok=True)
-            raise ApiSocketError(f"cannot serve the API on {self.path}: {exc.strerror or exc}") from None
-        st = os.stat(self.path)
-        self._socket_ino = (st.st_dev, st.st_ino)
+            listener.close()
+            if isinstance(exc, OSError):
+                raise ApiSocketError(f"cannot serve the API on {self.path}: {exc.strerror or exc}") from None
+            raise
+        self._socket_ino = listener.ident
         self._runner = runner
         log.info("API listening on %s", self.path)
 
@@ -404,6 +347,11 @@ class ApiServer:
     async def take_over(self, request: web.Request) -> web.Response:
         if self.daemon.stopping:
             raise ApiError(503, "NOT_READY", "takeover: the daemon is stopping")
+        if self.daemon.taken_over and self.daemon.state in (DaemonState.READY, DaemonState.RUNNING):
+            # as `start` is: nydus-snapshotter asks twice when a daemon it restarted for failover
+            # died in its takeover (a failover per death, both waiting for this one's INIT)
+            log.info("takeover asked again: taken over already, nothing to do")
+            return no_content()
         try:
             await self.daemon.take_over(upgrade=self.daemon.upgrade)
         except FailoverError as exc:
@@ -590,6 +538,8 @@ class ApiServer:
         if bind.ignored:
             log.info("image %s: bind fields not used by fscached: %s", spec.fsid, ", ".join(bind.ignored))
         if self.daemon.images.get(spec.volume, spec.fsid) is not None:
+            if self.daemon.rebind_restored(spec):  # nydus-snapshotter's bind after a hot upgrade
+                return spec
             raise ApiError(400, "ALREADY_EXISTS", f"blob_cache: bootstrap blob already exists: image {spec.fsid} "
                                                   f"in {spec.volume}")
         claimed = any(image.spec.mountpoint == spec.mountpoint for image in self.daemon.images)

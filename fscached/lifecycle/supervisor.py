@@ -37,7 +37,6 @@ at start, and sendfd / takeover are refused with that reason rather than pretend
 from __future__ import annotations
 
 import array
-import asyncio
 import logging
 import os
 import socket
@@ -150,16 +149,42 @@ def _close_all(fds: list[int]) -> None:
 
 
 class Supervisor:
-    """The daemon's end of one supervisor socket (`--supervisor PATH`)."""
+    """The daemon's end of one supervisor socket (`--supervisor PATH`).
+
+    `keep_offer` keeps a state and its fds taken from the supervisor before the takeover asked
+    for them (a restarted `nydusd` takes them as it starts: fscached.nydusd_cli): the next
+    `receive` returns them instead of connecting again. This module imports asyncio only when
+    it serves (the early take runs before the daemon's imports)."""
 
     def __init__(self, path: str, timeout: float = SUPERVISOR_TIMEOUT) -> None:
         self.path = path
         self.timeout = timeout
+        self._offer: tuple[bytes, list[int]] | None = None
+
+    def keep_offer(self, data: bytes, fds: list[int]) -> None:
+        self.drop_offer()
+        self._offer = (data, list(fds))
+
+    def drop_offer(self) -> None:
+        """The kept state is not needed (the daemon took the kernel path itself): its fds closed."""
+        offer, self._offer = self._offer, None
+        if offer is not None:
+            _close_all(offer[1])
 
     async def send(self, state: bytes, fd: int) -> None:
         """sendfd: the state and the one kernel fd the snapshotter keeps (FailoverError)."""
+        import asyncio
+
         await asyncio.to_thread(send_states, self.path, state, fd, self.timeout)
 
     async def receive(self) -> tuple[bytes, list[int]]:
-        """takeover: the state and the fds the supervisor kept (FailoverError)."""
+        """takeover: the state and the fds the supervisor kept (FailoverError): the ones taken
+        early when there are, else from the supervisor now."""
+        offer, self._offer = self._offer, None
+        if offer is not None:
+            log.info("takeover: the state (%d bytes, %d fd(s)) taken from the supervisor %s at start", len(offer[0]),
+                     len(offer[1]), self.path)
+            return offer
+        import asyncio
+
         return await asyncio.to_thread(receive_states, self.path, self.timeout)

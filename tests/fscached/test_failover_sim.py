@@ -261,6 +261,10 @@ def test_sendfd_kill_takeover_restore_start_serves_the_reads_again(
         assert pending.result(10) == want[1 << 20:(1 << 20) + 8192]
         assert blob.reopens == 1 and blob.object_id not in old_ids
         assert b.state() == "READY"
+        # asked again (two failovers of one daemon, when the one between them died in its
+        # takeover): done already, nothing more taken from the supervisor
+        assert call(b.sock, "PUT", "/api/v1/daemon/fuse/takeover") == (204, None)
+        assert supervisor.sent == 1 and sim.commands.count("restore") == restores + 1
         assert call(b.sock, "PUT", "/api/v1/daemon/start")[0] == 204
         wait_for(lambda: b.state() == "RUNNING", "RUNNING after start")
         # the bootstrap object died with the daemon too: its next READ re-opens it
@@ -320,6 +324,17 @@ def test_upgrade_old_daemon_leaves_its_reads_for_the_new_one(
         assert blob.reopens == 1
         wait_for(lambda: b.state() == "RUNNING", "RUNNING after start")
         assert b.daemon.counters().get("read_failed", 0) == 0
+        # then nydus-snapshotter binds every image again (RecoverRafsInstances), and takes an
+        # error for a failed upgrade: exactly the image the state gave back is accepted, once
+        other = legacy_entry("img", built, work)
+        other["config"]["backend_config"]["dir"] = str(work)
+        status, body = call(b.sock, "PUT", "/api/v2/blobs", other)
+        assert status == 400 and body["code"] == "ALREADY_EXISTS", body
+        assert call(b.sock, "PUT", "/api/v2/blobs", legacy_entry("img", built, work)) == (204, None)
+        status, body = call(b.sock, "PUT", "/api/v2/blobs", legacy_entry("img", built, work))
+        assert status == 400 and body["code"] == "ALREADY_EXISTS", body
+        assert [fsid for _, fsid in b.daemon.catalog.images] == ["img"]
+        assert sim.read(blob, 4096, 4096) == want[4096:8192]
         sim.check()
     finally:
         a.stop()

@@ -14,12 +14,10 @@ args: bootstrap, blobs, files: {"kill", "again", "restart": name}, readers (4), 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,59 +28,11 @@ REPO = Path(__file__).resolve().parent.parent.parent
 if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 
+from scenarios.readers import Reader, start_readers, wait_into  # noqa: E402
 from standins.systemd import SystemdStandin  # noqa: E402
 
-BLOCK = 1 << 20
 FSID = "sdfailover"
 OPEN_LINE = re.compile(r"OPEN req=msg:\d+ blob=(?P<blob>\S+) object=(?P<object>\d+) size=")
-
-
-class Reader(threading.Thread):
-    def __init__(self, path: Path, start: int, size: int) -> None:
-        super().__init__(daemon=True)
-        self.path, self.start_at, self.size = path, start, size
-        self.times: list[float] = []
-        self.done = 0
-        self.digest: str | None = None
-        self.error: str | None = None
-
-    def run(self) -> None:
-        h = hashlib.sha256()
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                for begin, end in ((self.start_at, self.size), (0, self.start_at)):
-                    pos = begin
-                    while pos < end:
-                        data = os.pread(fd, min(BLOCK, end - pos), pos)
-                        if not data:
-                            raise OSError(0, f"unexpected end of file at {pos}")
-                        h.update(data)
-                        pos += len(data)
-                        self.done += len(data)
-                        self.times.append(time.monotonic())
-            finally:
-                os.close(fd)
-            self.digest = h.hexdigest()
-        except OSError as exc:
-            self.error = f"{exc.errno}: {exc}"
-
-
-def start_readers(path: Path, count: int) -> list[Reader]:
-    size = path.stat().st_size
-    quarter = size // count // BLOCK * BLOCK
-    readers = [Reader(path, i * quarter, size) for i in range(count)]
-    for r in readers:
-        r.start()
-    return readers
-
-
-def wait_into(readers: list[Reader], fraction: float, timeout: float = 1200) -> None:
-    deadline = time.monotonic() + timeout
-    while any(r.is_alive() and r.done < fraction * r.size for r in readers):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"readers stuck: {[r.done for r in readers]}")
-        time.sleep(0.05)
 
 
 def moving_again(readers: list[Reader], after: float) -> list[float | None]:

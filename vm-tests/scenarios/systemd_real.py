@@ -27,8 +27,8 @@ from typing import Any
 
 from vmharness.guest import scratch_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from systemd_failover import FSID, Reader, start_readers, wait_into
+from scenarios.readers import Reader, start_readers, wait_into
+from scenarios.systemd_failover import FSID
 
 RUNTIME = Path("/run/user/0")
 UNIT = "fscached.service"
