@@ -73,7 +73,8 @@ from typing import Any, Iterator
 from pyroute2 import IPRoute, NetNS, netns
 
 from coldstart import ColdstartError, one_line
-from coldstart.netns import NetnsRegistry, _add_tbf, _has_netem, _remove_link, _remove_ns, remove_leftovers
+from coldstart.netns import (NetnsRegistry, _add_tbf, _has_netem, _remove_link, _remove_ns, remove_leftovers,
+                             stop_relay_and_registry)
 
 PREFIX = "fdf"
 SUBNET = "10.214"
@@ -253,14 +254,8 @@ class DragonflyCluster:
         for host in self.hosts.values():
             if host.name != "reg":
                 self._stop_proc(host, signal.SIGTERM)
-        if self.relay is not None:
-            if self.relay.poll() is None:
-                self.relay.kill()
-            self.relay.wait()
-            self.relay = None
-        if self.registry is not None:
-            self.registry.stop()
-            self.registry = None
+        stop_relay_and_registry(self.relay, self.registry)
+        self.relay, self.registry = None, None
         for ns in self._made:
             _remove_ns(ns)
         self._made = []

@@ -153,14 +153,8 @@ class RegistryNetwork:
         return self
 
     def stop(self) -> None:
-        if self.relay is not None:
-            if self.relay.poll() is None:
-                self.relay.kill()
-            self.relay.wait()
-            self.relay = None
-        if self.registry is not None:
-            self.registry.stop()
-            self.registry = None
+        stop_relay_and_registry(self.relay, self.registry)
+        self.relay, self.registry = None, None
         if self._made_ns:
             _remove_ns(self.ns)
             self._made_ns = False
@@ -322,6 +316,16 @@ def _pid_tag() -> str:
 
 
 _OURS = re.compile(rf"{re.escape(PREFIX)}(\d+)(?:-[hr])?$")
+
+
+def stop_relay_and_registry(relay: subprocess.Popen[bytes] | None, registry: NetnsRegistry | None) -> None:
+    """Stop a registry's delay relay (killed) and the registry in its namespace, either absent."""
+    if relay is not None:
+        if relay.poll() is None:
+            relay.kill()
+        relay.wait()
+    if registry is not None:
+        registry.stop()
 
 
 def remove_leftovers(ours: re.Pattern[str]) -> list[str]:

@@ -22,8 +22,8 @@ from pathlib import Path
 import native
 from erofs_image import layout as L
 from erofs_image import rafs as R
-from erofs_image.reader import (MAX_BOOTSTRAP_SIZE, Bootstrap, BootstrapError, BootstrapNotFoundError, read_blob_table,
-                                _file_type, _valid_chunk_size, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
+from erofs_image.reader import (MAX_BOOTSTRAP_SIZE, Bootstrap, BootstrapError, BootstrapNotFoundError, check_superblock,
+                                read_blob_table, _file_type, _valid_chunk_size, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
 from erofs_image.tree import BlobInfo, ChunkRef
 
 BS = L.BLOCK_SIZE
@@ -112,22 +112,7 @@ def _index(cls: type[BootstrapIndex], fd: int, n: int, path: Path) -> BootstrapI
         return data
 
     head = os.pread(fd, HEAD, 0)
-    if len(head) < L.SUPER_OFFSET + L.SUPER_SIZE:
-        raise err(f"truncated: {n} bytes is too short for an EROFS superblock")
-    sb = L.Superblock.unpack(head[L.SUPER_OFFSET:L.SUPER_OFFSET + L.SUPER_SIZE])
-    if sb.magic != L.EROFS_MAGIC:
-        raise err(f"bad superblock magic {sb.magic:#x} (not an EROFS image)")
-    if sb.blkszbits != L.BLKSZ_BITS:
-        raise err(f"block size 2^{sb.blkszbits} unsupported (need 4096)")
-    unknown = sb.feature_incompat & ~L.SUPPORTED_INCOMPAT
-    if unknown:
-        raise err(f"unknown incompat features {unknown:#x}")
-    if n < BS:
-        raise err(f"truncated: {n} bytes, block 0 incomplete")
-    if sb.feature_compat & L.FEATURE_COMPAT_SB_CHKSUM:
-        want = L.superblock_checksum(head[:BS])
-        if want != sb.checksum:
-            raise err(f"superblock checksum {sb.checksum:#x} != {want:#x}")
+    sb = check_superblock(err, head, n)
     if not sb.feature_compat & L.FEATURE_COMPAT_RAFS_V6:
         return None  # plain EROFS: no chunk table, no digests
     if sb.dirblkbits:

@@ -175,22 +175,7 @@ def _parse(cls: type[Bootstrap], data: bytes, path: Path) -> Bootstrap:
     def err(msg: str) -> BootstrapError:
         return BootstrapError(f"{path}: {msg}")
 
-    if n < L.SUPER_OFFSET + L.SUPER_SIZE:
-        raise err(f"truncated: {n} bytes is too short for an EROFS superblock")
-    sb = L.Superblock.unpack(data[L.SUPER_OFFSET:L.SUPER_OFFSET + L.SUPER_SIZE])
-    if sb.magic != L.EROFS_MAGIC:
-        raise err(f"bad superblock magic {sb.magic:#x} (not an EROFS image)")
-    if sb.blkszbits != L.BLKSZ_BITS:
-        raise err(f"block size 2^{sb.blkszbits} unsupported (need 4096)")
-    unknown = sb.feature_incompat & ~L.SUPPORTED_INCOMPAT
-    if unknown:
-        raise err(f"unknown incompat features {unknown:#x}")
-    if n < BS:
-        raise err(f"truncated: {n} bytes, block 0 incomplete")
-    if sb.feature_compat & L.FEATURE_COMPAT_SB_CHKSUM:
-        want = L.superblock_checksum(data[:BS])
-        if want != sb.checksum:
-            raise err(f"superblock checksum {sb.checksum:#x} != {want:#x}")
+    sb = check_superblock(err, data[:BS], n)
     rafs = bool(sb.feature_compat & L.FEATURE_COMPAT_RAFS_V6)
     if sb.blocks and not rafs and n < sb.blocks * BS:
         raise err(f"truncated: {n} bytes, superblock says {sb.blocks} blocks")
@@ -236,6 +221,28 @@ def _parse(cls: type[Bootstrap], data: bytes, path: Path) -> Bootstrap:
     image = Image(root=root, blobs=blobs, chunk_size=chunk_size, build_time=sb.build_time)
     image.prefetch = parser.prefetch_paths(prefetch)
     return cls(path, sb, ext, image, blobs, devices, chunk_table, prefetch)
+
+
+def check_superblock(err: Callable[[str], BootstrapError], head: bytes, n: int) -> L.Superblock:
+    """The EROFS superblock of a file of `n` bytes whose first block (or less) is `head`: its
+    magic, block size, incompat features and checksum (where it has one) checked."""
+    if len(head) < L.SUPER_OFFSET + L.SUPER_SIZE:
+        raise err(f"truncated: {n} bytes is too short for an EROFS superblock")
+    sb = L.Superblock.unpack(head[L.SUPER_OFFSET:L.SUPER_OFFSET + L.SUPER_SIZE])
+    if sb.magic != L.EROFS_MAGIC:
+        raise err(f"bad superblock magic {sb.magic:#x} (not an EROFS image)")
+    if sb.blkszbits != L.BLKSZ_BITS:
+        raise err(f"block size 2^{sb.blkszbits} unsupported (need 4096)")
+    unknown = sb.feature_incompat & ~L.SUPPORTED_INCOMPAT
+    if unknown:
+        raise err(f"unknown incompat features {unknown:#x}")
+    if n < BS:
+        raise err(f"truncated: {n} bytes, block 0 incomplete")
+    if sb.feature_compat & L.FEATURE_COMPAT_SB_CHKSUM:
+        want = L.superblock_checksum(head[:BS])
+        if want != sb.checksum:
+            raise err(f"superblock checksum {sb.checksum:#x} != {want:#x}")
+    return sb
 
 
 def read_blob_table(err: Callable[[str], BootstrapError], region: Callable[[int, int, str], bytes],
