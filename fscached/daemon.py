@@ -149,6 +149,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._started = asyncio.Event()  # READY -> RUNNING (a hot upgrade waits for it)
         self._took_over = asyncio.Event()
+        self._takeover_lock = asyncio.Lock()  # one takeover at a time
         self._armed = False  # run() reads the kernel path
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
@@ -905,10 +906,19 @@ class Daemon:
         supervisor_log.warning("%s", why_not)
         return False
 
-    async def take_over(self, *, upgrade: bool = False) -> HandoverState:
+    async def take_over(self, *, upgrade: bool = False) -> HandoverState | None:
         """takeover: receive the state and the kernel fd from the supervisor, bind what the
         previous daemon served, and (a failover, not a hot upgrade) write `restore`.
-        FailoverError (one line; the daemon stays in INIT, nothing of it kept)."""
+        FailoverError (one line; the daemon stays in INIT, nothing of it kept). One at a time:
+        asked again (nydus-snapshotter asks twice when a daemon it restarted for failover died
+        in its takeover: a failover per death, both waiting for this one's INIT), even while the
+        first is under way, it waits for that one and then answers None: nothing more to do."""
+        async with self._takeover_lock:
+            if self._taken_over and self._state in (DaemonState.READY, DaemonState.RUNNING):
+                return None
+            return await self._take_over(upgrade=upgrade)
+
+    async def _take_over(self, *, upgrade: bool) -> HandoverState:
         if self._taken_over:
             raise FailoverError("takeover: this daemon has already taken over", 400, "BAD_REQUEST")
         if self._state != DaemonState.INIT or self.frontend is not None:

@@ -347,16 +347,13 @@ class ApiServer:
     async def take_over(self, request: web.Request) -> web.Response:
         if self.daemon.stopping:
             raise ApiError(503, "NOT_READY", "takeover: the daemon is stopping")
-        if self.daemon.taken_over and self.daemon.state in (DaemonState.READY, DaemonState.RUNNING):
-            # as `start` is: nydus-snapshotter asks twice when a daemon it restarted for failover
-            # died in its takeover (a failover per death, both waiting for this one's INIT)
-            log.info("takeover asked again: taken over already, nothing to do")
-            return no_content()
         try:
-            await self.daemon.take_over(upgrade=self.daemon.upgrade)
+            taken = await self.daemon.take_over(upgrade=self.daemon.upgrade)
         except FailoverError as exc:
             log.error("%s", exc)
             raise ApiError(exc.status, exc.code, str(exc)) from None
+        if taken is None:  # as `start` is: asked again (see Daemon.take_over)
+            log.info("takeover asked again: taken over already, nothing to do")
         return no_content()
 
     async def nydusd_only(self, request: web.Request) -> web.Response:

@@ -253,8 +253,12 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             res: dict[str, Any] = {}
             mark = reg.log_size()
             started = flags / f"{key}-started"
-            cmd = read_in_steps(files[key], [(2, f"touch /flag/{key}-started"), (sizes[key], "")], pace=0.05,
-                                progress=f"/flag/{key}.progress")
+            # 2 MiB in, the reader waits for the kill (else the read-ahead, ramping up to 64 MiB
+            # ahead of a sequential reader, may have fetched the whole file first); its next
+            # reads are then made while no daemon serves
+            cmd = read_in_steps(files[key], [(2, f"touch /flag/{key}-started; "
+                                              f"while [ ! -e /flag/{key}-go ]; do sleep 0.05; done"),
+                                             (sizes[key], "")], pace=0.05, progress=f"/flag/{key}.progress")
             progress = Progress(flags / f"{key}.progress")
             progress.start()
             reader = stack.start_run(ref, cmd, extra=["-v", f"{flags}:/flag"])
@@ -268,6 +272,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             t_kill, wall_kill = time.monotonic(), time.time()
             res["killed"] = killed
             res["fetched_at_kill"] = fetched(mark)
+            (flags / f"{key}-go").touch()
             res["new_pid_after"] = wait_for("a new nydusd", lambda: bool(set(stack.nydusd_pids()) - set(killed)), 120)
             if kill_again:
                 # the snapshotter's supervisor gave the new process the state: kill it now
