@@ -23,16 +23,15 @@ Returns every HTTP status and body, and the daemon's log.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from scenarios.unix_http import UnixHTTPConnection
 from vmharness.guest import scratch_dir
 
 DAEMON_ID = "d0fscached0nydus0compat"
@@ -42,20 +41,8 @@ def fscache_id(snapshot_id: str) -> str:
     return hashlib.sha256(f"nydus-snapshot-{snapshot_id}".encode()).hexdigest()
 
 
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("nydusd", timeout=120)
-        self.unix_path = str(path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
-
-
 def call(sock: Path, method: str, path: str, body: Any = None) -> dict[str, Any]:
-    conn = _UnixHTTP(sock)
+    conn = UnixHTTPConnection(sock, 120)
     try:
         payload = json.dumps(body).encode() if body is not None else None
         conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})

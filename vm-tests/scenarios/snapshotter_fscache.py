@@ -48,14 +48,12 @@ the image, sizes_mib: {"big", "again", "slow", "upgrade"}, domain: {"repo", "dom
 """
 from __future__ import annotations
 
-import http.client
 import dataclasses
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -65,6 +63,7 @@ from typing import Any, Callable
 
 from coldstart.registry import RegistryRunner
 from coldstart.snapshotter import SnapshotterConfig, SnapshotterStack, nydusd_config_template
+from scenarios.unix_http import UnixHTTPConnection
 from vmharness.guest import scratch_dir
 
 MIB = 1 << 20
@@ -79,22 +78,10 @@ exec {real} "$@"
 """
 
 
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("nydusd", timeout=60)
-        self.unix_path = str(path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
-
-
 def api_get(sock: Path | None, path: str) -> Any:
     if sock is None:
         return None
-    conn = _UnixHTTP(sock)
+    conn = UnixHTTPConnection(sock, 60)
     try:
         conn.request("GET", path)
         body = conn.getresponse().read()
@@ -461,7 +448,7 @@ def _answers(stack: SnapshotterStack) -> bool:
     sock = api_socket(stack)
     if sock is None:
         return False
-    conn = _UnixHTTP(sock)
+    conn = UnixHTTPConnection(sock, 60)
     conn.timeout = 0.2
     try:
         conn.request("GET", "/api/v1/daemon")
