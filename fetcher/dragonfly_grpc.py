@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import json
 import logging
 import time
@@ -79,6 +78,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from google.protobuf import duration_pb2
 
 from fetcher.source import SourceError, check_blob_id
+from fetcher.whole_download import WholeDownload, stop_whole_downloads
 
 if TYPE_CHECKING:
     from fetcher.registry import RegistrySource
@@ -174,30 +174,21 @@ class PieceCache:
         return covered
 
 
-class _WholeTask:
+class _WholeTask(WholeDownload):
     """This node's whole-task download of one blob: one DownloadTask without a range or content,
     read to its end in the background; its piece messages say which pieces are in the local
     dfdaemon's storage."""
 
     def __init__(self, url: str) -> None:
+        super().__init__()
         self.url = url
         self.task_id = ""
-        self.content_length: int | None = None
         self.piece_length = 0
         self.local: set[int] = set()
-        self.started_at = time.monotonic()
-        self.finished = False      # the stream ended without an error: every piece is local
-        self.error: str | None = None
-        self.runner: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
 
     @property
     def alive(self) -> bool:
         return self.error is None
-
-    def changed(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
 
     def pieces_of(self, start: int, end: int) -> range | None:
         """The piece numbers under [start, end) once the piece length is known."""
@@ -219,10 +210,7 @@ class _WholeTask:
                 return True
             if self.error is not None:
                 return False
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            await asyncio.wait_for(self._changed.wait(), remaining)  # TimeoutError at the deadline
+            await self.next_change(deadline)
 
     def progress(self) -> str:
         if self.content_length is None or not self.piece_length:
@@ -313,13 +301,7 @@ class DragonflyGrpcSource:
 
     async def close(self) -> None:
         self._closed = True
-        runners = [w.runner for w in self._whole.values() if w.runner is not None and not w.runner.done()]
-        for runner in runners:
-            runner.cancel()
-        for runner in runners:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await runner
-        self._whole.clear()
+        await stop_whole_downloads(self._whole)
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

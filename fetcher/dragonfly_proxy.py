@@ -49,6 +49,7 @@ from yarl import URL
 from fetcher.range_body import BodyKind
 from fetcher.registry import RegistrySource
 from fetcher.source import SourceError
+from fetcher.whole_download import WholeDownload, stop_whole_downloads
 
 log = logging.getLogger("fscached.fetcher.dragonfly_proxy")
 
@@ -67,24 +68,15 @@ class ProxyFailure(SourceError):
     unhealthy; the same request straight to the registry may well work."""
 
 
-class _WholeBody:
+class _WholeBody(WholeDownload):
     """This node's GET of a whole blob through the proxy, read to its end and thrown away: how
     far it got (the proxy writes the body in order) is how much of the blob is local."""
 
     def __init__(self, blob_id: str) -> None:
+        super().__init__()
         self.blob_id = blob_id
         self.received = 0
-        self.content_length: int | None = None
-        self.started_at = time.monotonic()
-        self.finished = False
-        self.error: str | None = None
         self.proxy_failed = False  # the error was the proxy's own (ProxyFailure)
-        self.runner: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
-
-    def changed(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
 
     def holds(self, end: int) -> bool:
         return (self.finished or self.received >= end
@@ -93,10 +85,7 @@ class _WholeBody:
     async def wait(self, end: int, deadline: float) -> None:
         """Until the stream has passed `end`, or failed; TimeoutError at `deadline`."""
         while not self.holds(end) and self.error is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            await asyncio.wait_for(self._changed.wait(), remaining)
+            await self.next_change(deadline)
 
     def progress(self) -> str:
         total = f" of {self.content_length}" if self.content_length is not None else ""
@@ -359,13 +348,7 @@ class DragonflyProxySource(RegistrySource):
     async def close(self) -> None:
         task, self._health_task = self._health_task, None
         self._closed = True
-        runners = [w.runner for w in self._whole.values() if w.runner is not None and not w.runner.done()]
-        for runner in runners:
-            runner.cancel()
-        for runner in runners:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await runner
-        self._whole.clear()
+        await stop_whole_downloads(self._whole)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
