@@ -13,7 +13,6 @@ A bootstrap without a chunk table (a plain EROFS image) has no digests to verify
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from array import array
 from dataclasses import dataclass, field
@@ -22,8 +21,8 @@ from pathlib import Path
 import native
 from erofs_image import layout as L
 from erofs_image import rafs as R
-from erofs_image.reader import (MAX_BOOTSTRAP_SIZE, Bootstrap, BootstrapError, BootstrapNotFoundError, check_superblock,
-                                read_blob_table, _file_type, _valid_chunk_size, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
+from erofs_image.reader import (MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Bootstrap, BootstrapError, _valid_chunk_size,
+                                check_superblock, opened_bootstrap, read_blob_table)
 from erofs_image.tree import BlobInfo, ChunkRef
 
 BS = L.BLOCK_SIZE
@@ -71,20 +70,7 @@ class BootstrapIndex:
         """Read and check what serving needs; None when the bootstrap has no chunk table (the
         caller parses the whole image), BootstrapError (one line) when it is not usable."""
         path = Path(path)
-        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-        try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            raise BootstrapNotFoundError(f"{path}: no such file") from None
-        except OSError as e:
-            raise BootstrapError(f"{path}: cannot open: {e.strerror or e}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise BootstrapError(f"{path}: not a regular file ({_file_type(st.st_mode)})")
-            if st.st_size > MAX_BOOTSTRAP_SIZE:
-                raise BootstrapError(f"{path}: {st.st_size} bytes is too large for a bootstrap "
-                                     f"(at most {MAX_BOOTSTRAP_SIZE})")
+        with opened_bootstrap(path) as (fd, st):
             try:
                 return _index(cls, fd, st.st_size, path)
             except BootstrapError:
@@ -95,8 +81,6 @@ class BootstrapIndex:
                 raise BootstrapError(f"{path}: corrupt bootstrap ({type(e).__name__}: {e})") from e
             except OSError as e:
                 raise BootstrapError(f"{path}: cannot read: {e.strerror or e}") from None
-        finally:
-            os.close(fd)
 
 
 def _index(cls: type[BootstrapIndex], fd: int, n: int, path: Path) -> BootstrapIndex | None:

@@ -17,9 +17,10 @@ import os
 import re
 import stat
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import blake3
 
@@ -59,9 +60,11 @@ def _file_type(mode: int) -> str:
     return _FILE_TYPES.get(stat.S_IFMT(mode), f"file type {stat.S_IFMT(mode):#o}")
 
 
-def read_bootstrap_file(path: Path) -> bytes:
-    """The bytes of a bootstrap file, refusing anything but a regular file without opening it
-    first (a FIFO would block, a device could be huge or have side effects on open)."""
+@contextmanager
+def opened_bootstrap(path: Path) -> Iterator[tuple[int, os.stat_result]]:
+    """A bootstrap file opened for reading, (its fd, its fstat), closed on exit: refusing
+    anything but a regular file without opening it first (a FIFO would block, a device could be
+    huge or have side effects on open), and anything over MAX_BOOTSTRAP_SIZE."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -84,22 +87,29 @@ def read_bootstrap_file(path: Path) -> bytes:
         if st.st_size > MAX_BOOTSTRAP_SIZE:
             raise BootstrapError(f"{path}: {st.st_size} bytes is too large for a bootstrap "
                                  f"(at most {MAX_BOOTSTRAP_SIZE})")
-        parts = []
-        left = MAX_BOOTSTRAP_SIZE + 1
-        step = min(max(st.st_size + 1, 1 << 16), 1 << 24)  # os.read allocates what it is asked
-        while left > 0:
-            part = os.read(fd, min(left, step))
-            if not part:
-                break
-            parts.append(part)
-            left -= len(part)
+        yield fd, st
+    finally:
+        os.close(fd)
+
+
+def read_bootstrap_file(path: Path) -> bytes:
+    """The bytes of a bootstrap file (opened_bootstrap's checks)."""
+    with opened_bootstrap(path) as (fd, st):
+        try:
+            parts = []
+            left = MAX_BOOTSTRAP_SIZE + 1
+            step = min(max(st.st_size + 1, 1 << 16), 1 << 24)  # os.read allocates what it is asked
+            while left > 0:
+                part = os.read(fd, min(left, step))
+                if not part:
+                    break
+                parts.append(part)
+                left -= len(part)
+        except OSError as e:
+            raise BootstrapError(f"{path}: cannot read: {e.strerror or e}") from None
         if left <= 0:
             raise BootstrapError(f"{path}: grew past {MAX_BOOTSTRAP_SIZE} bytes while being read")
         return b"".join(parts)
-    except OSError as e:
-        raise BootstrapError(f"{path}: cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
 
 
 @dataclass
