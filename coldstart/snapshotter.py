@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -110,6 +111,17 @@ def nydusd_config_template(fs_driver: str) -> dict[str, Any]:
                            "prefetch_config": {"enable": False, "threads_count": 4, "merging_size": 1 << 20}}}
     return {"device": {"backend": {"type": "registry", "config": backend}, "cache": {"type": "blobcache"}},
             "mode": "direct", "digest_validate": False, "enable_xattr": True, "fs_prefetch": {"enable": False}}
+
+
+# nerdctl's own log lines (logrus): `time="..." level=error msg="forward signal child exited"
+# error="ttrpc: closed"` when the task's shim connection closes as the container exits
+NERDCTL_LOG_LINE = re.compile(r'^time="[^"]*" level=\w+ msg=')
+
+
+def container_stderr(stderr: str) -> str:
+    """What the container's process wrote to stderr: nerdctl's log lines about its own plumbing
+    taken out (the exit code tells whether nerdctl itself failed)."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if not NERDCTL_LOG_LINE.match(line))
 
 
 @dataclass(frozen=True)

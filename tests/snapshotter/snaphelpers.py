@@ -2,7 +2,6 @@
 a poll with a deadline."""
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -43,14 +42,3 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 15) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not within {timeout:g} s")
         time.sleep(0.1)
-
-
-# nerdctl's own log lines (logrus): `time="..." level=error msg="forward signal child exited"
-# error="ttrpc: closed"` when the task's shim connection closes as the container exits
-NERDCTL_LOG_LINE = re.compile(r'^time="[^"]*" level=\w+ msg=')
-
-
-def container_stderr(stderr: str) -> str:
-    """What the container's process wrote to stderr: nerdctl's log lines about its own plumbing
-    taken out (the exit code tells whether nerdctl itself failed)."""
-    return "".join(line for line in stderr.splitlines(keepends=True) if not NERDCTL_LOG_LINE.match(line))

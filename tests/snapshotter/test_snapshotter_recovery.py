@@ -8,10 +8,10 @@ from typing import Callable
 
 import pytest
 
-from coldstart.snapshotter import SnapshotterConfig, SnapshotterStack
+from coldstart.snapshotter import SnapshotterConfig, SnapshotterStack, container_stderr
 
 from registry_server import RegistryServer
-from snaphelpers import AppImage, container_stderr, wait_for
+from snaphelpers import AppImage, wait_for
 
 pytestmark = pytest.mark.root
 
