@@ -79,7 +79,7 @@ async def start_and_serve(config: Config, apisock: Path | None = None) -> int:
         from fscached.core.catalog import CatalogError
         from fscached.daemon import Daemon
         from fscached.frontends.fanotify.keeper import KeeperError
-        from fscached.api.server import ApiServer, ApiSocketError, check_socket_path
+        from fscached.util.api_socket import ApiSocketError, check_socket_path
         from fetcher.source import SourceError
         from fscached.lifecycle.systemd import Service, SystemdError
         from fscached.util.files import describe_os_error
@@ -106,6 +106,9 @@ async def start_and_serve(config: Config, apisock: Path | None = None) -> int:
         return 1
     if apisock is None:
         return await daemon.run()
+    # imported only for an API socket (aiohttp's server, prometheus): a tenth of a second of the start
+    from fscached.api.server import ApiServer
+
     api = ApiServer(daemon, apisock)  # on the daemon's loop, beside run()
     return await api.serve_daemon(lambda message: print(f"{PROG}: error: {message}", file=sys.stderr))
 

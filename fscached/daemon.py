@@ -35,14 +35,12 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cachefiles.device import CachefilesDevice, CachefilesError, check_cache_dir
 from erofs_image.index import BootstrapIndex
 from erofs_image.reader import Bootstrap
 from fanotify.group import FanotifyError
-from fetcher.auth import make_credentials
-from fetcher.registry import RegistrySource
 from fscached.cache_gc import CacheJanitor
 from fscached.config import Config, ImageSpec, ProfileSpec
 from fscached.core.catalog import Catalog, CatalogError, open_bootstrap
@@ -66,6 +64,9 @@ from fscached.lifecycle.systemd import Service, SystemdError
 from fscached.util import mounts
 from fscached.util.buildinfo import package_version
 from fscached.util.files import check_writable, write_atomic
+
+if TYPE_CHECKING:  # imported on first use (a registry image): aiohttp is a tenth of a second of the start
+    from fetcher.registry import RegistrySource
 
 log = logging.getLogger("fscached")
 supervisor_log = logging.getLogger("fscached.supervisor")
@@ -1070,6 +1071,8 @@ class Daemon:
 
     # -- credentials (PUT /api/v1/config, nydusd's registry_token) ----------------------------------
     def _registry_sources(self, spec: ImageSpec) -> list[RegistrySource]:
+        from fetcher.registry import RegistrySource
+
         found: dict[int, RegistrySource] = {}
         for blob in self.catalog.devices.get((spec.volume, spec.fsid), []):
             for source in blob.source.sources:
@@ -1080,6 +1083,8 @@ class Daemon:
     def renew_credentials(self, spec: ImageSpec, auth: str) -> int:
         """New registry credentials for the sources behind an image (the token the old ones
         bought is dropped); how many sources were renewed."""
+        from fetcher.auth import make_credentials
+
         credentials = make_credentials(auth=auth)
         sources = self._registry_sources(spec)
         for source in sources:
@@ -1149,7 +1154,7 @@ class Daemon:
     async def _load_profile(self, spec: ImageSpec, replay: str, bootstrap: Path) -> StartupProfile | None:
         """The image's start-up profile, checked against its bootstrap and blobs; None (and one
         warning naming why, when there was one) if there is none or it cannot be used."""
-        if replay == "none":
+        if replay == "none" or (replay == "auto" and spec.registry is None):  # auto: only a registry holds one
             return None
         try:
             digest = await asyncio.to_thread(bootstrap_digest, bootstrap)
@@ -1181,10 +1186,10 @@ class Daemon:
         manifest (a `ref=` image, whose manifest was pulled), else the one tagged for its
         bootstrap (an image bound from a bootstrap file and a registry backend, as
         nydus-snapshotter binds them). (where it came from, its bytes), or None."""
-        from fetcher.referrers import fetch_profile, fetch_profile_for_bootstrap
-
         if spec.registry is None:
             return None
+        from fetcher.referrers import fetch_profile, fetch_profile_for_bootstrap
+
         source = self.pool.registry(spec.registry)
         manifest = self.manifest_digests.get((spec.volume, spec.fsid))
         if manifest is not None:

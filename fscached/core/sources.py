@@ -7,16 +7,20 @@ caches, health checks) grows with the places bytes come from, not with the image
 """
 from __future__ import annotations
 
-from typing import Callable, Hashable
+from typing import TYPE_CHECKING, Callable, Hashable
 
 from fetcher.chain import SourceChain
 from fetcher.local import LocalDirectorySource
-from fetcher.registry import RegistrySource
 from fetcher.source import BlobSource
 from fscached.config import ImageSpec, RegistrySpec
 
+if TYPE_CHECKING:  # imported on first use: aiohttp is a tenth of a second of a local image's start
+    from fetcher.registry import RegistrySource
+
 
 def registry_source(spec: RegistrySpec) -> RegistrySource:
+    from fetcher.registry import RegistrySource
+
     return RegistrySource(spec.host, spec.repo, scheme=spec.scheme, auth=spec.auth,
                           ca_file=spec.ca_file, skip_verify=spec.skip_verify, timeout=spec.timeout)
 
@@ -36,6 +40,8 @@ class SourcePool:
         return source
 
     def registry(self, spec: RegistrySpec) -> RegistrySource:
+        from fetcher.registry import RegistrySource
+
         source = self._shared(("registry", spec), lambda: registry_source(spec))
         assert isinstance(source, RegistrySource)
         return source
