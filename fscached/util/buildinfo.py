@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import importlib.util
 import platform
 import time
 from pathlib import Path
+
+VERSION = "0.1.0"  # fscached's version: pyproject.toml reads it from here
 
 # the code a `git_commit` stands for: every installed source of these packages
 PACKAGES = ("fscached", "erofs_image", "cachefiles", "fanotify", "native", "fetcher")
@@ -15,12 +16,9 @@ HASHED_SUFFIXES = (".py", ".c", ".h", ".so")
 
 
 def package_version() -> str:
-    """The installed fscached's version ("unknown" when it is not installed, e.g. a bare
-    checkout on PYTHONPATH)."""
-    try:
-        return importlib.metadata.version("fscached")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    """The installed fscached's version: VERSION, which the package metadata is built from
+    (pyproject.toml), so a daemon's start needs no importlib.metadata scan."""
+    return VERSION
 
 
 @functools.cache
@@ -29,8 +27,6 @@ def build_info() -> dict[str, str]:
     version and every installed source file (a wheel has no git): the same for one
     installation, different as soon as any code differs. Computed once per process."""
     version = package_version()
-    if version == "unknown":
-        version = "0.0.0"
     digest = hashlib.sha256(f"fscached {version}\0".encode())
     newest = 0.0
     for package in PACKAGES:
