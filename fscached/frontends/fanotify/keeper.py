@@ -135,52 +135,62 @@ def dismiss(path: Path) -> None:
 
 
 def start(path: Path, blobs_dir: Path | None = None, timeout: float = 10) -> None:
-    """Start a keeper on `path` (its directory must exist, 0700) and wait until it listens.
-    `blobs_dir`: the cache files it watches to decide when nothing needs it any more."""
+    """Start a keeper on `path` (its directory must exist, 0700) and wait until it answers.
+    `blobs_dir`: the cache files it watches to decide when nothing needs it any more.
+
+    The socket is bound and listening before the keeper runs (the keeper inherits it): the ping
+    waits exactly as long as the keeper takes to start, with no polling for the socket file."""
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise KeeperError(f"keeper socket path {path} is longer than {_SUN_PATH_MAX} bytes: use a shorter cache dir")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    argv = [sys.executable, "-m", "fscached.frontends.fanotify.keeper", str(path)]
-    if blobs_dir is not None:
-        argv.append(str(blobs_dir))
-    subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, close_fds=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    with _listening_socket(path) as listener:
+        argv = [sys.executable, "-m", "fscached.frontends.fanotify.keeper", str(path), str(listener.fileno())]
+        if blobs_dir is not None:
+            argv.append(str(blobs_dir))
+        subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, pass_fds=(listener.fileno(),))
+    try:
+        _request(path, {"op": "ping"}, timeout=timeout)
+    except TimeoutError:
+        raise KeeperError(f"the keeper did not answer on {path} within {timeout:.0f} s") from None
+    except OSError as exc:  # it exited before it answered: its socket closed with it
+        raise KeeperError(f"the keeper did not start on {path}: {exc.strerror or exc}") from None
+
+
+def _listening_socket(path: Path) -> socket.socket:
+    """A unix socket listening on `path` (a stale file there replaced), 0600 from its creation."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        old_umask = os.umask(0o177)
         try:
-            _request(path, {"op": "ping"}, timeout=1)
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise KeeperError(f"the keeper did not start listening on {path} within {timeout:.0f} s")
+            listener.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        listener.listen(8)
+    except OSError as exc:
+        listener.close()
+        raise KeeperError(f"keeper socket {path}: {exc.strerror or exc}") from None
+    return listener
 
 
 # -- the keeper process ------------------------------------------------------------------------
 class Keeper:
-    def __init__(self, path: Path, blobs_dir: Path | None) -> None:
+    def __init__(self, path: Path, blobs_dir: Path | None, listener: socket.socket) -> None:
+        """`listener`: the socket bound to `path` and listening, made by the daemon that started it."""
         self.path = path
         self.blobs_dir = blobs_dir
         self.held: dict[str, int] = {}
         self.lifelines: set[socket.socket] = set()
         self.last_request = time.monotonic()
         self.selector = selectors.DefaultSelector()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-
-    def listen(self) -> None:
-        if self.path.exists() or self.path.is_symlink():
-            self.path.unlink()
-        old_umask = os.umask(0o177)
-        try:
-            self.listener.bind(str(self.path))
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
-        self.listener.listen(8)
-        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.listener = listener
 
     def serve(self) -> None:
-        self.listen()
+        self.selector.register(self.listener, selectors.EVENT_READ)
         next_probe = time.monotonic() + PROBE_SECONDS
         while True:
             timeout = max(0.0, next_probe - time.monotonic())
@@ -283,12 +293,14 @@ class Keeper:
         self.path.unlink(missing_ok=True)  # nobody connects to a keeper that is leaving
 
 
-def serve(path: Path, blobs_dir: Path | None = None) -> None:
-    """The keeper process itself."""
+def serve(path: Path, listen_fd: int, blobs_dir: Path | None = None) -> None:
+    """The keeper process itself: `listen_fd` is its socket, listening on `path` (`start`)."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    Keeper(path, blobs_dir).serve()
+    listener = socket.socket(fileno=listen_fd)
+    os.set_inheritable(listen_fd, False)
+    Keeper(path, blobs_dir, listener).serve()
 
 
-if __name__ == "__main__":
-    serve(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+if __name__ == "__main__":  # keeper PATH LISTEN_FD [BLOBS_DIR], as `start` runs it
+    serve(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
