@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 
 #include <lz4.h>
@@ -23,6 +24,7 @@
 int64_t fsc_pwritev_full(int fd, struct iovec *iov, int cnt, uint64_t len, uint64_t off);
 
 #define FILL_KEEP (16u << 20)
+#define FILL_HUGE ((size_t)2 << 20) /* a transparent huge page */
 
 struct tbuf {
     char *p;
@@ -41,10 +43,18 @@ static char *tbuf_get(struct tbuf *b, size_t size)
     free(b->p);
     b->p = NULL;
     b->cap = 0;
-    size = (size + FSC_BLOCK - 1) & ~(size_t)(FSC_BLOCK - 1);
+    size_t align = FSC_PAGE;
+    if (size >= FILL_HUGE) { /* huge pages: a fresh run buffer costs 8 faults per 16 MiB, not 4,096 */
+        align = FILL_HUGE;
+        size = (size + FILL_HUGE - 1) & ~(size_t)(FILL_HUGE - 1);
+    } else {
+        size = (size + FSC_BLOCK - 1) & ~(size_t)(FSC_BLOCK - 1);
+    }
     void *p = NULL;
-    if (posix_memalign(&p, FSC_PAGE, size) != 0)
+    if (posix_memalign(&p, align, size) != 0)
         return NULL;
+    if (align == FILL_HUGE)
+        (void)madvise(p, size, MADV_HUGEPAGE); /* a hint: refused, it is 4 KiB pages as before */
     b->p = p;
     b->cap = size;
     return b->p;
