@@ -947,15 +947,26 @@ def _processes() -> list[tuple[int, list[bytes]]]:
 
 
 def _daemon_state(sock: Path) -> str:
-    """nydusd's GET /api/v1/daemon `state` at `sock`, or what went wrong asking."""
+    """nydusd's GET /api/v1/daemon `state` at `sock`, or what went wrong asking. The body is
+    read by its Content-Length: the real nydusd keeps the connection open after an HTTP/1.0
+    request (reading to EOF waits for the timeout)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(str(sock))
             s.sendall(b"GET /api/v1/daemon HTTP/1.0\r\nHost: nydusd\r\n\r\n")
-            data = b"".join(iter(lambda: s.recv(65536), b""))
-        body = data.split(b"\r\n\r\n", 1)[1]
-        return str(json.loads(body).get("state", "no state"))
+            data = b""
+            while True:
+                head, sep, body = data.partition(b"\r\n\r\n")
+                if sep:
+                    length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+                    if length is not None and len(body) >= int(length.group(1)):
+                        break
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return str(json.loads(data.split(b"\r\n\r\n", 1)[1]).get("state", "no state"))
     except (OSError, IndexError, ValueError, AttributeError) as exc:
         return f"{sock}: {exc}"
 
