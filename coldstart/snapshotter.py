@@ -111,13 +111,14 @@ WRAPPER = "nydusd-rlimit"
 
 def nydus_rs_nydusd() -> Path:
     """The real nydusd (the nydus-rs peer's binary); a ColdstartError naming how to build it."""
-    from coldstart.peers import PeerError, binary
+    from coldstart.peers import PEERS, PeerError, binary, peer_dir
 
     try:
         return binary(NYDUS_RS, "nydusd")
-    except PeerError as exc:
-        raise ColdstartError(f"the real nydusd is not built: {exc} (it is not in make test's peers: "
-                             "its build takes 5 to 8 minutes)") from None
+    except PeerError:
+        raise ColdstartError(f"the real nydusd is not built ({peer_dir(PEERS[NYDUS_RS]) / 'bin' / 'nydusd'} "
+                             f"missing): run `python -m coldstart.peers install {NYDUS_RS}` (5 to 8 minutes on "
+                             "2 cores; make test does not build it)") from None
 
 
 def nydusd_rlimit_wrapper(nydusd: Path, directory: Path) -> Path:
