@@ -197,6 +197,39 @@ def markdown(runs: Sequence[Mapping[str, Any]], working_set: int | None, title: 
     return "\n".join(lines) + "\n"
 
 
+def nydusd_pairs_markdown(pairs: Sequence[Mapping[str, Any]], daemon_mode: str) -> str:
+    """Issue 17's side-by-side through the real nydus-snapshotter (fusedev): per network, the
+    real nydusd vs fscached as `nydusd_path`, best of the runs each, their ratio (above 1:
+    fscached ahead by that factor) and the spread of the per-run ratios. `pairs`: one record per
+    run, {"network", "run", "order": [first, second], "nydusd": {"seconds", "bytes"},
+    "fscached": {...}}."""
+    lines = [f"## Through nydus-snapshotter's fusedev driver ({daemon_mode} daemon): nydusd vs fscached "
+             "as nydusd_path", "",
+             "| network | runs | nydusd best (s) | fscached best (s) | nydusd / fscached | per-run ratios | "
+             "fetched, nydusd / fscached (MiB, median) |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+    for net in networks_of(pairs):
+        mine = [p for p in pairs if p["network"] == net]
+        n = [float(p["nydusd"]["seconds"]) for p in mine]
+        f = [float(p["fscached"]["seconds"]) for p in mine]
+        per_run = sorted(a / b for a, b in zip(n, f))
+        spread = f"{per_run[0]:.2f}x" if len(per_run) == 1 else f"{per_run[0]:.2f}x .. {per_run[-1]:.2f}x"
+
+        def median(xs: list[float]) -> float:
+            xs = sorted(xs)
+            mid = len(xs) // 2
+            return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+        nb = median([p["nydusd"]["bytes"] / MiB for p in mine])
+        fb = median([p["fscached"]["bytes"] / MiB for p in mine])
+        lines.append(f"| {net} | {len(mine)} | {min(n):.2f} | {min(f):.2f} | {min(n) / min(f):.2f}x | {spread} | "
+                     f"{nb:.1f} / {fb:.1f} |")
+    lines += ["", "Time to the container's first output line from the start of `nerdctl run` (pull of the "
+                  "manifest and bootstrap, the mount, overlay, runc), empty caches, page cache dropped; runs "
+                  "interleaved (nydusd first in odd runs, fscached first in even ones)."]
+    return "\n".join(lines) + "\n"
+
+
 def chart(runs: Sequence[Mapping[str, Any]], path: Path, title: str = "Cold start: bytes fetched over time") -> Path:
     """One panel per network: MiB fetched from the registry against seconds since start, a line
     per mode, a dot where the command printed its first line."""

@@ -24,6 +24,10 @@ Modes (each with a fresh containerd; the page cache dropped right before t0):
   with empty caches; t0 = the start of `nerdctl run --snapshotter nydus <reg>/<repo>:nydus`
   (the manifest and the bootstrap layer pulled, the snapshotter has nydusd mount the image,
   overlay, runc). Must run before `lazy_profile`: no profile exists in the registry yet.
+- `snapshotter_nydusd`: the `snapshotter` mode with the real nydusd (nydus-rs 2.2.0: FUSE, its
+  registry backend over the same network, a blobcache in the snapshotter's cache dir) as
+  `nydusd_path`, through a generated wrapper adding `--rlimit-nofile 0`
+  (coldstart.snapshotter.nydusd_rlimit_wrapper); issue 17's side-by-side. Not in MODES.
 - `snapshotter_profile`: the same with the profile `lazy_profile` pushed (recorded and pushed
   first when `lazy_profile` did not run): the snapshotter's nydusd finds it by the bootstrap's
   digest (profile=auto; the snapshotter passes no manifest digest) and replays it.
@@ -32,7 +36,9 @@ Measured, per mode: seconds from t0 to the container's first output line; bytes 
 registry veth's rx counter from t0 to the container's exit: everyone's downloads); the image's
 bytes in the registry (classic: manifest, config and gzip layers; lazy: bootstrap and blobs) and
 the share fetched; the output; and (t - t0, bytes since t0) samples every 20 ms. Nothing is
-asserted here, except that the output is the workload's: a wrong one raises ColdstartError.
+asserted here, except that the output is the workload's and, through the snapshotter, that
+every daemon it started is the one the mode names (the process's executable: the real nydusd,
+or the interpreter running fscached's `nydusd`): else ColdstartError.
 """
 from __future__ import annotations
 
@@ -54,13 +60,18 @@ from typing import Any, Iterator
 from coldstart import ColdstartError, drop_caches, one_line, run as run_cmd, unmount_under
 from coldstart.containerd import Containerd, RunResult
 from coldstart.netns import RegistryNetwork
-from coldstart.snapshotter import DAEMON_MODES, SnapshotterConfig, SnapshotterStack
+from coldstart.snapshotter import (DAEMON_MODES, SnapshotterConfig, SnapshotterStack, daemon_identity,
+                                   nydus_rs_nydusd, nydusd_rlimit_wrapper)
 from coldstart.workload import Workload, push
 
 WORK_ROOT = Path(os.environ.get("FSCACHED_COLDSTART_DIR", "/var/tmp"))  # ext4: fanotify marks, overlay
 # in this order: the snapshotter mode must run before lazy_profile pushes a profile that the
 # snapshotter's nydusd would find (profile=auto) and replay
 MODES = ("classic", "lazy", "snapshotter", "lazy_profile", "snapshotter_profile")
+# the real nydusd (nydus-rs, built by `python -m coldstart.peers install nydus-rs`, not by make
+# test or make bench) as the snapshotter's nydusd_path: not in MODES, asked for by name
+NYDUSD_MODE = "snapshotter_nydusd"
+ALL_MODES = (*MODES, NYDUSD_MODE)
 DIRECT_MODES = ("classic", "lazy", "lazy_profile")  # no snapshotter: what the VM guests run
 FSID = "coldstart"
 RECORD_SECONDS = 60.0  # the recording is written at the unbind, long before this
@@ -305,6 +316,11 @@ class Scenario:
                                  "found and replayed by the snapshotter's nydusd (profile=auto)")
         return self._snapshotter_run("snapshotter", self._fresh_dir("snapshotter"))
 
+    def snapshotter_nydusd(self) -> ModeResult:
+        """The snapshotter mode with the real nydusd as nydusd_path (it knows no start-up
+        profiles: it may run before or after lazy_profile)."""
+        return self._snapshotter_run(NYDUSD_MODE, self._fresh_dir("snapshotter-nydusd"), daemon="nydusd")
+
     def snapshotter_profile(self, record_seconds: float = RECORD_SECONDS) -> ModeResult:
         why = profile_support()
         if why is not None:
@@ -322,10 +338,25 @@ class Scenario:
         self.profile_pushed = True
 
     # -- snapshotter helper ---------------------------------------------------------------------
-    def _snapshotter_run(self, mode: str, d: Path) -> ModeResult:
+    def _snapshotter_run(self, mode: str, d: Path, daemon: str = "fscached") -> ModeResult:
+        """One cold `nerdctl run` through a fresh snapshotter stack whose nydusd_path is
+        fscached's `nydusd` (daemon "fscached") or the real one behind its rlimit wrapper
+        ("nydusd": fusedev only)."""
         net = self._network
-        config = SnapshotterConfig(fs_driver="fusedev" if self.kernel_path == "fanotify" else "fscache",
-                                   daemon_mode=self.snapshotter_daemon_mode, log_level="info")
+        fs_driver = "fusedev" if self.kernel_path == "fanotify" else "fscache"
+        real: Path | None = None
+        if daemon == "nydusd":
+            if fs_driver != "fusedev":
+                raise ColdstartError(f"{mode}: the real nydusd is compared through the fusedev driver only "
+                                     f"(kernel path {self.kernel_path})")
+            real = nydus_rs_nydusd()
+            nydusd_path: Path | None = nydusd_rlimit_wrapper(real, d)
+        elif daemon == "fscached":
+            nydusd_path = None  # the project's own entry point
+        else:
+            raise ColdstartError(f"{mode}: daemon {daemon!r}: choose fscached or nydusd")
+        config = SnapshotterConfig(fs_driver=fs_driver, daemon_mode=self.snapshotter_daemon_mode,
+                                   log_level="info", nydusd_path=nydusd_path)
         with SnapshotterStack(net.host, config, workdir=d / "stack", command_timeout=1200) as stack:
             if self.snapshotter_daemon_mode == "shared":
                 stack.wait_shared_daemon()  # a node's daemon is up before anyone runs a container
@@ -339,10 +370,35 @@ class Scenario:
                 raise ColdstartError(f"{mode} run ({self.network_name}): nerdctl run exited {result.exit_code}: "
                                      f"{one_line(result.stderr or ' | '.join(result.lines))}"
                                      + (f" (nydusd logged: {said})" if said else ""))
+            # the image stays pulled after `run --rm`: its daemon (shared or dedicated) is still up
+            served_by = self._check_daemons(stack, mode, daemon, real)
+            said = stack.nydusd_error()
             profile_said = [line for line in stack.nydusd_logs().splitlines() if "start-up profile" in line]
         out = self._result(mode, t0, rx0, rx1, result, samples, self._nydus_bytes(), {})
-        out.note = one_line(profile_said[-1], 300) if profile_said else "nydusd logged nothing of a start-up profile"
+        if daemon == "nydusd":
+            out.note = served_by + (f"; it logged an error: {said}" if said else "")
+        else:
+            out.note = one_line(profile_said[-1], 300) if profile_said else "nydusd logged nothing of a start-up profile"
         return out
+
+    def _check_daemons(self, stack: SnapshotterStack, mode: str, daemon: str, real: Path | None) -> str:
+        """ColdstartError unless every nydusd the snapshotter runs now is `daemon` and the image
+        is mounted as that daemon mounts it (the real nydusd: FUSE; fscached: EROFS); what was
+        found, in words."""
+        where = f"{mode} run ({self.network_name})"
+        pids = stack.nydusd_pids()
+        if not pids:
+            raise ColdstartError(f"{where}: no nydusd of the snapshotter is running after the run")
+        found = {pid: daemon_identity(pid, real) for pid in pids}
+        wrong = {pid: who for pid, who in found.items() if who != daemon}
+        if wrong:
+            raise ColdstartError(f"{where}: the snapshotter's nydusd is not {daemon}: "
+                                 + ", ".join(f"pid {pid}: {who}" for pid, who in wrong.items()))
+        fstypes = sorted({m.fstype for m in stack.mounts()})
+        want = "fuse" if daemon == "nydusd" else "erofs"
+        if not any(t == want or t.startswith(want + ".") for t in fstypes):
+            raise ColdstartError(f"{where}: no {want} mount under the snapshotter's root ({', '.join(fstypes)})")
+        return f"served by {daemon} (pid {', '.join(map(str, pids))}; {want} mount)"
 
     # -- lazy helpers -------------------------------------------------------------------------
     def _lazy_run(self, mode: str, d: Path, **bind_extra: Any) -> ModeResult:
@@ -432,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         workload = build_workload(size, progress=lambda m: print(m, file=sys.stderr))
         with Scenario(workload, network) as sc:
             for mode in modes:
-                if mode not in MODES:
-                    raise ColdstartError(f"mode {mode!r} is unknown (choose {', '.join(MODES)})")
+                if mode not in ALL_MODES:
+                    raise ColdstartError(f"mode {mode!r} is unknown (choose {', '.join(ALL_MODES)})")
                 print(getattr(sc, mode)().summary(), flush=True)
     except ColdstartError as exc:
         print(f"coldstart: error: {exc}", file=sys.stderr)

@@ -60,7 +60,10 @@ start time recorded in `<workdir>/stack.json`.
 
 The nydusd it runs is the project's own `nydusd` entry point beside the running interpreter
 (`<venv>/bin/nydusd`: `nydusd fuse` for fusedev, `nydusd singleton` for fscache) unless
-`SnapshotterConfig(nydusd_path=...)` names another.
+`SnapshotterConfig(nydusd_path=...)` names another. The real nydusd (nydus-rs, a peer not built by
+make test) runs as `nydusd_path=nydusd_rlimit_wrapper(nydus_rs_nydusd(), dir)`: a script written
+at run time that adds `--rlimit-nofile 0`; `daemon_identity(pid)` tells which of the two a
+running daemon is.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -99,6 +103,65 @@ MARKER = "stack.json"  # in the workdir: whose stack it is, for reap_leftovers()
 def default_nydusd() -> Path:
     """The project's own `nydusd` entry point beside the running interpreter (<venv>/bin)."""
     return Path(sys.executable).parent / "nydusd"
+
+
+NYDUS_RS = "nydus-rs"  # coldstart.peers' name for the real nydusd (nydus-rs 2.2.0, crates.io)
+WRAPPER = "nydusd-rlimit"
+
+
+def nydus_rs_nydusd() -> Path:
+    """The real nydusd (the nydus-rs peer's binary); a ColdstartError naming how to build it."""
+    from coldstart.peers import PEERS, PeerError, binary, peer_dir
+
+    try:
+        return binary(NYDUS_RS, "nydusd")
+    except PeerError:
+        raise ColdstartError(f"the real nydusd is not built ({peer_dir(PEERS[NYDUS_RS]) / 'bin' / 'nydusd'} "
+                             f"missing): run `python -m coldstart.peers install {NYDUS_RS}` (5 to 8 minutes on "
+                             "2 cores; make test does not build it)") from None
+
+
+def nydusd_rlimit_wrapper(nydusd: Path, directory: Path) -> Path:
+    """A script in `directory` to give the snapshotter as `nydusd_path`: it execs the real
+    `nydusd` with the snapshotter's arguments plus `--rlimit-nofile 0` for its daemons
+    (`fuse`, `singleton`). nydusd raises RLIMIT_NOFILE to 1,000,000 by default and exits with a
+    bare EPERM where the hard limit is lower (these machines), and the snapshotter has no way
+    to pass the flag. Anything else (`--version`, which the snapshotter asks for the Git
+    Commit) goes through unchanged. exec: the snapshotter's pid is nydusd's."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / WRAPPER
+    exe = shlex.quote(str(nydusd))
+    path.write_text("#!/bin/sh\n"
+                    "# written by coldstart.snapshotter.nydusd_rlimit_wrapper: the real nydusd for\n"
+                    "# nydus-snapshotter, with --rlimit-nofile 0 (its default raise fails with EPERM here)\n"
+                    'case "$1" in\n'
+                    f'  fuse|singleton) exec {exe} "$@" --rlimit-nofile 0 ;;\n'
+                    f'  *) exec {exe} "$@" ;;\n'
+                    "esac\n")
+    path.chmod(0o755)
+    return path
+
+
+def daemon_identity(pid: int, real_nydusd: Path | None = None) -> str:
+    """Which program the process `pid` runs: "nydusd" (the real one: its executable is
+    `real_nydusd`, default the nydus-rs peer's), "fscached" (the project's `nydusd` entry point:
+    the interpreter running default_nydusd()), else "other: <executable> <argv[:2]>"."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        argv = [os.fsdecode(a) for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError as exc:
+        return f"other: pid {pid} unreadable ({exc.strerror})"
+    exe = exe.removesuffix(" (deleted)")
+    real = real_nydusd
+    if real is None:
+        with contextlib.suppress(ColdstartError):
+            real = nydus_rs_nydusd()
+    if real is not None and os.path.realpath(real) == exe:
+        return "nydusd"
+    ours = os.path.realpath(default_nydusd())
+    if len(argv) > 1 and os.path.realpath(argv[1]) == ours and "python" in os.path.basename(exe):
+        return "fscached"
+    return f"other: {exe} {' '.join(argv[:2])}"
 
 
 def nydusd_config_template(fs_driver: str) -> dict[str, Any]:
@@ -947,15 +1010,26 @@ def _processes() -> list[tuple[int, list[bytes]]]:
 
 
 def _daemon_state(sock: Path) -> str:
-    """nydusd's GET /api/v1/daemon `state` at `sock`, or what went wrong asking."""
+    """nydusd's GET /api/v1/daemon `state` at `sock`, or what went wrong asking. The body is
+    read by its Content-Length: the real nydusd keeps the connection open after an HTTP/1.0
+    request (reading to EOF waits for the timeout)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(str(sock))
             s.sendall(b"GET /api/v1/daemon HTTP/1.0\r\nHost: nydusd\r\n\r\n")
-            data = b"".join(iter(lambda: s.recv(65536), b""))
-        body = data.split(b"\r\n\r\n", 1)[1]
-        return str(json.loads(body).get("state", "no state"))
+            data = b""
+            while True:
+                head, sep, body = data.partition(b"\r\n\r\n")
+                if sep:
+                    length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+                    if length is not None and len(body) >= int(length.group(1)):
+                        break
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return str(json.loads(data.split(b"\r\n\r\n", 1)[1]).get("state", "no state"))
     except (OSError, IndexError, ValueError, AttributeError) as exc:
         return f"{sock}: {exc}"
 
@@ -980,6 +1054,7 @@ def _text(data: str | bytes | None) -> str:
     return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 
 
-__all__ = ["CRI_NAMESPACE", "DAEMON_MODES", "FS_DRIVERS", "RECOVER_POLICIES", "CmdResult", "NydusImage", "Running",
-           "SnapshotterConfig", "SnapshotterStack", "default_nydusd", "merge_settings", "nydusd_config_template",
-           "push_layout", "push_nydus_image", "reap_leftovers", "toml_text"]
+__all__ = ["CRI_NAMESPACE", "DAEMON_MODES", "FS_DRIVERS", "NYDUS_RS", "RECOVER_POLICIES", "CmdResult", "NydusImage",
+           "Running", "SnapshotterConfig", "SnapshotterStack", "daemon_identity", "default_nydusd", "merge_settings",
+           "nydus_rs_nydusd", "nydusd_config_template", "nydusd_rlimit_wrapper", "push_layout", "push_nydus_image",
+           "reap_leftovers", "toml_text"]

@@ -42,7 +42,7 @@ from typing import Callable, Iterator, Sequence
 from erofs_image.oci import sha256_file
 from coldstart import ColdstartError, one_line, pid_alive, run, unmount_under
 
-BUILD_VERSION = "2"  # bump when the recipe changes: a new cache key, a new build
+BUILD_VERSION = "3"  # bump when the recipe changes (or the converter's output does): a new cache key, a new build
 SUITE = "bookworm"
 PYTHON = "3.11"  # bookworm's python3
 DIST_PACKAGES = f"usr/local/lib/python{PYTHON}/dist-packages"

@@ -123,3 +123,20 @@ def test_run_record_takes_a_scenario_result() -> None:
                    "image_bytes": 4000, "samples": [[0.0, 0], [0.512, 600]], "output": ["numpy 2 sum=1", "x"],
                    "phases": {"bind": 0.4}}
     assert report.ratios([rec, {**rec, "mode": "classic", "seconds": 2.46912}])["1gbit"]["profile_speedup"] == 2.0
+
+
+def pair(net: str, n: int, nydusd: float, fscached: float, nb: int = 40 * MiB, fb: int = 30 * MiB) -> dict:
+    order = ["nydusd", "fscached"] if n % 2 else ["fscached", "nydusd"]
+    return {"network": net, "run": n, "order": order, "nydusd": {"seconds": nydusd, "bytes": nb},
+            "fscached": {"seconds": fscached, "bytes": fb}}
+
+
+def test_nydusd_side_by_side_is_best_of_runs_with_the_per_run_spread() -> None:
+    md = report.nydusd_pairs_markdown([pair("100mbit", 1, 9.0, 6.0), pair("100mbit", 2, 8.0, 5.0, nb=50 * MiB),
+                                       pair("100mbit", 3, 12.0, 4.0, nb=60 * MiB),
+                                       pair("1gbit", 1, 3.0, 3.0)], "shared")
+    rows = [line for line in md.splitlines() if line.startswith("| 100mbit") or line.startswith("| 1gbit")]
+    # best 8.0 / best 4.0 = 2.00x; per run 1.50x, 1.60x, 3.00x; median fetched 50 / 30 MiB
+    assert rows[0] == "| 100mbit | 3 | 8.00 | 4.00 | 2.00x | 1.50x .. 3.00x | 50.0 / 30.0 |", rows
+    assert rows[1] == "| 1gbit | 1 | 3.00 | 3.00 | 1.00x | 1.00x | 40.0 / 30.0 |", rows
+    assert "shared daemon" in md and "interleaved" in md
