@@ -15,8 +15,10 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
+import time
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
+from fetcher.link import LinkEstimate
 from fetcher.source import BlobSource, IntegrityError, SourceError
 
 log = logging.getLogger("fscached.fetcher.chain")
@@ -47,6 +49,24 @@ class SourceChain:
         self.bytes: collections.Counter[str] = collections.Counter()
         self.in_flight: collections.Counter[str] = collections.Counter()
         self._seen: set[tuple[str, str, str]] = set()
+        # what a read costs on each source's link (fetcher.link), learnt from its ranged reads,
+        # and which source served each blob last: the read window worth fetching around a miss
+        self.links: dict[str, LinkEstimate] = {}
+        self.served_by: dict[str, str] = {}
+        self._last_served = ""
+
+    def bytes_per_request(self, blob_id: str) -> int | None:
+        """How many stored bytes the link of the source that last served `blob_id` carries in
+        one request's fixed cost (fetcher.link); None: local files, or no estimate yet."""
+        link = self.links.get(self.served_by.get(blob_id, self._last_served))  # a new blob: the last link
+        return link.bytes_per_request() if link is not None else None
+
+    def is_remote(self, blob_id: str) -> bool:
+        """Whether `blob_id` comes (or, not read yet, will most likely come) over a network:
+        from a source with no local files (fetcher.local's `local_range`)."""
+        name = self.served_by.get(blob_id)
+        source = next((s for s in self.sources if s.name == name), self.sources[0])
+        return getattr(source, "local_range", None) is None
 
     def __repr__(self) -> str:
         return f"SourceChain({self.name!r}, fallback={self.fallback})"
@@ -85,10 +105,12 @@ class SourceChain:
                     self.bytes[source.name] += length
                 else:
                     self.in_flight[source.name] += 1
+                    asked = time.monotonic()
                     try:
                         raw = await source.read(blob_id, offset, length, prefetch=prefetch)
                     finally:
                         self.in_flight[source.name] -= 1
+                    self.links.setdefault(source.name, LinkEstimate()).observe(len(raw), time.monotonic() - asked)
                     self.bytes[source.name] += len(raw)
                 result = verify(raw)
                 if inspect.isawaitable(result):  # verification may run in a worker thread
@@ -101,6 +123,7 @@ class SourceChain:
                 why = f"bad bytes: {detail}"
             else:
                 self.stats[f"{source.name}:ok"] += 1
+                self.served_by[blob_id] = self._last_served = source.name
                 if reasons:
                     log.debug("blob %s [%d+%d]: served by %s after: %s", blob_id, offset, length,
                               source.name, "; ".join(reasons))
