@@ -12,7 +12,7 @@ from registry_server import (TEST_PASSWORD, TEST_USER, RegistryServer,
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory):
     if not registry_available():
-        pytest.skip("docker-registry not installed (Debian package docker-registry)")
+        pytest.fail("docker-registry not installed (Debian package docker-registry: make deps installs it)")
     with RegistryServer(tmp_path_factory.mktemp("registry")) as reg:
         yield reg
 
@@ -20,8 +20,8 @@ def registry(tmp_path_factory):
 @pytest.fixture(scope="session")
 def auth_registry(tmp_path_factory):
     if not registry_available():
-        pytest.skip("docker-registry not installed (Debian package docker-registry)")
-    pytest.importorskip("bcrypt")
+        pytest.fail("docker-registry not installed (Debian package docker-registry: make deps installs it)")
+    import bcrypt  # noqa: F401  (a test dependency: the registry's htpasswd)
     with RegistryServer(tmp_path_factory.mktemp("auth-registry"), users={TEST_USER: TEST_PASSWORD}) as reg:
         yield reg
 
@@ -29,11 +29,11 @@ def auth_registry(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tls_registry(tmp_path_factory):
     if not registry_available():
-        pytest.skip("docker-registry not installed (Debian package docker-registry)")
+        pytest.fail("docker-registry not installed (Debian package docker-registry: make deps installs it)")
     import shutil
 
     if not shutil.which("openssl"):
-        pytest.skip("openssl not installed")
+        pytest.fail("openssl not installed")
     work = tmp_path_factory.mktemp("tls-registry")
     with RegistryServer(work, tls=make_self_signed_cert(work / "tls")) as reg:
         yield reg

@@ -15,11 +15,15 @@ from erofs_image.tree import BlobInfo, ChunkRef, Image, Inode
 from erofs_image.writer import write_bootstrap
 from test_format_helpers import erofs_available, fsck, mount_erofs, umount
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="mounting EROFS needs root"),
-    pytest.mark.skipif(not erofs_available(), reason="kernel has no EROFS (not in /proc/filesystems)"),
-]
+pytestmark = [pytest.mark.root]
+
+
+@pytest.fixture(autouse=True)
+def can_mount_erofs() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("mounting EROFS needs root")
+    if not erofs_available():
+        pytest.fail("the kernel has no EROFS (not in /proc/filesystems)")
 SITE = Path(__file__).resolve().parents[2] / ".venv" / "lib" / "python3.11" / "site-packages"
 
 

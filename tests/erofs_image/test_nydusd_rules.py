@@ -137,6 +137,6 @@ def test_the_checker_finds_what_nydusd_refused(ours: Path) -> None:
     assert any("invalid chunk table offset" in r for r in nydusd_refusals(bytes(raw)))
 
 
-@pytest.mark.skipif(not (FIXTURE_DIR / "rafs-v6-2.2.boot").exists(), reason="nydus-built fixture missing")
 def test_the_nydus_built_fixture_passes_the_checker() -> None:
+    assert (FIXTURE_DIR / "rafs-v6-2.2.boot").exists(), f"the nydus-built fixture is missing from {FIXTURE_DIR}"
     assert nydusd_refusals((FIXTURE_DIR / "rafs-v6-2.2.boot").read_bytes()) == []

@@ -124,8 +124,8 @@ def test_valid_images_open(built, tmp_path) -> None:
     assert boot.image.prefetch == [b"/small"]
 
 
-@pytest.mark.skipif(not NYDUS_BOOT.exists(), reason="nydus fixture missing")
 def test_nydus_fixture_opens() -> None:
+    assert NYDUS_BOOT.exists(), f"the nydus-built fixture is missing: {NYDUS_BOOT}"
     boot = Bootstrap.open(NYDUS_BOOT)
     assert sorted(boot.image.root.children) == [b"lib.rs", b"sync_io.rs"]
 

@@ -24,12 +24,12 @@ from daemon_proc import WORK_ROOT, FscachedProcess
 @pytest.fixture(scope="session")
 def fanotify_host() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root (fanotify pre-content marks, mount)")
+        pytest.fail("needs root (fanotify pre-content marks, mount)")
     from fanotify.group import probe
 
     reason = probe(WORK_ROOT)
     if reason is not None:
-        pytest.skip(f"no fanotify pre-content events here: {reason}")
+        pytest.fail(f"no fanotify pre-content events here: {reason}")
 
 
 @pytest.fixture

@@ -46,9 +46,11 @@ def _fanotify_unavailable() -> str | None:
     return probe(WORK_ROOT)
 
 
-_WHY_NOT = _fanotify_unavailable()
-if _WHY_NOT:
-    pytestmark = [pytestmark, pytest.mark.skip(reason=f"fanotify backend unavailable: {_WHY_NOT}")]
+@pytest.fixture(autouse=True)
+def fanotify_available() -> None:
+    why_not = _fanotify_unavailable()
+    if why_not:
+        pytest.fail(f"fanotify backend unavailable: {why_not}")
 
 
 # -- fixtures and helpers (this file's own: conftest.py belongs to someone else) -----------------

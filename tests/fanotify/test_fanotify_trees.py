@@ -205,7 +205,7 @@ def test_real_tree_from_registry(real: dict[str, Any], fanotify_work: Path, regi
                                  fscached_daemons: Callable[..., FscachedProcess],
                                  request: pytest.FixtureRequest, compressor: str) -> None:
     if shutil.which("skopeo") is None:
-        pytest.skip("skopeo not installed")
+        pytest.fail("skopeo not installed (make deps installs it)")
     repo = "fanotify-trees/t" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
     ref = push_layout(registry, real["built"][compressor] / "oci", repo)
     mnt = fanotify_work / "mnt"
@@ -341,9 +341,9 @@ def _nydus_fixture_files() -> dict[str, bytes]:
     return files
 
 
-@pytest.mark.skipif(not (NYDUS_FIXTURE / "rafs-v6-2.2.boot").exists(), reason="nydus fixture missing")
 def test_nydus_built_fixture_through_fanotify(fanotify_work: Path,
                                               fscached_daemons: Callable[..., FscachedProcess]) -> None:
+    assert (NYDUS_FIXTURE / "rafs-v6-2.2.boot").exists(), f"the nydus-built fixture is missing from {NYDUS_FIXTURE}"
     want = _nydus_fixture_files()
     mnt = fanotify_work / "mnt"
     daemon = fscached_daemons(fanotify_work / "cache", [

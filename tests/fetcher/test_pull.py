@@ -26,7 +26,13 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 TAR_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 BOOT_ANN = "containerd.io/snapshot/nydus-bootstrap"
 
-needs_skopeo = pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo not installed")
+@pytest.fixture
+def skopeo() -> None:
+    if shutil.which("skopeo") is None:
+        pytest.fail("skopeo not installed (make deps installs it)")
+
+
+needs_skopeo = pytest.mark.usefixtures("skopeo")
 
 
 def run(coro):
@@ -180,9 +186,8 @@ def nydus_image(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pushed(registry, nydus_image):
-    pytest.importorskip("aiohttp")
     if shutil.which("skopeo") is None:
-        pytest.skip("skopeo not installed")
+        pytest.fail("skopeo not installed (make deps installs it)")
     skopeo_push(nydus_image / "oci", registry, "nydus/app:latest")
     return registry
 

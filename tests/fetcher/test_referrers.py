@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("aiohttp")
 from aiohttp import web
 
 from frontserver import FrontServer

@@ -376,7 +376,7 @@ def test_bind_by_reference_pulls_the_bootstrap(running: tuple[ApiDaemon, KernelS
     import shutil
 
     if shutil.which("skopeo") is None:
-        pytest.skip("skopeo not installed")
+        pytest.fail("skopeo not installed (make deps installs it)")
     index = json.loads((built / "oci" / "index.json").read_text())
     tag = index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
     push = subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{built / 'oci'}:{tag}",

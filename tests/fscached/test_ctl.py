@@ -431,7 +431,7 @@ def test_default_socket_path() -> None:
 
 # -- the real API (fscached.api.server) with a daemon answering the kernel simulator ---------------------
 def test_against_the_real_api(work: Path, mounts: list[tuple[Any, ...]], capsys: pytest.CaptureFixture[str]) -> None:
-    api_module = pytest.importorskip("fscached.api.server")
+    import fscached.api.server as api_module
     from erofs_image.builder import convert
     from erofs_image.reader import Bootstrap
     from fscached.config import ImageSpec

@@ -180,7 +180,7 @@ def test_capture_of_an_image_pulled_at_run_time(built: Path, work: Path, auth_re
     from registry_server import TEST_PASSWORD, TEST_USER
 
     if shutil.which("skopeo") is None:
-        pytest.skip("skopeo not installed")
+        pytest.fail("skopeo not installed (make deps installs it)")
     index = json.loads((built / "oci" / "index.json").read_text())
     tag = index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
     push = subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"--dest-creds={TEST_USER}:{TEST_PASSWORD}",
@@ -212,12 +212,12 @@ def test_capture_of_an_image_pulled_at_run_time(built: Path, work: Path, auth_re
 @pytest.fixture
 def fanotify_work() -> Iterator[Path]:
     if os.geteuid() != 0:
-        pytest.skip("needs root (fanotify pre-content marks)")
+        pytest.fail("needs root (fanotify pre-content marks)")
     from fanotify.group import probe
 
     reason = probe(WORK_ROOT)
     if reason is not None:
-        pytest.skip(f"no fanotify pre-content events here: {reason}")
+        pytest.fail(f"no fanotify pre-content events here: {reason}")
     path = Path(tempfile.mkdtemp(prefix="fsh-", dir=WORK_ROOT))  # short: the keeper socket lives below
     try:
         yield path

@@ -298,12 +298,12 @@ def test_metrics_of_a_daemon_not_yet_bound(work: Path) -> None:
 @pytest.fixture
 def fanotify_work(work: Path) -> Path:
     if os.geteuid() != 0:
-        pytest.skip("needs root (fanotify pre-content marks, mount)")
+        pytest.fail("needs root (fanotify pre-content marks, mount)")
     from fanotify.group import probe
 
     reason = probe(WORK_ROOT)
     if reason is not None:
-        pytest.skip(f"no fanotify pre-content events here: {reason}")
+        pytest.fail(f"no fanotify pre-content events here: {reason}")
     return work
 
 

@@ -100,7 +100,7 @@ def test_legacy_domain_scheme_tls_timeout_prefetch_variants(tmp_path: Path) -> N
     from registry_server import make_self_signed_cert
 
     if not shutil.which("openssl"):
-        pytest.skip("openssl not installed")
+        pytest.fail("openssl not installed")
     ca, _ = make_self_signed_cert(tmp_path / "tls")
     entry = legacy()
     entry["domain_id"] = "shared-dom"

@@ -108,7 +108,7 @@ def test_one_bad_chunk_writes_nothing_of_the_run(tmp_path, compressor: str) -> N
 
 def test_direct_writes_are_whole_aligned_blocks(tmp_path) -> None:
     if native.fs_type(tmp_path) == 0x01021994:
-        pytest.skip("tmp_path is tmpfs: no O_DIRECT")
+        pytest.fail("tmp_path is tmpfs: no O_DIRECT (set TMPDIR to a disk filesystem)")
     datas = [os.urandom(BLOCK * 2), os.urandom(100)]
     raw, chunks = stored(datas, "zstd")
     path = tmp_path / "direct"

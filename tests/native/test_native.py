@@ -14,7 +14,7 @@ from native import AlignedBuffer
 def direct_file(tmp_path):
     """A file opened O_WRONLY|O_DIRECT on a non-tmpfs dir (like a cachefiles anon fd)."""
     if native.fs_type(tmp_path) == 0x01021994:
-        pytest.skip("tmp_path is tmpfs: no O_DIRECT")
+        pytest.fail("tmp_path is tmpfs: no O_DIRECT (set TMPDIR to a disk filesystem)")
     path = tmp_path / "direct"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
     yield path, fd
