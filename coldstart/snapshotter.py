@@ -781,9 +781,18 @@ class SnapshotterStack:
         result = CmdResult(args, r.returncode, r.stdout, r.stderr, time.monotonic() - t0)
         if check and not result.ok:
             said = self.nydusd_error() if explain else None
+            gone = self._snapshotter_gone() if explain else None
             raise ColdstartError(f"{what}: exited {r.returncode}: {one_line(r.stderr or r.stdout or 'no output')}"
-                                 + (f" (nydusd logged: {said})" if said else ""))
+                                 + (f" (nydusd logged: {said})" if said else "") + (f" ({gone})" if gone else ""))
         return result
+
+    def _snapshotter_gone(self) -> str | None:
+        """Why a command that went through the snapshotter failed, when it is because the
+        snapshotter itself exited (its exit code and last error), else None."""
+        proc = self.snapshotter
+        if proc is None or proc.poll() is None:
+            return None
+        return f"containerd-nydus-grpc had exited {proc.returncode}: {self.snapshotter_error()}"
 
     def in_namespace(self, command: Sequence[str], *, check: bool = True, timeout: float = 120) -> CmdResult:
         """Run `command` in containerd's mount namespace."""
