@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", help="debug, info, warning or error (default info)")
     parser.add_argument("--work-dir", help="where bootstraps pulled from registries are kept (default /var/lib/fscached)")
-    parser.add_argument("--read-window", help="bytes fetched around a small READ (power of two, default 1M)")
+    parser.add_argument("--read-window", help="the most bytes fetched around a small READ (power of two, default 1M; "
+                        "less from a network source whose link carries less per request)")
     parser.add_argument("--ready-file", help="written with the pid once the daemon serves")
     parser.add_argument("--stats-file", help="request counters as JSON, written on SIGUSR1 and at exit")
     parser.add_argument("--apisock", help="serve the nydusd-compatible control API on this unix socket "
