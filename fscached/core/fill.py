@@ -351,13 +351,16 @@ class Filler:
         if not needed:
             return
         size = self.read_window(obj)
-        window_start = round_down(offset, size)
-        window_end = min(round_up(offset + length, size), obj.size)
+        # at least the READ's own chunks, whole: a window inside one chunk would end mid-chunk,
+        # and the next READ of that chunk's rest would not look sequential to the read-ahead
+        window_start = min(round_down(offset, size), needed[0].uncompressed_offset)
+        window_end = min(max(round_up(offset + length, size),
+                             needed[-1].uncompressed_offset + round_up(needed[-1].uncompressed_size)), obj.size)
         # the window holds the READ's own chunks too (both block aligned, within the blob)
         window = needed if exact else obj.chunk_map.chunks_in(window_start, window_end)
         jobs = self._start_jobs(obj, target, window, READ, self.window)
-        if not exact:
-            self._read_ahead(obj, target, window_start, window_end)
+        if not exact:  # the first read-ahead shrinks with the window (a slow link: a smaller ramp start)
+            self._read_ahead(obj, target, window_start, window_end, max(size, READAHEAD_MIN * size // self.window))
         target.sequential_end = window_end
         try:
             await self._await_chunks(target, needed, jobs)
@@ -385,9 +388,10 @@ class Filler:
         wanted = max(MIN_READ_WINDOW, int(worth * expansion))
         return min(self.window, max(MIN_READ_WINDOW, 1 << (wanted.bit_length() - 1)))
 
-    def _read_ahead(self, obj: BlobObject, target: FillTarget, window_start: int, window_end: int) -> None:
+    def _read_ahead(self, obj: BlobObject, target: FillTarget, window_start: int, window_end: int,
+                    first: int = READAHEAD_MIN) -> None:
         """Start fetches ahead of a sequential reader (see READAHEAD_MIN): on its first
-        sequential READ READAHEAD_MIN ahead, doubling up to READAHEAD_BYTES while it goes on."""
+        sequential READ `first` bytes ahead, doubling up to READAHEAD_BYTES while it goes on."""
         if target.replaying:
             return
         if target.window_start <= window_start and window_end <= target.sequential_end:
@@ -403,7 +407,7 @@ class Filler:
             return
         if target.ahead_size and target.ahead_end - window_end >= target.ahead_size // 2:
             return  # more than half of the read-ahead still in front of the reader
-        target.ahead_size = min(max(2 * target.ahead_size, READAHEAD_MIN), READAHEAD_BYTES)
+        target.ahead_size = min(max(2 * target.ahead_size, first), READAHEAD_BYTES)
         ahead_start = max(target.ahead_end, window_end)
         ahead_end = min(window_end + target.ahead_size, obj.size)
         if ahead_end <= ahead_start:

@@ -111,3 +111,46 @@ def test_no_read_ahead_while_a_profile_replays(tmp_path: Path) -> None:
     target.replaying = 0  # the replay is over: a sequential reader gets read-ahead again
     read(filler, obj, target, 8 * CHUNK)
     assert filler.started and filler.stats["readahead_windows"] == 1
+
+
+class FillingRecorder(Recorder):
+    """A Recorder whose fetches succeed at once: fill_blob runs whole, and filled chunks are
+    no longer asked for (the kernel sends no event for them)."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window = window
+
+    def _start_jobs(self, obj, target, chunks, kind, max_run):  # type: ignore[no-untyped-def, override]
+        super()._start_jobs(obj, target, chunks, kind, max_run)
+        target.mark_written(chunks)
+        return {}
+
+
+def test_a_window_smaller_than_a_chunk_still_sees_a_sequential_reader(tmp_path: Path) -> None:
+    """A read window shrunk below the chunk size (a slow link) covers the READ's chunks whole:
+    the next miss starts where that chunk ended, so a sequential reader gets its read-ahead (it
+    had none: every GET of a cold 256 MiB read from a registry was one 1 MiB chunk)."""
+    import asyncio
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "data").write_bytes(os.urandom(32 * MiB))
+    convert(tree, tmp_path / "img", compressor="none", chunk_size=4 * CHUNK)
+    bs = Bootstrap.open(tmp_path / "img" / "image.boot")
+    info = bs.blobs[0]
+    obj = BlobObject(info, ChunkMap(chunks_by_blob(bs.image)[0], info.uncompressed_size), None, bs)  # type: ignore[arg-type]
+    filler, target = FillingRecorder(window=CHUNK), FillTarget(-1, contextlib.nullcontext)
+    filler.read_window = lambda _obj: CHUNK  # type: ignore[method-assign]  # the window a slow link gets
+
+    async def sequential_reader() -> int:
+        misses = 0
+        for offset in range(0, 8 * MiB, CHUNK):
+            if not filler.is_filled(obj, target, offset, CHUNK):
+                misses += 1
+                await filler.fill_blob(obj, target, offset, CHUNK)
+        return misses
+
+    misses = asyncio.run(sequential_reader())
+    assert filler.stats["readahead_windows"] > 0 and target.ahead_size > 0
+    assert misses < 8 * MiB // (4 * CHUNK)  # the read-ahead filled chunks before the reader asked
