@@ -73,6 +73,7 @@ supervisor_log = logging.getLogger("fscached.supervisor")
 
 WORKER_THREADS = 4
 DRAIN_SECONDS = 10.0
+UNMOUNT_RELEASE_SECONDS = 2.0  # an unbind waits this long for the kernel to let go of unmounted cache files
 # a stop that hands over: READs in flight get this long to finish with their data; the rest
 # are left unanswered for the successor
 HANDOVER_DRAIN_SECONDS = 2.0
@@ -783,6 +784,13 @@ class Daemon:
         # the blobs this unbind would stop serving: nothing else may still read them
         dropped = [blob for blob in self.catalog.devices.get(image.key, []) if blob.users <= {spec.fsid}]
         readers = frontend.readers_of(spec, dropped)
+        waited = 0.0
+        while readers and waited < UNMOUNT_RELEASE_SECONDS:
+            # the kernel may close an unmounted EROFS's cache files a moment after umount returns
+            # (a deferred fput, later under load): a reader that stays is one
+            await asyncio.sleep(0.02)
+            waited += 0.02
+            readers = frontend.readers_of(spec, dropped)
         if readers:
             raise BusyError(f"image {spec.fsid}: still read through {', '.join(readers)} (a mount by hand, or one "
                        "detached with umount -l that a process still reads): unmount it, or stop what reads it")
