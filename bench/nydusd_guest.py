@@ -60,7 +60,7 @@ from scenarios.unix_http import UnixHTTPConnection  # noqa: E402
 console = fb.console
 SCENARIO = "bench_nydusd"  # vm-tests/scenarios/bench_nydusd.py: calls guest_run in the guest
 TITLE = ("{series} guest (cachefiles, emulated: only the ratio means anything): nydusd {version} (fscache) vs "
-         "fscached (cachefiles), kernel {kernel}, {cpus} vCPUs, {compressor} image, best of {runs} runs, one "
+         "fscached (cachefiles), kernel {kernel}, {cpus} CPU(s) up in the guest (QEMU -smp 2), {compressor} image, best of {runs} runs, one "
          "daemon at a time, page cache dropped before every timed read")
 API_TIMEOUT = 120.0
 
@@ -291,7 +291,7 @@ def main() -> int:
                       "big": {"image": str(image), "source": str(original), "sha256": expected}}
         # the guest's disk holds a copy of both images, the registry's copy, and one daemon's cache
         disk_mib = 4 * args.size_mib + 3 * args.walk_mib + 1024
-        console.print(f"booting the {kernel} guest (2 vCPUs, {args.memory_mb} MiB) ...")
+        console.print(f"booting the {kernel} guest (QEMU -smp 2, {args.memory_mb} MiB) ...")
         res = run_scenario(kernel, SCENARIO, guest_args, timeout=args.timeout, check=False, share=[work],
                            scratch_size=f"{disk_mib}M", memory_mb=args.memory_mb, smp=2)
         out = res.result
