@@ -318,8 +318,8 @@ def cold_walk(ctx: Ctx, source: Source, want: str, runs: int) -> dict[str, Any]:
 def warm(ctx: Ctx, source: Source, rel: str, expected: str, runs: int) -> dict[str, Any]:
     """Each daemon fills its cache with one read of the file (checked), then the timed reads, the
     page cache dropped before each: both daemons up at once and the reads interleaved, or, where
-    only one can serve at a time (`ctx.together` False), one daemon's fill and reads after the
-    other's."""
+    only one can serve at a time (`ctx.together` False), a fresh daemon on a fresh cache per run
+    and side, interleaved as the cold rows are, each filled then read once."""
     times: dict[str, list[float]] = {s: [] for s in SIDES}
     fill: dict[str, float] = {}
 
@@ -341,12 +341,12 @@ def warm(ctx: Ctx, source: Source, rel: str, expected: str, runs: int) -> dict[s
             for side, d in daemons.items():
                 fb.check_bytes(ctx.bench, d.mnt / rel, expected, f"warm, {side}")
     else:
-        for side in SIDES:
-            with ctx.serving(side, f"warm-{side}", source) as d:
-                filled(side, d)
-                for i in range(runs):
+        for i in range(runs):
+            for side in order(i):
+                with ctx.serving(side, f"warm-{side}-{i}", source) as d:
+                    filled(side, d)
                     read(side, d, i)
-                fb.check_bytes(ctx.bench, d.mnt / rel, expected, f"warm, {side}")
+                    fb.check_bytes(ctx.bench, d.mnt / rel, expected, f"warm run {i + 1}, {side}")
     return pair(times) | {"fill_seconds": fill, "source": source.name, "together": ctx.together}
 
 

@@ -15,8 +15,7 @@ daemons in cachefiles mode:
   fscached  `fscached --kernel-path cachefiles` with `mountpoint=`, a fresh cache dir.
 Only one process at a time can hold /dev/cachefiles, so the two never serve together: each cold
 run starts a fresh daemon on a fresh cache dir and stops it, nydusd first in odd runs and
-fscached first in even ones; the warm row fills one daemon's cache and times its reads, then the
-other's (not interleaved). The page cache is dropped before every timed read; every byte is
+fscached first in even ones; so does each warm run, which fills the cache with one read first. The page cache is dropped before every timed read; every byte is
 checked against the source every run; wrong bytes, a hang (180 s: the daemon is killed), a
 daemon that does not start or error lines in a daemon's log are listed and make the exit code 1.
 Timings are never asserted.
