@@ -194,6 +194,18 @@ def guest_clock() -> dict[str, Any]:
             "kernel_said": [line for line in said if "clocksource" in line.lower() or "tsc" in line.lower()][-10:]}
 
 
+def host_tsc_khz() -> int:
+    """The host CPU's rate in kHz (/proc/cpuinfo), the rate of the guest's TSC under TCG (QEMU's
+    rdtsc reads the host's): given to the guest kernel as tsc_early_khz=, because its own
+    calibration against the PIT fails on a busy host, and with no HPET or ACPI PM timer in the
+    test kernels it then falls back to jiffies, a 4 ms clock. A rate slightly off scales every
+    time alike: the ratios stay."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            return round(float(line.split(":")[1]) * 1000)
+    raise RuntimeError("no `cpu MHz` line in /proc/cpuinfo: the guest's TSC rate is unknown")
+
+
 def local_copy(image: Path, to: Path) -> Path:
     """The image's bootstrap and blobs on the guest's own disk (a node's blob store), not 9p."""
     to.mkdir(parents=True)
@@ -213,6 +225,12 @@ def guest_run(args: dict[str, Any]) -> dict[str, Any]:
     results: dict[str, Any] = {"kernel": platform.release(), "cpus": os.cpu_count(), "size_mib": size, "runs": runs,
                                "compressor": args["compressor"], "nydusd": args["nydusd"]}
     started = time.monotonic()
+    clock = guest_clock()
+    if clock["current"] != "tsc":
+        ctx.close()
+        return {"results": results | {"guest_clock": clock},
+                "problems": [f"the guest's clock is {clock['current']} ({clock['resolution_ns'] / 1e6:g} ms), not the "
+                             f"TSC: no row measured; the kernel said: {' | '.join(clock['kernel_said'][-3:])}"]}
     try:
         original, expected = Path(args["big"]["source"]), args["big"]["sha256"]
         big = local_copy(Path(args["big"]["image"]), work / "big")
@@ -292,7 +310,8 @@ def main() -> int:
         disk_mib = 4 * args.size_mib + 3 * args.walk_mib + 1024
         console.print(f"booting the {kernel} guest (QEMU -smp 2, {args.memory_mb} MiB) ...")
         res = run_scenario(kernel, SCENARIO, guest_args, timeout=args.timeout, check=False, share=[work],
-                           scratch_size=f"{disk_mib}M", memory_mb=args.memory_mb, smp=2)
+                           scratch_size=f"{disk_mib}M", memory_mb=args.memory_mb, smp=2,
+                           kernel_args=[f"tsc_early_khz={host_tsc_khz()}", "tsc=reliable"])
         out = res.result
         results = out.get("results", {})
         problems = list(out.get("problems", []))
