@@ -54,7 +54,7 @@ from bench import nydusd as nb  # noqa: E402  (bench/nydusd.py: the rows, the da
 from coldstart import peers  # noqa: E402
 from fscached.util import mounts  # noqa: E402
 from registry_server import RegistryServer  # noqa: E402
-from scenarios.unix_http import UnixHTTPConnection  # noqa: E402
+from scenarios.unix_http import request  # noqa: E402
 
 console = fb.console
 SCENARIO = "bench_nydusd"  # vm-tests/scenarios/bench_nydusd.py: calls guest_run in the guest
@@ -67,14 +67,8 @@ API_TIMEOUT = 120.0
 # -- nydusd in fscache mode (guest side) -----------------------------------------------------------
 def api(sock: Path, method: str, path: str, body: Any = None) -> tuple[int, str]:
     """One request to nydusd's API socket: (status, body text)."""
-    conn = UnixHTTPConnection(sock, API_TIMEOUT)
-    try:
-        payload = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode(errors="replace")
-    finally:
-        conn.close()
+    status, raw = request(sock, method, path, body, API_TIMEOUT)
+    return status, raw.decode(errors="replace")
 
 
 def bind_entry(fsid: str, bootstrap: Path, backend: dict[str, Any], work_dir: Path) -> dict[str, Any]:
