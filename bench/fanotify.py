@@ -74,8 +74,9 @@ class Hang(Exception):
 class Bench:
     """Everything this run started, so it can all be undone on any exit."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, backend: str = "fanotify") -> None:
         self.work = work
+        self.backend = backend  # fscached's --kernel-path: cachefiles in the guests (bench/nydusd_guest.py)
         self.daemons: list[tuple[FscachedProcess, list[Path]]] = []
         self.plain_mounts: list[Path] = []
         self.registry: RegistryServer | None = None
@@ -88,7 +89,7 @@ class Bench:
     def daemon(self, name: str, images: list[str], mountpoints: list[Path]) -> FscachedProcess:
         run = self.work / "runs" / name
         run.mkdir(parents=True, exist_ok=True)
-        proc = FscachedProcess(run / "cache", images)
+        proc = FscachedProcess(run / "cache", images, backend=self.backend)
         self.daemons.append((proc, mountpoints))
         proc.start(timeout=120)
         return proc

@@ -205,7 +205,12 @@ class Side:
 
 
 class Ctx:
-    """The run: fb.Bench (fscached daemons, the registry, the work dir, the problems) and nydusd."""
+    """The run: fb.Bench (fscached daemons, the registry, the work dir, the problems) and nydusd.
+    `serving` starts either daemon; bench/nydusd_guest.py's GuestCtx starts both in cachefiles
+    mode instead, where the kernel lets one process at a time hold /dev/cachefiles (`together`
+    False: the warm row then serves one daemon after the other)."""
+
+    together = True  # may both daemons serve at once?
 
     def __init__(self, bench: fb.Bench, exe: Path) -> None:
         self.bench, self.exe = bench, exe
@@ -222,41 +227,44 @@ class Ctx:
                 console.print(f"cleanup of nydusd: {exc}")
         self.bench.close()
 
+    def start_nydusd(self, run: Path, source: Source) -> Nydusd:
+        """A nydusd of this run's kind, not started yet (FUSE here)."""
+        return Nydusd(self.exe, run, source.bootstrap, source.nydusd_backend)
 
-@contextmanager
-def serving(ctx: Ctx, side: str, run: str, source: Source) -> Iterator[Side]:
-    """A fresh daemon of `side` on a fresh cache, serving `source`; stopped after (SIGTERM), its
-    exit code and log errors reported, its run dir removed."""
-    what = f"{run} ({side})"
-    if side == "nydusd":
-        n = Nydusd(ctx.exe, ctx.bench.work / "runs" / run, source.bootstrap, source.nydusd_backend)
-        ctx.nydusds.append(n)
-        try:
-            n.start()
-        except BaseException:
-            n.kill()  # what it said is in the DaemonError
-            raise
-        try:
-            yield Side(n.mnt, n.kill)
-        finally:
-            said = n.stop()
-            if said:
-                ctx.problem(f"{what}: {said}")
-            errors = n.errors()
-            if errors:
-                ctx.problem(f"{what}: {len(errors)} error line(s) in nydusd's log, first: {errors[0]}")
-            ctx.nydusds.remove(n)
-    else:
-        mnt = ctx.bench.work / "runs" / run / "mnt"
-        try:
-            proc = ctx.bench.daemon(run, [source.fscached_image(mnt)], [mnt])
-        except AssertionError as exc:
-            raise DaemonError(f"fscached did not start: {str(exc).splitlines()[0]}") from None
-        try:
-            yield Side(mnt, functools.partial(ctx.bench.cleanup_daemon, proc))
-        finally:
-            ctx.bench.stop(proc, what)
-    ctx.bench.remove_run(run)
+    @contextmanager
+    def serving(self, side: str, run: str, source: Source) -> Iterator[Side]:
+        """A fresh daemon of `side` on a fresh cache, serving `source`; stopped after (SIGTERM), its
+        exit code and log errors reported, its run dir removed."""
+        what = f"{run} ({side})"
+        if side == "nydusd":
+            n = self.start_nydusd(self.bench.work / "runs" / run, source)
+            self.nydusds.append(n)
+            try:
+                n.start()
+            except BaseException:
+                n.kill()  # what it said is in the DaemonError
+                raise
+            try:
+                yield Side(n.mnt, n.kill)
+            finally:
+                said = n.stop()
+                if said:
+                    self.problem(f"{what}: {said}")
+                errors = n.errors()
+                if errors:
+                    self.problem(f"{what}: {len(errors)} error line(s) in nydusd's log, first: {errors[0]}")
+                self.nydusds.remove(n)
+        else:
+            mnt = self.bench.work / "runs" / run / "mnt"
+            try:
+                proc = self.bench.daemon(run, [source.fscached_image(mnt)], [mnt])
+            except AssertionError as exc:
+                raise DaemonError(f"fscached did not start: {str(exc).splitlines()[0]}") from None
+            try:
+                yield Side(mnt, functools.partial(self.bench.cleanup_daemon, proc))
+            finally:
+                self.bench.stop(proc, what)
+        self.bench.remove_run(run)
 
 
 def timed(ctx: Ctx, side: Side, what: str, read: Callable[[], T]) -> T:
@@ -287,7 +295,7 @@ def cold_read(ctx: Ctx, name: str, source: Source, rel: str, expected: str, runs
     times: dict[str, list[float]] = {s: [] for s in SIDES}
     for i in range(runs):
         for side in order(i):
-            with serving(ctx, side, f"{name}-{side}-{i}", source) as d:
+            with ctx.serving(side, f"{name}-{side}-{i}", source) as d:
                 what = f"{name} run {i + 1}, {side}"
                 times[side].append(timed(ctx, d, what, functools.partial(fb.read_seconds, d.mnt / rel)))
                 fb.check_bytes(ctx.bench, d.mnt / rel, expected, what)
@@ -298,7 +306,7 @@ def cold_walk(ctx: Ctx, source: Source, want: str, runs: int) -> dict[str, Any]:
     times: dict[str, list[float]] = {s: [] for s in SIDES}
     for i in range(runs):
         for side in order(i):
-            with serving(ctx, side, f"walk-{side}-{i}", source) as d:
+            with ctx.serving(side, f"walk-{side}-{i}", source) as d:
                 what = f"tree walk run {i + 1}, {side}"
                 seconds, got = timed(ctx, d, what, functools.partial(fb.walk_seconds, d.mnt))
                 if got != want:
@@ -308,23 +316,38 @@ def cold_walk(ctx: Ctx, source: Source, want: str, runs: int) -> dict[str, Any]:
 
 
 def warm(ctx: Ctx, source: Source, rel: str, expected: str, runs: int) -> dict[str, Any]:
-    """Both daemons up at once; each fills its cache with one read of the file (checked), then
-    the timed reads, interleaved, the page cache dropped before each."""
+    """Each daemon fills its cache with one read of the file (checked), then the timed reads, the
+    page cache dropped before each: both daemons up at once and the reads interleaved, or, where
+    only one can serve at a time (`ctx.together` False), a fresh daemon on a fresh cache per run
+    and side, interleaved as the cold rows are, each filled then read once."""
     times: dict[str, list[float]] = {s: [] for s in SIDES}
     fill: dict[str, float] = {}
-    with ExitStack() as stack:
-        daemons = {side: stack.enter_context(serving(ctx, side, f"warm-{side}", source)) for side in SIDES}
-        for side, d in daemons.items():
-            fill[side] = timed(ctx, d, f"warm fill, {side}", functools.partial(fb.read_seconds, d.mnt / rel))
-            fb.check_bytes(ctx.bench, d.mnt / rel, expected, f"warm fill, {side}")
+
+    def filled(side: str, d: Side) -> None:
+        fill[side] = timed(ctx, d, f"warm fill, {side}", functools.partial(fb.read_seconds, d.mnt / rel))
+        fb.check_bytes(ctx.bench, d.mnt / rel, expected, f"warm fill, {side}")
+
+    def read(side: str, d: Side, i: int) -> None:
+        times[side].append(timed(ctx, d, f"warm run {i + 1}, {side}", functools.partial(fb.read_seconds, d.mnt / rel)))
+
+    if ctx.together:
+        with ExitStack() as stack:
+            daemons = {side: stack.enter_context(ctx.serving(side, f"warm-{side}", source)) for side in SIDES}
+            for side, d in daemons.items():
+                filled(side, d)
+            for i in range(runs):
+                for side in order(i):
+                    read(side, daemons[side], i)
+            for side, d in daemons.items():
+                fb.check_bytes(ctx.bench, d.mnt / rel, expected, f"warm, {side}")
+    else:
         for i in range(runs):
             for side in order(i):
-                d = daemons[side]
-                times[side].append(timed(ctx, d, f"warm run {i + 1}, {side}",
-                                         functools.partial(fb.read_seconds, d.mnt / rel)))
-        for side, d in daemons.items():
-            fb.check_bytes(ctx.bench, d.mnt / rel, expected, f"warm, {side}")
-    return pair(times) | {"fill_seconds": fill, "source": source.name}
+                with ctx.serving(side, f"warm-{side}-{i}", source) as d:
+                    filled(side, d)
+                    read(side, d, i)
+                    fb.check_bytes(ctx.bench, d.mnt / rel, expected, f"warm run {i + 1}, {side}")
+    return pair(times) | {"fill_seconds": fill, "source": source.name, "together": ctx.together}
 
 
 def random_reads(ctx: Ctx, source: Source, rel: str, original: Path, size: int, reads: int,
@@ -339,7 +362,7 @@ def random_reads(ctx: Ctx, source: Source, rel: str, original: Path, size: int, 
         out[side] = {"p50_us": [], "p99_us": [], "seconds": []}
     for i in range(runs):
         for side in order(i):
-            with serving(ctx, side, f"random-{side}-{i}", source) as d:
+            with ctx.serving(side, f"random-{side}-{i}", source) as d:
                 what = f"random reads run {i + 1}, {side}"
                 lat, datas = timed(ctx, d, what, functools.partial(fb.random_preads, d.mnt / rel, offsets))
                 out[side]["seconds"].append(sum(lat) / 1e6)
@@ -356,7 +379,10 @@ def random_reads(ctx: Ctx, source: Source, rel: str, original: Path, size: int, 
 
 
 # -- report ---------------------------------------------------------------------------------------
-HEADERS = ["measurement", "nydusd (FUSE)", "fscached (fanotify)", "nydusd / fscached", "per-run ratios", "fscached ahead"]
+def headers(r: dict[str, Any]) -> list[str]:
+    """The columns; the daemons' modes as `r` names them (the host's: FUSE and fanotify)."""
+    return ["measurement", f"nydusd ({r.get('nydusd_mode', 'FUSE')})", f"fscached ({r.get('fscached_mode', 'fanotify')})",
+            "nydusd / fscached", "per-run ratios", "fscached ahead"]
 
 
 def rows(r: dict[str, Any]) -> list[list[str]]:
@@ -409,6 +435,8 @@ def summary(r: dict[str, Any]) -> str:
 
 
 def title(r: dict[str, Any]) -> str:
+    if "title" in r:  # another table's (bench/nydusd_guest.py)
+        return str(r["title"])
     return (f"nydusd {r.get('nydusd_version', '?')} (FUSE) vs fscached (fanotify + EROFS), kernel "
             f"{r.get('kernel', '?')}, {r.get('cpus', '?')} CPUs, {r.get('compressor', '?')} image, "
             f"best of {r.get('runs', '?')} interleaved runs, page cache dropped before every timed read")
@@ -416,7 +444,7 @@ def title(r: dict[str, Any]) -> str:
 
 def print_report(r: dict[str, Any], problems: list[str]) -> None:
     table = Table(title=title(r))
-    for h in HEADERS:
+    for h in headers(r):
         table.add_column(h, justify="left" if h in ("measurement", "fscached ahead") else "right")
     for row in rows(r):
         table.add_row(*row)
@@ -431,7 +459,7 @@ def print_report(r: dict[str, Any], problems: list[str]) -> None:
 
 
 def markdown(r: dict[str, Any], problems: list[str]) -> str:
-    lines = [title(r), "", "| " + " | ".join(HEADERS) + " |", "|---|" + "---:|" * 4 + "---|"]
+    lines = [title(r), "", "| " + " | ".join(headers(r)) + " |", "|---|" + "---:|" * 4 + "---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows(r)]
     lines += ["", summary(r), ""]
     lines += [f"- problem: {p}" for p in problems] or ["bytes checked after every timed read, both daemons: all correct"]
@@ -439,6 +467,26 @@ def markdown(r: dict[str, Any], problems: list[str]) -> str:
 
 
 # -- main -----------------------------------------------------------------------------------------
+def stopped(ctx: Ctx, exc: BaseException) -> bool:
+    """What stopped the measurements, reported as a problem (what was measured is printed all
+    the same); False for what must go on up (SystemExit)."""
+    if isinstance(exc, KeyboardInterrupt):
+        console.print("interrupted: cleaning up")
+        ctx.bench.problems.append("interrupted")
+    elif isinstance(exc, (fb.Hang, ReadFailed)):
+        pass  # reported already
+    elif isinstance(exc, DaemonError):
+        ctx.problem(str(exc))
+    elif isinstance(exc, Exception):
+        ctx.problem(f"{type(exc).__name__}: {exc}")
+        import traceback
+
+        traceback.print_exc()
+    else:
+        return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=256)
@@ -506,18 +554,9 @@ def main() -> int:
             walk_src = local_source(walk_image)
         results["walk"] = cold_walk(ctx, walk_src, fb.walk_seconds(tree)[1], args.runs)
         results["walk"].update(files=args.walk_files, mib=args.walk_mib)
-    except KeyboardInterrupt:
-        console.print("interrupted: cleaning up")
-        ctx.bench.problems.append("interrupted")
-    except (fb.Hang, ReadFailed):
-        pass  # reported already; what was measured is printed below
-    except DaemonError as exc:
-        ctx.problem(str(exc))
-    except Exception as exc:
-        ctx.problem(f"{type(exc).__name__}: {exc}")
-        import traceback
-
-        traceback.print_exc()
+    except BaseException as exc:
+        if not stopped(ctx, exc):
+            raise
     finally:
         ctx.close()
     results["seconds_total"] = time.monotonic() - started

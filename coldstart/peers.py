@@ -83,8 +83,9 @@ PEERS: dict[str, Peer] = {peer.name: peer for peer in (
     GoPeer("crictl", "sigs.k8s.io/cri-tools", "v1.34.0", "./cmd/crictl",
            "-X sigs.k8s.io/cri-tools/pkg/version.Version=v1.34.0"),
     GoPeer("scheduler", "d7y.io/dragonfly/v2", "v2.5.1", "./cmd/scheduler"),
-    # nydusd, the peer bench/nydusd.py compares fscached with (not for the tests: not in
-    # FOR_TEST). 2.2.0 is the newest nydus-rs on crates.io, and `cargo install` cannot build it:
+    # nydusd, the peer bench/nydusd.py and bench/nydusd_guest.py compare fscached with, and what
+    # vm-tests/test_vm_nydusd_fscache.py runs in fscache mode on an image fscached-image built
+    # (the one test where nydus's own reader serves our chunks to the kernel). 2.2.0 is the newest nydus-rs on crates.io, and `cargo install` cannot build it:
     # --locked pins `time` 0.3.14, which Rust 1.80 and later reject (time before 0.3.35 no
     # longer type-checks); unlocked, nydus-rafs 0.2.2 gets nydus-storage 0.6.4 (published after
     # nydus-rs 2.2.0, its BlobChunkInfo has `is_encrypted`: E0046) and nydus-api 0.3.1 beside
@@ -105,8 +106,9 @@ PEERS: dict[str, Peer] = {peer.name: peer for peer in (
     CargoPeer("dfdaemon", "dragonfly-client", "1.5.10", bins=("dfdaemon",), locked=True,
               debian=("protobuf-compiler", "libclang-dev", "clang", "cmake")),
 )}
-# what `make test` needs
-FOR_TEST = ["containerd-nydus-grpc", "nerdctl", "crictl", "scheduler", "dfdaemon"]
+# what `make test` needs; nydus-rs adds about 5 minutes to a fresh machine's first run (cached
+# after): that is what keeps the real nydusd reading fscached-image's images tested
+FOR_TEST = ["containerd-nydus-grpc", "nerdctl", "crictl", "scheduler", "dfdaemon", "nydus-rs"]
 
 
 class PeerError(Exception):

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scenarios.unix_http import UnixHTTPConnection
+from scenarios.unix_http import request
 from vmharness.guest import scratch_dir
 
 DAEMON_ID = "d0fscached0nydus0compat"
@@ -42,15 +42,8 @@ def fscache_id(snapshot_id: str) -> str:
 
 
 def call(sock: Path, method: str, path: str, body: Any = None) -> dict[str, Any]:
-    conn = UnixHTTPConnection(sock, 120)
-    try:
-        payload = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
-        resp = conn.getresponse()
-        raw = resp.read()
-        return {"status": resp.status, "body": json.loads(raw) if raw else None}
-    finally:
-        conn.close()
+    status, raw = request(sock, method, path, body)
+    return {"status": status, "body": json.loads(raw) if raw else None}
 
 
 def bind_entry(fsid: str, snapshot: Path, blobs: str) -> dict[str, Any]:

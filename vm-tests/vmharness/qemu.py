@@ -109,6 +109,7 @@ def run_in_vm(
     network: bool = False,
     extra_qemu_args: Sequence[str] = (),
     keep_dir: Path | None = None,
+    kernel_args: Sequence[str] = (),
 ) -> VmResult:
     """Boot `kernel`, run `<python> guest_script *args` as root in the guest, power off.
 
@@ -116,6 +117,7 @@ def run_in_vm(
     is visible anyway (read-only); paths under /tmp are bound back over the guest's tmpfs /tmp.
     The guest script, the repo and the interpreter's prefix are always shared.
     env: extra environment variables for the guest script.
+    kernel_args: more kernel command line parameters (no whitespace in any), e.g. the TSC's rate.
     network: give the guest a user-mode NIC (host reachable at 10.0.2.2); loopback is always up.
     Raises VmTimeout (QEMU killed) or VmError (QEMU failed to start, or the guest never ran the
     script); a failing guest script is NOT an exception: check VmResult.returncode / result.
@@ -175,9 +177,10 @@ def run_in_vm(
                 "panic=-1",
                 "loglevel=4",
                 f"FSCACHED_VM_RUN={run_dir}",
+                *kernel_args,
             ]
         )
-        if any(c.isspace() for c in str(run_dir) + str(INIT_SCRIPT)):
+        if any(c.isspace() for c in str(run_dir) + str(INIT_SCRIPT) + "".join(kernel_args)):
             raise VmError("the harness paths must not contain whitespace (kernel command line)")
         cmd = [
             qemu,
