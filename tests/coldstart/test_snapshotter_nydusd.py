@@ -2,13 +2,12 @@
 shared daemon mode), on the small workload: the wiring of issue 17's side-by-side
 (`bench/coldstart.py --nydusd-runs N`), so that it cannot rot unnoticed.
 
-The run test needs the nydus-rs peer, which make test does not build (5 to 8 minutes): it is
-marked `nydus_rs`, which pyproject's addopts leave out of the default selection. Run it with
+The run test needs the nydus-rs peer, which make test builds (`python -m coldstart.peers
+install nydus-rs`: 5 to 8 minutes once per machine); it is marked `nydus_rs`, to run alone:
 
-    python -m coldstart.peers install nydus-rs
     .venv/bin/python -m pytest -m nydus_rs tests/coldstart/test_snapshotter_nydusd.py
 
-Without the peer it fails, naming the install command. The wrapper test runs everywhere."""
+Without the peer it fails, naming the install command."""
 from __future__ import annotations
 
 import os
