@@ -148,6 +148,23 @@ def goals(runs: Sequence[Mapping[str, Any]], working_set: int | None) -> list[Go
         lambda v: v <= 0.10 + 1e-9)
     add("100mbit", "snapshotter: speed-up over classic", ">= 5x", slow.get("snapshotter_speedup"),
         lambda v: v >= 5)
+    # issue 17's: at 100 Mbit/s lazy fetches at most 1.3x the working set, and with a profile
+    # the first output comes within 1/0.9 of the time the working set takes on the link; at
+    # 1 Gbit/s the bind (the bootstrap's pull, its index, the mount) takes at most 0.1 s
+    from coldstart.netns import PROFILES
+
+    lazy_bytes = lazy["bytes"] / working_set if lazy is not None and working_set else None
+    add("100mbit", "lazy: bytes fetched / start-up working set", "<= 1.3x", lazy_bytes, lambda v: v <= 1.3 + 1e-9)
+    rate = PROFILES["100mbit"].rate_bit
+    limit = None
+    if prof is not None and working_set and rate and prof["seconds"] > 0:
+        limit = working_set * 8 / rate / prof["seconds"]
+    add("100mbit", "profile: network limit (working set / bandwidth) / first output", ">= 0.9", limit,
+        lambda v: v >= 0.9 - 1e-9)
+    fast_lazy = table.get(("1gbit", "lazy"))
+    bind = (fast_lazy.get("phases") or {}).get("bind") if fast_lazy is not None else None
+    add("1gbit", "lazy: the bind before the first byte (pull, index, mount)", "<= 0.1 s", bind,
+        lambda v: v <= 0.1 + 1e-9)
     return out
 
 
