@@ -168,6 +168,23 @@ def goals(runs: Sequence[Mapping[str, Any]], working_set: int | None) -> list[Go
     return out
 
 
+def _shown(g: Goal) -> str:
+    """A goal's measured value the way its target reads: a share or an excess in %, a time in
+    s, a ratio against a plain number as it is, a speed-up or a multiple with an x."""
+    v = g.value
+    if v is None:
+        return "not measured"
+    if "share" in g.what:
+        return f"{v * 100:.1f} %"
+    if g.target.startswith("within"):
+        return f"{v * 100:+.1f} %"
+    if g.target.endswith(" s"):
+        return f"{v:.3f} s"
+    if g.target.endswith("x"):
+        return f"{v:.2f}x" if v < 2 else f"{v:.1f}x"
+    return f"{v:.2f}"
+
+
 def to_json(runs: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], working_set: int | None) -> str:
     doc = {
         **meta,
@@ -203,14 +220,8 @@ def markdown(runs: Sequence[Mapping[str, Any]], working_set: int | None, title: 
     if found:
         lines += ["", "| goal (host kernel) | network | target | measured | |", "|---|---|---|---:|---|"]
         for g in found:
-            if g.value is None:
-                shown, verdict = "not measured", ""
-            elif "share" in g.what or "working set" in g.what or "time over" in g.what:
-                shown, verdict = f"{g.value * 100:.1f} %" if "share" in g.what else f"{g.value * 100:+.1f} %", \
-                    "met" if g.met else "MISSED"
-            else:
-                shown, verdict = f"{g.value:.1f}x", "met" if g.met else "MISSED"
-            lines.append(f"| {g.what} | {g.network} | {g.target} | {shown} | {verdict} |")
+            verdict = "" if g.value is None else "met" if g.met else "MISSED"
+            lines.append(f"| {g.what} | {g.network} | {g.target} | {_shown(g)} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

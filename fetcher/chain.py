@@ -61,6 +61,15 @@ class SourceChain:
         link = self.links.get(self.served_by.get(blob_id, self._last_served))  # a new blob: the last link
         return link.bytes_per_request() if link is not None else None
 
+    def _link(self, source: BlobSource) -> LinkEstimate:
+        """The source's own estimate when it keeps one (it can tell a read's first byte from
+        its last: fetcher.link), else one the chain keeps for it."""
+        link = self.links.get(source.name)
+        if link is None:
+            own = getattr(source, "link", None)
+            link = self.links[source.name] = own if isinstance(own, LinkEstimate) else LinkEstimate()
+        return link
+
     def is_remote(self, blob_id: str) -> bool:
         """Whether `blob_id` comes (or, not read yet, will most likely come) over a network:
         from a source with no local files (fetcher.local's `local_range`)."""
@@ -110,7 +119,7 @@ class SourceChain:
                         raw = await source.read(blob_id, offset, length, prefetch=prefetch)
                     finally:
                         self.in_flight[source.name] -= 1
-                    self.links.setdefault(source.name, LinkEstimate()).observe(len(raw), time.monotonic() - asked)
+                    self._link(source).observe(len(raw), time.monotonic() - asked)
                     self.bytes[source.name] += len(raw)
                 result = verify(raw)
                 if inspect.isawaitable(result):  # verification may run in a worker thread

@@ -10,10 +10,14 @@ request, about 600 KB at 1 Gbit/s, more on a loopback. Measured on the full cold
 (issue 17): a fixed 1 MiB window fetched 28 MiB at 100 Mbit/s where 64 KiB fetched 17 MiB and
 started 26 % sooner, while at 1 Gbit/s and on a loopback 1 MiB was 10-15 % faster than 64 KiB.
 
-`LinkEstimate` fits `seconds = fixed + bytes * per_byte` by least squares over the last
-SAMPLES reads of one source (concurrent reads share the link: their times include that, which
-is the cost a reader sees). Until the reads differ enough in size to fit a line, or when the fit
-is not physical (a negative cost), it has no estimate and the caller keeps its own window.
+A source that can tell its answer's first byte from its last (the registry: response headers,
+then the body) gives both parts of each read (`observe_split`): the fixed cost is the median time
+to the first byte, the cost of a byte the body's time over its bytes (bodies of MIN_BODY bytes or
+more). One read is enough, whatever the sizes. Otherwise `LinkEstimate` fits `seconds = fixed +
+bytes * per_byte` by least squares over the last SAMPLES whole reads of the source, which needs
+reads that differ enough in size (a walk of equal files never gave one, and kept the window
+where it started). Concurrent reads share the link: their times include that, which is the cost
+a reader sees. Without an estimate, or with one that is not a cost, the caller keeps its window.
 """
 from __future__ import annotations
 
@@ -22,24 +26,45 @@ import collections
 SAMPLES = 64
 MIN_SAMPLES = 4
 MIN_SPREAD = 2.5  # the largest sampled read must be this many times the smallest for a fit
+MIN_BODY = 16 << 10  # a smaller body's time is mostly the system's, not the link's
 
 
 class LinkEstimate:
     def __init__(self) -> None:
         self._samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=SAMPLES)
+        self._split: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=SAMPLES)
 
     @property
     def samples(self) -> int:
-        return len(self._samples)
+        """Reads observed (whole or told apart)."""
+        return len(self._samples) + len(self._split)
 
     def observe(self, nbytes: int, seconds: float) -> None:
         """One read of `nbytes` that took `seconds` from request to the last byte."""
         if nbytes > 0 and seconds > 0:
             self._samples.append((nbytes, seconds))
 
+    def observe_split(self, nbytes: int, first_byte: float, body: float) -> None:
+        """One read of `nbytes`: `first_byte` seconds from the request to the answer's first
+        byte (its headers), then `body` seconds to its last."""
+        if nbytes > 0 and first_byte > 0 and body >= 0:
+            self._split.append((nbytes, first_byte, body))
+
     def fit(self) -> tuple[float, float] | None:
-        """(fixed seconds per request, seconds per byte), or None (too few or too alike reads,
-        or a fit that is not a cost)."""
+        """(fixed seconds per request, seconds per byte), or None (no read told apart and too
+        few or too alike whole reads, or a fit that is not a cost)."""
+        return self._fit_split() or self._fit_whole()
+
+    def _fit_split(self) -> tuple[float, float] | None:
+        bodies = [(b, t) for b, _, t in self._split if b >= MIN_BODY]
+        if not bodies:
+            return None
+        firsts = sorted(f for _, f, _ in self._split)
+        fixed = firsts[len(firsts) // 2]
+        per_byte = sum(t for _, t in bodies) / sum(b for b, _ in bodies)
+        return (fixed, per_byte) if per_byte > 0 else None
+
+    def _fit_whole(self) -> tuple[float, float] | None:
         n = len(self._samples)
         if n < MIN_SAMPLES:
             return None

@@ -44,6 +44,7 @@ from yarl import URL
 
 from fetcher.auth import (AuthError, Credentials, RegistryAuth, TransientAuthError, make_credentials,
                           parse_retry_after, strip_query)
+from fetcher.link import LinkEstimate
 from fetcher.range_body import BodyKind, ShortBody, read_range_body
 from fetcher.source import SourceError, check_blob_id
 
@@ -141,6 +142,7 @@ class RegistrySource:
         self._told_200: set[BodyKind] = set()  # the kinds of 200 answers to ranges logged so far
         self._closed = False
         self.stats = {"requests": 0, "retries": 0, "redirects_resolved": 0, "redirects_reused": 0}
+        self.link = LinkEstimate()  # what a ranged read costs on this registry's link (fetcher.link)
 
     def __repr__(self) -> str:
         return f"RegistrySource({self.base}/{self.repo}, auth={self._auth.scheme or 'anonymous'})"
@@ -474,9 +476,12 @@ class RegistrySource:
     async def _get(self, session: aiohttp.ClientSession, url: URL, blob_id: str, offset: int, length: int,
                    authorize: bool, cached: bool) -> bytes:
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        asked = time.monotonic()
 
         async def take(resp: aiohttp.ClientResponse, final: URL, hops: int) -> bytes:
+            answered = time.monotonic()  # the headers are in: the request's fixed cost is paid
             data = await self._body(resp, blob_id, offset, length)
+            self.link.observe_split(len(data), answered - asked, time.monotonic() - answered)
             if hops and not cached:
                 self._redirects[blob_id] = (final, time.monotonic() + self.redirect_ttl)
                 self.stats["redirects_resolved"] += 1

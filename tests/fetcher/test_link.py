@@ -71,3 +71,25 @@ def test_the_estimate_follows_a_link_that_changes() -> None:
     fast = link.bytes_per_request()
     assert slow == pytest.approx(62_500, rel=1e-2)
     assert fast == pytest.approx(625_000, rel=1e-2)
+
+
+def test_one_read_told_apart_is_enough() -> None:
+    """A source that tells the first byte from the last (the registry) gives an estimate from
+    one read, whatever its size: reads of one size (a walk of equal files) never fit a line."""
+    link = LinkEstimate()
+    link.observe_split(256 << 10, 0.004, (256 << 10) / 12.5e6)  # 100 Mbit/s, 4 ms to the first byte
+    assert link.bytes_per_request() == pytest.approx(0.004 * 12.5e6, rel=1e-6)
+    for _ in range(10):
+        link.observe(256 << 10, 0.004 + (256 << 10) / 12.5e6)  # the same reads, timed whole: no line
+    assert link.bytes_per_request() == pytest.approx(0.004 * 12.5e6, rel=1e-6)
+
+
+def test_the_fixed_cost_is_the_median_first_byte_and_small_bodies_are_not_the_rate() -> None:
+    link = LinkEstimate()
+    link.observe_split(4096, 0.002, 0.5)  # a small body's time says nothing of the link
+    assert link.fit() is None
+    for first in (0.002, 0.003, 0.050):  # one slow answer does not move the median
+        link.observe_split(1 << 20, first, (1 << 20) / 125e6)
+    fixed, per_byte = link.fit() or (0.0, 0.0)
+    assert fixed == 0.003
+    assert per_byte == pytest.approx(1 / 125e6, rel=1e-6)

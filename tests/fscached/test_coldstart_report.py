@@ -60,6 +60,11 @@ def test_issue_17s_goals_are_judged_on_the_numbers() -> None:
     by_slow = {(g.network, g.what): g for g in report.goals([*RUNS[:4], slow_bind], working_set=15 * MiB)}
     assert by_slow[("1gbit", "lazy: the bind before the first byte (pull, index, mount)")].met is False
     assert by_slow[("100mbit", "lazy: bytes fetched / start-up working set")].met is True  # 0.8x
+    md = report.markdown(runs, 10 * MiB)
+    assert "| lazy: bytes fetched / start-up working set | 100mbit | <= 1.3x | 1.20x | met |" in md
+    assert "| profile: network limit (working set / bandwidth) / first output | 100mbit | >= 0.9 | 0.42 | MISSED |" in md
+    assert "| lazy: the bind before the first byte (pull, index, mount) | 1gbit | <= 0.1 s | 0.080 s | met |" in md
+    assert "| lazy: speed-up over classic | 100mbit | >= 5x | 4.0x | MISSED |" in md
 
 
 def test_snapshotter_goals_are_judged_against_the_same_runs_lazy() -> None:

@@ -98,4 +98,6 @@ def test_reads_through_the_real_registry_are_timed_per_source(image: Path, regis
     assert chain.served_by[digest] == remote.name
     assert chain.is_remote(digest)
     assert remote.name in chain.links and local.name not in chain.links
-    assert chain.links[remote.name].samples == 6
+    assert chain.links[remote.name] is remote.link  # the registry's own: it times headers and body apart
+    assert chain.links[remote.name].samples == 12  # each read timed whole by the chain and split by the source
+    assert chain.bytes_per_request(digest) is not None  # one read told apart is enough
