@@ -11,8 +11,8 @@ request, about 600 KB at 1 Gbit/s, more on a loopback. Measured on the full cold
 started 26 % sooner, while at 1 Gbit/s and on a loopback 1 MiB was 10-15 % faster than 64 KiB.
 
 A source that can tell its answer's first byte from its last (the registry: response headers,
-then the body) gives both parts of each read (`observe_split`): the fixed cost is the median time
-to the first byte, the cost of a byte the body's time over its bytes (bodies of MIN_BODY bytes or
+then the body) gives both parts of each read (`observe_split`): the fixed cost is the least time to
+the first byte, the cost of a byte the body's time over its bytes (bodies of MIN_BODY bytes or
 more). One read is enough, whatever the sizes. Otherwise `LinkEstimate` fits `seconds = fixed +
 bytes * per_byte` by least squares over the last SAMPLES whole reads of the source, which needs
 reads that differ enough in size (a walk of equal files never gave one, and kept the window
@@ -59,8 +59,7 @@ class LinkEstimate:
         bodies = [(b, t) for b, _, t in self._split if b >= MIN_BODY]
         if not bodies:
             return None
-        firsts = sorted(f for _, f, _ in self._split)
-        fixed = firsts[len(firsts) // 2]
+        fixed = min(f for _, f, _ in self._split)  # the round trip unloaded: queueing behind others' bodies is their bytes
         per_byte = sum(t for _, t in bodies) / sum(b for b, _ in bodies)
         return (fixed, per_byte) if per_byte > 0 else None
 
