@@ -94,11 +94,12 @@ class Listener:
             self.path.unlink(missing_ok=True)
 
 
-def bind_listening(path: Path, backlog: int = BACKLOG) -> Listener:
+def bind_listening(path: Path, backlog: int = BACKLOG, what: str = "the API") -> Listener:
     """A socket listening at `path` (checked first with check_socket_path). It is bound under a
     temporary name, made 0600, listening, then renamed into place: it appears at its path
     listening and 0600 at once (a client waiting for it never sees it wider, nor refusing).
-    A connection made before anyone accepts waits in the backlog. ApiSocketError."""
+    A connection made before anyone accepts waits in the backlog. ApiSocketError, naming `what`
+    is served there."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     if len(os.fsencode(tmp)) >= SUN_PATH_MAX:
         tmp = path  # no room for a longer name: bound in place, then narrowed
@@ -114,5 +115,5 @@ def bind_listening(path: Path, backlog: int = BACKLOG) -> Listener:
         sock.close()
         if tmp != path:
             tmp.unlink(missing_ok=True)
-        raise ApiSocketError(f"cannot serve the API on {path}: {exc.strerror or exc}") from None
+        raise ApiSocketError(f"cannot serve {what} on {path}: {exc.strerror or exc}") from None
     return Listener(sock, path, (st.st_dev, st.st_ino))

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from fscached.lifecycle import fdnames
+from fscached.util.api_socket import ApiSocketError, bind_listening
 from fscached.util.ids import is_blob_id
 from fscached.util.leases import held_elsewhere, path_held_elsewhere
 
@@ -144,37 +145,25 @@ def start(path: Path, blobs_dir: Path | None = None, timeout: float = 10) -> Non
         raise KeeperError(f"keeper socket path {path} is longer than {_SUN_PATH_MAX} bytes: use a shorter cache dir")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    with _listening_socket(path) as listener:
-        argv = [sys.executable, "-m", "fscached.frontends.fanotify.keeper", str(path), str(listener.fileno())]
+    try:
+        listener = bind_listening(path, backlog=8, what="the keeper")
+    except ApiSocketError as exc:
+        raise KeeperError(str(exc)) from None
+    try:
+        fd = listener.sock.fileno()
+        argv = [sys.executable, "-m", "fscached.frontends.fanotify.keeper", str(path), str(fd)]
         if blobs_dir is not None:
             argv.append(str(blobs_dir))
         subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, close_fds=True, pass_fds=(listener.fileno(),))
+                         stderr=subprocess.DEVNULL, close_fds=True, pass_fds=(fd,))
+    finally:
+        listener.sock.close()  # the keeper's now; the file stays (Listener.close would remove it)
     try:
         _request(path, {"op": "ping"}, timeout=timeout)
     except TimeoutError:
         raise KeeperError(f"the keeper did not answer on {path} within {timeout:.0f} s") from None
     except OSError as exc:  # it exited before it answered: its socket closed with it
         raise KeeperError(f"the keeper did not start on {path}: {exc.strerror or exc}") from None
-
-
-def _listening_socket(path: Path) -> socket.socket:
-    """A unix socket listening on `path` (a stale file there replaced), 0600 from its creation."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        if path.exists() or path.is_symlink():
-            path.unlink()
-        old_umask = os.umask(0o177)
-        try:
-            listener.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
-        listener.listen(8)
-    except OSError as exc:
-        listener.close()
-        raise KeeperError(f"keeper socket {path}: {exc.strerror or exc}") from None
-    return listener
 
 
 # -- the keeper process ------------------------------------------------------------------------
