@@ -147,24 +147,34 @@ class Nydusd:
         if self.proc.poll() is not None:
             said = f"nydusd had exited {self.proc.returncode} before it was stopped"
         else:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout)
-                said = f"nydusd exited {code} on SIGTERM" if code != 0 else None
-            except subprocess.TimeoutExpired:
-                said = f"nydusd did not stop within {timeout:.0f} s of SIGTERM"
-        if fuse_mounted(self.mnt) and said is None:
+            said = self.terminate(timeout)
+        if self.mounted() and said is None:
             said = "nydusd exited and left its mount"
         self.kill()
         return said
 
+    def mounted(self) -> bool:
+        """Its mount is there (FUSE here; the guest's fscache nydusd: EROFS)."""
+        return fuse_mounted(self.mnt)
+
+    def terminate(self, timeout: float) -> str | None:
+        """SIGTERM and the wait for the exit: what went wrong, if anything."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return f"nydusd did not stop within {timeout:.0f} s of SIGTERM"
+        return f"nydusd exited {code} on SIGTERM" if code != 0 else None
+
     def kill(self) -> None:
-        """-9 (the reader of a hung read gets ENOTCONN) and the mount lazily gone."""
+        """-9 (the reader of a hung read gets ENOTCONN through FUSE, EIO through cachefiles) and
+        the mount lazily gone."""
         if self.proc is not None and self.proc.poll() is None:
             self.killed = True
             self.proc.kill()
             self.proc.wait(10)
-        if fuse_mounted(self.mnt):
+        if self.mounted():
             subprocess.run(["umount", "-l", str(self.mnt)], check=False)
 
 

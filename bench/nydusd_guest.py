@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -148,24 +147,13 @@ class FscacheNydusd(nb.Nydusd):
             status, body = api(self.sock, "DELETE", f"/api/v2/blobs?domain_id={self.fsid}")
             if status != 204 and said is None:
                 said = f"nydusd's unbind answered {status} {body}"
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout)
-                if code != 0 and said is None:
-                    said = f"nydusd exited {code} on SIGTERM"
-            except subprocess.TimeoutExpired:
-                said = said or f"nydusd did not stop within {timeout:.0f} s of SIGTERM"
+            stopped = self.terminate(timeout)  # sent whatever the unmount said
+            said = said or stopped
         self.kill()
         return said
 
-    def kill(self) -> None:
-        """-9 (cachefiles fails the pending reads with EIO) and the mount lazily gone."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.killed = True
-            self.proc.kill()
-            self.proc.wait(10)
-        if erofs_mounted(self.mnt):
-            subprocess.run(["umount", "-l", str(self.mnt)], check=False)
+    def mounted(self) -> bool:
+        return erofs_mounted(self.mnt)
 
 
 class GuestCtx(nb.Ctx):
