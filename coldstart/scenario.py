@@ -68,8 +68,8 @@ WORK_ROOT = Path(os.environ.get("FSCACHED_COLDSTART_DIR", "/var/tmp"))  # ext4: 
 # in this order: the snapshotter mode must run before lazy_profile pushes a profile that the
 # snapshotter's nydusd would find (profile=auto) and replay
 MODES = ("classic", "lazy", "snapshotter", "lazy_profile", "snapshotter_profile")
-# the real nydusd (nydus-rs, built by `python -m coldstart.peers install nydus-rs`, not by make
-# test or make bench) as the snapshotter's nydusd_path: not in MODES, asked for by name
+# the real nydusd (nydus-rs, built by `python -m coldstart.peers install nydus-rs`, which make test
+# runs and make bench does not) as the snapshotter's nydusd_path: not in MODES, asked for by name
 NYDUSD_MODE = "snapshotter_nydusd"
 ALL_MODES = (*MODES, NYDUSD_MODE)
 DIRECT_MODES = ("classic", "lazy", "lazy_profile")  # no snapshotter: what the VM guests run

@@ -60,8 +60,8 @@ start time recorded in `<workdir>/stack.json`.
 
 The nydusd it runs is the project's own `nydusd` entry point beside the running interpreter
 (`<venv>/bin/nydusd`: `nydusd fuse` for fusedev, `nydusd singleton` for fscache) unless
-`SnapshotterConfig(nydusd_path=...)` names another. The real nydusd (nydus-rs, a peer not built by
-make test) runs as `nydusd_path=nydusd_rlimit_wrapper(nydus_rs_nydusd(), dir)`: a script written
+`SnapshotterConfig(nydusd_path=...)` names another. The real nydusd (nydus-rs, a peer make test
+builds) runs as `nydusd_path=nydusd_rlimit_wrapper(nydus_rs_nydusd(), dir)`: a script written
 at run time that adds `--rlimit-nofile 0`; `daemon_identity(pid)` tells which of the two a
 running daemon is.
 """
@@ -118,7 +118,7 @@ def nydus_rs_nydusd() -> Path:
     except PeerError:
         raise ColdstartError(f"the real nydusd is not built ({peer_dir(PEERS[NYDUS_RS]) / 'bin' / 'nydusd'} "
                              f"missing): run `python -m coldstart.peers install {NYDUS_RS}` (5 to 8 minutes on "
-                             "2 cores; make test does not build it)") from None
+                             "2 cores; make test builds it too)") from None
 
 
 def nydusd_rlimit_wrapper(nydusd: Path, directory: Path) -> Path:

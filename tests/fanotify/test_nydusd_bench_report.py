@@ -1,6 +1,6 @@
 """bench/nydusd.py's report from made-up runs (ratios, spreads, who is ahead, the summary), the
 order of the interleaved runs, nydusd's config, and the command line. The bench itself is not
-part of make test: it needs nydusd, which make test does not build."""
+part of make test: it takes minutes and its timings are never asserted."""
 from __future__ import annotations
 
 import subprocess
