@@ -14,6 +14,7 @@ import errno
 import os
 import struct
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,16 @@ class Group:
             if exc.errno == errno.ENOENT:
                 return False
             raise
+
+    def answer_any(self, numbers: Iterable[int], response: int) -> list[int]:
+        """Answer, by number, whatever event each of `numbers` names: for events read by a
+        process that died before it said which it had (their numbers unknown); the numbers the
+        kernel knew. A number of an event someone still works on must not be among them."""
+        answered = []
+        for number in numbers:
+            if self.answer(number, response):
+                answered.append(number)
+        return answered
 
     def fast_path(self, journal: object, journal_slots: int, buckets: tuple[float, ...]) -> FastPath:
         """A C thread that answers the events of ranges already filled and queues the rest

@@ -93,13 +93,13 @@ def test_real_group_allows_and_denies_by_fd_number(tmp_path: Path) -> None:
 
 def test_journal_keeps_pending_events_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "events.journal"
-    journal = EventJournal(path)
+    journal = EventJournal(path, 1024)
     journal.record(7, 1, 2, 4096, 8192)
     journal.record(9, 1, 3, 0, 4096)
     journal.clear(9)
     journal.record(70000, 1, 2, 0, 1)  # past the table: not journaled, not an error
     journal.close()
-    again = EventJournal(path)
+    again = EventJournal(path, 1024)
     pending = again.pending()
     assert [(o.fd, o.dev, o.ino, o.offset, o.count) for o in pending] == [(7, 1, 2, 4096, 8192)]
     again.reset()
@@ -107,14 +107,64 @@ def test_journal_keeps_pending_events_across_reopen(tmp_path: Path) -> None:
     again.close()
 
 
+def test_journal_tells_a_successor_the_fd_limit_of_the_daemon_before(tmp_path: Path) -> None:
+    path = tmp_path / "events.journal"
+    first = EventJournal(path, 1024)
+    assert first.predecessor_fd_limit == 0  # a new journal: nobody before
+    first.close()
+    second = EventJournal(path, 4096)
+    assert second.predecessor_fd_limit == 1024
+    second.reset()  # a fresh group: the records go, this daemon's limit stays
+    second.close()
+    assert EventJournal(path, 512).predecessor_fd_limit == 4096
+
+
+def test_answer_any_reaches_an_event_whose_reader_died_before_saying_its_number() -> None:
+    """A process reads an event and dies before it records the event's fd number (what a kill
+    between read(2) and the journal store does): the reader waits. Answering every number
+    below a limit reaches it; the numbers of no event are refused, not an error."""
+    work = Path(tempfile.mkdtemp(dir=WORK_ROOT))
+    blob = work / "blob"
+    blob.write_bytes(b"x" * 8192)
+    group = Group.create()
+    try:
+        group.mark(blob)
+        results: list[object] = []
+
+        def read() -> None:
+            try:
+                with open(blob, "rb") as f:
+                    results.append(f.read(10))
+            except OSError as exc:
+                results.append(exc.errno)
+
+        t = threading.Thread(target=read)
+        t.start()
+        os.set_blocking(group.fd, True)
+        events = group.read_events()
+        os.set_blocking(group.fd, False)
+        number = events[0].fd
+        os.close(number)  # as a dead process's fds are: the number is now known to nobody
+        t.join(0.3)
+        assert t.is_alive(), "the reader did not wait"
+        answered = group.answer_any(range(1024), deny_errno())
+        t.join(5)
+        assert answered == [number] and results == [errno.EIO]
+        assert group.answer_any(range(1024), deny_errno()) == []  # nothing left to answer
+    finally:
+        group.close()
+        blob.unlink()
+        work.rmdir()
+
+
 def test_journal_survives_kill_9_of_its_writer(tmp_path: Path) -> None:
     path = tmp_path / "events.journal"
     code = (f"from fscached.frontends.fanotify.journal import EventJournal; import os, signal\n"
-            f"j = EventJournal(__import__('pathlib').Path({str(path)!r})); j.record(11, 5, 6, 1 << 20, 65536)\n"
+            f"j = EventJournal(__import__('pathlib').Path({str(path)!r}), 1024); j.record(11, 5, 6, 1 << 20, 65536)\n"
             f"os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", code])
     assert proc.returncode == -9
-    pending = EventJournal(path).pending()
+    pending = EventJournal(path, 1024).pending()
     assert [(o.fd, o.offset, o.count) for o in pending] == [(11, 1 << 20, 65536)]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from fanotify.group import parse_events
 from daemon_proc import REPO, WORK_ROOT, drop_caches
 from systemd_scenario import (cleanup, finish_readers, kill_readers, make_image, recovery, standin,
                               start_readers)
@@ -172,6 +174,42 @@ def test_stuck_loop_is_killed_by_the_watchdog_and_restarted(case) -> None:
     _check(results, want, sd)
     assert first.reason == "watchdog", first
     assert any("watchdog timeout" in e for e in sd.errors)
+
+
+def test_events_the_dead_daemon_read_but_never_journaled_are_answered(case) -> None:
+    """A kill (or the watchdog's) can land between the daemon's read(2) of its events and the
+    store that journals them: their numbers died with it, and the successor has no record of
+    them. Made certain here: the daemon is stopped, this test reads the reader's event from the
+    group in the fd store (as the daemon's read would have) and forgets its number, then the
+    daemon is killed. The successor answers every number the journal does not name, before it
+    reads an event of its own: the denied read-ahead is read again, and served."""
+    work, spec, mnt, want, made = case
+    sd = standin(work / "cache", [spec], SLOW)
+    made.append(sd)
+    sd.start()
+    first = sd.wait_ready()
+    group_fd = next(entry.fd for entry in sd.store if entry.name == "fanotify-group")
+    drop_caches()
+    os.kill(first.pid, signal.SIGSTOP)  # its fast-path thread reads nothing more
+    readers = start_readers(mnt / "big.bin", 1)
+    try:
+        ready, _, _ = select.select([group_fd], [], [], 30)
+        assert ready, "the reader raised no event"
+        events = parse_events(os.read(group_fd, 65536))
+        assert events, "no event to take"
+        for event in events:
+            os.close(event.fd)  # its number is known to nobody now
+        time.sleep(0.3)
+        assert readers[0].proc.poll() is None, "the reader did not wait for its event"
+        sd.kill()
+        sd.wait_starts(2)
+        sd.wait_ready()
+        results = finish_readers(readers, 60)
+    finally:
+        kill_readers(readers)
+    _check(results, want, sd)
+    assert f"answered EIO {len(events)} event(s) the previous daemon had read but not journaled" in _log(sd), \
+        sd.log_tail()
 
 
 def test_run_time_binds_come_back_after_a_kill(case) -> None:

@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -51,6 +52,16 @@ log = logging.getLogger("fscached.fanotify")
 ORPHAN_SECONDS = 10.0  # an orphan not filled by then is answered EIO: no reader waits longer
 
 
+def journalable_fd_limit() -> int:
+    """This process's fd limit, lowered to the journal's slots when above: every event's fd
+    number then has a slot (an event with a higher number could not be journaled)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > SLOTS:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (SLOTS, hard))
+        return SLOTS
+    return soft
+
+
 class FanotifyFrontend:
     kernel_path = "fanotify"
     handover_fd_name = fdnames.FANOTIFY_GROUP  # write fds come back from events
@@ -78,6 +89,9 @@ class FanotifyFrontend:
         self.handing_over = False
         self.orphans: list[Orphan] = []
         self._placeholders: set[int] = set()
+        # a group taken back: what the predecessor left is taken before this daemon reads its
+        # first event (on_readable): orphans journaled since open(), events never journaled
+        self._predecessors_events_left = False
         # mount ids of EROFS mounts of our images that were there before this group existed:
         # nothing watched their blobs, their page cache may hold holes read as zeros; never
         # served, whoever holds the group later (kept in the state dir beside the journal)
@@ -120,13 +134,14 @@ class FanotifyFrontend:
             self.takeover = True
         else:
             self.group = Group.create()
-        self.journal = EventJournal(self.state_dir / "events.journal")
+        self.journal = EventJournal(self.state_dir / "events.journal", journalable_fd_limit())
         self.fast = self.group.fast_path(self.journal.buffer, SLOTS, self.requests.buckets)
         if not self.journal.durable:
             log.warning("event journal %s: the events in flight at a kill -9 will be answered EIO by the next "
                         "daemon, not with their bytes", self.journal.error)
         if self.takeover:
             self.orphans = self.journal.pending()
+            self._predecessors_events_left = True
             try:
                 self.unwatched = {str(k): int(v) for k, v in json.loads(self.unwatched_path.read_text()).items()}
             except (OSError, ValueError, AttributeError):
@@ -357,6 +372,8 @@ class FanotifyFrontend:
     # -- events ---------------------------------------------------------------------------------
     def on_readable(self) -> None:
         assert self.group is not None
+        if self._predecessors_events_left:
+            self._take_predecessors_events()
         if self.fast is not None:
             if not self.fast.started:  # the reader is armed: the fast path's thread reads from now on
                 self.fast.start()
@@ -509,6 +526,30 @@ class FanotifyFrontend:
                     self._placeholders.add(orphan.fd)
         finally:
             os.close(null)
+
+    def _take_predecessors_events(self) -> None:
+        """Before this daemon reads an event of its own, what a predecessor left on the group:
+        - the journal read again (a hot upgrade's predecessor served on after our open(): what
+          it left since is journaled too), each orphan's number kept busy here;
+        - whatever event it read and was killed before journaling (between its read(2) and
+          the store) answered EIO, by every fd number below its fd limit the journal does not
+          name. Nobody knows their ranges; left alone, their readers would wait forever. A
+          read-ahead denied this way is read again by the kernel (an event this daemon
+          serves); a plain read fails with EIO."""
+        assert self.group is not None and self.journal is not None
+        self._predecessors_events_left = False
+        self.orphans = self.journal.pending()
+        pending = {orphan.fd for orphan in self.orphans}
+        for number in self._placeholders - pending:  # answered by the predecessor since
+            self._placeholders.discard(number)
+            os.close(number)
+        self._reserve_orphan_numbers()
+        limit = min(self.journal.predecessor_fd_limit or SLOTS, SLOTS)
+        answered = self.group.answer_any((n for n in range(limit) if n not in pending), deny_errno(errno.EIO))
+        if answered:
+            self.stats["orphans_unjournaled"] += len(answered)
+            log.warning("answered EIO %d event(s) the previous daemon had read but not journaled when it died "
+                        "(fd numbers %s): their ranges are unknown", len(answered), answered)
 
     async def _resolve_orphan(self, orphan: Orphan) -> None:
         done = False

@@ -8,6 +8,11 @@ in a MAP_SHARED file: recording is a memory store (no system call on the hot pat
 was stored survives a kill -9 (it is in the page cache). An fd number belongs to at most one
 unanswered event, so a slot is never needed twice.
 
+After the slots, one more field: the fd limit (RLIMIT_NOFILE) of the daemon that opened the
+journal last. A kill can land between the read(2) that gave the daemon its events and the
+store that journals them; those events are unknown to a successor, which answers every fd
+number below that limit the journal does not name (fscached.frontends.fanotify.frontend).
+
 The file's blocks are allocated when it is made (fallocate): a store into a page of a sparse
 file on a full disk would kill the daemon with SIGBUS. When they cannot be (a full disk), the
 journal lives in memory only, `durable` is False and the daemon says so: a kill -9 then leaves
@@ -24,6 +29,8 @@ from pathlib import Path
 SLOTS = 1 << 16  # fd numbers below this are journaled (the daemon's own fds are far fewer)
 _SLOT = struct.Struct("<IiQQQq")  # state, fd, st_dev, st_ino, offset, count
 PENDING = 1
+_FD_LIMIT = struct.Struct("<Q")  # after the slots: the fd limit of the daemon that opened it last
+_FD_LIMIT_AT = SLOTS * _SLOT.size
 
 
 @dataclass(frozen=True)
@@ -36,23 +43,31 @@ class Orphan:
 
 
 class EventJournal:
-    def __init__(self, path: Path) -> None:
-        size = SLOTS * _SLOT.size
+    def __init__(self, path: Path, fd_limit: int) -> None:
+        """`fd_limit`: this daemon's RLIMIT_NOFILE; the one recorded before is kept in
+        `predecessor_fd_limit` (0 when none was: a new journal, or an older daemon's)."""
+        size = _FD_LIMIT_AT + _FD_LIMIT.size
         self.path = path
+        self.fd_limit = fd_limit
         self.durable = True
         self.error: str | None = None  # why it is not durable
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             self._in_memory(size, f"{path}: {exc.strerror}")
-            return
-        try:
-            os.posix_fallocate(fd, 0, size)  # every page backed by a block: no SIGBUS on a full disk
-            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as exc:
-            self._in_memory(size, f"{path}: {exc.strerror}", fd)
-        finally:
-            os.close(fd)
+        else:
+            try:
+                os.posix_fallocate(fd, 0, size)  # every page backed by a block: no SIGBUS on a full disk
+                self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as exc:
+                self._in_memory(size, f"{path}: {exc.strerror}", fd)
+            finally:
+                os.close(fd)
+        (self.predecessor_fd_limit,) = _FD_LIMIT.unpack_from(self._map, _FD_LIMIT_AT)
+        self._stamp_fd_limit()
+
+    def _stamp_fd_limit(self) -> None:
+        _FD_LIMIT.pack_into(self._map, _FD_LIMIT_AT, self.fd_limit)
 
     def _in_memory(self, size: int, why: str, fd: int = -1) -> None:
         self._map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -94,6 +109,7 @@ class EventJournal:
 
     def reset(self) -> None:
         self._map[:] = bytes(len(self._map))
+        self._stamp_fd_limit()
 
     def close(self) -> None:
         self._map.close()
