@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,44 +53,61 @@ def test_probe_accepts_ext4_and_refuses_tmpfs() -> None:
     assert reason is not None and "tmpfs" in reason
 
 
-def test_real_group_allows_and_denies_by_fd_number(tmp_path: Path) -> None:
-    """The kernel path end to end on a plain file: an unanswered read waits; ALLOW lets it read,
-    FAN_DENY_ERRNO(EIO) fails it with EIO; an answer for an unknown number is refused."""
-    work = Path(tempfile.mkdtemp(dir=WORK_ROOT))
-    blob = work / "blob"
-    blob.write_bytes(b"x" * 8192)
-    group = Group.create()
-    try:
-        group.mark(blob)
-        results: list[object] = []
+class MarkedBlob:
+    """A plain 8 KiB file marked by a real group (on WORK_ROOT: tmpfs refuses the marks), and
+    readers of its first 10 bytes in threads: each one's bytes or errno lands in `results`."""
 
+    def __init__(self, work: Path) -> None:
+        self.blob = work / "blob"
+        self.blob.write_bytes(b"x" * 8192)
+        self.group = Group.create()
+        self.group.mark(self.blob)
+        self.results: list[object] = []
+
+    def start_reader(self) -> threading.Thread:
         def read() -> None:
             try:
-                with open(blob, "rb") as f:
-                    results.append(f.read(10))
+                with open(self.blob, "rb") as f:
+                    self.results.append(f.read(10))
             except OSError as exc:
-                results.append(exc.errno)
+                self.results.append(exc.errno)
 
-        for response in (FAN_ALLOW, deny_errno()):
-            t = threading.Thread(target=read)
-            t.start()
-            events = []
-            while not events:
-                os.set_blocking(group.fd, True)
-                events = group.read_events()
-            t.join(0.3)
-            assert t.is_alive(), "the reader did not wait for the answer"
-            assert events[0].offset == 0 and events[0].count > 0
-            assert group.answer(events[0].fd, response)
-            os.close(events[0].fd)
-            t.join(5)
-        assert results == [b"x" * 10, errno.EIO]
-        assert group.answer(1000, FAN_ALLOW) is False  # ENOENT: no such event
+        reader = threading.Thread(target=read)
+        reader.start()
+        return reader
+
+
+@pytest.fixture
+def marked_blob() -> Iterator[MarkedBlob]:
+    work = Path(tempfile.mkdtemp(dir=WORK_ROOT))
+    try:
+        marked = MarkedBlob(work)
+        try:
+            yield marked
+        finally:
+            marked.group.close()
     finally:
-        group.close()
-        for p in work.iterdir():
-            p.unlink()
-        work.rmdir()
+        shutil.rmtree(work)
+
+
+def test_real_group_allows_and_denies_by_fd_number(marked_blob: MarkedBlob) -> None:
+    """The kernel path end to end on a plain file: an unanswered read waits; ALLOW lets it read,
+    FAN_DENY_ERRNO(EIO) fails it with EIO; an answer for an unknown number is refused."""
+    group = marked_blob.group
+    for response in (FAN_ALLOW, deny_errno()):
+        t = marked_blob.start_reader()
+        events = []
+        while not events:
+            os.set_blocking(group.fd, True)
+            events = group.read_events()
+        t.join(0.3)
+        assert t.is_alive(), "the reader did not wait for the answer"
+        assert events[0].offset == 0 and events[0].count > 0
+        assert group.answer(events[0].fd, response)
+        os.close(events[0].fd)
+        t.join(5)
+    assert marked_blob.results == [b"x" * 10, errno.EIO]
+    assert group.answer(1000, FAN_ALLOW) is False  # ENOENT: no such event
 
 
 def test_journal_keeps_pending_events_across_reopen(tmp_path: Path) -> None:
@@ -119,42 +138,23 @@ def test_journal_tells_a_successor_the_fd_limit_of_the_daemon_before(tmp_path: P
     assert EventJournal(path, 512).predecessor_fd_limit == 4096
 
 
-def test_answer_any_reaches_an_event_whose_reader_died_before_saying_its_number() -> None:
+def test_answer_any_reaches_an_event_whose_reader_died_before_saying_its_number(marked_blob: MarkedBlob) -> None:
     """A process reads an event and dies before it records the event's fd number (what a kill
     between read(2) and the journal store does): the reader waits. Answering every number
     below a limit reaches it; the numbers of no event are refused, not an error."""
-    work = Path(tempfile.mkdtemp(dir=WORK_ROOT))
-    blob = work / "blob"
-    blob.write_bytes(b"x" * 8192)
-    group = Group.create()
-    try:
-        group.mark(blob)
-        results: list[object] = []
-
-        def read() -> None:
-            try:
-                with open(blob, "rb") as f:
-                    results.append(f.read(10))
-            except OSError as exc:
-                results.append(exc.errno)
-
-        t = threading.Thread(target=read)
-        t.start()
-        os.set_blocking(group.fd, True)
-        events = group.read_events()
-        os.set_blocking(group.fd, False)
-        number = events[0].fd
-        os.close(number)  # as a dead process's fds are: the number is now known to nobody
-        t.join(0.3)
-        assert t.is_alive(), "the reader did not wait"
-        answered = group.answer_any(range(1024), deny_errno())
-        t.join(5)
-        assert answered == [number] and results == [errno.EIO]
-        assert group.answer_any(range(1024), deny_errno()) == []  # nothing left to answer
-    finally:
-        group.close()
-        blob.unlink()
-        work.rmdir()
+    group = marked_blob.group
+    t = marked_blob.start_reader()
+    os.set_blocking(group.fd, True)
+    events = group.read_events()
+    os.set_blocking(group.fd, False)
+    number = events[0].fd
+    os.close(number)  # as a dead process's fds are: the number is now known to nobody
+    t.join(0.3)
+    assert t.is_alive(), "the reader did not wait"
+    answered = group.answer_any(range(1024), deny_errno())
+    t.join(5)
+    assert answered == [number] and marked_blob.results == [errno.EIO]
+    assert group.answer_any(range(1024), deny_errno()) == []  # nothing left to answer
 
 
 def test_journal_survives_kill_9_of_its_writer(tmp_path: Path) -> None:
