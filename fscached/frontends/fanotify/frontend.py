@@ -52,7 +52,7 @@ log = logging.getLogger("fscached.fanotify")
 ORPHAN_SECONDS = 10.0  # an orphan not filled by then is answered EIO: no reader waits longer
 
 
-def journalable_fd_limit() -> int:
+def cap_fd_limit_at_journal_slots() -> int:
     """This process's fd limit, lowered to the journal's slots when above: every event's fd
     number then has a slot (an event with a higher number could not be journaled)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -134,7 +134,7 @@ class FanotifyFrontend:
             self.takeover = True
         else:
             self.group = Group.create()
-        self.journal = EventJournal(self.state_dir / "events.journal", journalable_fd_limit())
+        self.journal = EventJournal(self.state_dir / "events.journal", cap_fd_limit_at_journal_slots())
         self.fast = self.group.fast_path(self.journal.buffer, SLOTS, self.requests.buckets)
         if not self.journal.durable:
             log.warning("event journal %s: the events in flight at a kill -9 will be answered EIO by the next "
@@ -338,8 +338,9 @@ class FanotifyFrontend:
 
     def start_background(self) -> None:
         """After the reader is armed: resolve a dead predecessor's orphans, start prefetches."""
+        if self._predecessors_events_left:  # on_readable took them already; here for a caller that did not
+            self._take_predecessors_events()
         if self.orphans:
-            self._reserve_orphan_numbers()  # done by open() already; here for a caller that did not
             log.warning("answering %d event(s) a previous daemon took and left unanswered", len(self.orphans))
             for orphan in self.orphans:
                 self._spawn(self._resolve_orphan(orphan))
